@@ -144,12 +144,30 @@ def _columns(table, recipe, what: str, row_name: str, row_offset: int) -> RawSpl
         raise FinetuneError(f"{what}: has no rows")
     return RawSplit(
         texts=table[recipe.data.text_column],
-        labels=table[recipe.data.label_column],
+        labels=_label_values(table, recipe.data.label_column, recipe.head.problem),
         rows=list(range(len(table))),
         source=what.split(": ", 1)[-1],
         row_name=row_name,
         row_offset=row_offset,
     )
+
+
+def _label_values(table, column: str, problem: str) -> list:
+    """Label values, with a hub set's class indices turned into its class names (kept as numbers for regression)."""
+    from datasets import ClassLabel, Sequence
+
+    values = table[column]
+    if problem == "regression":
+        return values
+    feature = table.features[column]
+    inner = getattr(feature, "feature", None) if isinstance(feature, Sequence) else None
+    if isinstance(feature, ClassLabel):
+        return [feature.int2str(v) if v is not None and v >= 0 else None for v in values]
+    if isinstance(inner, ClassLabel):
+        return [[inner.int2str(v) for v in row] if row is not None else None for row in values]
+    if isinstance(feature, list) and feature and isinstance(feature[0], ClassLabel):
+        return [[feature[0].int2str(v) for v in row] if row is not None else None for row in values]
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def model_card(recipe, splits, metrics: dict, native: bool) -> str:
             "This folder is a standard transformers model: no finetune install is needed.\n\n"
             "```python\nfrom transformers import pipeline\n\n"
             'classify = pipeline("text-classification", model="path/to/model")\n'
-            'print(classify("your text here"))\n```\n'
+            'print(classify("your text here", truncation=True))\n```\n'
         )
         if problem == "multi_label":
             usage += f"\nScores are per-label sigmoids; a label applies when its score exceeds {recipe.head.threshold}.\n"
@@ -53,7 +53,7 @@ def model_card(recipe, splits, metrics: dict, native: bool) -> str:
         f"# {Path(recipe.output.dir).name}",
         "",
         f"A `{recipe.backbone.name}` backbone fine-tuned for {problem.replace('_', '-')} text classification with "
-        f"[finetune](https://github.com/) {__version__}.",
+        f"finetune {__version__}.",
         "",
         "## Use",
         "",
