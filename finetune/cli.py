@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -127,8 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     except FinetuneError as error:
         if args.debug:
             raise
-        print(f"finetune: error: {error}", file=sys.stderr)
+        print(f"finetune: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug or an environment failure: still one line, the traceback on --debug
+        if args.debug:
+            raise
+        print(f"finetune: internal error: {error.__class__.__name__}: {_one_line(error)} (rerun with --debug)", file=sys.stderr)
+        return 1

@@ -25,6 +25,7 @@ class RawSplit:
     source: str  # what to name in messages and in split.json
     row_name: str = "row"  # "line" for line-based files, so the number is the one an editor shows
     row_offset: int = 1
+    path: Path | None = None  # line-based files: read again, only to name the line of a bad row
 
 
 @dataclass
@@ -99,6 +100,8 @@ def _load_dataset(*args, what: str, **kwargs):
         return datasets.load_dataset(*args, **kwargs)
     except Exception as error:  # datasets wraps parser errors in many types; all mean "this file is unreadable"
         cause = error.__cause__ or error
+        if "corresponds to no data" in str(cause):
+            raise FinetuneError(f"{what}: has no data rows") from None
         message = str(cause).strip().splitlines()
         raise FinetuneError(f"{what}: cannot be read ({cause.__class__.__name__}: {message[0] if message else ''})") from None
 
@@ -117,8 +120,26 @@ def _read_file(spec: str, recipe, key: str) -> RawSplit:
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
     table = _load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", what=f"{key}: '{spec}'", **kwargs)
     line_based = suffix in (".csv", ".tsv", ".jsonl")
-    offset = 2 if suffix in (".csv", ".tsv") else 1  # a csv's header is line 1
-    return _columns(table, recipe, f"{key}: '{spec}'", "line" if line_based else "row", offset)
+    split = _columns(table, recipe, f"{key}: '{spec}'", "line" if line_based else "row", 1)
+    split.path = path if line_based else None
+    return split
+
+
+def _record_lines(path: Path) -> list[int]:
+    """The line each record starts on, as an editor counts: quoted csv fields span lines, blank lines are skipped."""
+    suffix = path.suffix.lower()
+    with path.open(newline="", encoding="utf-8", errors="replace") as file:
+        if suffix == ".jsonl":
+            return [number for number, line in enumerate(file, 1) if line.strip()]
+        import csv
+
+        starts, previous = [], 0
+        reader = csv.reader(file, delimiter="\t" if suffix == ".tsv" else ",")
+        for record in reader:
+            if record:
+                starts.append(previous + 1)
+            previous = reader.line_num
+        return starts[1:]  # the first record is the header
 
 
 def _read_hub(spec: str, recipe, key: str) -> dict[str, RawSplit]:
@@ -176,6 +197,10 @@ def _label_values(table, column: str, problem: str) -> list:
 
 def _where(split: RawSplit, position: int) -> str:
     row = split.rows[position]
+    if isinstance(row, int) and split.path is not None:
+        lines = _record_lines(split.path)
+        if row < len(lines):
+            return f"{split.source} line {lines[row]}"
     if isinstance(row, int):
         return f"{split.source} {split.row_name} {row + split.row_offset}"
     return f"{split.source} ({row})"
@@ -188,6 +213,8 @@ def _class_name(value: Any) -> str:
 
 
 def _label_set(value: Any) -> list[str]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
     if isinstance(value, (list, tuple)):
         return [_class_name(v) for v in value if v is not None and _class_name(v)]
     return [part.strip() for part in str(value).split("|") if part.strip()]
@@ -197,6 +224,8 @@ def _check_rows(split: RawSplit, key: str, problem: str, text_column: str) -> No
     for i, (text, label) in enumerate(zip(split.texts, split.labels)):
         if not isinstance(text, str) or not text.strip():
             raise FinetuneError(f"{_where(split, i)}: empty text in column '{text_column}'; fill it or drop the row")
+        if problem == "multi_label":
+            continue  # an empty label cell is an empty label set
         missing = label is None or (isinstance(label, float) and math.isnan(label))
         if missing or (problem == "single_label" and not _class_name(label)):
             raise FinetuneError(f"{_where(split, i)}: missing label; every row of {key} needs one")
@@ -292,6 +321,7 @@ def _subset(split: RawSplit, positions: list[int]) -> RawSplit:
         split.source,
         split.row_name,
         split.row_offset,
+        split.path,
     )
 
 

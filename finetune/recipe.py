@@ -135,18 +135,21 @@ class _RecipeLoader(yaml.SafeLoader):
     pass
 
 
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
+class _RecipeDumper(yaml.SafeDumper):
+    pass
+
+
+_FLOAT = re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
         |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
         |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
         re.X,
-    ),
-    list("-+0123456789."),
 )
+# the same resolver on both sides: to_yaml then quotes any string that parse_yaml would read as a number
+for _side in (_RecipeLoader, _RecipeDumper):
+    _side.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -221,9 +224,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 def from_dict(raw: dict, source: str = "recipe") -> Recipe:
     problems: list[str] = []
     recipe = _build(Recipe, raw, "", problems)
-    if not problems:
+    if recipe is not None and recipe.backbone is not None and recipe.data is not None:
+        failed = {problem.split(":", 1)[0] for problem in problems}
+        checks: list[str] = []
         _resolve(recipe)
-        _check(recipe, problems)
+        _check(recipe, checks)
+        # a check on a stand-in value, or one that depends on a key already reported, would only add noise
+        problems += [c for c in checks if c.split(":", 1)[0] not in failed and not any(f"{k}=" in c for k in failed)]
     if problems:
         count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
         raise FinetuneError(f"{source}: {count}: " + "; ".join(problems))
@@ -235,7 +242,7 @@ def to_dict(recipe: Recipe) -> dict:
 
 
 def to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(to_dict(recipe), sort_keys=False, default_flow_style=False)
+    return yaml.dump(to_dict(recipe), Dumper=_RecipeDumper, sort_keys=False, default_flow_style=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,7 +264,11 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     values = {}
     for name, f in fields.items():
         if name in raw:
-            values[name] = _convert(hints[name], raw[name], f"{prefix}{name}", problems)
+            count = len(problems)
+            value = _convert(hints[name], raw[name], f"{prefix}{name}", problems)
+            if len(problems) > count and not dataclasses.is_dataclass(value):
+                value = _default(f)  # already reported; a valid stand-in lets the value checks run on the rest
+            values[name] = value
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{prefix}{name}: required key is missing")
             values[name] = None
@@ -265,6 +276,12 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         return cls(**values)
     except TypeError:
         return None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
 def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:

@@ -118,13 +118,23 @@ def train(recipe, overwrite: bool = False, echo=print) -> dict:
         log_with="tensorboard",
         project_dir=str(out),
     )
-    say = accelerator.print
     accelerator.wait_for_everyone()  # every process has checked the folder before the main one changes it
     if accelerator.is_main_process:
-        if overwrite and out.is_dir():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(recipe_module.to_yaml(recipe))
+        try:
+            if overwrite and out.is_dir():
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(recipe_module.to_yaml(recipe))
+        except OSError as error:
+            raise FinetuneError(f"output.dir: cannot write '{out}' ({error.strerror or error})") from None
+    log_path = out / "train.log"
+
+    def say(message: str) -> None:
+        """Progress for people: printed by the main process and kept in the run folder's train.log."""
+        if accelerator.is_main_process:
+            print(message, flush=True)
+            with log_path.open("a") as log:
+                log.write(message + "\n")
     set_seed(t.seed)
 
     splits = data_module.load_splits(recipe)
