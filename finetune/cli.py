@@ -47,16 +47,20 @@ def cmd_cp(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from finetune.data import load_splits
+
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
+    splits = load_splits(recipe)  # files, columns, labels: what `run` would trip on, without loading a model
     print(to_yaml(recipe), end="")
-    print(f"{args.recipe}: recipe is valid", file=sys.stderr)
+    counts = ", ".join(f"{key} {part['count']}" for key, part in splits.info["splits"].items())
+    print(f"{args.recipe}: recipe and data are valid ({counts} rows)", file=sys.stderr)
     return 0
 
 
 def cmd_run(args) -> int:
+    recipe = load_recipe(find_recipe(args.recipe), args.overrides)  # before importing torch: typos report fast
     from finetune.train import train
 
-    recipe = load_recipe(find_recipe(args.recipe), args.overrides)
     if _is_main_process():
         print(to_yaml(recipe), end="")
     train(recipe, overwrite=args.overwrite)

@@ -102,7 +102,7 @@ def evaluate(accelerator, model, loader, splits, recipe) -> dict:
     return results
 
 
-def train(recipe, overwrite: bool = False, echo=print) -> dict:
+def train(recipe, overwrite: bool = False) -> dict:
     """Fine-tune as the recipe says, write the run folder, return metrics.json's content."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -113,11 +113,68 @@ def train(recipe, overwrite: bool = False, echo=print) -> dict:
     out = Path(recipe.output.dir)
     prepare_output_dir(out, overwrite)
     accelerator = Accelerator(
+        # without a GPU, accelerate only runs multi-process (torchrun, gloo) when told it is on the CPU
+        cpu=not torch.accelerator.is_available(),
         mixed_precision=choose_precision(t.precision),
         gradient_accumulation_steps=t.grad_accum,
         log_with="tensorboard",
         project_dir=str(out),
     )
+    set_seed(t.seed)
+    splits = data_module.load_splits(recipe)  # bad data fails here, before any run folder is made or removed
+    model, tokenizer = build_text_model(recipe, splits.label_names)
+    say = _open_run_folder(accelerator, out, overwrite, recipe)
+    with accelerator.main_process_first():  # the main process tokenises and caches; the others read the cache
+        tokenized = {
+            key: data_module.tokenize(table, tokenizer, recipe.data.max_length)
+            for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
+            if table is not None
+        }
+    if accelerator.is_main_process:
+        (out / "split.json").write_text(json.dumps(splits.info, indent=1) + "\n")
+    eval_batch = t.eval_batch_size or 2 * t.batch_size
+    loaders = {
+        key: data_module.make_loader(dataset, tokenizer, t.batch_size if key == "train" else eval_batch, key == "train", t.seed)
+        for key, dataset in tokenized.items()
+    }
+    optimizer = torch.optim.AdamW(build_param_groups(model, t.lr, t.head_lr, t.weight_decay, head_parameter_names(model)))
+    # Steps as one process would count them: accelerate steps the scheduler once per process per optimizer step.
+    total_steps = math.ceil(len(loaders["train"]) / t.grad_accum) * t.epochs
+    warmup = warmup_steps(t.warmup, total_steps) * (1 if isinstance(t.warmup, float) else accelerator.num_processes)
+    scheduler = build_scheduler(optimizer, t.scheduler, warmup, total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    loaders = {key: accelerator.prepare(loader) for key, loader in loaders.items()}
+    accelerator.init_trackers("tensorboard", config=_flat(recipe_module.to_dict(recipe)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sizes = " | ".join(f"{key} {len(dataset)}" for key, dataset in tokenized.items())
+    say(
+        f"{sizes} examples; {trainable / 1e6:.1f}M trainable parameters; {accelerator.num_processes} process(es) on "
+        f"{accelerator.device}, precision {accelerator.mixed_precision}"
+    )
+
+    metrics = _fit(accelerator, model, optimizer, scheduler, loaders, splits, recipe, say)
+
+    # the kept model: the best epoch's weights, tested, then predicting in the targets' own units
+    from safetensors.torch import load_file
+
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.load_state_dict(load_file(out / "checkpoints" / "best" / "model.safetensors"))
+    if "test" in loaders:
+        metrics["test"] = evaluate(accelerator, model, loaders["test"], splits, recipe)
+        say("test " + " ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items()))
+    if recipe.head.problem == "regression":
+        fold_target_scaling(unwrapped, splits.target_mean, splits.target_std)
+    if accelerator.is_main_process:
+        _atomic_save(out / "model", lambda d: export.export_model(unwrapped, tokenizer, d, recipe, splits, metrics))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        say(f"model saved to {out / 'model'}; metrics in {out / 'metrics.json'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it closes the trackers and the process group
+    return metrics
+
+
+def _open_run_folder(accelerator, out: Path, overwrite: bool, recipe):
+    """Create (or, with --overwrite, replace) the run folder; return the function that logs to it."""
     accelerator.wait_for_everyone()  # every process has checked the folder before the main one changes it
     if accelerator.is_main_process:
         try:
@@ -127,79 +184,43 @@ def train(recipe, overwrite: bool = False, echo=print) -> dict:
             (out / "config.yaml").write_text(recipe_module.to_yaml(recipe))
         except OSError as error:
             raise FinetuneError(f"output.dir: cannot write '{out}' ({error.strerror or error})") from None
-    log_path = out / "train.log"
 
     def say(message: str) -> None:
         """Progress for people: printed by the main process and kept in the run folder's train.log."""
         if accelerator.is_main_process:
             print(message, flush=True)
-            with log_path.open("a") as log:
+            with (out / "train.log").open("a") as log:
                 log.write(message + "\n")
-    set_seed(t.seed)
 
-    splits = data_module.load_splits(recipe)
-    model, tokenizer = build_text_model(recipe, splits.label_names)
-    with accelerator.main_process_first():
-        tokenized = {
-            key: data_module.tokenize(table, tokenizer, recipe.data.max_length)
-            for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
-            if table is not None
-        }
-    if accelerator.is_main_process:
-        (out / "split.json").write_text(json.dumps(splits.info, indent=1) + "\n")
-    eval_batch = t.eval_batch_size or 2 * t.batch_size
-    train_loader = data_module.make_loader(tokenized["train"], tokenizer, t.batch_size, True, t.seed)
-    val_loader = data_module.make_loader(tokenized["validation"], tokenizer, eval_batch, False, t.seed)
-    test_loader = tokenized.get("test") and data_module.make_loader(tokenized["test"], tokenizer, eval_batch, False, t.seed)
+    return say
 
-    head_names = head_parameter_names(model)
-    optimizer = torch.optim.AdamW(build_param_groups(model, t.lr, t.head_lr, t.weight_decay, head_names))
-    # Steps as one process would count them: accelerate steps the scheduler once per process per optimizer step.
-    total_steps = math.ceil(len(train_loader) / t.grad_accum) * t.epochs
-    warmup = warmup_steps(t.warmup, total_steps) * (1 if isinstance(t.warmup, float) else accelerator.num_processes)
-    scheduler = build_scheduler(optimizer, t.scheduler, warmup, total_steps)
-    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, scheduler
-    )
-    if test_loader is not None:
-        test_loader = accelerator.prepare(test_loader)
-    accelerator.init_trackers("tensorboard", config=_flat(recipe_module.to_dict(recipe)))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(
-        f"train {len(tokenized['train'])} | validation {len(tokenized['validation'])} | test "
-        f"{len(tokenized['test']) if 'test' in tokenized else 0} examples; {trainable / 1e6:.1f}M trainable parameters; "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}"
-    )
 
-    history, best, best_epoch, stale = [], None, None, 0
-    select = recipe.eval.select_best
+def _fit(accelerator, model, optimizer, scheduler, loaders, splits, recipe, say) -> dict:
+    """Train and validate epoch by epoch, keep the best checkpoint, stop early if asked; metrics so far."""
+    t, out, select = recipe.train, Path(recipe.output.dir), recipe.eval.select_best
+    history, best, stale = [], None, 0
     train_seconds, train_samples, step = 0.0, 0, 0
     for epoch in range(1, t.epochs + 1):
-        loss, seconds, samples, step = _train_epoch(accelerator, model, optimizer, scheduler, train_loader, recipe, epoch, step)
+        loss, seconds, samples, step = _train_epoch(accelerator, model, optimizer, scheduler, loaders["train"], recipe, epoch, step)
         train_seconds += seconds
         train_samples += samples
-        validation = evaluate(accelerator, model, val_loader, splits, recipe)
+        validation = evaluate(accelerator, model, loaders["validation"], splits, recipe)
         history.append({"epoch": epoch, "loss": loss, "validation": validation})
         accelerator.log({f"validation/{k}": v for k, v in validation.items()} | {"train/epoch_loss": loss}, step=step)
         shown = " ".join(f"{k} {v:.4f}" for k, v in validation.items())
         say(f"epoch {epoch}/{t.epochs}: train loss {loss:.4f} | validation {shown} | {samples / seconds:.1f} samples/s")
-        if is_improvement(select, validation[select], best):
-            best, best_epoch = validation[select], epoch
+        if best is None or is_improvement(select, validation[select], best["validation"][select]):
+            best = history[-1]
             _save_best(accelerator, model, out)
         _save_last(accelerator, out)
         stop = t.early_stopping
         if stop is not None:
-            stale = 0 if is_improvement(stop.metric, validation[stop.metric], _best_of(history[:-1], stop.metric)) else stale + 1
+            improved = is_improvement(stop.metric, validation[stop.metric], _best_of(history[:-1], stop.metric))
+            stale = 0 if improved else stale + 1
             if stale >= stop.patience:
                 say(f"early stopping: validation {stop.metric} has not improved for {stale} epoch(s)")
                 break
-
-    # the kept model: the best epoch's weights, predicting in the targets' units
-    unwrapped = accelerator.unwrap_model(model)
-    from safetensors.torch import load_file
-
-    unwrapped.load_state_dict(load_file(out / "checkpoints" / "best" / "model.safetensors"))
-    metrics = {
+    return {
         "train": {
             "samples_per_second": train_samples / train_seconds if train_seconds else 0.0,
             "seconds": train_seconds,
@@ -208,20 +229,8 @@ def train(recipe, overwrite: bool = False, echo=print) -> dict:
             "processes": accelerator.num_processes,
         },
         "epochs": history,
-        "best": {"epoch": best_epoch, **history[best_epoch - 1]["validation"]},
+        "best": {"epoch": best["epoch"], **best["validation"]},
     }
-    if test_loader is not None:
-        metrics["test"] = evaluate(accelerator, model, test_loader, splits, recipe)
-        say("test " + " ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items()))
-    if recipe.head.problem == "regression":
-        fold_target_scaling(unwrapped, splits.target_mean, splits.target_std)
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        _atomic_save(out / "model", lambda d: export.export_model(unwrapped, tokenizer, d, recipe, splits, metrics))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        say(f"model saved to {out / 'model'}; metrics in {out / 'metrics.json'}")
-    accelerator.wait_for_everyone()
-    return metrics
 
 
 def _train_epoch(accelerator, model, optimizer, scheduler, loader, recipe, epoch, step):

@@ -1,0 +1,117 @@
+"""Param groups (no decay on biases and norms, a head lr) and warmup schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import LABELS, to_recipe
+from torch import nn
+
+from finetune.model import build_text_model, head_parameter_names
+from finetune.optim import build_param_groups, build_scheduler, warmup_steps
+
+
+def groups_by_parameter(model, groups) -> dict[str, dict]:
+    """name -> the group holding that parameter (each parameter must be in exactly one)."""
+    owner = {}
+    for group in groups:
+        for param in group["params"]:
+            assert id(param) not in owner, "a parameter is in two groups"
+            owner[id(param)] = group
+    return {name: owner.get(id(param)) for name, param in model.named_parameters()}
+
+
+@pytest.fixture(params=["native", "mlp"])
+def model(request, make_recipe):
+    dotted = {"head.type": "mlp", "head.hidden": [16]} if request.param == "mlp" else {}
+    built, _ = build_text_model(to_recipe(make_recipe(**dotted)), LABELS)
+    return built
+
+
+def test_no_weight_decay_on_biases_and_norm_weights(model):
+    groups = build_param_groups(model, lr=1e-4, head_lr=None, weight_decay=0.05, head_names=head_parameter_names(model))
+    owner = groups_by_parameter(model, groups)
+    norms = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)}
+    assert norms  # the test sees the LayerNorms
+    for name, param in model.named_parameters():
+        group = owner[name]
+        assert group is not None, f"{name} is in no group"
+        if name.endswith(".bias") or name in norms:
+            assert group["weight_decay"] == 0.0, name
+        else:
+            assert param.ndim >= 2 and group["weight_decay"] == 0.05, name
+    assert any(name.endswith("word_embeddings.weight") and owner[name]["weight_decay"] == 0.05 for name in owner)
+
+
+def test_head_parameters_get_head_lr(model):
+    head = head_parameter_names(model)
+    assert head and all(name.startswith(("classifier.", "head.")) for name in head)
+    groups = build_param_groups(model, lr=1e-4, head_lr=3e-3, weight_decay=0.01, head_names=head)
+    owner = groups_by_parameter(model, groups)
+    for name in owner:
+        assert owner[name]["lr"] == (3e-3 if name in head else 1e-4), name
+    # each group writes its own lr out (no reliance on an optimizer-wide default)
+    optimizer = torch.optim.AdamW(groups, lr=123.0)
+    assert {g["lr"] for g in optimizer.param_groups} == {1e-4, 3e-3}
+
+
+def test_head_lr_null_means_lr(model):
+    groups = build_param_groups(model, lr=2e-5, head_lr=None, weight_decay=0.01, head_names=head_parameter_names(model))
+    assert {g["lr"] for g in groups} == {2e-5}
+
+
+def test_frozen_parameters_get_no_group(model):
+    frozen = [p for name, p in model.named_parameters() if "embeddings" in name]
+    for param in frozen:
+        param.requires_grad_(False)
+    groups = build_param_groups(model, 1e-4, None, 0.01, head_parameter_names(model))
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert not grouped & {id(p) for p in frozen}
+    assert len(grouped) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_warmup_steps():
+    assert warmup_steps(0.1, 95) == 10  # a fraction rounds up
+    assert warmup_steps(0.0, 95) == 0
+    assert warmup_steps(7, 95) == 7  # an int is a step count
+
+
+def lr_curve(name: str, warmup: int, total: int, base: tuple[float, ...] = (1.0, 10.0)) -> list[list[float]]:
+    params = [nn.Parameter(torch.zeros(1)) for _ in base]
+    optimizer = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, base)])
+    scheduler = build_scheduler(optimizer, name, warmup, total)
+    curve = []
+    for _ in range(total + 1):
+        curve.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return curve
+
+
+def expected(name: str, step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return step / warmup
+    progress = (step - warmup) / (total - warmup)
+    if name == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if name == "linear":
+        return max(0.0, 1 - progress)
+    return 1.0
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
+def test_schedules_warm_up_then_decay(name):
+    warmup, total = 3, 11
+    curve = lr_curve(name, warmup, total)
+    for step, (lr, head_lr) in enumerate(curve):
+        assert lr == pytest.approx(expected(name, step, warmup, total), abs=1e-9), (name, step)
+        assert head_lr == pytest.approx(10 * lr, abs=1e-9)  # every group follows the same multiplier
+    assert curve[0][0] == 0.0 and curve[warmup][0] == pytest.approx(1.0)
+    if name != "constant":
+        assert curve[total][0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_no_warmup_starts_at_full_lr():
+    assert lr_curve("cosine", 0, 4)[0][0] == 1.0
