@@ -50,6 +50,25 @@ class Data:
     label_column: str = "label"  # multi_label: a list column or an "a|b|c" string; regression: a number
     max_length: int = 256  # text: tokens per example, longer texts are truncated
     image_size: Optional[int] = None  # vision; null: the backbone's pretrained input size
+    skip_bad_images: bool = False  # vision: skip (and count) unreadable images instead of stopping with an error
+    num_workers: Optional[int] = None  # data-loading worker processes; null: 0 for text, up to 4 for images
+
+
+@dataclass
+class Augment:
+    """Train-time image augmentation, done by timm's own transforms; evaluation is always deterministic."""
+
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area range
+    hflip: float = 0.5  # probability of a horizontal flip
+    auto_augment: Optional[str] = None  # timm policy: rand-m9-mstd0.5-inc1 (RandAugment) | trivialaugment | null
+    random_erasing: float = 0.0  # probability
+    mixup: float = 0.0  # mixup alpha; 0: off
+    cutmix: float = 0.0  # cutmix alpha; 0: off
+
+
+@dataclass
+class Ema:
+    decay: float = 0.9998  # timm's ModelEmaV3; the EMA weights are evaluated and can be the kept model
 
 
 @dataclass
@@ -73,6 +92,9 @@ class Train:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPUs, fp32 on CPUs
     seed: int = 42
     early_stopping: Optional[EarlyStopping] = None  # {metric: accuracy, patience: 2}
+    label_smoothing: float = 0.0  # single_label cross-entropy (and mixup/cutmix targets)
+    ema: Optional[Ema] = None  # {decay: 0.9998}: keep an exponential moving average of the weights
+    channels_last: Optional[bool] = None  # vision memory format; null: on for convolutional backbones on GPUs
 
 
 @dataclass
@@ -107,6 +129,7 @@ class Recipe:
     backbone: Backbone
     head: Head = field(default_factory=Head)
     data: Data
+    augment: Augment = field(default_factory=Augment)  # vision only
     train: Train = field(default_factory=Train)
     lora: Optional[Lora] = None  # {r: 8, alpha: 16, dropout: 0.05, target_modules: auto}
     eval: Eval = field(default_factory=Eval)
@@ -383,6 +406,17 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
     need(d.max_samples is None or d.max_samples >= 1, "data.max_samples: must be at least 1, or null for all rows")
     need(d.max_length >= 2, f"data.max_length: must be at least 2, got {d.max_length}")
     need(d.image_size is None or d.image_size >= 1, "data.image_size: must be at least 1, or null")
+    a = recipe.augment
+    need(
+        len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1] <= 1,
+        f"augment.scale: expected [min, max] area fractions with 0 < min <= max <= 1, got {a.scale}",
+    )
+    for key in ("hflip", "random_erasing"):
+        need(0 <= getattr(a, key) <= 1, f"augment.{key}: a probability must be in [0, 1], got {getattr(a, key)}")
+    need(a.mixup >= 0 and a.cutmix >= 0, "augment.mixup/cutmix: alphas must be >= 0 (0 turns them off)")
+    need(0 <= t.label_smoothing < 1, f"train.label_smoothing: must be in [0, 1), got {t.label_smoothing}")
+    need(t.ema is None or 0 < t.ema.decay < 1, "train.ema.decay: must be between 0 and 1")
+    need(d.num_workers is None or d.num_workers >= 0, "data.num_workers: must be >= 0, or null for automatic")
     need(recipe.backbone.dropout is None or 0 <= recipe.backbone.dropout < 1, "backbone.dropout: must be in [0, 1)")
     need(0 <= recipe.backbone.drop_path < 1, "backbone.drop_path: must be in [0, 1)")
     need(0 <= h.dropout < 1, f"head.dropout: must be in [0, 1), got {h.dropout}")

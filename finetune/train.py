@@ -36,10 +36,10 @@ def choose_precision(requested: str) -> str:
     return requested
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, problem: str) -> torch.Tensor:
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, problem: str, label_smoothing: float = 0.0) -> torch.Tensor:
     logits = logits.float()
     if problem == "single_label":
-        return F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     if problem == "multi_label":
         return F.binary_cross_entropy_with_logits(logits, labels.float())
     return F.mse_loss(logits.view(-1), labels.float().view(-1))  # standardised targets
@@ -245,7 +245,7 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, recipe, epoch
     for batch in bar:
         with accelerator.accumulate(model):
             labels = batch.pop("labels")
-            loss = loss_fn(logits_of(model(**batch)), labels, recipe.head.problem)
+            loss = loss_fn(logits_of(model(**batch)), labels, recipe.head.problem, t.label_smoothing)
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
