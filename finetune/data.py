@@ -220,12 +220,10 @@ def _label_set(value: Any) -> list[str]:
     return [part.strip() for part in str(value).split("|") if part.strip()]
 
 
-def _check_rows(split: RawSplit, key: str, problem: str, text_column: str) -> None:
-    for i, (text, label) in enumerate(zip(split.texts, split.labels)):
-        if not isinstance(text, str) or not text.strip():
-            raise FinetuneError(f"{_where(split, i)}: empty text in column '{text_column}'; fill it or drop the row")
-        if problem == "multi_label":
-            continue  # an empty label cell is an empty label set
+def _check_labels(split: RawSplit, key: str, problem: str) -> None:
+    if problem == "multi_label":
+        return  # an empty label cell is an empty label set
+    for i, label in enumerate(split.labels):
         missing = label is None or (isinstance(label, float) and math.isnan(label))
         if missing or (problem == "single_label" and not _class_name(label)):
             raise FinetuneError(f"{_where(split, i)}: missing label; every row of {key} needs one")
@@ -333,9 +331,28 @@ def _cap(split: RawSplit, max_samples: int | None, seed: int) -> RawSplit:
 
 
 def load_splits(recipe) -> Splits:
-    """Read, check, split and encode the recipe's data; nothing here depends on the model."""
+    """Read, check, split and encode the recipe's text data; nothing here depends on the model."""
+    column = recipe.data.text_column
+
+    def check_texts(split: RawSplit, key: str) -> tuple[RawSplit, list[str]]:
+        for i, text in enumerate(split.texts):
+            if not isinstance(text, str) or not text.strip():
+                raise FinetuneError(f"{_where(split, i)}: empty text in column '{column}'; fill it or drop the row")
+        return split, []
+
+    return assemble_splits(recipe, read_split, "text", check_texts)
+
+
+def assemble_splits(recipe, read, input_name: str, check_inputs) -> Splits:
+    """The split rules shared by every modality.
+
+    `read(spec, recipe, key)` gives the split(s) a data.* value names; `check_inputs(split, key)` checks (or drops,
+    returning what it skipped) the inputs that will be used. The label space comes from all of train (sorted); a
+    validation/test label unseen in train is an error; data.validation null holds a stratified data.val_fraction of
+    train out (seeded by train.seed); data.max_samples caps each split; tables are {input_name, "label", "row"}.
+    """
     d, problem = recipe.data, recipe.head.problem
-    given = read_split(d.train, recipe, "data.train")
+    given = read(d.train, recipe, "data.train")
     train = given.get("train") or given.get("file")
     if train is None:
         raise FinetuneError(f"data.train: '{d.train}' has no 'train' split (it has: {', '.join(given)})")
@@ -343,7 +360,7 @@ def load_splits(recipe) -> Splits:
     for key in ("validation", "test"):
         spec = getattr(d, key)
         if spec is not None:
-            found = read_split(spec, recipe, f"data.{key}")
+            found = read(spec, recipe, f"data.{key}")
             parts[key] = found.get(key) or found.get("file") or found.get("train")
     held_out_from_train = parts["validation"] is None
     if held_out_from_train:
@@ -353,11 +370,13 @@ def load_splits(recipe) -> Splits:
 
     for key, split in parts.items():
         if split is not None:
-            _check_rows(split, f"data.{key}", problem, d.text_column)
+            _check_labels(split, f"data.{key}", problem)
     names = label_space(parts["train"], problem)  # from all of train, before any max_samples cap
+    skipped: dict[str, list[str]] = {}
     for key in SPLITS:
         if parts[key] is not None:
             parts[key] = _cap(parts[key], d.max_samples, recipe.train.seed)
+            parts[key], skipped[key] = check_inputs(parts[key], f"data.{key}")
 
     encoded = {key: split and encode_labels(split, problem, names, f"data.{key}") for key, split in parts.items()}
     mean, std = 0.0, 1.0
@@ -368,7 +387,7 @@ def load_splits(recipe) -> Splits:
             if encoded[key] is not None:
                 encoded[key] = [(t - mean) / std for t in encoded[key]]
     tables = {
-        key: None if split is None else {"text": split.texts, "label": encoded[key], "row": split.rows}
+        key: None if split is None else {input_name: split.texts, "label": encoded[key], "row": split.rows}
         for key, split in parts.items()
     }
     info = {
@@ -377,7 +396,12 @@ def load_splits(recipe) -> Splits:
         **({"target": {"mean": mean, "std": std}} if problem == "regression" else {}),
         "validation_held_out_from_train": held_out_from_train,
         "splits": {
-            key: {"source": split.source, "count": len(split.rows), "rows": split.rows}
+            key: {
+                "source": split.source,
+                "count": len(split.rows),
+                "rows": split.rows,
+                **({"skipped": skipped[key]} if skipped.get(key) else {}),
+            }
             for key, split in parts.items()
             if split is not None
         },
