@@ -4,7 +4,10 @@ __version__ = "0.1.0"
 
 
 def load(directory):
-    """(model, tokenizer, spec) from a run's `model/` folder, native transformers or finetune's own format."""
+    """(model, preprocess, spec) from a run's `model/` folder: transformers, timm or finetune's own format.
+
+    `preprocess` is the tokenizer for text and timm's eval transform for images; `spec` has the labels and problem.
+    """
     from finetune.model import load as load_model
 
     return load_model(directory)

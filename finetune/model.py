@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune.backbones import HEAD_DROPOUT_KEYS, load_text_config, load_tokenizer
+from finetune.backbones import HEAD_DROPOUT_KEYS, TIMM_POOLING, create_vision_backbone, load_text_config, load_tokenizer
 from finetune.errors import FinetuneError
 from finetune.heads import ClassificationHead, pool
 
@@ -18,6 +18,7 @@ NATIVE_PROBLEM_TYPES = {
     "regression": "regression",
 }
 KIT_FORMAT_FILE = "finetune.json"
+TIMM_CONFIG_KEY = "finetune"  # our extra block in a timm config.json: problem and threshold (timm ignores it)
 
 
 class TextClassifier(nn.Module):
@@ -34,6 +35,42 @@ class TextClassifier(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, **inputs) -> torch.Tensor:
         outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **inputs)
         return self.head(pool(outputs, attention_mask, self.pooling))
+
+
+class TimmClassifier(nn.Module):
+    """A timm model with its own classifier, called as `model(pixel_values=...)`: the native vision model.
+
+    Only the calling convention is ours: the trainer's batches are keyword dicts, timm models take one tensor. The
+    timm model is `.model`, and that is what is exported, so the folder is plain timm.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values)
+
+
+class VisionClassifier(nn.Module):
+    """A timm backbone's pooled features and our head: for heads timm's own classifier does not compute."""
+
+    def __init__(self, backbone: nn.Module, head: ClassificationHead):
+        super().__init__()
+        self.backbone = backbone  # built with num_classes=0: no classifier weights to carry around
+        self.head = head
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.backbone.forward_features(pixel_values)
+        return self.head(self.backbone.forward_head(features, pre_logits=True))
+
+
+KIT_MODELS = (TextClassifier, VisionClassifier)
+
+
+def is_kit_model(model: nn.Module) -> bool:
+    """True when the model exports in finetune's own format (no ecosystem class computes it)."""
+    return isinstance(model, KIT_MODELS)
 
 
 def is_native(recipe) -> bool:
@@ -84,18 +121,48 @@ def build_text_model(recipe, label_names: list[str] | None):
     return model, tokenizer
 
 
+def build_vision_model(recipe, label_names: list[str] | None):
+    """(model, data_config) for the recipe; data_config is timm's preprocessing for it (input_size, mean, std, ...)."""
+    outputs = num_outputs(recipe.head.problem, label_names)
+    if is_native(recipe):
+        backbone = create_vision_backbone(recipe, outputs)
+        model = TimmClassifier(backbone)
+    else:
+        backbone = create_vision_backbone(recipe, 0, global_pool=TIMM_POOLING[recipe.head.pooling])
+        width = getattr(backbone, "head_hidden_size", backbone.num_features)  # what pre_logits returns
+        model = VisionClassifier(backbone, ClassificationHead(width, outputs, recipe.head.hidden, recipe.head.dropout))
+    return model, vision_data_config(backbone, recipe.data.image_size)
+
+
+def vision_data_config(timm_model: nn.Module, image_size: int | None = None) -> dict:
+    """timm's preprocessing from the model's pretrained_cfg, at image_size when one is given."""
+    from timm.data import resolve_model_data_config
+
+    return resolve_model_data_config(timm_model, args={"img_size": image_size} if image_size else None)
+
+
+def timm_model_of(model: nn.Module) -> nn.Module:
+    """The timm model inside either vision kind (what carries pretrained_cfg and takes channels_last)."""
+    return model.model if isinstance(model, TimmClassifier) else model.backbone
+
+
 def head_parameter_names(model: nn.Module) -> set[str]:
     """Parameters that are new (the head), as opposed to pretrained backbone weights."""
-    if isinstance(model, TextClassifier):
+    if is_kit_model(model):
         return {name for name, _ in model.named_parameters() if name.startswith("head.")}
+    if isinstance(model, TimmClassifier):  # timm's classifier, whatever the model calls it (fc, head, classifier)
+        new = {id(p) for p in model.model.get_classifier().parameters()}
+        return {name for name, p in model.named_parameters() if id(p) in new}
     prefix = f"{model.base_model_prefix}."
     return {name for name, _ in model.named_parameters() if not name.startswith(prefix)}
 
 
-def output_layer(model: nn.Module) -> nn.Linear:
-    """The head's final linear layer (the one whose rows are the outputs)."""
-    if isinstance(model, TextClassifier):
+def output_layer(model: nn.Module) -> nn.Module:
+    """The head's final linear layer (the one whose rows are the outputs; a 1x1 conv in a few timm models)."""
+    if is_kit_model(model):
         return model.head.output
+    if isinstance(model, TimmClassifier):
+        return model.model.get_classifier()
     head_names = head_parameter_names(model)
     linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.weight" in head_names]
     return linears[-1]
@@ -112,14 +179,18 @@ def fold_target_scaling(model: nn.Module, mean: float, std: float) -> None:
 
 def save_model(model: nn.Module, tokenizer, directory: Path, recipe, label_names: list[str] | None) -> None:
     """The ecosystem's own format when native; else backbone config + safetensors + finetune.json."""
-    from safetensors.torch import save_file
-
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(directory)
     if not isinstance(model, TextClassifier):
         model.save_pretrained(directory)
         return
     model.backbone.config.save_pretrained(directory)
+    _save_kit_weights_and_spec(model, directory, recipe, label_names)
+
+
+def _save_kit_weights_and_spec(model: nn.Module, directory: Path, recipe, label_names: list[str] | None) -> None:
+    from safetensors.torch import save_file
+
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
     spec = {
@@ -134,21 +205,95 @@ def save_model(model: nn.Module, tokenizer, directory: Path, recipe, label_names
     (directory / KIT_FORMAT_FILE).write_text(json.dumps(spec, indent=2) + "\n")
 
 
+def save_vision_model(model: nn.Module, directory: Path, recipe, label_names: list[str] | None, data_config: dict):
+    """timm's own folder when native (config.json + model.safetensors); else backbone config + weights + finetune.json.
+
+    Either way config.json's pretrained_cfg holds the preprocessing the model was trained with (data_config), so
+    `timm.create_model("local-dir:...")` and `resolve_model_data_config` give back the training image size.
+    """
+    from timm.models import save_for_hf
+    from timm.models._hub import save_config_for_hf  # what save_for_hf writes config.json with; not re-exported
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, TimmClassifier):
+        extra = {TIMM_CONFIG_KEY: {"problem": recipe.head.problem, "threshold": recipe.head.threshold}}
+        if label_names:
+            extra["label_names"] = list(label_names)
+        save_for_hf(model.model, directory, model_config=extra, safe_serialization=True, data_config=data_config)
+        return
+    # the kit's config.json describes the backbone alone (num_classes 0); labels and head live in finetune.json
+    save_config_for_hf(model.backbone, directory / "config.json", data_config=data_config)
+    _save_kit_weights_and_spec(model, directory, recipe, label_names)
+
+
 def load(directory: str | Path):
-    """(model, tokenizer, spec) from a `model/` folder, native or kit format; weights from safetensors only."""
+    """(model, tokenizer or image transform, spec) from a `model/` folder: transformers, timm or finetune's format.
+
+    Weights come from safetensors only. Vision models are called as `model(pixel_values=...)`.
+    """
+    directory = Path(directory)
+    spec_path = directory / KIT_FORMAT_FILE
+    spec = json.loads(spec_path.read_text()) if spec_path.is_file() else None
+    if spec is not None and spec.get("task") == "image-classification":
+        return _load_vision_kit(directory, spec)
+    if spec is None and _is_timm_folder(directory):
+        return _load_timm(directory)
+    return _load_text(directory, spec)
+
+
+def _is_timm_folder(directory: Path) -> bool:
+    config_path = directory / "config.json"
+    return config_path.is_file() and "architecture" in json.loads(config_path.read_text())
+
+
+def _eval_transform(timm_model: nn.Module):
+    from timm.data import create_transform, resolve_model_data_config
+
+    return create_transform(**resolve_model_data_config(timm_model), is_training=False)
+
+
+def _load_timm(directory: Path):
+    import timm
+
+    model = timm.create_model(f"local-dir:{directory.resolve()}", pretrained=True)
+    config = json.loads((directory / "config.json").read_text())
+    extra = config.get(TIMM_CONFIG_KEY, {})
+    labels = config.get("label_names")
+    if isinstance(labels, dict):  # timm allows {index: name}
+        labels = [labels[key] for key in sorted(labels, key=int)]
+    spec = {
+        "format": "timm",
+        "task": "image-classification",
+        "problem": extra.get("problem", "single_label"),
+        "labels": labels,
+        "threshold": extra.get("threshold", 0.5),
+    }
+    return TimmClassifier(model).eval(), _eval_transform(model), spec
+
+
+def _load_vision_kit(directory: Path, spec: dict):
+    import timm
+    from safetensors.torch import load_file
+
+    backbone = timm.create_model(f"local-dir:{directory.resolve()}", pretrained=False)  # weights below
+    width = getattr(backbone, "head_hidden_size", backbone.num_features)
+    model = VisionClassifier(backbone, ClassificationHead(width, spec["num_outputs"], spec["head"]["hidden"]))
+    model.load_state_dict(load_file(directory / "model.safetensors"))
+    return model.eval(), _eval_transform(backbone), spec
+
+
+def _load_text(directory: Path, spec: dict | None):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-    directory = Path(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    spec_path = directory / KIT_FORMAT_FILE
-    if not spec_path.is_file():
+    if spec is None:
         model = AutoModelForSequenceClassification.from_pretrained(directory)
         config = model.config
         problem = {v: k for k, v in NATIVE_PROBLEM_TYPES.items()}.get(config.problem_type, "single_label")
         labels = None if problem == "regression" else [config.id2label[i] for i in range(config.num_labels)]
         return model.eval(), tokenizer, {"format": "transformers", "problem": problem, "labels": labels}
-    spec = json.loads(spec_path.read_text())
     config = AutoConfig.from_pretrained(directory)
     head = spec["head"]
     model = TextClassifier(

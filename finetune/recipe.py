@@ -40,7 +40,7 @@ class Head:
 
 @dataclass
 class Data:
-    train: str  # offline zoo data set | csv/tsv/json/jsonl/parquet file | hub:<id>
+    train: str  # offline zoo data set | csv/tsv/json/jsonl/parquet file | image folder | hub:<id>
     validation: Optional[str] = None  # null: a stratified val_fraction of train (seeded), saved in split.json
     test: Optional[str] = None
     val_fraction: float = 0.1
@@ -426,6 +426,8 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
     if recipe.lora is not None:
         need(recipe.lora.r >= 1, f"lora.r: must be at least 1, got {recipe.lora.r}")
         need(0 <= recipe.lora.dropout < 1, "lora.dropout: must be in [0, 1)")
+        # refused rather than ignored: a recipe asking for LoRA must never silently train every weight
+        problems.append("lora: LoRA fine-tuning is not available in this version yet; remove the section (lora=null)")
 
     allowed = metrics_for(h.problem)
     for name in recipe.eval.metrics:

@@ -8,7 +8,9 @@ import os
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,7 +20,14 @@ from finetune import data as data_module
 from finetune import export, recipe as recipe_module
 from finetune.errors import FinetuneError
 from finetune.metrics import compute_metrics, is_improvement, predictions_from_logits
-from finetune.model import build_text_model, fold_target_scaling, head_parameter_names
+from finetune.model import (
+    build_text_model,
+    build_vision_model,
+    fold_target_scaling,
+    head_parameter_names,
+    save_model,
+    save_vision_model,
+)
 from finetune.optim import build_param_groups, build_scheduler, warmup_steps
 
 
@@ -102,13 +111,80 @@ def evaluate(accelerator, model, loader, splits, recipe) -> dict:
     return results
 
 
+@dataclass
+class Job:
+    """What differs between text and images; everything after it (loop, metrics, export) is shared."""
+
+    splits: object
+    model: torch.nn.Module
+    datasets: dict  # split name -> torch/datasets Dataset
+    make_loader: Callable  # (dataset, batch_size, training) -> DataLoader
+    save: Callable  # (unwrapped model, directory) -> writes model/ without the card
+    mixup: Callable | None = None  # timm Mixup for image batches
+
+
+def _text_job(recipe, accelerator) -> Job:
+    t = recipe.train
+    splits = data_module.load_splits(recipe)  # bad data fails here, before any run folder is made or removed
+    model, tokenizer = build_text_model(recipe, splits.label_names)
+    with accelerator.main_process_first():  # the main process tokenises and caches; the others read the cache
+        datasets = {
+            key: data_module.tokenize(table, tokenizer, recipe.data.max_length)
+            for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
+            if table is not None
+        }
+    return Job(
+        splits,
+        model,
+        datasets,
+        make_loader=lambda dataset, batch, training: data_module.make_loader(dataset, tokenizer, batch, training, t.seed),
+        save=lambda unwrapped, directory: save_model(unwrapped, tokenizer, directory, recipe, splits.label_names),
+    )
+
+
+def _image_job(recipe, accelerator) -> Job:
+    from finetune import images
+
+    t = recipe.train
+    splits = images.load_image_splits(recipe)
+    model, data_config = build_vision_model(recipe, splits.label_names)
+    if _use_channels_last(recipe, model, accelerator):
+        model = model.to(memory_format=torch.channels_last)
+    mixup = images.build_mixup(recipe, len(splits.label_names or []))
+    datasets = {
+        key: images.ImageDataset(table, images.build_transforms(data_config, recipe, training=key == "train"))
+        for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
+        if table is not None
+    }
+
+    def make_loader(dataset, batch, training):
+        # mixup pairs each image with the batch reversed: an odd last batch would pair one image with itself
+        drop_last = training and mixup is not None
+        return images.make_image_loader(dataset, batch, training, t.seed, recipe.data.num_workers, drop_last)
+
+    return Job(
+        splits,
+        model,
+        datasets,
+        make_loader=make_loader,
+        save=lambda unwrapped, directory: save_vision_model(unwrapped, directory, recipe, splits.label_names, data_config),
+        mixup=mixup,
+    )
+
+
+def _use_channels_last(recipe, model, accelerator) -> bool:
+    """channels_last speeds up convolutions on GPUs; on CPUs and for transformers it is not worth the copies."""
+    if recipe.train.channels_last is not None:
+        return recipe.train.channels_last
+    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    return has_conv and accelerator.device.type == "cuda"
+
+
 def train(recipe, overwrite: bool = False) -> dict:
     """Fine-tune as the recipe says, write the run folder, return metrics.json's content."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    if recipe.task != "text-classification":
-        raise FinetuneError(f"task: '{recipe.task}' is not available yet; use text-classification")
     t = recipe.train
     out = Path(recipe.output.dir)
     prepare_output_dir(out, overwrite)
@@ -121,23 +197,19 @@ def train(recipe, overwrite: bool = False) -> dict:
         project_dir=str(out),
     )
     set_seed(t.seed)
-    splits = data_module.load_splits(recipe)  # bad data fails here, before any run folder is made or removed
-    model, tokenizer = build_text_model(recipe, splits.label_names)
+    # data and model first: bad input fails here, before any run folder is made or removed
+    job = _image_job(recipe, accelerator) if recipe.task == "image-classification" else _text_job(recipe, accelerator)
+    splits, model = job.splits, job.model
     say = _open_run_folder(accelerator, out, overwrite, recipe)
-    with accelerator.main_process_first():  # the main process tokenises and caches; the others read the cache
-        tokenized = {
-            key: data_module.tokenize(table, tokenizer, recipe.data.max_length)
-            for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
-            if table is not None
-        }
     if accelerator.is_main_process:
         (out / "split.json").write_text(json.dumps(splits.info, indent=1) + "\n")
     eval_batch = t.eval_batch_size or 2 * t.batch_size
     loaders = {
-        key: data_module.make_loader(dataset, tokenizer, t.batch_size if key == "train" else eval_batch, key == "train", t.seed)
-        for key, dataset in tokenized.items()
+        key: job.make_loader(dataset, t.batch_size if key == "train" else eval_batch, key == "train")
+        for key, dataset in job.datasets.items()
     }
-    optimizer = torch.optim.AdamW(build_param_groups(model, t.lr, t.head_lr, t.weight_decay, head_parameter_names(model)))
+    groups = build_param_groups(model, t.lr, t.head_lr, t.weight_decay, head_parameter_names(model))
+    optimizer = torch.optim.AdamW(groups, fused=True)  # one kernel for all tensors: ~10x faster steps than the loop
     # Steps as one process would count them: accelerate steps the scheduler once per process per optimizer step.
     total_steps = math.ceil(len(loaders["train"]) / t.grad_accum) * t.epochs
     warmup = warmup_steps(t.warmup, total_steps) * (1 if isinstance(t.warmup, float) else accelerator.num_processes)
@@ -146,15 +218,15 @@ def train(recipe, overwrite: bool = False) -> dict:
     loaders = {key: accelerator.prepare(loader) for key, loader in loaders.items()}
     accelerator.init_trackers("tensorboard", config=_flat(recipe_module.to_dict(recipe)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    sizes = " | ".join(f"{key} {len(dataset)}" for key, dataset in tokenized.items())
+    sizes = " | ".join(f"{key} {len(dataset)}" for key, dataset in job.datasets.items())
     say(
         f"{sizes} examples; {trainable / 1e6:.1f}M trainable parameters; {accelerator.num_processes} process(es) on "
         f"{accelerator.device}, precision {accelerator.mixed_precision}"
     )
 
-    metrics = _fit(accelerator, model, optimizer, scheduler, loaders, splits, recipe, say)
+    metrics = _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say)
 
-    # the kept model: the best epoch's weights, tested, then predicting in the targets' own units
+    # the kept model: the best epoch's weights (raw or EMA), tested, then predicting in the targets' own units
     from safetensors.torch import load_file
 
     unwrapped = accelerator.unwrap_model(model)
@@ -165,7 +237,7 @@ def train(recipe, overwrite: bool = False) -> dict:
     if recipe.head.problem == "regression":
         fold_target_scaling(unwrapped, splits.target_mean, splits.target_std)
     if accelerator.is_main_process:
-        _atomic_save(out / "model", lambda d: export.export_model(unwrapped, tokenizer, d, recipe, splits, metrics))
+        _atomic_save(out / "model", lambda d: export.export_model(job.save, unwrapped, d, recipe, splits, metrics))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         say(f"model saved to {out / 'model'}; metrics in {out / 'metrics.json'}")
     accelerator.wait_for_everyone()
@@ -195,23 +267,33 @@ def _open_run_folder(accelerator, out: Path, overwrite: bool, recipe):
     return say
 
 
-def _fit(accelerator, model, optimizer, scheduler, loaders, splits, recipe, say) -> dict:
-    """Train and validate epoch by epoch, keep the best checkpoint, stop early if asked; metrics so far."""
+def _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say) -> dict:
+    """Train and validate epoch by epoch, keep the best checkpoint (raw or EMA weights), stop early if asked."""
     t, out, select = recipe.train, Path(recipe.output.dir), recipe.eval.select_best
+    ema = None
+    if t.ema is not None:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=t.ema.decay)
     history, best, stale = [], None, 0
     train_seconds, train_samples, step = 0.0, 0, 0
     for epoch in range(1, t.epochs + 1):
-        loss, seconds, samples, step = _train_epoch(accelerator, model, optimizer, scheduler, loaders["train"], recipe, epoch, step)
+        loss, seconds, samples, step = _train_epoch(accelerator, model, optimizer, scheduler, loaders["train"], job, recipe, epoch, step, ema)
         train_seconds += seconds
         train_samples += samples
-        validation = evaluate(accelerator, model, loaders["validation"], splits, recipe)
-        history.append({"epoch": epoch, "loss": loss, "validation": validation})
-        accelerator.log({f"validation/{k}": v for k, v in validation.items()} | {"train/epoch_loss": loss}, step=step)
+        validation = evaluate(accelerator, model, loaders["validation"], job.splits, recipe)
+        entry = {"epoch": epoch, "loss": loss, "validation": validation}
         shown = " ".join(f"{k} {v:.4f}" for k, v in validation.items())
+        if ema is not None:
+            entry["validation_ema"] = evaluate(accelerator, ema.module, loaders["validation"], job.splits, recipe)
+            shown += " | ema " + " ".join(f"{k} {v:.4f}" for k, v in entry["validation_ema"].items())
+        history.append(entry)
+        accelerator.log({f"validation/{k}": v for k, v in validation.items()} | {"train/epoch_loss": loss}, step=step)
         say(f"epoch {epoch}/{t.epochs}: train loss {loss:.4f} | validation {shown} | {samples / seconds:.1f} samples/s")
-        if best is None or is_improvement(select, validation[select], best["validation"][select]):
-            best = history[-1]
-            _save_best(accelerator, model, out)
+        for use_ema, scores in ((False, validation), (True, entry.get("validation_ema"))):
+            if scores is not None and (best is None or is_improvement(select, scores[select], best[select])):
+                best = {"epoch": epoch, "ema": use_ema, **scores}
+                _save_best(accelerator, ema.module if use_ema else model, out)
         _save_last(accelerator, out)
         stop = t.early_stopping
         if stop is not None:
@@ -220,6 +302,8 @@ def _fit(accelerator, model, optimizer, scheduler, loaders, splits, recipe, say)
             if stale >= stop.patience:
                 say(f"early stopping: validation {stop.metric} has not improved for {stale} epoch(s)")
                 break
+    if ema is None:
+        best.pop("ema")
     return {
         "train": {
             "samples_per_second": train_samples / train_seconds if train_seconds else 0.0,
@@ -229,12 +313,13 @@ def _fit(accelerator, model, optimizer, scheduler, loaders, splits, recipe, say)
             "processes": accelerator.num_processes,
         },
         "epochs": history,
-        "best": {"epoch": best["epoch"], **best["validation"]},
+        "best": best,
     }
 
 
-def _train_epoch(accelerator, model, optimizer, scheduler, loader, recipe, epoch, step):
+def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, epoch, step, ema=None):
     """One pass over the training data; returns (mean loss, seconds, samples seen by all processes, global step)."""
+    from timm.loss import SoftTargetCrossEntropy
     from tqdm.auto import tqdm
 
     t = recipe.train
@@ -245,7 +330,11 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, recipe, epoch
     for batch in bar:
         with accelerator.accumulate(model):
             labels = batch.pop("labels")
-            loss = loss_fn(logits_of(model(**batch)), labels, recipe.head.problem, t.label_smoothing)
+            if job.mixup is not None:  # soft targets; label smoothing is already inside them
+                batch["pixel_values"], soft = job.mixup(batch["pixel_values"], labels)
+                loss = SoftTargetCrossEntropy()(logits_of(model(**batch)).float(), soft)
+            else:
+                loss = loss_fn(logits_of(model(**batch)), labels, recipe.head.problem, t.label_smoothing)
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -257,6 +346,8 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, recipe, epoch
         samples += len(labels) * accelerator.num_processes
         if accelerator.sync_gradients:
             step += 1
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model), step=step)
             if step % 10 == 0:  # .item() is a device sync point: not every step
                 accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
         if batches % 10 == 0:

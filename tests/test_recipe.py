@@ -17,7 +17,6 @@ from finetune.recipe import (
     Eval,
     Head,
     Hub,
-    Lora,
     Recipe,
     Train,
     apply_overrides,
@@ -363,17 +362,23 @@ def test_bad_warmup(value, expected):
 # Overrides.
 
 
-def test_lora_null_removes_a_section(tmp_path):
-    path = write(tmp_path, MINIMAL_YAML + "lora:\n  r: 16\n  alpha: 32\n")
-    assert load_recipe(path).lora == Lora(r=16, alpha=32)
-    assert load_recipe(path, ["lora=null"]).lora is None
+def test_null_removes_a_section(tmp_path):
+    path = write(tmp_path, MINIMAL_YAML + "train:\n  early_stopping:\n    patience: 4\n")
+    assert load_recipe(path).train.early_stopping.patience == 4
+    assert load_recipe(path, ["train.early_stopping=null"]).train.early_stopping is None
 
 
 def test_dotted_override_creates_a_section_with_schema_defaults(tmp_path):
-    for text in (MINIMAL_YAML, MINIMAL_YAML + "lora: null\n"):
-        recipe = load_recipe(write(tmp_path, text), ["lora.r=4"])
-        assert recipe.lora == Lora(r=4)
-        assert recipe.lora.alpha == Lora.alpha and recipe.lora.target_modules == "auto"
+    for text in (MINIMAL_YAML, MINIMAL_YAML + "train:\n  ema: null\n"):
+        recipe = load_recipe(write(tmp_path, text), ["train.ema.decay=0.99"])
+        assert recipe.train.ema.decay == 0.99
+
+
+def test_lora_is_refused_until_it_is_implemented_never_silently_ignored(tmp_path):
+    path = write(tmp_path, MINIMAL_YAML + "lora:\n  r: 16\n")
+    with pytest.raises(FinetuneError, match="lora: LoRA fine-tuning is not available"):
+        load_recipe(path)
+    assert load_recipe(path, ["lora=null"]).lora is None
 
 
 def test_early_stopping_override_creates_it_and_metric_defaults_to_select_best(tmp_path):
@@ -553,8 +558,8 @@ RICH = raw(
     backbone={"dropout": None, "pretrained": False},
     head={"type": "mlp", "hidden": [128, 64], "pooling": "mean", "problem": "multi_label", "threshold": 0.3},
     data={"train": "t.csv", "validation": "v.csv", "max_samples": 100, "label_column": "tags"},
-    train={"lr": 5e-5, "warmup": 100, "scheduler": "linear", "early_stopping": {"patience": 3}, "max_grad_norm": None},
-    lora={"r": 4, "target_modules": ["query", "value"]},
+    train={"lr": 5e-5, "warmup": 100, "scheduler": "linear", "early_stopping": {"patience": 3}, "max_grad_norm": None,
+           "ema": {"decay": 0.99}},
     eval={"metrics": ["f1_macro", "f1_micro"]},
     output={"dir": "runs/rich"},
     hub={"repo_id": "me/rich", "private": False},
