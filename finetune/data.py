@@ -152,17 +152,22 @@ def _read_hub(spec: str, recipe, key: str) -> dict[str, RawSplit]:
     return splits
 
 
-def _columns(table, recipe, what: str, row_name: str, row_offset: int) -> RawSplit:
+def require_columns(table, what: str, options: dict[str, str]) -> None:
+    """Every named column exists (else a did-you-mean naming the recipe key) and the table has rows."""
     import difflib
 
     columns = list(table.column_names)
-    for option, column in (("data.text_column", recipe.data.text_column), ("data.label_column", recipe.data.label_column)):
+    for option, column in options.items():
         if column not in columns:
             close = difflib.get_close_matches(column, columns, n=1)
             hint = f"did you mean {option}={close[0]}? " if close else ""
             raise FinetuneError(f"{what} has no column '{column}' ({option}); {hint}columns: {', '.join(columns)}")
     if len(table) == 0:
         raise FinetuneError(f"{what}: has no rows")
+
+
+def _columns(table, recipe, what: str, row_name: str, row_offset: int) -> RawSplit:
+    require_columns(table, what, {"data.text_column": recipe.data.text_column, "data.label_column": recipe.data.label_column})
     return RawSplit(
         texts=table[recipe.data.text_column],
         labels=_label_values(table, recipe.data.label_column, recipe.head.problem),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import gzip
 import io
 import math
@@ -24,6 +23,7 @@ from finetune.data import (
     _subset,
     _where,
     assemble_splits,
+    require_columns,
     stratified_split,
 )
 from finetune.errors import FinetuneError
@@ -226,15 +226,8 @@ def _read_hub(spec: str, recipe, key: str) -> dict[str, RawSplit]:
 def _image_columns(table, recipe, what: str, row_name: str, base: Path | None) -> RawSplit:
     from datasets import Image
 
-    columns = list(table.column_names)
     d = recipe.data
-    for option, column in (("data.image_column", d.image_column), ("data.label_column", d.label_column)):
-        if column not in columns:
-            close = difflib.get_close_matches(column, columns, n=1)
-            hint = f"did you mean {option}={close[0]}? " if close else ""
-            raise FinetuneError(f"{what} has no column '{column}' ({option}); {hint}columns: {', '.join(columns)}")
-    if len(table) == 0:
-        raise FinetuneError(f"{what}: has no rows")
+    require_columns(table, what, {"data.image_column": d.image_column, "data.label_column": d.label_column})
     column = d.image_column
     if isinstance(table.features[column], Image):
         table = table.cast_column(column, Image(decode=False))  # {"bytes", "path"}: decoded later, one at a time
