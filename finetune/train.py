@@ -274,7 +274,8 @@ def _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say) ->
     if t.ema is not None:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=t.ema.decay)
+        # warmup: the decay ramps up over the first steps, so a short run's EMA is not stuck near random init
+        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=t.ema.decay, use_warmup=True)
     history, best, stale = [], None, 0
     train_seconds, train_samples, step = 0.0, 0, 0
     for epoch in range(1, t.epochs + 1):
