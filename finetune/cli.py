@@ -47,9 +47,11 @@ def cmd_cp(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from finetune.data import load_splits
-
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
+    if recipe.task == "image-classification":
+        from finetune.images import load_image_splits as load_splits
+    else:
+        from finetune.data import load_splits
     splits = load_splits(recipe)  # files, columns, labels: what `run` would trip on, without loading a model
     print(to_yaml(recipe), end="")
     counts = ", ".join(f"{key} {part['count']}" for key, part in splits.info["splits"].items())

@@ -203,6 +203,9 @@ def train(recipe, overwrite: bool = False) -> dict:
     say = _open_run_folder(accelerator, out, overwrite, recipe)
     if accelerator.is_main_process:
         (out / "split.json").write_text(json.dumps(splits.info, indent=1) + "\n")
+    skipped = sum(len(part.get("skipped", [])) for part in splits.info["splits"].values())
+    if skipped:
+        say(f"skipped {skipped} unreadable image(s) (data.skip_bad_images); split.json lists them")
     eval_batch = t.eval_batch_size or 2 * t.batch_size
     loaders = {
         key: job.make_loader(dataset, t.batch_size if key == "train" else eval_batch, key == "train")
