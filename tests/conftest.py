@@ -221,3 +221,25 @@ def run_cli(*args, cwd=None, timeout=240, **env) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """Bad input: exit 2, exactly one non-empty line on stderr, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].strip(), result.stderr
+    return lines[0]
+
+
+def call_main(capfd, *argv) -> subprocess.CompletedProcess:
+    """`finetune ARGS` in this process, with what it wrote to the stdout and stderr file descriptors."""
+    from finetune.cli import main
+
+    capfd.readouterr()
+    try:
+        code = main([str(arg) for arg in argv])
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)

@@ -12,18 +12,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import LABELS, REPO, recipe_dict, run_cli, subprocess_env, write_csv, write_recipe
+from conftest import (
+    LABELS,
+    REPO,
+    call_main,
+    one_error_line,
+    recipe_dict,
+    run_cli,
+    subprocess_env,
+    write_csv,
+    write_recipe,
+)
 
 BUILTIN = "text/minilm-bbc-news"
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """Bad input: exit 2, exactly one non-empty line on stderr, no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip("\n").split("\n")
-    assert len(lines) == 1 and lines[0].strip(), result.stderr
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
@@ -225,19 +226,6 @@ def bad_input_cases(tiny_bert, tiny_data, root: Path) -> dict[str, tuple[list, s
 @pytest.fixture
 def bad_cases(tiny_bert, tiny_data, tmp_path):
     return tmp_path, bad_input_cases(tiny_bert, tiny_data, tmp_path)
-
-
-def call_main(capfd, *argv) -> subprocess.CompletedProcess:
-    """`finetune ARGS` in this process, with what it wrote to the stdout and stderr file descriptors."""
-    from finetune.cli import main
-
-    capfd.readouterr()
-    try:
-        code = main([str(arg) for arg in argv])
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 CASES = [

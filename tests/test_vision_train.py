@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import run_cli, subprocess_env, to_recipe, write_recipe
+from conftest import call_main, one_error_line, run_cli, subprocess_env, to_recipe, write_recipe
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -101,15 +101,6 @@ def vision_raw(data: dict[str, Path], out: Path, **dotted) -> dict:
             tree = tree.setdefault(part, {})
         tree[last] = value
     return raw
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """Bad input: exit 2, exactly one non-empty line on stderr, no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip("\n").split("\n")
-    assert len(lines) == 1 and lines[0].strip(), result.stderr
-    return lines[0]
 
 
 def read_json(path: Path) -> dict:
@@ -390,19 +381,6 @@ def test_mixup_and_cutmix_train_with_finite_loss(image_data, tmp_path):
     assert math.isfinite(metrics["test"]["loss"])
     assert metrics["train"]["samples"] == 2 * (60 // 8) * 8  # the odd-sized last batch is dropped under mixup
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
-
-
-def call_main(capfd, *argv) -> subprocess.CompletedProcess:
-    """`finetune ARGS` through the CLI's own main() in this process (a subprocess pays seconds importing torch)."""
-    from finetune.cli import main
-
-    capfd.readouterr()
-    try:
-        code = main([str(arg) for arg in argv])
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def test_mixup_with_an_odd_batch_size_is_bad_input(image_data, tmp_path, capfd):
