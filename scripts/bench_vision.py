@@ -176,16 +176,13 @@ def baseline_worker(result_path: str, recipe_arg: str, overrides: list[str], thr
     from timm.utils import ModelEmaV3, random_seed
     from torch.utils.data import DataLoader
 
-    from finetune.images import build_transforms
+    from finetune.images import build_transforms, load_image_splits
     from finetune.metrics import compute_metrics, is_improvement
     from finetune.model import TimmClassifier, build_vision_model, timm_model_of
+    from finetune.recipe import find_recipe, load_recipe
     from finetune.train import choose_precision
 
-    from finetune.images import load_image_splits
-    from finetune.recipe import find_recipe, load_recipe
-
     set_threads(threads)
-
     recipe = load_recipe(find_recipe(recipe_arg), overrides)
     check_recipe(recipe)
     t, d, a = recipe.train, recipe.data, recipe.augment
