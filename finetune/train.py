@@ -68,16 +68,24 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
         )
 
 
-def _atomic_save(directory: Path, write) -> None:
-    """Write into a temporary folder, then rename it into place: a crash leaves the previous one intact."""
-    tmp = directory.with_name(directory.name + ".tmp")
+def _temporary(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".tmp")
+
+
+def _replace_with_temporary(directory: Path) -> None:
+    """Rename the finished temporary folder into place: a crash before this leaves the previous one intact."""
     old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
     if directory.exists():
         os.replace(directory, old)
-    os.replace(tmp, directory)
+    os.replace(_temporary(directory), directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic_save(directory: Path, write) -> None:
+    """Write into a temporary folder, then rename it into place."""
+    shutil.rmtree(_temporary(directory), ignore_errors=True)
+    write(_temporary(directory))
+    _replace_with_temporary(directory)
 
 
 def peak_memory_mb() -> float:
@@ -327,6 +335,7 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, 
     from tqdm.auto import tqdm
 
     t = recipe.train
+    soft_target_loss = SoftTargetCrossEntropy()
     model.train()
     total_loss, batches, samples = torch.zeros((), device=accelerator.device), 0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{t.epochs}", disable=not accelerator.is_local_main_process, mininterval=1.0)
@@ -336,7 +345,7 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, 
             labels = batch.pop("labels")
             if job.mixup is not None:  # soft targets; label smoothing is already inside them
                 batch["pixel_values"], soft = job.mixup(batch["pixel_values"], labels)
-                loss = SoftTargetCrossEntropy()(logits_of(model(**batch)).float(), soft)
+                loss = soft_target_loss(logits_of(model(**batch)).float(), soft)
             else:
                 loss = loss_fn(logits_of(model(**batch)), labels, recipe.head.problem, t.label_smoothing)
             accelerator.backward(loss)
@@ -383,15 +392,10 @@ def _save_best(accelerator, model, out: Path) -> None:
 def _save_last(accelerator, out: Path) -> None:
     """What resume needs: model, optimizer, scheduler and RNG states, via accelerate."""
     last = out / "checkpoints" / "last"
-    tmp = last.with_name("last.tmp")
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(_temporary(last)))  # every process writes its own part
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        old = last.with_name("last.old")
-        if last.exists():
-            os.replace(last, old)
-        os.replace(tmp, last)
-        shutil.rmtree(old, ignore_errors=True)
+        _replace_with_temporary(last)
     accelerator.wait_for_everyone()
 
 
