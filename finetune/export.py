@@ -1,107 +1,434 @@
-"""Export: the `model/` folder (ecosystem format when native) and its model card."""
+"""Export: the `model/` folder (ecosystem format when native), its plots and its model card."""
 
 from __future__ import annotations
 
+import json
+import math
+import re
+import shutil
+import warnings
 from pathlib import Path
+
+import numpy as np
 
 from finetune import __version__
 from finetune import recipe as recipe_module
-from finetune.model import is_kit_model
+
+PLOTS_DIR = "plots"
+# The hub ids of what the offline zoo ships, so the card links the model to its parent and its data.
+ZOO_BASE_MODELS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
+ZOO_DATASETS = {"fashion-mnist": "zalando-datasets/fashion_mnist"}
+# The usage snippet names the model on one line of its own, so `finetune push` can point it at the hub repo.
+_MODEL_LINE = re.compile(r'^MODEL = "(local-dir:)?[^"\n]*"$', re.M)
+_MAX_TABLE_LABELS = 20  # wider tables are unreadable in a card; the plots still show every label
 
 
 def export_model(save, model, directory: Path, recipe, splits, metrics: dict) -> None:
-    """`save(model, directory)` writes the weights and configs; the model card is written here."""
+    """`save(model, directory)` writes the weights and configs; the plots and the model card are written here.
+
+    The plots go to `directory/plots` (the card embeds them, on the hub too) and to the run folder's `plots/`.
+    """
+    from finetune.model import is_kit_model  # here: pushing a card must not import torch
+
+    directory = Path(directory)
     save(model, directory)
-    (directory / "README.md").write_text(model_card(recipe, splits, metrics, native=not is_kit_model(model)))
+    if recipe.task == "text-classification":
+        _keep_max_length(directory, recipe.data.max_length)
+    plots = _write_plots(metrics, directory / PLOTS_DIR, Path(recipe.output.dir) / PLOTS_DIR)
+    card = model_card(recipe, splits, metrics, native=not is_kit_model(model), plots=plots)
+    (directory / "README.md").write_text(card)
+
+
+def _keep_max_length(directory: Path, max_length: int) -> None:
+    """The tokenizer truncates at the training length, so `pipeline(..., truncation=True)` sees what training saw."""
+    path = directory / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+        config["model_max_length"] = max_length
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_plots(metrics: dict, directory: Path, run_copy: Path) -> list[tuple[str, str]]:
+    """(title, file name) of of the plots written; a plotting failure costs the pictures, never the trained model."""
+    try:
+        from finetune.plots import write_plots
+
+        written = write_plots(metrics, directory)
+    except Exception as error:  # matplotlib missing or broken, an odd metrics.json: the model still gets saved
+        warnings.warn(f"no plots for this run ({error.__class__.__name__}: {error})")
+        return []
+    shutil.rmtree(run_copy, ignore_errors=True)
+    shutil.copytree(directory, run_copy)
+    return [(title, path.name) for title, path in written.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model card
+
+
+def base_model(recipe) -> str | None:
+    """The hub id of the pretrained backbone, where there is one (a local folder or random init has none)."""
+    name = recipe.backbone.name
+    if not recipe.backbone.pretrained:
+        return None
+    if name in ZOO_BASE_MODELS:
+        return ZOO_BASE_MODELS[name]
+    if recipe.task == "image-classification":
+        if name == "efficientnet-lite0":
+            name = "tf_efficientnet_lite0"  # the zoo's weights load strictly into this timm architecture
+        if name.startswith("hf-hub:"):
+            return name[len("hf-hub:"):]
+        if name.startswith("local-dir:") or Path(name).expanduser().exists():
+            return None
+        try:
+            from timm.models import get_pretrained_cfg
+
+            config = get_pretrained_cfg(name)
+        except Exception:  # an unknown tag or a hub id: timm has no entry for it
+            config = None
+        if config is not None and config.hf_hub_id:
+            return config.hf_hub_id
+        return name if name.count("/") == 1 else None
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        return None
+    return name  # a hub id
+
+
+def _hub_dataset(spec: str) -> str | None:
+    if spec in ZOO_DATASETS:
+        return ZOO_DATASETS[spec]
+    return spec[len("hub:"):] if spec.startswith("hub:") else None
+
+
+def _datasets(recipe) -> list[str]:
+    found = [_hub_dataset(s) for s in (recipe.data.train, recipe.data.validation, recipe.data.test) if s is not None]
+    return list(dict.fromkeys(d for d in found if d is not None))
+
+
+def model_reference(recipe, native: bool) -> str:
+    """What the usage snippet passes to the loader: the model folder (timm wants it as local-dir:)."""
+    where = (Path(recipe.output.dir) / "model").as_posix()
+    return f"local-dir:{where}" if native and recipe.task == "image-classification" else where
+
+
+def for_hub(card: str, repo_id: str) -> str:
+    """The card with its usage snippet loading the hub repo instead of the local folder."""
+
+    def swap(match: re.Match) -> str:
+        return f'MODEL = "{"hf-hub:" if match.group(1) else ""}{repo_id}"'
+
+    return _MODEL_LINE.sub(swap, card)
+
+
+def _header(recipe, metrics: dict, native: bool, name: str) -> str:
+    from huggingface_hub import EvalResult, ModelCardData
+
+    library = ("timm" if recipe.task == "image-classification" else "transformers") if native else "finetune"
+    results = []
+    test = metrics.get("test") or {}
+    dataset = recipe.data.test or recipe.data.train  # a zoo or hub set brings its own test split
+    dataset_id = _hub_dataset(dataset)
+    for metric, value in test.items():
+        if metric == "loss" or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        results.append(
+            EvalResult(
+                task_type=recipe.task,
+                dataset_type=dataset_id or Path(dataset).name,  # a file's name, not the author's local path
+                dataset_name=dataset_id or Path(dataset).name,
+                dataset_split="test",
+                metric_type=metric,
+                metric_value=round(float(value), 4),
+                metric_name=f"test {metric}",
+            )
+        )
+    tags = ["finetune", recipe.task, recipe.head.problem.replace("_", "-")]
+    if library != "timm" and recipe.task == "image-classification":
+        tags.append("timm")
+    data = ModelCardData(
+        library_name=library,
+        pipeline_tag=recipe.task,
+        tags=tags,
+        base_model=base_model(recipe),
+        datasets=_datasets(recipe) or None,
+        model_name=name,
+        eval_results=results or None,
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
 
 
 def _table(rows: dict) -> str:
     lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {value:.4f} |" for name, value in rows.items()]
+    lines += [f"| {name} | {value:.4f} |" for name, value in rows.items() if isinstance(value, (int, float))]
     return "\n".join(lines)
+
+
+def _source(splits, key: str, default: str = "") -> str:
+    return str(splits.info.get("splits", {}).get(key, {}).get("source", default)).strip("'")
+
+
+def _split_tables(splits) -> dict[str, dict]:
+    return {key: table for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test)) if table}
+
+
+def _data_section(recipe, splits) -> list[str]:
+    """Rows per split and per label (or the target's range for regression)."""
+    info = splits.info.get("splits", {})
+    tables = _split_tables(splits)
+    labels = splits.label_names
+    lines = [f"Training data: `{recipe.data.train}`."]
+    if splits.info.get("validation_held_out_from_train"):
+        lines[0] += f" Validation is a stratified {recipe.data.val_fraction:.0%} of it, held out (rows in `split.json`)."
+    lines.append("")
+    if labels and len(labels) <= _MAX_TABLE_LABELS:
+        lines += ["| split | source | rows | " + " | ".join(labels) + " |", "|---" * (len(labels) + 3) + "|"]
+        for key, table in tables.items():
+            counts = _label_counts(table["label"], splits.problem, len(labels))
+            source = _source(splits, key)
+            lines.append(f"| {key} | `{source}` | {len(table['label'])} | " + " | ".join(map(str, counts)) + " |")
+    elif labels:
+        lines += ["| split | source | rows | smallest label | largest label |", "|---|---|---|---|---|"]
+        for key, table in tables.items():
+            counts = _label_counts(table["label"], splits.problem, len(labels))
+            source = _source(splits, key)
+            low, high = int(np.argmin(counts)), int(np.argmax(counts))
+            lines.append(
+                f"| {key} | `{source}` | {len(table['label'])} | {labels[low]} ({counts[low]}) | "
+                f"{labels[high]} ({counts[high]}) |"
+            )
+    else:
+        lines += ["| split | source | rows | target mean | min | max |", "|---|---|---|---|---|---|"]
+        for key, table in tables.items():
+            targets = np.asarray(table["label"], dtype=np.float64) * splits.target_std + splits.target_mean
+            source = _source(splits, key)
+            lines.append(
+                f"| {key} | `{source}` | {len(targets)} | {targets.mean():.4g} | {targets.min():.4g} | {targets.max():.4g} |"
+            )
+    if splits.problem == "multi_label":
+        lines += ["", "A row can carry several labels, so the label counts can add up to more than the rows."]
+    skipped = sum(len(part.get("skipped", [])) for part in info.values())
+    if skipped:
+        lines += ["", f"{skipped} unreadable image(s) were skipped (`data.skip_bad_images`); `split.json` lists them."]
+    return lines + [""]
+
+
+def _label_counts(encoded: list, problem: str, count: int) -> list[int]:
+    if problem == "multi_label":
+        return [int(v) for v in np.asarray(encoded, dtype=np.float64).reshape(-1, count).sum(axis=0)]
+    return [int(v) for v in np.bincount(np.asarray(encoded, dtype=np.int64), minlength=count)]
+
+
+def _confusion_section(metrics: dict, plots: dict) -> list[str]:
+    confusion = metrics.get("confusion")
+    if not confusion or not confusion.get("matrix"):
+        return []
+    labels, matrix = confusion["labels"], confusion["matrix"]
+    split = confusion.get("split", "test")
+    lines = [f"### Confusion matrix ({split})", ""]
+    if len(labels) <= _MAX_TABLE_LABELS:
+        lines += [
+            "Rows are the true labels, columns the predicted ones; counts.",
+            "",
+            "| true \\ predicted | " + " | ".join(labels) + " |",
+            "|---" * (len(labels) + 1) + "|",
+        ]
+        lines += [f"| **{label}** | " + " | ".join(str(int(v)) for v in row) + " |" for label, row in zip(labels, matrix)]
+        lines.append("")
+    if "Confusion matrix" in plots:
+        lines += [f"![Confusion matrix, each row divided by its count]({PLOTS_DIR}/{plots['Confusion matrix']})", ""]
+    return lines
+
+
+def _per_label_section(metrics: dict, plots: dict) -> list[str]:
+    per_label = metrics.get("per_label")
+    if not per_label or not per_label.get("f1"):
+        return []
+    labels, f1 = per_label["labels"], per_label["f1"]
+    support = per_label.get("support") or [""] * len(labels)
+    lines = [f"### F1 per label ({per_label.get('split', 'test')})", "", "| label | F1 | support |", "|---|---|---|"]
+    lines += [f"| {label} | {value:.4f} | {n} |" for label, value, n in zip(labels, f1, support)]
+    lines.append("")
+    if "F1 per label" in plots:
+        lines += [f"![F1 per label]({PLOTS_DIR}/{plots['F1 per label']})", ""]
+    return lines
 
 
 def _usage(recipe, native: bool) -> str:
     problem, vision = recipe.head.problem, recipe.task == "image-classification"
+    reference = model_reference(recipe, native)
+    example = (
+        'image = Image.new("RGB", (256, 256), "gray")  # your picture: Image.open("photo.jpg").convert("RGB")'
+        if vision else 'texts = ["your text here"]'
+    )
     if not native:
-        return (
-            f"The head ({recipe.head.type}, {recipe.head.pooling} pooling) has no {'timm' if vision else 'transformers'} "
-            "class, so this folder is finetune's own format (backbone config, safetensors weights, `finetune.json`):\n\n"
-            "```python\nimport finetune\n\nmodel, preprocess, spec = finetune.load(\"path/to/model\")\n```\n"
+        what = "images" if vision else "texts"
+        head = f"{recipe.head.type} head, {recipe.head.pooling} pooling"
+        usage = (
+            f"The head ({head}) has no {'timm' if vision else 'transformers'} class, so this folder is finetune's own "
+            "format (the backbone's config, safetensors weights and `finetune.json`; no code). Load it with finetune "
+            "(`pip install finetune`), or `finetune predict` on the command line:\n\n"
+            "```python\nimport finetune\n" + ("from PIL import Image\n" if vision else "") + "\n"
+            f'MODEL = "{reference}"\n'
+            "model = finetune.load(MODEL)\n"
+            f"{example}\n"
+            f"print(model.predict({'[image]' if vision else 'texts'}))  # one dict per input: label(s) and scores\n"
+            "```\n"
         )
+        return usage + f"\n`model.predict` takes a list of {what} and batches them.\n" + _output_note(recipe)
     if vision:
         usage = (
-            "This folder is a standard timm model: no finetune install is needed.\n\n"
-            "```python\nimport timm, torch\nfrom PIL import Image\n\n"
-            'model = timm.create_model("local-dir:path/to/model", pretrained=True).eval()\n'
-            "config = timm.data.resolve_model_data_config(model)\n"
-            "transform = timm.data.create_transform(**config)\n"
-            'logits = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0))\n'
-            "label = model.pretrained_cfg[\"label_names\"][logits.argmax(-1).item()]\n```\n"
+            "This folder is a standard timm model (the preprocessing is in its `config.json`); finetune is not "
+            "needed:\n\n"
+            "```python\nimport timm\nimport torch\nfrom PIL import Image\n\n"
+            f'MODEL = "{reference}"\n'
+            "model = timm.create_model(MODEL, pretrained=True).eval()\n"
+            "transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))\n"
+            f"{example}\n"
+            "with torch.no_grad():\n"
+            "    logits = model(transform(image).unsqueeze(0))[0]\n"
+            'labels = model.pretrained_cfg["label_names"]\n'
         )
+        if problem == "single_label":
+            usage += "print({labels[i]: round(p, 4) for i, p in enumerate(logits.softmax(-1).tolist())})\n```\n"
+        elif problem == "multi_label":
+            usage += "print({labels[i]: round(p, 4) for i, p in enumerate(logits.sigmoid().tolist())})\n```\n"
+        else:
+            usage = usage.replace('labels = model.pretrained_cfg["label_names"]\n', "") + "print(logits.item())\n```\n"
     else:
         usage = (
-            "This folder is a standard transformers model: no finetune install is needed.\n\n"
+            "This folder is a standard transformers model; finetune is not needed:\n\n"
             "```python\nfrom transformers import pipeline\n\n"
-            'classify = pipeline("text-classification", model="path/to/model")\n'
-            'print(classify("your text here", truncation=True))\n```\n'
+            f'MODEL = "{reference}"\n'
+            'classify = pipeline("text-classification", model=MODEL, top_k=None)\n'
+            f"{example}\n"
+            "print(classify(texts, truncation=True))\n```\n"
         )
-    if problem == "multi_label":
-        usage += f"\nScores are per-label sigmoids; a label applies when its score exceeds {recipe.head.threshold}.\n"
-    if problem == "regression":
-        usage += "\nThe output is the predicted value, in the training targets' units.\n"
-    return usage
+    return usage + _output_note(recipe)
 
 
-def model_card(recipe, splits, metrics: dict, native: bool) -> str:
-    problem = recipe.head.problem
-    info = splits.info
-    counts = ", ".join(f"{key} {part['count']} ({part['source']})" for key, part in info["splits"].items())
+def _output_note(recipe) -> str:
+    if recipe.head.problem == "multi_label":
+        return f"\nScores are per-label sigmoids; a label applies when its score exceeds {recipe.head.threshold}.\n"
+    if recipe.head.problem == "regression":
+        return "\nThe output is the predicted value, in the training targets' own units.\n"
+    return "\nScores are softmax probabilities over the labels.\n"
+
+
+def _what_it_does(recipe, splits, kind: str) -> str:
+    labels = splits.label_names or []
+    base = base_model(recipe)
+    backbone = f"`{recipe.backbone.name}`" + (f" ([{base}](https://huggingface.co/{base}))" if base else "")
+    if not recipe.backbone.pretrained:
+        backbone += " (random initial weights: trained from scratch)"
+    if recipe.head.problem == "single_label":
+        task = f"sorts {kind}s into one of {len(labels)} labels"
+    elif recipe.head.problem == "multi_label":
+        task = f"tags {kind}s with any number of {len(labels)} labels (an independent score per label)"
+    else:
+        task = f"predicts a number (`{recipe.data.label_column}`) from a {kind}"
+    return f"A {backbone} backbone with a {recipe.head.type} head, fine-tuned with finetune {__version__}: it {task}."
+
+
+def _limits(recipe, splits, metrics: dict, kind: str) -> list[str]:
+    tables = _split_tables(splits)
     labels = splits.label_names
-    usage = _usage(recipe, native)
+    lines = []
+    train_rows = len(tables["train"]["label"])
+    source = _source(splits, "train", recipe.data.train)
+    if labels:
+        lines.append(
+            f"- Made for {kind}s like the {train_rows} it was trained on (`{source}`). It only knows the {len(labels)} "
+            "labels above: any other input still gets one of them."
+        )
+    else:
+        targets = np.asarray(tables["train"]["label"], dtype=np.float64) * splits.target_std + splits.target_mean
+        lines.append(
+            f"- Made for {kind}s like the {train_rows} it was trained on (`{source}`), whose targets ran from "
+            f"{targets.min():.4g} to {targets.max():.4g}; far outside that range it extrapolates."
+        )
+    if kind == "text":
+        lines.append(
+            f"- Texts are cut to {recipe.data.max_length} tokens, as in training (the tokenizer's `model_max_length`): a "
+            "long document is judged by its beginning."
+        )
+    else:
+        size = f"{recipe.data.image_size} px" if recipe.data.image_size else "the backbone's input size"
+        lines.append(f"- Images are resized and cropped to {size} and normalised as recorded in `config.json`.")
+    test = metrics.get("test") or {}
+    if "test" in tables and "accuracy" in test:
+        n = len(tables["test"]["label"])
+        p = test["accuracy"]
+        margin = 1.96 * math.sqrt(max(p * (1 - p), 1e-12) / n)
+        lines.append(
+            f"- The test metrics come from {n} {kind}s: accuracy {p:.3f} is known to about ±{margin:.3f} (95% normal "
+            "interval), and only for data drawn like the test set."
+        )
+    elif "test" not in tables:
+        lines.append("- There was no test split: the numbers below are validation numbers, used to pick the epoch.")
+    lines.append(
+        "- Not audited for bias, fairness or robustness to inputs unlike the training data. Measure it on your own "
+        "labelled data before relying on it: `finetune eval MODEL --data yours.csv`."
+    )
+    return lines + [""]
+
+
+def _plots_section(plots: dict) -> list[str]:
+    shown = [(title, name) for title, name in plots.items() if title in ("Loss", "Validation metrics", "Learning rate")]
+    if not shown:
+        return []
+    lines = ["### Training curves", ""]
+    for title, name in shown:
+        lines += [f"![{title}]({PLOTS_DIR}/{name})", ""]
+    return lines
+
+
+def model_card(recipe, splits, metrics: dict, native: bool, plots: list | None = None) -> str:
+    """model/README.md: hub metadata, what the model does, how to use it, its data, results, limits and recipe."""
+    plots = dict(plots or [])
     kind = "image" if recipe.task == "image-classification" else "text"
-    library = ("timm" if kind == "image" else "transformers") if native else "finetune"
+    name = Path(recipe.output.dir).name
+    labels = splits.label_names
+    best = metrics.get("best", {})
     sections = [
-        "---",
-        f"library_name: {library}",
-        f"pipeline_tag: {recipe.task}",
-        f"tags: [finetune, {recipe.task}]",
-        "---",
+        _header(recipe, metrics, native, name),
+        f"# {name}",
         "",
-        f"# {Path(recipe.output.dir).name}",
-        "",
-        f"A `{recipe.backbone.name}` backbone fine-tuned for {problem.replace('_', '-')} {kind} classification with "
-        f"finetune {__version__}.",
-        "",
-        "## Use",
-        "",
-        usage,
-        "## Data",
-        "",
-        f"Training data: `{recipe.data.train}`; rows per split: {counts}.",
-        f"Labels ({len(labels)}): {', '.join(labels)}." if labels else
-        f"Target: mean {splits.target_mean:.4g}, standard deviation {splits.target_std:.4g} in training.",
-        "",
-        "## Results",
-        "",
-        f"Best epoch {metrics['best']['epoch']}{' (EMA weights)' if metrics['best'].get('ema') else ''}, selected on "
-        f"validation `{recipe.eval.select_best}`.",
-        "",
-        "Validation:",
-        "",
-        _table({k: v for k, v in metrics["best"].items() if k not in ("epoch", "ema")}),
+        _what_it_does(recipe, splits, kind),
         "",
     ]
-    if "test" in metrics:
+    if labels:
+        threshold = f" (threshold {recipe.head.threshold})" if recipe.head.problem == "multi_label" else ""
+        sections += [f"Labels ({len(labels)}){threshold}: " + ", ".join(f"`{label}`" for label in labels) + ".", ""]
+    sections += ["## Use", "", _usage(recipe, native), "## Training data", ""]
+    sections += _data_section(recipe, splits)
+    sections += ["## Results", ""]
+    if best:
+        ema = " (EMA weights)" if best.get("ema") else ""
+        sections += [
+            f"Best epoch {best.get('epoch')}{ema} of {len(metrics.get('epochs', []))}, selected on validation "
+            f"`{recipe.eval.select_best}`.",
+            "",
+            "Validation:",
+            "",
+            _table({k: v for k, v in best.items() if k not in ("epoch", "ema")}),
+            "",
+        ]
+    if metrics.get("test"):
         sections += ["Test:", "", _table(metrics["test"]), ""]
-    sections += [
-        f"Training: {metrics['train']['seconds']:.0f} s at {metrics['train']['samples_per_second']:.1f} samples/s.",
-        "",
-        "## Recipe",
-        "",
-        "```yaml",
-        recipe_module.to_yaml(recipe).rstrip(),
-        "```",
-        "",
-    ]
+    sections += _confusion_section(metrics, plots)
+    sections += _per_label_section(metrics, plots)
+    sections += _plots_section(plots)
+    sections += ["## Intended use and limits", ""]
+    sections += _limits(recipe, splits, metrics, kind)
+    run = metrics.get("train", {})
+    if "seconds" in run:
+        processes = run.get("processes", 1)
+        sections += [
+            "## Training",
+            "",
+            f"{run['seconds']:.3g} s of training at {run.get('samples_per_second', 0):.1f} samples/s "
+            f"({processes} process{'es' if processes != 1 else ''}).",
+            "",
+        ]
+    sections += ["## Recipe", "", "```yaml", recipe_module.to_yaml(recipe).rstrip(), "```", ""]
     return "\n".join(sections)

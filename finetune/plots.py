@@ -1,0 +1,165 @@
+"""Plots of a run as PNG files: loss and metric curves, the normalised confusion matrix, per-label F1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# Each plot is drawn only when metrics.json holds what it needs: a run written by an older version, a run without a
+# test split, or a regression run simply has fewer pictures.
+LOSS = "loss.png"
+METRICS = "metrics.png"
+LEARNING_RATE = "lr.png"
+CONFUSION = "confusion.png"
+PER_LABEL_F1 = "per_label_f1.png"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, and the same output on a headless server
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(metrics: dict, directory: Path) -> dict[str, Path]:
+    """Write every plot the metrics allow into directory; returns {title: path} in reading order."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for title, name, draw in (
+        ("Loss", LOSS, _loss),
+        ("Validation metrics", METRICS, _metric_curves),
+        ("Learning rate", LEARNING_RATE, _learning_rate),
+        ("Confusion matrix", CONFUSION, _confusion),
+        ("F1 per label", PER_LABEL_F1, _per_label_f1),
+    ):
+        figure = draw(metrics)
+        if figure is not None:
+            figure.savefig(directory / name, dpi=100, bbox_inches="tight")
+            _pyplot().close(figure)
+            written[title] = directory / name
+    return written
+
+
+def _epochs(metrics: dict) -> list[dict]:
+    return [e for e in metrics.get("epochs") or [] if isinstance(e, dict) and "epoch" in e]
+
+
+def _loss(metrics: dict):
+    """Training loss per logged step (when metrics.json has steps) beside train and validation loss per epoch."""
+    epochs, steps = _epochs(metrics), [s for s in metrics.get("steps") or [] if "loss" in s]
+    if not epochs and not steps:
+        return None
+    plt = _pyplot()
+    panels = int(bool(steps)) + int(bool(epochs))
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
+    axes = list(axes[0])
+    if steps:
+        axis = axes.pop(0)
+        axis.plot([s["step"] for s in steps], [s["loss"] for s in steps], color="tab:blue")
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("training loss (one batch)")
+        axis.grid(alpha=0.3)
+    if epochs:
+        axis = axes.pop(0)
+        x = [e["epoch"] for e in epochs]
+        axis.plot(x, [e["loss"] for e in epochs], "o-", color="tab:blue", label="train (epoch mean)")
+        validation = [(e["epoch"], e["validation"]["loss"]) for e in epochs if "loss" in e.get("validation", {})]
+        if validation:
+            axis.plot(*zip(*validation), "s-", color="tab:orange", label="validation")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("loss")
+        axis.set_xticks(x)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    return figure
+
+
+def _metric_curves(metrics: dict):
+    epochs = _epochs(metrics)
+    names = [k for k in (epochs[0].get("validation", {}) if epochs else {}) if k != "loss"]
+    if not names:
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    x = [e["epoch"] for e in epochs]
+    for name in names:
+        axis.plot(x, [e["validation"].get(name, np.nan) for e in epochs], "o-", label=name)
+        if any("validation_ema" in e for e in epochs):
+            axis.plot(x, [e.get("validation_ema", {}).get(name, np.nan) for e in epochs], "x--", label=f"{name} (EMA)")
+    best = metrics.get("best", {}).get("epoch")
+    if best is not None:
+        axis.axvline(best, color="gray", linestyle=":", label=f"kept (epoch {best})")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("validation")
+    axis.set_xticks(x)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return figure
+
+
+def _learning_rate(metrics: dict):
+    steps = [s for s in metrics.get("steps") or [] if "lr" in s]
+    if len(steps) < 2:
+        return None
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3))
+    axis.plot([s["step"] for s in steps], [s["lr"] for s in steps], color="tab:green")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("learning rate")
+    axis.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    axis.grid(alpha=0.3)
+    return figure
+
+
+def normalised_confusion(matrix) -> np.ndarray:
+    """Each row (a true label) divided by its count, so a cell is the share of that label predicted as the column."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    totals = matrix.sum(axis=1, keepdims=True)
+    return np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
+
+
+def _confusion(metrics: dict):
+    confusion = metrics.get("confusion")
+    if not confusion or not confusion.get("matrix"):
+        return None
+    labels, counts = confusion["labels"], np.asarray(confusion["matrix"])
+    shares = normalised_confusion(counts)
+    plt = _pyplot()
+    size = min(12, 2.5 + 0.5 * len(labels))
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+    axis.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    axis.set_yticks(range(len(labels)), labels)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(f"{confusion.get('split', '')} (rows sum to 1)")
+    if len(labels) <= 20:  # beyond that the numbers are unreadable; the colours still say it
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                colour = "white" if shares[i, j] > 0.5 else "black"
+                axis.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", color=colour, fontsize=8)
+    return figure
+
+
+def _per_label_f1(metrics: dict):
+    per_label = metrics.get("per_label")
+    if not per_label or not per_label.get("f1"):
+        return None
+    labels, f1 = per_label["labels"], per_label["f1"]
+    support = per_label.get("support") or [None] * len(labels)
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 1.5 + 0.35 * len(labels)))
+    positions = np.arange(len(labels))
+    axis.barh(positions, f1, color="tab:blue")
+    axis.set_yticks(positions, [f"{name} ({n})" if n is not None else name for name, n in zip(labels, support)])
+    axis.invert_yaxis()
+    axis.set_xlim(0, 1)
+    axis.set_xlabel(f"F1 on {per_label.get('split', 'test')} (support in brackets)")
+    axis.grid(axis="x", alpha=0.3)
+    return figure
