@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class Splits:
     target_mean: float = 0.0
     target_std: float = 1.0
     info: dict = field(default_factory=dict)  # what split.json records
+    parts: dict = field(default_factory=dict, repr=False)  # split name -> the RawSplit its table came from
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,10 +94,12 @@ def read_split(spec: str, recipe, key: str) -> dict[str, RawSplit]:
     return {"file": _read_file(spec, recipe, key)}
 
 
-def _load_dataset(*args, what: str, **kwargs):
+def _load_dataset(*args, what: str, path: Path | None = None, **kwargs):
     import datasets
 
     datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parsers log the error we raise, as extra lines
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as error:  # datasets wraps parser errors in many types; all mean "this file is unreadable"
@@ -103,22 +107,113 @@ def _load_dataset(*args, what: str, **kwargs):
         if "corresponds to no data" in str(cause):
             raise FinetuneError(f"{what}: has no data rows") from None
         message = str(cause).strip().splitlines()
-        raise FinetuneError(f"{what}: cannot be read ({cause.__class__.__name__}: {message[0] if message else ''})") from None
+        first = message[0] if message else ""
+        hint = delimiter_hint(path) if path is not None else None
+        if hint:
+            raise FinetuneError(f"{what}: {hint}") from None
+        unclosed = re.search(r"EOF inside string starting at row (\d+)", first)
+        if unclosed:  # pandas counts rows from 0, the header included
+            raise FinetuneError(
+                f"{what}: line {int(unclosed.group(1)) + 1} opens a double quote that is never closed; close it, or "
+                "double a quote inside a quoted field (\"\")"
+            ) from None
+        fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", first)
+        if fields:
+            header, line, saw = fields.groups()
+            raise FinetuneError(
+                f"{what}: line {line} has {saw} fields but the header has {header}; put double quotes around a "
+                "field that contains the separator"
+            ) from None
+        raise FinetuneError(f"{what}: cannot be read ({cause.__class__.__name__}: {first})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+SEPARATORS = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
+
+
+def delimiter_hint(path: Path) -> str | None:
+    """Why a csv/tsv file reads as one column: its header is separated by another character than its extension's."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv"):
+        return None
+    with path.open(encoding="utf-8-sig", errors="replace") as file:
+        header = file.readline().rstrip("\r\n")
+    expected = "\t" if suffix == ".tsv" else ","
+    found = max(SEPARATORS, key=header.count)
+    if expected in header or not header.count(found):
+        return None
+    fix = "rename it to .tsv" if found == "\t" else f"re-save it {SEPARATORS[expected]}-separated"
+    return (
+        f"wrong delimiter: the header {header[:60]!r} is {SEPARATORS[found]}-separated, but a {suffix} file is read "
+        f"{SEPARATORS[expected]}-separated, so it reads as one column; {fix}"
+    )
+
+
+def check_utf8(path: Path, what: str) -> None:
+    """A text data file must be UTF-8 (a BOM is fine) and not blank: name the line of the first bad byte."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines, blank = 0, True
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                # error.start counts from the undecoded tail carried over from the last chunk (at most 3 bytes)
+                start = max(0, error.start - len(decoder.getstate()[0]))
+                line = lines + chunk.count(b"\n", 0, start) + 1
+                raise FinetuneError(
+                    f"{what}: line {line} is not UTF-8 text (byte 0x{chunk[start:start + 1].hex()}); re-save the "
+                    "file as UTF-8"
+                ) from None
+            lines += chunk.count(b"\n")
+            blank = blank and not text.replace("\ufeff", "").strip()
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise FinetuneError(f"{what}: ends inside a UTF-8 character (cut short?); re-save the file as UTF-8") from None
+    if blank:
+        raise FinetuneError(f"{what} is empty (only blank lines)")
+
+
+def not_found(key: str, spec: str, zoo, expected: str) -> FinetuneError:
+    """A data.* value that is no file, folder or zoo name: suggest a zoo name it looks like."""
+    import difflib
+
+    close = difflib.get_close_matches(spec, list(zoo), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return FinetuneError(f"{key}: '{spec}' not found; {hint}{expected}, a zoo name ({', '.join(zoo)}) or hub:<id>")
+
+
+def load_table(path: Path, what: str):
+    """A csv/tsv/json/jsonl/parquet file as a `datasets.Dataset`, or an error naming the file and what is wrong."""
+    suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise FinetuneError(f"{what} is empty (0 bytes)")
+    if suffix != ".parquet":
+        check_utf8(path, what)
+    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    table = _load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", what=what, path=path, **kwargs)
+    # pandas makes a header's missing fields the index: a tab-separated row under a one-column header still "parses"
+    if len([c for c in table.column_names if c != "__index_level_0__"]) == 1:
+        hint = delimiter_hint(path)
+        if hint:
+            raise FinetuneError(f"{what}: {hint}")
+    return table
 
 
 def _read_file(spec: str, recipe, key: str) -> RawSplit:
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FinetuneError(f"{key}: file '{spec}' not found (a zoo name is one of {', '.join(TEXT_ZOO)}; hub sets: hub:<id>)")
+        raise not_found(key, spec, TEXT_ZOO, "text data is a csv/tsv/json/jsonl/parquet file")
     if path.is_dir():
         raise FinetuneError(f"{key}: '{spec}' is a directory; text data is a csv/tsv/json/jsonl/parquet file")
     suffix = path.suffix.lower()
     if suffix not in FILE_BUILDERS:
         raise FinetuneError(f"{key}: '{spec}' has an unknown extension; use one of {', '.join(FILE_BUILDERS)}")
-    if path.stat().st_size == 0:
-        raise FinetuneError(f"{key}: '{spec}' is empty")
-    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-    table = _load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", what=f"{key}: '{spec}'", **kwargs)
+    table = load_table(path, f"{key}: '{spec}'")
     line_based = suffix in (".csv", ".tsv", ".jsonl")
     split = _columns(table, recipe, f"{key}: '{spec}'", "line" if line_based else "row", 1)
     split.path = path if line_based else None
@@ -153,15 +248,20 @@ def _read_hub(spec: str, recipe, key: str) -> dict[str, RawSplit]:
 
 
 def require_columns(table, what: str, options: dict[str, str]) -> None:
-    """Every named column exists (else a did-you-mean naming the recipe key) and the table has rows."""
+    """Every named column exists (else a did-you-mean naming the recipe key), each used once, and the table has rows."""
     import difflib
 
-    columns = list(table.column_names)
+    columns = [c for c in table.column_names if c != "__index_level_0__"]  # pandas' index, not the user's column
     for option, column in options.items():
         if column not in columns:
             close = difflib.get_close_matches(column, columns, n=1)
             hint = f"did you mean {option}={close[0]}? " if close else ""
             raise FinetuneError(f"{what} has no column '{column}' ({option}); {hint}columns: {', '.join(columns)}")
+    named = list(options.items())
+    for i, (option, column) in enumerate(named):
+        for other, same in named[i + 1:]:
+            if column == same:
+                raise FinetuneError(f"{option} and {other} both name column '{column}' of {what}; they must differ")
     if len(table) == 0:
         raise FinetuneError(f"{what}: has no rows")
 
@@ -169,7 +269,7 @@ def require_columns(table, what: str, options: dict[str, str]) -> None:
 def _columns(table, recipe, what: str, row_name: str, row_offset: int) -> RawSplit:
     require_columns(table, what, {"data.text_column": recipe.data.text_column, "data.label_column": recipe.data.label_column})
     return RawSplit(
-        texts=table[recipe.data.text_column],
+        texts=list(table[recipe.data.text_column]),
         labels=_label_values(table, recipe.data.label_column, recipe.head.problem),
         rows=list(range(len(table))),
         source=what.split(": ", 1)[-1],
@@ -182,7 +282,7 @@ def _label_values(table, column: str, problem: str) -> list:
     """Label values, with a hub set's class indices turned into its class names (kept as numbers for regression)."""
     from datasets import ClassLabel, Sequence
 
-    values = table[column]
+    values = list(table[column])
     if problem == "regression":
         return values
     feature = table.features[column]
@@ -200,15 +300,22 @@ def _label_values(table, column: str, problem: str) -> list:
 # Labels.
 
 
-def _where(split: RawSplit, position: int) -> str:
+def _where(split: RawSplit, position: int, lines: list[int] | None = None) -> str:
+    """Where a row came from, as its user finds it: the file's line (an editor's count), its row, or its zoo name."""
     row = split.rows[position]
     if isinstance(row, int) and split.path is not None:
-        lines = _record_lines(split.path)
+        lines = _record_lines(split.path) if lines is None else lines
         if row < len(lines):
             return f"{split.source} line {lines[row]}"
     if isinstance(row, int):
         return f"{split.source} {split.row_name} {row + split.row_offset}"
     return f"{split.source} ({row})"
+
+
+def where_rows(split: RawSplit, positions: list[int]) -> list[str]:
+    """_where for many rows, reading a line-based file once."""
+    lines = _record_lines(split.path) if split.path is not None and positions else None
+    return [_where(split, position, lines) for position in positions]
 
 
 def _class_name(value: Any) -> str:
@@ -225,13 +332,52 @@ def _label_set(value: Any) -> list[str]:
     return [part.strip() for part in str(value).split("|") if part.strip()]
 
 
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def value_kind(value: Any) -> str:
+    """What a cell holds, in words: a number (numeric strings too, as a csv gives them), text, true/false, a list..."""
+    if isinstance(value, (bool, np.bool_)):
+        return "true/false"
+    if isinstance(value, (int, float, np.number)):
+        return "a number"
+    if isinstance(value, str):
+        try:
+            float(value)
+            return "a number"
+        except ValueError:
+            return "text"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return "a mapping" if isinstance(value, dict) else type(value).__name__
+
+
 def _check_labels(split: RawSplit, key: str, problem: str) -> None:
     if problem == "multi_label":
         return  # an empty label cell is an empty label set
+    kinds: dict[str, list[int]] = {}
     for i, label in enumerate(split.labels):
-        missing = label is None or (isinstance(label, float) and math.isnan(label))
-        if missing or (problem == "single_label" and not _class_name(label)):
-            raise FinetuneError(f"{_where(split, i)}: missing label; every row of {key} needs one")
+        if _is_missing(label) or (problem == "single_label" and not _class_name(label)):
+            what = "regression target (empty or NaN)" if problem == "regression" else "label"
+            raise FinetuneError(f"{_where(split, i)}: missing {what}; every row of {key} needs one")
+        kinds.setdefault(value_kind(label), []).append(i)
+    if problem == "regression":
+        return  # encode_labels names any target that is not a finite number
+    for kind in ("a list", "a mapping"):
+        if kind in kinds:
+            raise FinetuneError(
+                f"{_where(split, kinds[kind][0])}: the label is {kind}; several labels per row need "
+                "head.problem=multi_label"
+            )
+    if len(kinds) > 1:  # e.g. 0/1 labels with a stray "positive": one of the two spellings is a mistake
+        major, *others = sorted(kinds, key=lambda kind: len(kinds[kind]), reverse=True)
+        odd = kinds[others[0]][0]
+        example = split.labels[kinds[major][0]]
+        raise FinetuneError(
+            f"{_where(split, odd)}: label {split.labels[odd]!r} is {others[0]}, but most labels of {key} are "
+            f"{major} (such as {example!r}); mixed label types: spell every class the same way"
+        )
 
 
 def _sort_key(name: str):
@@ -260,7 +406,7 @@ def encode_labels(split: RawSplit, problem: str, names: list[str] | None, key: s
         targets = []
         for i, value in enumerate(split.labels):
             try:
-                number = float(value)
+                number = math.nan if isinstance(value, (bool, np.bool_)) else float(value)
             except (TypeError, ValueError):
                 number = math.nan
             if not math.isfinite(number):
@@ -340,19 +486,32 @@ def load_splits(recipe) -> Splits:
     column = recipe.data.text_column
 
     def check_texts(split: RawSplit, key: str) -> tuple[RawSplit, list[str]]:
+        """Texts must be strings; empty or blank ones carry no signal and are dropped (split.json lists them)."""
+        empty = []
         for i, text in enumerate(split.texts):
-            if not isinstance(text, str) or not text.strip():
-                raise FinetuneError(f"{_where(split, i)}: empty text in column '{column}'; fill it or drop the row")
-        return split, []
+            if _is_missing(text) or (isinstance(text, str) and not text.strip()):
+                empty.append(i)
+            elif not isinstance(text, str):
+                raise FinetuneError(
+                    f"{_where(split, i)}: column '{column}' holds {value_kind(text)} ({text!r}), not text; "
+                    "check data.text_column"
+                )
+        if not empty:
+            return split, []
+        if len(empty) == len(split.texts):
+            raise FinetuneError(f"{key}: every text in column '{column}' of {split.source} is empty; check data.text_column")
+        dropped = set(empty)
+        kept = [i for i in range(len(split.texts)) if i not in dropped]
+        return _subset(split, kept), [f"{where}: empty text" for where in where_rows(split, empty)]
 
-    return assemble_splits(recipe, read_split, "text", check_texts)
+    return assemble_splits(recipe, read_split, "text", check_texts, skipped_as="empty_texts")
 
 
-def assemble_splits(recipe, read, input_name: str, check_inputs) -> Splits:
+def assemble_splits(recipe, read, input_name: str, check_inputs, skipped_as: str = "skipped") -> Splits:
     """The split rules shared by every modality.
 
     `read(spec, recipe, key)` gives the split(s) a data.* value names; `check_inputs(split, key)` checks (or drops,
-    returning what it skipped) the inputs that will be used. The label space comes from all of train (sorted); a
+    returning what it skipped, recorded in split.json under `skipped_as`) the inputs that will be used. The label space comes from all of train (sorted); a
     validation/test label unseen in train is an error; data.validation null holds a stratified data.val_fraction of
     train out (seeded by train.seed); data.max_samples caps each split; tables are {input_name, "label", "row"}.
     """
@@ -367,15 +526,15 @@ def assemble_splits(recipe, read, input_name: str, check_inputs) -> Splits:
         if spec is not None:
             found = read(spec, recipe, f"data.{key}")
             parts[key] = found.get(key) or found.get("file") or found.get("train")
+    for key, split in parts.items():  # train whole, before a validation part is held out of it
+        if split is not None:
+            _check_labels(split, f"data.{key}", problem)
     held_out_from_train = parts["validation"] is None
     if held_out_from_train:
         stratify = train.labels if problem == "single_label" else [0] * len(train.labels)
         kept, held = stratified_split([_class_name(v) for v in stratify], d.val_fraction, recipe.train.seed)
         parts["train"], parts["validation"] = _subset(train, kept), _subset(train, held)
 
-    for key, split in parts.items():
-        if split is not None:
-            _check_labels(split, f"data.{key}", problem)
     names = label_space(parts["train"], problem)  # from all of train, before any max_samples cap
     skipped: dict[str, list[str]] = {}
     for key in SPLITS:
@@ -405,13 +564,14 @@ def assemble_splits(recipe, read, input_name: str, check_inputs) -> Splits:
                 "source": split.source,
                 "count": len(split.rows),
                 "rows": split.rows,
-                **({"skipped": skipped[key]} if skipped.get(key) else {}),
+                **({skipped_as: skipped[key]} if skipped.get(key) else {}),
             }
             for key, split in parts.items()
             if split is not None
         },
     }
-    return Splits(problem, tables["train"], tables["validation"], tables["test"], names, mean, std, info)
+    kept = {key: split for key, split in parts.items() if split is not None}
+    return Splits(problem, tables["train"], tables["validation"], tables["test"], names, mean, std, info, kept)
 
 
 # ---------------------------------------------------------------------------------------------------------------

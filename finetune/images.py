@@ -23,6 +23,8 @@ from finetune.data import (
     _subset,
     _where,
     assemble_splits,
+    load_table,
+    not_found,
     require_columns,
     stratified_split,
 )
@@ -152,9 +154,9 @@ def read_image_split(spec: str, recipe, key: str) -> dict[str, RawSplit]:
         return _read_hub(spec, recipe, key)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FinetuneError(
-            f"{key}: '{spec}' not found; image data is a folder with one subfolder per class, a "
-            f"csv/tsv/json/jsonl/parquet file with an image column, hub:<id>, or a zoo name ({', '.join(IMAGE_ZOO)})"
+        raise not_found(
+            key, spec, IMAGE_ZOO,
+            "image data is a folder with one subfolder per class, a csv/tsv/json/jsonl/parquet file with an image column",
         )
     if path.is_dir():
         return _read_folder(path, spec, recipe, key)
@@ -201,14 +203,12 @@ def _read_class_folders(root: Path, source: str, key: str) -> RawSplit:
 def _read_table_file(path: Path, spec: str, recipe, key: str) -> RawSplit:
     suffix = path.suffix.lower()
     if suffix not in FILE_BUILDERS:
+        what = "is one image" if suffix in IMAGE_EXTENSIONS else "has an unknown extension"
         raise FinetuneError(
-            f"{key}: '{spec}' has an unknown extension; image data is a folder with one subfolder per class or a "
+            f"{key}: '{spec}' {what}; image data is a folder with one subfolder per class or a "
             f"{'/'.join(ext.lstrip('.') for ext in FILE_BUILDERS)} file with column '{recipe.data.image_column}'"
         )
-    if path.stat().st_size == 0:
-        raise FinetuneError(f"{key}: '{spec}' is empty")
-    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-    table = _load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", what=f"{key}: '{spec}'", **kwargs)
+    table = load_table(path, f"{key}: '{spec}'")
     line_based = suffix in (".csv", ".tsv", ".jsonl")
     split = _image_columns(table, recipe, f"{key}: '{spec}'", "line" if line_based else "row", base=path.parent)
     split.path = path if line_based else None
@@ -295,6 +295,8 @@ def _unreadable(entry: Any) -> str | None:
     if isinstance(entry, dict):
         entry = entry.get("bytes") or entry.get("path")
     if isinstance(entry, str):
+        if os.path.isdir(entry):
+            return "is a directory, not an image file"
         if not os.path.isfile(entry):
             return "no such file"
         if os.path.getsize(entry) == 0:
