@@ -78,6 +78,14 @@ class EarlyStopping:
 
 
 @dataclass
+class Freeze:
+    """How much of the pretrained backbone trains, epoch by epoch (the head always trains)."""
+
+    head_warmup: int = 0  # epochs of training the head alone, then everything
+    unfreeze_every: Optional[int] = None  # staged: the head alone, then one more layer from the top every K epochs
+
+
+@dataclass
 class Train:
     epochs: int = 3
     batch_size: int = 32  # per process; the global batch is batch_size x processes x grad_accum
@@ -95,15 +103,23 @@ class Train:
     label_smoothing: float = 0.0  # single_label cross-entropy (and mixup/cutmix targets)
     ema: Optional[Ema] = None  # {decay: 0.9998}: keep an exponential moving average of the weights
     channels_last: Optional[bool] = None  # vision memory format; null: on for convolutional backbones on GPUs
+    # none | backbone (linear probe: the head alone) | {head_warmup: N} | {unfreeze_every: K}
+    freeze: Union[Literal["none", "backbone"], Freeze] = "none"
+    layer_decay: Optional[float] = None  # e.g. 0.75: each layer below the head gets this times the lr of the one above
+    # frozen backbone without augmentation: compute its features once (cached on disk) and train the head on them;
+    # null: whenever that is possible
+    cache_features: Optional[bool] = None
 
 
 @dataclass
 class Lora:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: Union[str, list[str]] = "auto"
-    bias: Literal["none", "all", "lora_only"] = "none"
+    """Low-rank adapters through peft: the backbone stays frozen, small matrices beside chosen layers train."""
+
+    r: int = 8  # rank of the update
+    alpha: int = 16  # scaling: the update is multiplied by alpha / r
+    dropout: float = 0.05  # on the adapters' input
+    target_modules: Union[Literal["auto"], list[str]] = "auto"  # auto: peft's table per architecture, or ours for timm
+    bias: Literal["none", "all", "lora_only"] = "none"  # which biases train too
 
 
 @dataclass
@@ -355,6 +371,8 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
 
 
 def _name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(map(str, typing.get_args(hint)))
     if typing.get_origin(hint) is list:
         return "a list"
     if dataclasses.is_dataclass(hint):
@@ -426,8 +444,24 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
     if recipe.lora is not None:
         need(recipe.lora.r >= 1, f"lora.r: must be at least 1, got {recipe.lora.r}")
         need(0 <= recipe.lora.dropout < 1, "lora.dropout: must be in [0, 1)")
-        # refused rather than ignored: a recipe asking for LoRA must never silently train every weight
-        problems.append("lora: LoRA fine-tuning is not available in this version yet; remove the section (lora=null)")
+        need(recipe.lora.alpha > 0, f"lora.alpha: must be > 0, got {recipe.lora.alpha}")
+        need(recipe.lora.target_modules != [], "lora.target_modules: name at least one module, or use auto")
+        need(t.freeze == "none", "train.freeze: LoRA already freezes the backbone; set train.freeze=none with lora")
+    if isinstance(t.freeze, Freeze):
+        need(t.freeze.head_warmup >= 0, f"train.freeze.head_warmup: must be >= 0 epochs, got {t.freeze.head_warmup}")
+        need(
+            t.freeze.unfreeze_every is None or t.freeze.unfreeze_every >= 1,
+            f"train.freeze.unfreeze_every: must be at least 1 epoch, got {t.freeze.unfreeze_every}",
+        )
+        need(
+            not (t.freeze.head_warmup and t.freeze.unfreeze_every),
+            "train.freeze: head_warmup and unfreeze_every are two schedules; pick one",
+        )
+    need(t.layer_decay is None or 0 < t.layer_decay <= 1, f"train.layer_decay: must be in (0, 1], got {t.layer_decay}")
+    need(
+        not (t.cache_features and t.freeze != "backbone"),
+        "train.cache_features: needs a frozen backbone; set train.freeze=backbone (or cache_features=null)",
+    )
 
     allowed = metrics_for(h.problem)
     for name in recipe.eval.metrics:

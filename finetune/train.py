@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from finetune import data as data_module
 from finetune import export, recipe as recipe_module
+from finetune import transfer
 from finetune.errors import FinetuneError
 from finetune.metrics import compute_metrics, is_improvement, predictions_from_logits
 from finetune.model import (
@@ -95,8 +96,11 @@ def peak_memory_mb() -> float:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, splits, recipe) -> dict:
-    """Loss and metrics over a whole split, gathered from every process without the padding of uneven batches."""
+def evaluate(accelerator, model, loader, splits, recipe, details: dict | None = None) -> dict:
+    """Loss and metrics over a whole split, gathered from every process without the padding of uneven batches.
+
+    details: a dict to fill with the confusion matrix (single_label) or per-label F1 (multi_label).
+    """
     model.eval()
     all_logits, all_labels = [], []
     for batch in loader:
@@ -116,7 +120,22 @@ def evaluate(accelerator, model, loader, splits, recipe) -> dict:
     elif problem == "multi_label":
         truth = truth.astype(np.int64)
     results.update(compute_metrics(recipe.eval.metrics, truth, predictions))
+    if details is not None:
+        details.update(_details(problem, truth, predictions, splits.label_names))
     return results
+
+
+def _details(problem: str, truth, predictions, label_names) -> dict:
+    """What a table of averages hides: the confusion matrix, or each label's F1 (rows: truth, columns: prediction)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    if problem == "single_label":
+        matrix = confusion_matrix(truth, predictions, labels=list(range(len(label_names))))
+        return {"confusion": {"labels": list(label_names), "matrix": matrix.tolist()}}
+    if problem == "multi_label":
+        _, _, f1, support = precision_recall_fscore_support(truth, predictions, average=None, zero_division=0)
+        return {"per_label": {"labels": list(label_names), "f1": f1.tolist(), "support": support.tolist()}}
+    return {}
 
 
 @dataclass
@@ -159,8 +178,9 @@ def _image_job(recipe, accelerator) -> Job:
     if _use_channels_last(recipe, model, accelerator):
         model = model.to(memory_format=torch.channels_last)
     mixup = images.build_mixup(recipe, len(splits.label_names or []))
+    augmenting = not augmentation_off(recipe)
     datasets = {
-        key: images.ImageDataset(table, images.build_transforms(data_config, recipe, training=key == "train"))
+        key: images.ImageDataset(table, images.build_transforms(data_config, recipe, training=key == "train" and augmenting))
         for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
         if table is not None
     }
@@ -180,6 +200,16 @@ def _image_job(recipe, accelerator) -> Job:
     )
 
 
+def augmentation_off(recipe) -> bool:
+    """No random change to training images: they are then preprocessed exactly like evaluation ones."""
+    a = recipe.augment
+    return (
+        recipe.task != "image-classification"
+        or (a.auto_augment is None and a.random_erasing == 0 and a.mixup == 0 and a.cutmix == 0 and a.hflip == 0
+            and list(a.scale) == [1.0, 1.0])
+    )
+
+
 def _use_channels_last(recipe, model, accelerator) -> bool:
     """channels_last speeds up convolutions on GPUs; on CPUs and for transformers it is not worth the copies."""
     if recipe.train.channels_last is not None:
@@ -196,6 +226,9 @@ def train(recipe, overwrite: bool = False) -> dict:
     t = recipe.train
     out = Path(recipe.output.dir)
     prepare_output_dir(out, overwrite)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    dynamic_freeze = transfer.has_freeze_schedule(recipe)
     accelerator = Accelerator(
         # without a GPU, accelerate only runs multi-process (torchrun, gloo) when told it is on the CPU
         cpu=not torch.accelerator.is_available(),
@@ -203,11 +236,16 @@ def train(recipe, overwrite: bool = False) -> dict:
         gradient_accumulation_steps=t.grad_accum,
         log_with="tensorboard",
         project_dir=str(out),
+        # DDP registers the weights that train when it wraps the model; a schedule that unfreezes later needs them
+        # all registered and the frozen ones skipped step by step
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if dynamic_freeze else None,
     )
     set_seed(t.seed)
     # data and model first: bad input fails here, before any run folder is made or removed
     job = _image_job(recipe, accelerator) if recipe.task == "image-classification" else _text_job(recipe, accelerator)
-    splits, model = job.splits, job.model
+    if recipe.lora is not None:
+        job.model = transfer.apply_lora(job.model, recipe.lora)
+    splits = job.splits
     say = _open_run_folder(accelerator, out, overwrite, recipe)
     if accelerator.is_main_process:
         (out / "split.json").write_text(json.dumps(splits.info, indent=1) + "\n")
@@ -215,11 +253,17 @@ def train(recipe, overwrite: bool = False) -> dict:
     if skipped:
         say(f"skipped {skipped} unreadable image(s) (data.skip_bad_images); split.json lists them")
     eval_batch = t.eval_batch_size or 2 * t.batch_size
+    depths, top = transfer.layer_ids(job.model)
+    if not dynamic_freeze and transfer.trainable_depth(recipe, 1, top) is not None:
+        # a fixed freeze: frozen weights never reach the optimizer (or DDP)
+        transfer.apply_freeze(job.model, transfer.trainable_depth(recipe, 1, top), depths)
+    _use_cached_features(job, recipe, accelerator, eval_batch, say)
+    model = job.model
     loaders = {
         key: job.make_loader(dataset, t.batch_size if key == "train" else eval_batch, key == "train")
         for key, dataset in job.datasets.items()
     }
-    groups = build_param_groups(model, t.lr, t.head_lr, t.weight_decay, head_parameter_names(model))
+    groups = build_param_groups(model, t.lr, t.head_lr, t.weight_decay, _head_names(model), depths, t.layer_decay)
     optimizer = torch.optim.AdamW(groups, fused=True)  # one kernel for all tensors: ~10x faster steps than the loop
     # Steps as one process would count them: accelerate steps the scheduler once per process per optimizer step.
     total_steps = math.ceil(len(loaders["train"]) / t.grad_accum) * t.epochs
@@ -229,10 +273,12 @@ def train(recipe, overwrite: bool = False) -> dict:
     loaders = {key: accelerator.prepare(loader) for key, loader in loaders.items()}
     accelerator.init_trackers("tensorboard", config=_flat(recipe_module.to_dict(recipe)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
     sizes = " | ".join(f"{key} {len(dataset)}" for key, dataset in job.datasets.items())
     say(
-        f"{sizes} examples; {trainable / 1e6:.1f}M trainable parameters; {accelerator.num_processes} process(es) on "
-        f"{accelerator.device}, precision {accelerator.mixed_precision}"
+        f"{sizes} examples; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable "
+        f"({100 * trainable / total:.2f}%); {accelerator.num_processes} process(es) on {accelerator.device}, "
+        f"precision {accelerator.mixed_precision}"
     )
 
     metrics = _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say)
@@ -242,18 +288,84 @@ def train(recipe, overwrite: bool = False) -> dict:
 
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.load_state_dict(load_file(out / "checkpoints" / "best" / "model.safetensors"))
+    details: dict = {}
     if "test" in loaders:
-        metrics["test"] = evaluate(accelerator, model, loaders["test"], splits, recipe)
+        metrics["test"] = evaluate(accelerator, model, loaders["test"], splits, recipe, details)
         say("test " + " ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items()))
+    else:
+        evaluate(accelerator, model, loaders["validation"], splits, recipe, details)
+    for value in details.values():
+        value["split"] = "test" if "test" in loaders else "validation"
+    metrics.update(details)
+    final = unwrapped.model if isinstance(unwrapped, transfer.CachedHead) else unwrapped
     if recipe.head.problem == "regression":
-        fold_target_scaling(unwrapped, splits.target_mean, splits.target_std)
+        fold_target_scaling(transfer.plain_model(final), splits.target_mean, splits.target_std)
     if accelerator.is_main_process:
-        _atomic_save(out / "model", lambda d: export.export_model(job.save, unwrapped, d, recipe, splits, metrics))
+        if transfer.is_lora(final):  # the small file: adapters and head, for peft users
+            _atomic_save(out / "adapter", lambda d: final.save_pretrained(d))
+            say(f"LoRA adapter saved to {out / 'adapter'}")
+        final = transfer.merged(final)
+        _atomic_save(out / "model", lambda d: export.export_model(job.save, final, d, recipe, splits, metrics))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         say(f"model saved to {out / 'model'}; metrics in {out / 'metrics.json'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it closes the trackers and the process group
     return metrics
+
+
+def _head_names(model) -> set[str]:
+    """Parameter names of the head in the model the optimizer sees (plain, LoRA-wrapped or cached-feature)."""
+    if isinstance(model, transfer.CachedHead):
+        return {f"model.{name}" for name in head_parameter_names(model.model)}
+    if transfer.is_lora(model):
+        return {name for name, _ in model.named_parameters() if "modules_to_save" in name}
+    return head_parameter_names(model)
+
+
+def _use_cached_features(job: Job, recipe, accelerator, eval_batch: int, say) -> None:
+    """A frozen backbone without augmentation computes the same features every epoch: compute them once (cached on
+    disk), and train the head alone on them. The job then holds feature data sets and a CachedHead model."""
+    wanted = recipe.train.cache_features
+    if wanted is False or not transfer.is_frozen_backbone(recipe):
+        return
+    split = transfer.feature_split(job.model, recipe)
+    why = None
+    if not augmentation_off(recipe):
+        why = "augmentation changes the images every epoch (set augment.scale=[1,1], hflip=0 and the rest off)"
+    elif split is None:
+        why = f"the head of {type(job.model).__name__} cannot be separated from its backbone (use head.pooling=mean)"
+    elif recipe.train.ema is not None:
+        why = "train.ema averages the whole model"
+    if why:
+        if wanted:
+            raise FinetuneError(f"train.cache_features: cannot cache features: {why}")
+        say(f"training through the frozen backbone, not on cached features: {why}")
+        return
+    features_fn, head_fn = split
+    model = job.model.to(accelerator.device)
+    model_key = transfer.model_fingerprint(model)
+    with accelerator.main_process_first():  # the main process computes and caches; the others read the cache
+        features = {
+            key: transfer.cached_features(
+                model, features_fn, dataset, lambda d: job.make_loader(d, eval_batch, False),
+                {"split": key, "model": model_key, "data": transfer.dataset_fingerprint(dataset),
+                 "pooling": recipe.head.pooling, "kind": type(model).__name__},
+                accelerator.device, say,
+            )
+            for key, dataset in job.datasets.items()
+        }
+    originals, make_original = job.datasets, job.make_loader
+    job.datasets = {
+        key: transfer.FeatureDataset(features[key], transfer.labels_of(dataset)) for key, dataset in originals.items()
+    }
+
+    def make_loader(dataset, batch, training):
+        like = make_original(originals["train" if training else "validation"], batch, training)
+        return transfer.make_feature_loader(dataset, batch, training, recipe.train.seed, like)
+
+    job.make_loader = make_loader
+    job.model = transfer.CachedHead(model, head_fn)
+    say(f"training the head on cached features of the frozen backbone ({features['train'].shape[1]} per example)")
 
 
 def _open_run_folder(accelerator, out: Path, overwrite: bool, recipe):
@@ -287,10 +399,20 @@ def _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say) ->
 
         # warmup: the decay ramps up over the first steps, so a short run's EMA is not stuck near random init
         ema = ModelEmaV3(accelerator.unwrap_model(model), decay=t.ema.decay, use_warmup=True)
-    history, best, stale = [], None, 0
+    history, steps, best, stale = [], [], None, 0
     train_seconds, train_samples, step = 0.0, 0, 0
+    schedule = transfer.has_freeze_schedule(recipe)
+    depths, top = transfer.layer_ids(accelerator.unwrap_model(model)) if schedule else ({}, 0)
+    depth = "unset"
     for epoch in range(1, t.epochs + 1):
-        loss, seconds, samples, step = _train_epoch(accelerator, model, optimizer, scheduler, loaders["train"], job, recipe, epoch, step, ema)
+        if schedule and transfer.trainable_depth(recipe, epoch, top) != depth:
+            depth = transfer.trainable_depth(recipe, epoch, top)
+            count = transfer.apply_freeze(accelerator.unwrap_model(model), depth, depths)
+            part = "everything" if depth is None else "the head" + (f" and layers {depth}-{top}" if depth <= top else "")
+            say(f"epoch {epoch}: training {part} ({count / 1e6:.2f}M parameters)")
+        loss, seconds, samples, step = _train_epoch(
+            accelerator, model, optimizer, scheduler, loaders["train"], job, recipe, epoch, step, ema, steps
+        )
         train_seconds += seconds
         train_samples += samples
         validation = evaluate(accelerator, model, loaders["validation"], job.splits, recipe)
@@ -326,17 +448,22 @@ def _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say) ->
         },
         "epochs": history,
         "best": best,
+        "steps": steps,
     }
 
 
-def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, epoch, step, ema=None):
-    """One pass over the training data; returns (mean loss, seconds, samples seen by all processes, global step)."""
+def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, epoch, step, ema=None, steps=None):
+    """One pass over the training data; returns (mean loss, seconds, samples seen by all processes, global step).
+
+    steps: a list to append {"step", "loss", "lr"} to every 10 optimizer steps.
+    """
     from timm.loss import SoftTargetCrossEntropy
     from tqdm.auto import tqdm
 
     t = recipe.train
     soft_target_loss = SoftTargetCrossEntropy()
     model.train()
+    transfer.freeze_modes(model)  # frozen layers keep their pretrained BatchNorm statistics and no dropout
     total_loss, batches, samples = torch.zeros((), device=accelerator.device), 0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{t.epochs}", disable=not accelerator.is_local_main_process, mininterval=1.0)
     start = time.perf_counter()
@@ -362,7 +489,10 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, 
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model), step=step)
             if step % 10 == 0:  # .item() is a device sync point: not every step
-                accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
+                point = {"step": step, "loss": loss.item(), "lr": max(scheduler.get_last_lr())}
+                accelerator.log({"train/loss": point["loss"], "train/lr": point["lr"]}, step=step)
+                if steps is not None:
+                    steps.append(point)
         if batches % 10 == 0:
             bar.set_postfix(loss=f"{total_loss.item() / batches:.4f}", samples_s=f"{samples / (time.perf_counter() - start):.1f}")
     seconds = time.perf_counter() - start

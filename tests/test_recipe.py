@@ -4,6 +4,8 @@ import copy
 import dataclasses
 from pathlib import Path
 
+import re
+
 import pytest
 import yaml
 
@@ -374,11 +376,37 @@ def test_dotted_override_creates_a_section_with_schema_defaults(tmp_path):
         assert recipe.train.ema.decay == 0.99
 
 
-def test_lora_is_refused_until_it_is_implemented_never_silently_ignored(tmp_path):
+def test_lora_section_takes_schema_defaults_and_null_removes_it(tmp_path):
     path = write(tmp_path, MINIMAL_YAML + "lora:\n  r: 16\n")
-    with pytest.raises(FinetuneError, match="lora: LoRA fine-tuning is not available"):
-        load_recipe(path)
+    lora = load_recipe(path).lora
+    assert (lora.r, lora.alpha, lora.target_modules, lora.bias) == (16, 16, "auto", "none")
     assert load_recipe(path, ["lora=null"]).lora is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["lora.r=0"], "lora.r: must be at least 1"),
+        (["lora.target_modules=qkv"], "lora.target_modules: expected auto or a list, got a string ('qkv')"),
+        (["lora.r=4", "train.freeze=backbone"], "train.freeze: LoRA already freezes"),
+        (["train.freeze=head"], "train.freeze: expected none or backbone or a mapping"),
+        (["train.freeze.head_warmup=-1"], "train.freeze.head_warmup: must be >= 0"),
+        (["train.freeze.head_warmup=1", "train.freeze.unfreeze_every=1"], "pick one"),
+        (["train.layer_decay=1.5"], "train.layer_decay: must be in (0, 1]"),
+        (["train.cache_features=true"], "train.cache_features: needs a frozen backbone"),
+    ],
+)
+def test_transfer_learning_controls_are_checked(tmp_path, overrides, message):
+    with pytest.raises(FinetuneError, match=re.escape(message)):
+        load_recipe(write(tmp_path, MINIMAL_YAML), overrides)
+
+
+def test_freeze_accepts_a_word_or_a_schedule(tmp_path):
+    path = write(tmp_path, MINIMAL_YAML)
+    assert load_recipe(path).train.freeze == "none"
+    assert load_recipe(path, ["train.freeze=backbone"]).train.freeze == "backbone"
+    schedule = load_recipe(path, ["train.freeze.unfreeze_every=2"]).train.freeze
+    assert (schedule.head_warmup, schedule.unfreeze_every) == (0, 2)
 
 
 def test_early_stopping_override_creates_it_and_metric_defaults_to_select_best(tmp_path):
