@@ -1,0 +1,397 @@
+"""Data checks: what `validate` (and `run`, first) reports about a recipe's data, before any model is built."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finetune.data import SPLITS, RawSplit, Splits, where_rows
+from finetune.errors import FinetuneError
+
+# Largest / smallest training class count above which the report warns. At 10x a model that ignores the small class
+# still scores >= 0.9 accuracy, which is where accuracy stops telling a good model from a useless one.
+IMBALANCE_RATIO = 10.0
+# Warn about truncation when more than this fraction of a split's texts is longer than data.max_length: a few long
+# outliers are normal, a tenth of the data losing its end is a choice the user should make knowingly.
+TRUNCATION_WARNING = 0.10
+# More classes than this fraction of the training rows (with at least this many rows) smells like an id column.
+ID_LIKE_CLASSES, ID_LIKE_MIN_ROWS = 0.5, 20
+TABLE_LABELS = 30  # label rows shown in the table; the rest are counted on one line
+SNIPPET = 40  # characters of a text quoted in a warning
+
+
+@dataclass
+class SplitSummary:
+    """One split as the run will use it."""
+
+    source: str
+    rows: int
+    counts: dict[str, int] = field(default_factory=dict)  # label -> rows with it (classification)
+    unlabelled: int = 0  # multi_label rows with an empty label set
+    targets: dict[str, float] | None = None  # regression: mean, std, min, max in the targets' own units
+    skipped: list[str] = field(default_factory=list)  # rows read but not used, and why
+    in_train: int = 0  # rows identical to a training row (validation/test)
+    tokens: dict[str, int] | None = None  # p50, p90, p99, max, truncated (text)
+
+
+@dataclass
+class DataReport:
+    """What `finetune validate` prints: a summary table and one line per warning."""
+
+    task: str
+    problem: str
+    labels: list[str] | None
+    splits: dict[str, SplitSummary]
+    max_length: int | None = None  # text: data.max_length
+    warnings: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        """A plain-text summary: rows per split, labels per split (or target statistics), token lengths."""
+        names = list(self.splits)
+        parts = [self._splits_table(names)]
+        if self.problem == "regression":
+            stats = [[key, *(_number(self.splits[key].targets[s]) for s in ("mean", "std", "min", "max"))] for key in names]
+            parts.append(_grid(["target", "mean", "std", "min", "max"], stats))
+        else:
+            parts.append(self._labels_table(names))
+        if any(self.splits[key].tokens for key in names):
+            header = [f"tokens (max_length {self.max_length})", "p50", "p90", "p99", "max", "truncated"]
+            rows = []
+            for key in names:
+                t, count = self.splits[key].tokens, self.splits[key].rows
+                rows.append([key, t["p50"], t["p90"], t["p99"], t["max"], f"{t['truncated']} ({_percent(t['truncated'], count)})"])
+            parts.append(_grid(header, rows))
+        return "\n\n".join(parts) + "\n"
+
+    def _splits_table(self, names: list[str]) -> str:
+        header = ["split", "rows", "skipped", "also in train", "source"]
+        rows = [
+            [key, s.rows, len(s.skipped), "-" if key == "train" else s.in_train, s.source]
+            for key, s in self.splits.items()
+        ]
+        return _grid(header, rows)
+
+    def _labels_table(self, names: list[str]) -> str:
+        labels = self.labels or []
+        shown = labels if len(labels) <= TABLE_LABELS else labels[: TABLE_LABELS - 1]
+        rows = [[label, *(self.splits[key].counts.get(label, 0) for key in names)] for label in shown]
+        if len(shown) < len(labels):
+            rest = labels[len(shown):]
+            rows.append([f"... {len(rest)} more", *(sum(self.splits[key].counts.get(x, 0) for x in rest) for key in names)])
+        if self.problem == "multi_label":
+            rows.append(["(no label)", *(self.splits[key].unlabelled for key in names)])
+        return _grid([f"label ({len(labels)}, {self.problem})", *names], rows)
+
+
+def check_data(recipe) -> DataReport:
+    """Read the recipe's data exactly as `run` does, check the backbone name and output.dir, and report.
+
+    Bad input raises FinetuneError (one line naming the file, column or row); what is legal but suspicious becomes a
+    warning. Nothing here builds a model: text loads only the backbone's config and tokenizer.
+    """
+    tokenizer = max_positions = None
+    if recipe.task == "image-classification":
+        from finetune.images import load_image_splits
+
+        with warnings.catch_warnings():  # skipped images are one of the report's warnings
+            warnings.simplefilter("ignore", UserWarning)
+            splits = load_image_splits(recipe)
+        _check_vision_backbone(recipe)
+    else:
+        from finetune.backbones import load_text_config, load_tokenizer
+        from finetune.data import load_splits
+
+        splits = load_splits(recipe)
+        source, config = load_text_config(recipe)
+        tokenizer = load_tokenizer(source, recipe.backbone.trust_remote_code)
+        max_positions = backbone_max_tokens(tokenizer, config)
+    report = data_report(recipe, splits, tokenizer, max_positions)
+    report.warnings.extend(check_output(recipe))
+    return report
+
+
+def backbone_max_tokens(tokenizer, config) -> int | None:
+    """The longest sequence the backbone takes: the tokenizer's own limit, else the config's position count."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:  # transformers' "no limit" is a huge sentinel
+        return limit
+    positions = getattr(config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
+
+
+def _check_vision_backbone(recipe) -> None:
+    """A timm name or local-dir folder that cannot exist fails here; loading weights is left to `run`."""
+    from finetune.backbones import VISION_ZOO, timm_source
+
+    if recipe.backbone.name not in VISION_ZOO:
+        timm_source(recipe.backbone.name)
+
+
+def check_output(recipe) -> list[str]:
+    """output.dir must be a folder we can create or write; an existing run there is a warning (run needs --overwrite)."""
+    out = Path(recipe.output.dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"output.dir: '{out}' is a file; choose a folder path")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FinetuneError(f"output.dir: '{out}' cannot be created: '{existing}' is a file; choose another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FinetuneError(f"output.dir: '{existing}' is not writable; choose a folder you can write to")
+    if out.is_dir() and any(out.iterdir()):
+        return [f"output.dir: '{out}' already holds a run; `finetune run` replaces it only with --overwrite"]
+    return []
+
+
+def data_report(recipe, splits: Splits, tokenizer=None, max_positions: int | None = None) -> DataReport:
+    """The report on splits already loaded (what `run` can print without reading the data twice).
+
+    tokenizer: text token-length percentiles against data.max_length; max_positions: the backbone's limit, an error
+    when data.max_length exceeds it and some text is longer (the run would fail inside the model).
+    """
+    text = recipe.task != "image-classification"
+    problem, names = splits.problem, splits.label_names
+    summaries = {key: _summarise(key, splits, recipe) for key in SPLITS if key in splits.parts}
+    report = DataReport(recipe.task, problem, names, summaries, recipe.data.max_length if text else None)
+    say = report.warnings.append
+    fingerprint = _text_key if text else _image_key
+    keys = {key: [fingerprint(entry) for entry in part.texts] for key, part in splits.parts.items()}
+
+    for key, summary in summaries.items():
+        if summary.skipped:
+            what = "empty or blank text(s) dropped" if text else "unreadable image(s) skipped (data.skip_bad_images)"
+            say(f"data.{key}: {len(summary.skipped)} {what}, first {summary.skipped[0]}; split.json lists them")
+    if problem == "regression":
+        train = summaries["train"].targets
+        if train["std"] == 0:
+            say(f"data.train: every regression target is {_number(train['min'])}; there is nothing to learn")
+    else:
+        _class_warnings(report, len(splits.parts["train"].texts), say)
+        _conflicts(splits.parts["train"], keys["train"], problem, say)
+    for key in ("validation", "test"):
+        if key in keys:
+            summaries[key].in_train = _leakage(splits.parts, keys, key, text, say)
+    if text and tokenizer is not None:
+        for key, part in splits.parts.items():
+            summaries[key].tokens = _token_lengths(part.texts, tokenizer, recipe.data.max_length)
+        _token_warnings(report, recipe, max_positions, say)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-split summaries and warnings.
+
+
+def _summarise(key: str, splits: Splits, recipe) -> SplitSummary:
+    info = splits.info["splits"][key]
+    table = getattr(splits, key)
+    summary = SplitSummary(
+        source=info["source"], rows=info["count"], skipped=info.get("skipped") or info.get("empty_texts") or []
+    )
+    labels = table["label"]
+    if splits.problem == "single_label":
+        counts = Counter(labels)
+        summary.counts = {name: counts.get(i, 0) for i, name in enumerate(splits.label_names)}
+    elif splits.problem == "multi_label":
+        totals = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1).sum(axis=0) if labels else []
+        summary.counts = {name: int(totals[i]) if len(totals) else 0 for i, name in enumerate(splits.label_names)}
+        summary.unlabelled = sum(1 for row in labels if not any(row))
+    else:
+        targets = np.asarray(labels, dtype=np.float64) * splits.target_std + splits.target_mean
+        summary.targets = {
+            "mean": float(targets.mean()), "std": float(targets.std()), "min": float(targets.min()), "max": float(targets.max())
+        }
+    return summary
+
+
+def _class_warnings(report: DataReport, train_rows: int, say) -> None:
+    counts = report.splits["train"].counts
+    present = {name: n for name, n in counts.items() if n}
+    absent = [name for name, n in counts.items() if not n]
+    if absent:  # a label seen in the file but not among the rows kept (max_samples, dropped rows)
+        say(f"data.train: no training rows left for {_names(absent)} (after data.max_samples / dropped rows)")
+    if len(present) >= 2:
+        largest = max(present, key=present.get)
+        smallest = min(present, key=present.get)
+        ratio = present[largest] / present[smallest]
+        if ratio > IMBALANCE_RATIO:
+            say(
+                f"data.train: classes are imbalanced ({ratio:.0f}x): '{largest}' has {present[largest]} rows, "
+                f"'{smallest}' {present[smallest]}; judge the model by f1_macro rather than accuracy, or add rows of "
+                "the small classes"
+            )
+    if train_rows >= ID_LIKE_MIN_ROWS and len(counts) > ID_LIKE_CLASSES * train_rows:
+        say(f"data.train: {len(counts)} classes in {train_rows} rows; is data.label_column the label, not an id?")
+    for key in ("validation", "test"):
+        if key in report.splits:
+            missing = [name for name, n in report.splits[key].counts.items() if not n]
+            if missing:
+                say(
+                    f"data.{key}: no rows of {_names(missing)} ({len(missing)} of {len(counts)} classes); "
+                    f"their scores cannot be measured on {key}"
+                )
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    quoted = ", ".join(f"'{n}'" for n in names[:shown])
+    return f"class {quoted}" if len(names) == 1 else f"classes {quoted}" + (", ..." if len(names) > shown else "")
+
+
+def _label_of(part: RawSplit, position: int, problem: str):
+    value = part.labels[position]
+    if problem == "multi_label":
+        from finetune.data import _label_set
+
+        return tuple(sorted(_label_set(value)))
+    from finetune.data import _class_name
+
+    return _class_name(value)
+
+
+def _conflicts(part: RawSplit, keys: list, problem: str, say) -> None:
+    """The same input with different labels in train: label noise the model cannot fit."""
+    first: dict = {}
+    conflicts = []
+    for i, key in enumerate(keys):
+        if key is None:
+            continue
+        j = first.setdefault(key, i)
+        if j != i and _label_of(part, i, problem) != _label_of(part, j, problem):
+            conflicts.append((j, i))
+    if conflicts:
+        j, i = conflicts[0]
+        a, b = where_rows(part, [j, i])
+        say(
+            f"data.train: {len(conflicts)} row(s) repeat an input with a different label, e.g. {a} "
+            f"({_label_of(part, j, problem)!r}) and {b} ({_label_of(part, i, problem)!r}); fix or drop them"
+        )
+
+
+def _leakage(parts: dict[str, RawSplit], keys: dict[str, list], key: str, text: bool, say) -> int:
+    """Rows of validation/test identical to a training row: they score what the model memorised."""
+    train_at = {}
+    for i, fingerprint in enumerate(keys["train"]):
+        if fingerprint is not None:
+            train_at.setdefault(fingerprint, i)
+    shared = [i for i, fingerprint in enumerate(keys[key]) if fingerprint is not None and fingerprint in train_at]
+    if shared:
+        i = shared[0]
+        here, there = _name_row(parts[key], i), _name_row(parts["train"], train_at[keys[key][i]])
+        what = f" ({_snippet(parts[key].texts[i])})" if text else ""
+        rows = len(keys[key])
+        say(
+            f"leakage: {len(shared)} of {rows} data.{key} rows ({_percent(len(shared), rows)}) are identical to "
+            f"training rows, e.g. {here} = {there}{what}; deduplicate before splitting"
+        )
+    return len(shared)
+
+
+def _name_row(part: RawSplit, position: int) -> str:
+    """An image file by its path (a folder's row is only its path inside the folder); anything else by its row."""
+    entry = part.texts[position]
+    if isinstance(entry, str) and not isinstance(part.rows[position], int):
+        return f"'{entry}'"
+    return where_rows(part, [position])[0]
+
+
+def _text_key(text: Any):
+    """Texts that differ only in whitespace count as the same text."""
+    return " ".join(text.split()) if isinstance(text, str) else None
+
+
+def _image_key(entry: Any):
+    """The bytes of an image (file, bytes or array): exact duplicates, even under different names."""
+    if isinstance(entry, dict):
+        entry = entry.get("bytes") or entry.get("path")
+    try:
+        if isinstance(entry, (bytes, bytearray, memoryview)):
+            data = bytes(entry)
+        elif isinstance(entry, (str, os.PathLike)):
+            data = Path(entry).read_bytes()
+        elif isinstance(entry, np.ndarray):
+            data = str(entry.shape).encode() + entry.tobytes()
+        elif hasattr(entry, "tobytes"):  # a PIL image
+            data = str((entry.mode, entry.size)).encode() + entry.tobytes()
+        else:
+            return None
+    except OSError:
+        return None
+    return hashlib.sha1(data).digest()
+
+
+def _snippet(text: str) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= SNIPPET else text[: SNIPPET - 3] + "...")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token lengths.
+
+
+def _token_lengths(texts: list[str], tokenizer, max_length: int) -> dict[str, int]:
+    """Percentiles of the token count with special tokens (what data.max_length truncates), and how many exceed it."""
+    lengths = []
+    for start in range(0, len(texts), 1000):
+        batch = tokenizer(
+            texts[start:start + 1000], add_special_tokens=True, truncation=False, verbose=False,
+            return_attention_mask=False, return_token_type_ids=False,
+        )
+        lengths.extend(len(ids) for ids in batch["input_ids"])
+    values = np.asarray(lengths)
+    p50, p90, p99 = (int(v) for v in np.percentile(values, [50, 90, 99], method="higher"))
+    return {"p50": p50, "p90": p90, "p99": p99, "max": int(values.max()), "truncated": int((values > max_length).sum())}
+
+
+def _token_warnings(report: DataReport, recipe, max_positions: int | None, say) -> None:
+    max_length = recipe.data.max_length
+    longest = max(s.tokens["max"] for s in report.splits.values())
+    if max_positions is not None and max_length > max_positions and longest > max_positions:
+        raise FinetuneError(
+            f"data.max_length: {max_length} tokens is more than backbone '{recipe.backbone.name}' takes "
+            f"({max_positions}), and the longest text has {longest}; set data.max_length={max_positions} or less"
+        )
+    over = {
+        key: s.tokens["truncated"] for key, s in report.splits.items() if s.tokens["truncated"] > TRUNCATION_WARNING * s.rows
+    }
+    if over:
+        shares = ", ".join(f"{_percent(n, report.splits[key].rows)} of {key} ({n})" for key, n in over.items())
+        first = report.splits[next(iter(over))].tokens
+        say(
+            f"data.max_length: {shares} texts are longer than {max_length} tokens and will be truncated "
+            f"({next(iter(over))}: p50 {first['p50']}, p90 {first['p90']}, max {first['max']} tokens)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Formatting.
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "0%"
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _grid(header: list, rows: list[list]) -> str:
+    """Columns padded to their widest cell: the first and last text columns left-aligned, numbers right-aligned."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        out = []
+        for i, cell in enumerate(row):
+            left = i == 0 or (i == len(row) - 1 and header[i] == "source")
+            out.append(cell.ljust(widths[i]) if left else cell.rjust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    return "\n".join(line(row) for row in cells)
