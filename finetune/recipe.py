@@ -109,6 +109,10 @@ class Train:
     # frozen backbone without augmentation: compute its features once (cached on disk) and train the head on them;
     # null: whenever that is possible
     cache_features: Optional[bool] = None
+    checkpoint_every: Optional[int] = None  # optimizer steps between resumable checkpoints; null: at each epoch's end
+    keep_checkpoints: int = 1  # resumable checkpoints kept (the newest); the best model is kept apart
+    # single_label loss weights: auto (inverse class frequency in train, mean 1) | one number per label | null
+    class_weights: Union[Literal["auto"], list[float], None] = None
 
 
 @dataclass
@@ -456,6 +460,14 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
         need(
             not (t.freeze.head_warmup and t.freeze.unfreeze_every),
             "train.freeze: head_warmup and unfreeze_every are two schedules; pick one",
+        )
+    need(t.checkpoint_every is None or t.checkpoint_every >= 1, "train.checkpoint_every: must be at least 1 step, or null")
+    need(t.keep_checkpoints >= 1, f"train.keep_checkpoints: must be at least 1, got {t.keep_checkpoints}")
+    if t.class_weights is not None:
+        need(h.problem == "single_label", "train.class_weights: only for head.problem=single_label")
+        need(
+            t.class_weights == "auto" or all(w is not None and w > 0 for w in t.class_weights),
+            "train.class_weights: weights must be positive numbers (one per label, in label order), or auto",
         )
     need(t.layer_decay is None or 0 < t.layer_decay <= 1, f"train.layer_decay: must be in (0, 1], got {t.layer_decay}")
     need(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -46,10 +47,11 @@ def choose_precision(requested: str) -> str:
     return requested
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, problem: str, label_smoothing: float = 0.0) -> torch.Tensor:
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, problem: str, label_smoothing: float = 0.0,
+            class_weights: torch.Tensor | None = None) -> torch.Tensor:
     logits = logits.float()
     if problem == "single_label":
-        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        return F.cross_entropy(logits, labels, weight=class_weights, label_smoothing=label_smoothing)
     if problem == "multi_label":
         return F.binary_cross_entropy_with_logits(logits, labels.float())
     return F.mse_loss(logits.view(-1), labels.float().view(-1))  # standardised targets
@@ -59,14 +61,20 @@ def logits_of(output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
-def prepare_output_dir(path: Path, overwrite: bool) -> None:
+def prepare_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
     """Refuse to touch an existing run unless asked; checked by every process before any of them writes."""
     if path.exists() and not path.is_dir():
         raise FinetuneError(f"output.dir: '{path}' is a file; choose a folder path")
+    if resume:
+        if overwrite:
+            raise FinetuneError("--resume and --overwrite: pick one (continue the run, or replace it)")
+        if (path / "metrics.json").is_file():
+            raise FinetuneError(f"output.dir: the run in '{path}' has finished; nothing to resume (--overwrite reruns it)")
+        return
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FinetuneError(
-            f"output.dir: '{path}' already holds a run; pass --overwrite to replace it or set output.dir=<new folder>"
-        )
+        unfinished = not (path / "metrics.json").is_file() and latest_checkpoint(path) is not None
+        hint = "pass --resume to continue it, --overwrite to replace it" if unfinished else "pass --overwrite to replace it"
+        raise FinetuneError(f"output.dir: '{path}' already holds a run; {hint}, or set output.dir=<new folder>")
 
 
 def _temporary(directory: Path) -> Path:
@@ -148,6 +156,7 @@ class Job:
     make_loader: Callable  # (dataset, batch_size, training) -> DataLoader
     save: Callable  # (unwrapped model, directory) -> writes model/ without the card
     mixup: Callable | None = None  # timm Mixup for image batches
+    class_weights: torch.Tensor | None = None  # single_label cross-entropy weights, in label order
 
 
 def _text_job(recipe, accelerator) -> Job:
@@ -218,14 +227,18 @@ def _use_channels_last(recipe, model, accelerator) -> bool:
     return has_conv and accelerator.device.type == "cuda"
 
 
-def train(recipe, overwrite: bool = False) -> dict:
-    """Fine-tune as the recipe says, write the run folder, return metrics.json's content."""
+def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
+    """Fine-tune as the recipe says, write the run folder, return metrics.json's content.
+
+    resume: continue the unfinished run in output.dir from its newest checkpoint (exactly: same weights and metrics
+    as a run never interrupted); with no checkpoint yet, start it again.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     t = recipe.train
     out = Path(recipe.output.dir)
-    prepare_output_dir(out, overwrite)
+    prepare_output_dir(out, overwrite, resume)
     from accelerate.utils import DistributedDataParallelKwargs
 
     dynamic_freeze = transfer.has_freeze_schedule(recipe)
@@ -246,7 +259,8 @@ def train(recipe, overwrite: bool = False) -> dict:
     if recipe.lora is not None:
         job.model = transfer.apply_lora(job.model, recipe.lora)
     splits = job.splits
-    say = _open_run_folder(accelerator, out, overwrite, recipe)
+    job.class_weights = _class_weights(recipe, splits, accelerator.device)
+    say = _open_run_folder(accelerator, out, overwrite, recipe, resume)
     if accelerator.is_main_process:
         (out / "split.json").write_text(json.dumps(splits.info, indent=1) + "\n")
     skipped = sum(len(part.get("skipped", [])) for part in splits.info["splits"].values())
@@ -281,7 +295,27 @@ def train(recipe, overwrite: bool = False) -> dict:
         f"precision {accelerator.mixed_precision}"
     )
 
-    metrics = _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say)
+    ema = None
+    if t.ema is not None:
+        from timm.utils import ModelEmaV3
+
+        # warmup: the decay ramps up over the first steps, so a short run's EMA is not stuck near random init
+        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=t.ema.decay, use_warmup=True)
+        accelerator.register_for_checkpointing(ema)
+    progress = Progress()
+    checkpoint = latest_checkpoint(out) if resume else None
+    if checkpoint is not None:
+        progress = load_checkpoint(accelerator, checkpoint)
+        say(f"resumed from {checkpoint}: epoch {progress.epoch}, {progress.batch} batches in, step {progress.step}")
+    try:
+        _INTERRUPT.immediate = accelerator.num_processes > 1
+        with _INTERRUPT:
+            metrics = _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress, ema)
+    except KeyboardInterrupt:
+        kept = latest_checkpoint(out)
+        if kept is not None:
+            say(f"interrupted; {kept} holds the run so far: finetune run {out / 'config.yaml'} --resume")
+        raise
 
     # the kept model: the best epoch's weights (raw or EMA), tested, then predicting in the targets' own units
     from safetensors.torch import load_file
@@ -311,6 +345,26 @@ def train(recipe, overwrite: bool = False) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it closes the trackers and the process group
     return metrics
+
+
+def _class_weights(recipe, splits, device) -> torch.Tensor | None:
+    """train.class_weights as a tensor: auto is inverse class frequency in train, scaled to mean 1."""
+    wanted = recipe.train.class_weights
+    if wanted is None:
+        return None
+    names = splits.label_names
+    if wanted == "auto":
+        counts = np.bincount(np.asarray(splits.train["label"], dtype=np.int64), minlength=len(names)).astype(np.float64)
+        weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(names), 0.0)
+        weights = weights / weights[counts > 0].mean()
+    else:
+        if len(wanted) != len(names):
+            raise FinetuneError(
+                f"train.class_weights: {len(wanted)} weights for {len(names)} labels ({', '.join(map(str, names))}); "
+                "give one per label, in this order, or use auto"
+            )
+        weights = np.asarray(wanted, dtype=np.float64)
+    return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
 def _head_names(model) -> set[str]:
@@ -368,8 +422,10 @@ def _use_cached_features(job: Job, recipe, accelerator, eval_batch: int, say) ->
     say(f"training the head on cached features of the frozen backbone ({features['train'].shape[1]} per example)")
 
 
-def _open_run_folder(accelerator, out: Path, overwrite: bool, recipe):
+def _open_run_folder(accelerator, out: Path, overwrite: bool, recipe, resume: bool = False):
     """Create (or, with --overwrite, replace) the run folder; return the function that logs to it."""
+    if resume and (out / "config.yaml").is_file():
+        _check_same_recipe(out / "config.yaml", recipe)
     accelerator.wait_for_everyone()  # every process has checked the folder before the main one changes it
     if accelerator.is_main_process:
         try:
@@ -390,72 +446,149 @@ def _open_run_folder(accelerator, out: Path, overwrite: bool, recipe):
     return say
 
 
-def _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say) -> dict:
+def _check_same_recipe(saved: Path, recipe) -> None:
+    """A resumed run must be the same run: every key as when it started."""
+
+    def flat(tree, prefix=""):
+        items = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                items.update(flat(value, f"{prefix}{key}."))
+            else:
+                items[f"{prefix}{key}"] = value
+        return items
+
+    before = flat(recipe_module.parse_yaml(saved.read_text(), str(saved)) or {})
+    now = flat(recipe_module.parse_yaml(recipe_module.to_yaml(recipe), "recipe"))
+    changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
+    if changed:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise FinetuneError(
+            f"--resume: the recipe differs from the run's {saved} ({shown}); resume with the same recipe "
+            f"(finetune run {saved} --resume) or start a new run in another output.dir"
+        )
+
+
+class _Interrupt:
+    """Ctrl-C or SIGTERM during training asks the loop to stop at the next step boundary with a checkpoint (one
+    process; with several, each would stop at a different step, so there the last periodic checkpoint counts)."""
+
+    requested = False
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.requested, self.previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._request)
+        return self
+
+    immediate = False  # several processes: stop now, from the last periodic checkpoint
+
+    def _request(self, signum, frame):
+        if self.requested or self.immediate:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("finetune: stopping at the next step with a checkpoint (Ctrl-C again to stop now)", flush=True)
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+_INTERRUPT = _Interrupt()
+
+
+@dataclass
+class Progress:
+    """Where training stands: all a resumed run needs besides accelerate's state (weights, optimizer, scheduler, RNG)."""
+
+    epoch: int = 1  # the epoch in progress (1-based)
+    batch: int = 0  # batches of that epoch already trained
+    step: int = 0  # optimizer steps over the whole run
+    epoch_loss: float = 0.0  # sum of this epoch's batch losses so far
+    epoch_samples: int = 0
+    epoch_seconds: float = 0.0
+    train_seconds: float = 0.0  # finished epochs
+    train_samples: int = 0
+    history: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    best: dict | None = None
+    stale: int = 0
+
+
+def _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress: Progress, ema) -> dict:
     """Train and validate epoch by epoch, keep the best checkpoint (raw or EMA weights), stop early if asked."""
     t, out, select = recipe.train, Path(recipe.output.dir), recipe.eval.select_best
-    ema = None
-    if t.ema is not None:
-        from timm.utils import ModelEmaV3
-
-        # warmup: the decay ramps up over the first steps, so a short run's EMA is not stuck near random init
-        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=t.ema.decay, use_warmup=True)
-    history, steps, best, stale = [], [], None, 0
-    train_seconds, train_samples, step = 0.0, 0, 0
+    p = progress
     schedule = transfer.has_freeze_schedule(recipe)
     depths, top = transfer.layer_ids(accelerator.unwrap_model(model)) if schedule else ({}, 0)
     depth = "unset"
-    for epoch in range(1, t.epochs + 1):
+    while p.epoch <= t.epochs:
+        epoch = p.epoch
         if schedule and transfer.trainable_depth(recipe, epoch, top) != depth:
             depth = transfer.trainable_depth(recipe, epoch, top)
             count = transfer.apply_freeze(accelerator.unwrap_model(model), depth, depths)
             part = "everything" if depth is None else "the head" + (f" and layers {depth}-{top}" if depth <= top else "")
             say(f"epoch {epoch}: training {part} ({count / 1e6:.2f}M parameters)")
-        loss, seconds, samples, step = _train_epoch(
-            accelerator, model, optimizer, scheduler, loaders["train"], job, recipe, epoch, step, ema, steps
-        )
-        train_seconds += seconds
-        train_samples += samples
+        _train_epoch(accelerator, model, optimizer, scheduler, loaders["train"], job, recipe, p, ema)
+        loss = accelerator.reduce(torch.tensor(p.epoch_loss / max(p.batch, 1), device=accelerator.device), "mean").item()
+        seconds, samples = p.epoch_seconds, p.epoch_samples
+        p.train_seconds += seconds
+        p.train_samples += samples
         validation = evaluate(accelerator, model, loaders["validation"], job.splits, recipe)
         entry = {"epoch": epoch, "loss": loss, "validation": validation}
         shown = " ".join(f"{k} {v:.4f}" for k, v in validation.items())
         if ema is not None:
             entry["validation_ema"] = evaluate(accelerator, ema.module, loaders["validation"], job.splits, recipe)
             shown += " | ema " + " ".join(f"{k} {v:.4f}" for k, v in entry["validation_ema"].items())
-        history.append(entry)
-        accelerator.log({f"validation/{k}": v for k, v in validation.items()} | {"train/epoch_loss": loss}, step=step)
-        say(f"epoch {epoch}/{t.epochs}: train loss {loss:.4f} | validation {shown} | {samples / seconds:.1f} samples/s")
+        p.history.append(entry)
+        accelerator.log({f"validation/{k}": v for k, v in validation.items()} | {"train/epoch_loss": loss}, step=p.step)
+        say(f"epoch {epoch}/{t.epochs}: train loss {loss:.4f} | validation {shown} | {samples / max(seconds, 1e-9):.1f} samples/s")
         for use_ema, scores in ((False, validation), (True, entry.get("validation_ema"))):
-            if scores is not None and (best is None or is_improvement(select, scores[select], best[select])):
-                best = {"epoch": epoch, "ema": use_ema, **scores}
+            if scores is not None and (p.best is None or is_improvement(select, scores[select], p.best[select])):
+                p.best = {"epoch": epoch, "ema": use_ema, **scores}
                 _save_best(accelerator, ema.module if use_ema else model, out)
-        _save_last(accelerator, out)
         stop = t.early_stopping
+        stopping = False
         if stop is not None:
-            improved = is_improvement(stop.metric, validation[stop.metric], _best_of(history[:-1], stop.metric))
-            stale = 0 if improved else stale + 1
-            if stale >= stop.patience:
-                say(f"early stopping: validation {stop.metric} has not improved for {stale} epoch(s)")
-                break
+            improved = is_improvement(stop.metric, validation[stop.metric], _best_of(p.history[:-1], stop.metric))
+            p.stale = 0 if improved else p.stale + 1
+            stopping = p.stale >= stop.patience
+        p.epoch, p.batch, p.epoch_loss, p.epoch_samples, p.epoch_seconds = epoch + 1, 0, 0.0, 0, 0.0
+        if stopping:
+            say(f"early stopping: validation {stop.metric} has not improved for {p.stale} epoch(s)")
+            p.epoch = t.epochs + 1  # a resumed run must not train on
+        save_checkpoint(accelerator, out, p, t.keep_checkpoints)
+        if stopping:
+            break
+    best = dict(p.best)
     if ema is None:
         best.pop("ema")
     return {
         "train": {
-            "samples_per_second": train_samples / train_seconds if train_seconds else 0.0,
-            "seconds": train_seconds,
-            "samples": train_samples,
+            "samples_per_second": p.train_samples / p.train_seconds if p.train_seconds else 0.0,
+            "seconds": p.train_seconds,
+            "samples": p.train_samples,
             "peak_memory_mb": peak_memory_mb(),
             "processes": accelerator.num_processes,
         },
-        "epochs": history,
+        "epochs": p.history,
         "best": best,
-        "steps": steps,
+        "steps": p.steps,
     }
 
 
-def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, epoch, step, ema=None, steps=None):
-    """One pass over the training data; returns (mean loss, seconds, samples seen by all processes, global step).
+def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p: Progress, ema=None) -> None:
+    """Train the rest of epoch p.epoch (all of it, or what follows p.batch after a resume), updating p.
 
-    steps: a list to append {"step", "loss", "lr"} to every 10 optimizer steps.
+    Data order is a function of (seed, epoch) alone, so a resumed epoch sees the same batches; the loss is checked
+    for non-finite values without a host sync per step (at logging and checkpoint steps, and at the end).
     """
     from timm.loss import SoftTargetCrossEntropy
     from tqdm.auto import tqdm
@@ -464,9 +597,14 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, 
     soft_target_loss = SoftTargetCrossEntropy()
     model.train()
     transfer.freeze_modes(model)  # frozen layers keep their pretrained BatchNorm statistics and no dropout
-    total_loss, batches, samples = torch.zeros((), device=accelerator.device), 0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}/{t.epochs}", disable=not accelerator.is_local_main_process, mininterval=1.0)
-    start = time.perf_counter()
+    _seed_epoch(loader, t.seed, p.epoch)
+    batches = accelerator.skip_first_batches(loader, p.batch) if p.batch else loader
+    total_loss = torch.tensor(p.epoch_loss, device=accelerator.device)
+    first_bad = torch.tensor(-1, device=accelerator.device)  # the first step whose loss was not finite
+    bar = tqdm(batches, desc=f"epoch {p.epoch}/{t.epochs}", disable=not accelerator.is_local_main_process,
+               mininterval=1.0, initial=p.batch, total=len(loader))
+    start, seconds_before = time.perf_counter(), p.epoch_seconds
+    weights = job.class_weights
     for batch in bar:
         with accelerator.accumulate(model):
             labels = batch.pop("labels")
@@ -474,7 +612,7 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, 
                 batch["pixel_values"], soft = job.mixup(batch["pixel_values"], labels)
                 loss = soft_target_loss(logits_of(model(**batch)).float(), soft)
             else:
-                loss = loss_fn(logits_of(model(**batch)), labels, recipe.head.problem, t.label_smoothing)
+                loss = loss_fn(logits_of(model(**batch)), labels, recipe.head.problem, t.label_smoothing, weights)
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -482,22 +620,52 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         total_loss += loss.detach()
-        batches += 1
-        samples += len(labels) * accelerator.num_processes
-        if accelerator.sync_gradients:
-            step += 1
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(model), step=step)
-            if step % 10 == 0:  # .item() is a device sync point: not every step
-                point = {"step": step, "loss": loss.item(), "lr": max(scheduler.get_last_lr())}
-                accelerator.log({"train/loss": point["loss"], "train/lr": point["lr"]}, step=step)
-                if steps is not None:
-                    steps.append(point)
-        if batches % 10 == 0:
-            bar.set_postfix(loss=f"{total_loss.item() / batches:.4f}", samples_s=f"{samples / (time.perf_counter() - start):.1f}")
-    seconds = time.perf_counter() - start
-    mean_loss = accelerator.reduce(total_loss / max(batches, 1), reduction="mean").item()
-    return mean_loss, seconds, samples, step
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), p.step + 1, first_bad)
+        p.batch += 1
+        p.epoch_samples += len(labels) * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        p.step += 1
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model), step=p.step)
+        logging = p.step % 10 == 0
+        checkpointing = t.checkpoint_every is not None and p.step % t.checkpoint_every == 0 and p.batch < len(loader)
+        if logging or checkpointing:  # .item() is a device sync point: not every step
+            _stop_if_not_finite(first_bad, p, Path(recipe.output.dir))
+        if logging:
+            point = {"step": p.step, "loss": loss.item(), "lr": max(scheduler.get_last_lr())}
+            accelerator.log({"train/loss": point["loss"], "train/lr": point["lr"]}, step=p.step)
+            p.steps.append(point)
+            bar.set_postfix(loss=f"{total_loss.item() / p.batch:.4f}")
+        interrupted = _INTERRUPT.requested and accelerator.num_processes == 1
+        if checkpointing or interrupted:
+            p.epoch_loss = total_loss.item()
+            p.epoch_seconds = seconds_before + time.perf_counter() - start
+            save_checkpoint(accelerator, Path(recipe.output.dir), p, t.keep_checkpoints)
+        if interrupted:  # at a step boundary, after a checkpoint of exactly this point
+            raise KeyboardInterrupt
+    _stop_if_not_finite(first_bad, p, Path(recipe.output.dir))
+    p.epoch_loss = total_loss.item()
+    p.epoch_seconds = seconds_before + time.perf_counter() - start
+
+
+def _seed_epoch(loader, seed: int, epoch: int) -> None:
+    """Shuffle order (and image workers' seeds) from (seed, epoch) alone, not from how many epochs ran before."""
+    generator = getattr(loader, "generator", None)
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
+    for g in {id(x): x for x in (generator, getattr(sampler, "generator", None)) if x is not None}.values():
+        g.manual_seed(seed * 1_000_003 + epoch)
+
+
+def _stop_if_not_finite(first_bad: torch.Tensor, p: Progress, out: Path) -> None:
+    bad = int(first_bad.item())
+    if bad >= 0:
+        kept = latest_checkpoint(out)
+        where = f"; the last good checkpoint {kept} is kept (resume with --resume)" if kept else ""
+        raise FinetuneError(
+            f"train: the loss is not finite (nan or inf) at step {bad}, epoch {p.epoch}{where}; "
+            "lower train.lr, set train.max_grad_norm, or check the labels"
+        )
 
 
 def _best_of(history: list[dict], metric: str):
@@ -519,14 +687,45 @@ def _save_best(accelerator, model, out: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def _save_last(accelerator, out: Path) -> None:
-    """What resume needs: model, optimizer, scheduler and RNG states, via accelerate."""
-    last = out / "checkpoints" / "last"
-    accelerator.save_state(str(_temporary(last)))  # every process writes its own part
+CHECKPOINT_PREFIX = "step-"
+PROGRESS_FILE = "progress.json"
+
+
+def save_checkpoint(accelerator, out: Path, progress: Progress, keep: int) -> None:
+    """A resumable checkpoint, checkpoints/step-N: accelerate's state (model, optimizer, scheduler, RNG, registered
+    EMA) and our progress, written under a temporary name and renamed into place; then the oldest beyond `keep` go."""
+    folder = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{progress.step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(_temporary(folder), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(_temporary(folder)))  # every process writes its own part
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _replace_with_temporary(last)
+        (_temporary(folder) / PROGRESS_FILE).write_text(json.dumps(dataclasses.asdict(progress)) + "\n")
+        _replace_with_temporary(folder)
+        for old in _checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a temporary folder left by a kill during a save is not one)."""
+    folder = out / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / PROGRESS_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = _checkpoints(out)
+    return found[-1] if found else None
+
+
+def load_checkpoint(accelerator, folder: Path) -> Progress:
+    accelerator.load_state(str(folder))
+    return Progress(**json.loads((folder / PROGRESS_FILE).read_text()))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

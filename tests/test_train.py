@@ -17,7 +17,7 @@ from conftest import LABELS, REGRESSION_TARGETS, recipe_dict, subprocess_env, to
 from safetensors.torch import load_file
 
 import finetune
-from finetune.train import train
+from finetune.train import latest_checkpoint, train
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
@@ -200,7 +200,7 @@ def test_same_seed_same_run_other_seed_other_run(tiny_bert, tiny_data, tmp_path)
 
 
 def _scheduler_state(out: Path) -> dict:
-    return torch.load(out / "checkpoints" / "last" / "scheduler.bin", weights_only=True)
+    return torch.load(latest_checkpoint(out) / "scheduler.bin", weights_only=True)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -251,7 +251,7 @@ def test_model_holds_the_best_epoch_not_the_last(tiny_bert, tiny_data, tmp_path)
 
     exported = weights(out / "model")
     assert_same_tensors(exported, weights(out / "checkpoints" / "best"), atol=0)
-    assert max_difference(exported, weights(out / "checkpoints" / "last")) > 1e-4
+    assert max_difference(exported, weights(latest_checkpoint(out))) > 1e-4
     texts, labels = read_csv(shifted)
     logits, _ = logits_of_loaded(out / "model", texts)
     truth = torch.tensor([LABELS.index(label) for label in labels])
@@ -444,4 +444,4 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_bert, tiny_data
     assert double["test"] == pytest.approx(single["test"], abs=1e-5)
     # the schedule counts the same optimizer steps: the same warmup, and it ends at 0
     assert _scheduler_state(two)["_last_lr"] == pytest.approx(_scheduler_state(one)["_last_lr"], abs=1e-9)
-    assert (two / "checkpoints" / "last" / "random_states_1.pkl").is_file()  # the second process took part
+    assert (latest_checkpoint(two) / "random_states_1.pkl").is_file()  # the second process took part

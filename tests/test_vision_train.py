@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import finetune
-from finetune.train import train
+from finetune.train import latest_checkpoint, train
 
 # Three classes a randomly initialised tiny CNN separates in a couple of epochs: which colour dominates a noisy
 # image. "gray" images have equal channels, so a grayscale (mode L) file is a true member of its class.
@@ -427,7 +427,7 @@ def test_ema_model_folder_holds_the_selected_weights(ema_run, image_data):
     assert_same_state(exported, without_prefix(best_checkpoint))
     assert metrics["best"]["ema"] is True  # this run's recipe is chosen so that the average wins (see ema_run)
     # the EMA weights, not the raw ones the last epoch ended with (accelerate's state in checkpoints/last)
-    raw_last = without_prefix(load_file(out / "checkpoints" / "last" / "model.safetensors"))
+    raw_last = without_prefix(load_file(latest_checkpoint(out) / "model.safetensors"))
     assert sorted(raw_last) == sorted(exported)
     assert max((exported[k].float() - raw_last[k].float()).abs().max().item() for k in exported) > 1e-3
     # and they are the selected epoch's weights (raw or EMA): they reproduce its validation loss and the test metrics

@@ -1,0 +1,169 @@
+"""Exact resume and crash safety: a run killed at any point and resumed ends as if never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import recipe_dict, subprocess_env, to_recipe, write_recipe
+from safetensors.torch import load_file
+
+from finetune.errors import FinetuneError
+from finetune.train import latest_checkpoint, train
+
+RESUMABLE = {
+    "backbone.dropout": 0.1,  # dropout draws from the RNG: its state must come back too
+    "head.dropout": 0.1,
+    "train.batch_size": 4,  # 4 steps per epoch
+    "train.epochs": 3,
+    "train.checkpoint_every": 3,  # mid-epoch checkpoints
+    "train.scheduler": "cosine",
+    "train.warmup": 2,
+}
+
+
+def outcome(out: Path) -> tuple[dict, dict]:
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("train",):
+        metrics.pop(key)
+    return load_file(out / "model" / "model.safetensors"), metrics
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    weights_a, metrics_a = outcome(a)
+    weights_b, metrics_b = outcome(b)
+    assert metrics_a == metrics_b
+    assert sorted(weights_a) == sorted(weights_b)
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_bert, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    train(to_recipe(recipe_dict(tiny_bert, tiny_data, out, **RESUMABLE)))
+    return out
+
+
+def test_checkpoints_are_kept_up_to_the_limit(uninterrupted):
+    kept = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
+    assert kept == ["best", "step-00000012"]
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])  # mid-epoch 1 (step 3) and the end of epoch 1 / mid epoch 2 (step 6)
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(uninterrupted, tiny_bert, tiny_data, tmp_path, stop_after):
+    out = tmp_path / "run"
+    raw = recipe_dict(tiny_bert, tiny_data, out, **RESUMABLE)
+    # stop early with a run whose schedule is the same but that is cut short by keeping only a prefix of checkpoints:
+    # run it whole, then throw away everything after the chosen checkpoint, as a kill would have
+    train(to_recipe(raw | {"train": raw["train"] | {"keep_checkpoints": 10}}))
+    steps = sorted((out / "checkpoints").glob("step-*"))
+    keep = steps[stop_after - 1]
+    for later in steps[stop_after:]:
+        subprocess.run(["rm", "-rf", str(later)], check=True)
+    for name in ("model", "metrics.json"):
+        subprocess.run(["rm", "-rf", str(out / name)], check=True)
+    assert latest_checkpoint(out) == keep
+    train(to_recipe(raw | {"train": raw["train"] | {"keep_checkpoints": 10}}), resume=True)
+    assert "resumed from" in (out / "train.log").read_text()
+    assert_identical(out, uninterrupted)
+
+
+def test_sigkill_at_any_point_then_resume_equals_the_uninterrupted_run(uninterrupted, tiny_bert, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    raw = recipe_dict(tiny_bert, tiny_data, out, **RESUMABLE | {"train.checkpoint_every": 1})
+    raw["train"]["epochs"] = 3
+    path = write_recipe(tmp_path / "recipe.yaml", raw)
+    code = f"from finetune.recipe import load_recipe; from finetune.train import train; train(load_recipe({str(path)!r}))"
+    child = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and latest_checkpoint(out) is None:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before the kill; nothing was tested"
+    assert latest_checkpoint(out) is not None
+    # the same recipe, but the uninterrupted run checkpointed every 3 steps: checkpoints do not change the result
+    train(to_recipe(raw), resume=True)
+    assert_identical(out, uninterrupted)
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(uninterrupted, tiny_bert, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    raw = recipe_dict(tiny_bert, tiny_data, out, **RESUMABLE | {"train.keep_checkpoints": 10})
+    train(to_recipe(raw))
+    steps = sorted((out / "checkpoints").glob("step-*"))
+    for later in steps[1:]:
+        subprocess.run(["rm", "-rf", str(later)], check=True)
+    for name in ("model", "metrics.json"):
+        subprocess.run(["rm", "-rf", str(out / name)], check=True)
+    # what a kill in the middle of writing step 6 leaves: a half-written temporary folder
+    half = out / "checkpoints" / "step-00000006.tmp"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 100)
+    assert latest_checkpoint(out) == steps[0]
+    train(to_recipe(raw), resume=True)
+    assert_identical(out, uninterrupted)
+
+
+def test_resume_refuses_a_changed_recipe_and_a_finished_run(uninterrupted, tiny_bert, tiny_data, tmp_path):
+    with pytest.raises(FinetuneError, match="has finished; nothing to resume"):
+        train(to_recipe(recipe_dict(tiny_bert, tiny_data, uninterrupted, **RESUMABLE)), resume=True)
+    out = tmp_path / "run"
+    raw = recipe_dict(tiny_bert, tiny_data, out, **RESUMABLE)
+    train(to_recipe(raw))
+    (out / "metrics.json").unlink()
+    with pytest.raises(FinetuneError, match=r"--resume: the recipe differs .*train.lr: 0.001 -> 0.002"):
+        train(to_recipe(recipe_dict(tiny_bert, tiny_data, out, **RESUMABLE | {"train.lr": 2e-3})), resume=True)
+
+
+def test_an_unfinished_run_folder_suggests_resume(tiny_bert, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    raw = recipe_dict(tiny_bert, tiny_data, out, **RESUMABLE)
+    train(to_recipe(raw))
+    (out / "metrics.json").unlink()
+    with pytest.raises(FinetuneError, match="pass --resume to continue it"):
+        train(to_recipe(raw))
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tiny_bert, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    raw = recipe_dict(tiny_bert, tiny_data, out, **RESUMABLE | {"train.lr": 1e30, "train.max_grad_norm": None})
+    with pytest.raises(FinetuneError, match=r"the loss is not finite \(nan or inf\) at step \d+"):
+        train(to_recipe(raw))
+    assert not (out / "model").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_bert, tiny_data, tmp_path):
+    settings = RESUMABLE | {"train.checkpoint_every": None, "train.epochs": 25}  # long enough to interrupt
+    whole = tmp_path / "whole"
+    train(to_recipe(recipe_dict(tiny_bert, tiny_data, whole, **settings)))
+    out = tmp_path / "run"
+    raw = recipe_dict(tiny_bert, tiny_data, out, **settings)
+    path = write_recipe(tmp_path / "recipe.yaml", raw)
+    code = f"from finetune.recipe import load_recipe; from finetune.train import train; train(load_recipe({str(path)!r}))"
+    child = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and "epoch 1/25:" not in _read(out / "train.log"):
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)
+    output, _ = child.communicate(timeout=120)
+    assert child.returncode != 0 and "stopping at the next step with a checkpoint" in output
+    assert not (out / "metrics.json").exists(), "the run finished before the interrupt; nothing was tested"
+    assert latest_checkpoint(out) is not None and "--resume" in (out / "train.log").read_text()
+    train(to_recipe(raw), resume=True)
+    assert_identical(out, whole)
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
