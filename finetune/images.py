@@ -405,7 +405,7 @@ def build_transforms(data_config: dict, recipe, training: bool):
     scale = (float(a.scale[0]), float(a.scale[1]))
     policy = auto_augment_policy(a.auto_augment)
     try:
-        return create_transform(
+        transform = create_transform(
             **common,
             is_training=True,
             scale=scale,
@@ -424,6 +424,27 @@ def build_transforms(data_config: dict, recipe, training: bool):
             f"augment.auto_augment: '{a.auto_augment}' is not a timm policy ({error or 'unknown policy'}); use e.g. "
             "rand-m9-mstd0.5-inc1 (RandAugment), trivialaugment, augmix-m5-w3, original (AutoAugment), or null"
         ) from None
+    return _posterize_keeps_one_bit(transform)
+
+
+def _posterize(image, bits_to_keep: int, **kwargs):
+    """timm's posterize op with at least one bit (a module-level function, so DataLoader workers can pickle it)."""
+    from timm.data.auto_augment import posterize
+
+    return posterize(image, max(1, bits_to_keep), **kwargs)
+
+
+def _posterize_keeps_one_bit(transform):
+    """timm maps posterize's extreme magnitudes to 0 bits, which Pillow >= 12 refuses with a ValueError: one image in
+    a few hundred would crash a RandAugment run mid-epoch. Keeping 1 bit is the same (near-black-and-white) image."""
+    for step in getattr(transform, "transforms", [transform]):
+        ops = list(getattr(step, "ops", []))  # RandAugment, AugMix
+        for sub_policy in getattr(step, "policy", []):  # AutoAugment
+            ops.extend(sub_policy)
+        for op in ops:
+            if str(getattr(op, "name", "")).startswith("Posterize"):
+                op.aug_fn = _posterize
+    return transform
 
 
 # ---------------------------------------------------------------------------------------------------------------
