@@ -3,11 +3,13 @@
 __version__ = "0.1.0"
 
 
-def load(directory):
-    """(model, preprocess, spec) from a run's `model/` folder: transformers, timm or finetune's own format.
+def load(source, device=None):
+    """A trained model ready to use, from a run folder, its `model/` folder or a hub model id (owner/name).
 
-    `preprocess` is the tokenizer for text and timm's eval transform for images; `spec` has the labels and problem.
+    `finetune.load(path).predict(["a text"])` gives label names and scores (a number for regression), batched; the
+    object also unpacks as `model, preprocess, spec` (the eval-mode module, the tokenizer or timm eval transform, and
+    the labels and problem) for use in your own loop.
     """
-    from finetune.model import load as load_model
+    from finetune.predict import load as load_predictor
 
-    return load_model(directory)
+    return load_predictor(source, device=device)

@@ -1,0 +1,182 @@
+"""`finetune eval`: a trained model's metrics on any labelled file, with metrics.json's names, and per-row output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from finetune.errors import FinetuneError
+from finetune.predict import Predictor, load
+
+OUTPUT_FORMATS = (".csv", ".jsonl")
+
+
+def eval_recipe(predictor: Predictor, data: str, text_column=None, label_column=None, image_column=None):
+    """The recipe that reads `data` as the run read its own: the run's columns, problem and threshold, else the
+    model's spec with the given (or default) column names."""
+    from finetune.recipe import from_dict, to_dict
+
+    if predictor.recipe is not None:
+        raw = to_dict(predictor.recipe)
+        raw["data"].update(train=data, validation=None, test=None, max_samples=None)
+    else:
+        raw = {
+            "task": predictor.task,
+            "backbone": {"name": predictor.source},
+            "head": {"problem": predictor.problem, "threshold": predictor.threshold},
+            "data": {"train": data},
+        }
+    for key, value in (("text_column", text_column), ("label_column", label_column), ("image_column", image_column)):
+        if value is not None:
+            raw["data"][key] = value
+    raw["lora"] = None  # the model is already trained: only the data and head keys matter here
+    return from_dict(raw, source="eval")
+
+
+def read_labelled(recipe, data: str, split: str):
+    """The RawSplit to evaluate on: a file or folder, or one split of a zoo/hub data set or of a split folder."""
+    if recipe.task == "image-classification":
+        from finetune.images import read_image_split as read
+    else:
+        from finetune.data import read_split as read
+    try:
+        parts = read(data, recipe, "--data")
+    except FinetuneError as error:  # the readers name recipe keys; here the user sets them as options
+        raise FinetuneError(_as_options(str(error))) from None
+    if "file" in parts:
+        return parts["file"]
+    if split not in parts:
+        raise FinetuneError(f"--data: '{data}' has no split '{split}' (it has: {', '.join(parts)}); pass --split")
+    return parts[split]
+
+
+def _as_options(message: str) -> str:
+    for key in ("text_column", "label_column", "image_column"):
+        option = "--" + key.replace("_", "-")
+        message = message.replace(f"data.{key}=", f"{option} ").replace(f"data.{key}", option)
+    return message
+
+
+def _check_inputs(raw, recipe):
+    from finetune.data import _where
+
+    if recipe.task == "image-classification":
+        from finetune.images import _check_images
+
+        raw, _ = _check_images(raw, "--data", recipe.data.skip_bad_images, recipe.data.image_column)
+        return raw
+    for i, text in enumerate(raw.texts):
+        if not isinstance(text, str) or not text.strip():
+            raise FinetuneError(f"{_where(raw, i)}: empty text in column '{recipe.data.text_column}'; fill it or drop the row")
+    return raw
+
+
+def _target_scaling(predictor: Predictor) -> tuple[float, float] | None:
+    """The run's target standardisation (split.json), so a regression loss means what metrics.json's does."""
+    if predictor.run_dir is None or not (predictor.run_dir / "split.json").is_file():
+        return None
+    target = json.loads((predictor.run_dir / "split.json").read_text()).get("target")
+    return (float(target["mean"]), float(target["std"])) if target else None
+
+
+def evaluate(source: str, data: str, split: str = "test", text_column=None, label_column=None, image_column=None,
+             batch_size: int = 32, output: str | None = None, progress: bool | None = None) -> dict:
+    """{"metrics": {loss, metric: value}, "rows": n, "data": ..., "confusion"/"per_label": ...} for the model."""
+    import torch
+
+    from finetune.data import _check_labels, encode_labels
+    from finetune.metrics import compute_metrics, predictions_from_logits
+    from finetune.train import loss_fn
+
+    if output is not None and Path(output).suffix.lower() not in OUTPUT_FORMATS:
+        raise FinetuneError(f"--output: '{output}' must end in {' or '.join(OUTPUT_FORMATS)}")
+    predictor = load(source)
+    recipe = eval_recipe(predictor, data, text_column, label_column, image_column)
+    problem = predictor.problem
+    raw = read_labelled(recipe, data, split)
+    _check_labels(raw, "--data", problem)
+    raw = _check_inputs(raw, recipe)
+    truth = encode_labels(raw, problem, predictor.labels, "--data")
+    logits = predictor.logits(raw.texts, batch_size, progress)
+    predictions = predictions_from_logits(logits, problem, predictor.threshold)
+
+    results: dict = {}
+    if problem == "regression":
+        truth = np.asarray(truth, dtype=np.float64)
+        scaling = _target_scaling(predictor)
+        if scaling is not None:  # metrics.json's loss is the MSE on standardised targets
+            mean, std = scaling
+            results["loss"] = float(np.mean(((predictions - mean) / std - (truth - mean) / std) ** 2))
+    else:
+        labels = torch.tensor(truth)
+        results["loss"] = float(loss_fn(torch.from_numpy(logits), labels, problem))
+        truth = np.asarray(truth, dtype=np.int64)
+    results.update(compute_metrics(recipe.eval.metrics, truth, predictions))  # the run's, else the problem's defaults
+    report = {"metrics": results, "rows": len(truth), "data": data, "model": str(source)}
+    report.update(_breakdown(problem, predictor.labels, truth, predictions, split))
+    if output is not None:
+        write_predictions(Path(output), predictor, raw, truth, logits)
+    return report
+
+
+def _breakdown(problem: str, labels, truth, predictions, split: str) -> dict:
+    """The confusion matrix (single_label) or per-label F1 (multi_label), shaped as in metrics.json."""
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    if problem == "single_label":
+        matrix = confusion_matrix(truth, predictions, labels=list(range(len(labels))))
+        return {"confusion": {"split": split, "labels": labels, "matrix": matrix.tolist()}}
+    if problem == "multi_label":
+        f1 = f1_score(truth, predictions, average=None, zero_division=0)
+        support = truth.sum(axis=0)
+        return {"per_label": {"split": split, "labels": labels, "f1": f1.tolist(), "support": support.tolist()}}
+    return {}
+
+
+def _label_text(value, problem: str, labels) -> str | float:
+    if problem == "regression":
+        return float(value)
+    if problem == "multi_label":
+        return "|".join(name for name, on in zip(labels, value) if on)
+    return labels[int(value)]
+
+
+def write_predictions(path: Path, predictor: Predictor, raw, truth, logits: np.ndarray) -> None:
+    """One record per row: where it came from, the input, the true and predicted labels, and every label's score."""
+    problem, labels = predictor.problem, predictor.labels
+    decoded = predictor.decode(logits)
+    records = []
+    for i, (entry, row) in enumerate(zip(raw.texts, raw.rows)):
+        shown = entry if isinstance(entry, str) else None  # image bytes or arrays are not written out
+        record = {"row": row, "input": shown, "label": _label_text(truth[i], problem, labels)}
+        result = decoded[i]
+        if problem == "regression":
+            record["predicted"] = result["value"]
+            record["error"] = result["value"] - float(truth[i])
+        else:
+            predicted = result["label"] if problem == "single_label" else "|".join(sorted(result["labels"], key=labels.index))
+            record["predicted"] = predicted
+            record["correct"] = predicted == record["label"]
+            scores = {item["label"]: item["score"] for item in result["scores"]}
+            record.update({f"score:{name}": scores[name] for name in labels})
+        records.append(record)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="", encoding="utf-8") as file:
+            if path.suffix.lower() == ".jsonl":
+                for record in records:
+                    file.write(json.dumps(_finite(record), ensure_ascii=False) + "\n")
+            else:
+                writer = csv.DictWriter(file, fieldnames=list(records[0]) if records else ["row"])
+                writer.writeheader()
+                writer.writerows(records)
+    except OSError as error:
+        raise FinetuneError(f"--output: cannot write '{path}' ({error.strerror or error})") from None
+
+
+def _finite(record: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
