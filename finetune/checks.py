@@ -284,7 +284,7 @@ def _leakage(parts: dict[str, RawSplit], keys: dict[str, list], key: str, text: 
     shared = [i for i, fingerprint in enumerate(keys[key]) if fingerprint is not None and fingerprint in train_at]
     if shared:
         i = shared[0]
-        here, there = _name_row(parts[key], i), _name_row(parts["train"], train_at[keys[key][i]])
+        here, there = _name_row(parts[key], i, text), _name_row(parts["train"], train_at[keys[key][i]], text)
         what = f" ({_snippet(parts[key].texts[i])})" if text else ""
         rows = len(keys[key])
         say(
@@ -294,10 +294,10 @@ def _leakage(parts: dict[str, RawSplit], keys: dict[str, list], key: str, text: 
     return len(shared)
 
 
-def _name_row(part: RawSplit, position: int) -> str:
+def _name_row(part: RawSplit, position: int, text: bool) -> str:
     """An image file by its path (a folder's row is only its path inside the folder); anything else by its row."""
     entry = part.texts[position]
-    if isinstance(entry, str) and not isinstance(part.rows[position], int):
+    if not text and isinstance(entry, str) and not isinstance(part.rows[position], int):
         return f"'{entry}'"
     return where_rows(part, [position])[0]
 
@@ -375,7 +375,8 @@ def _token_warnings(report: DataReport, recipe, max_positions: int | None, say) 
 
 
 def _percent(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.0f}%" if whole else "0%"
+    share = 100 * part / whole if whole else 0.0
+    return "<1%" if 0 < share < 1 else f"{share:.0f}%"
 
 
 def _number(value: float) -> str:

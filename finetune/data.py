@@ -157,6 +157,9 @@ def check_utf8(path: Path, what: str) -> None:
     decoder = codecs.getincrementaldecoder("utf-8")()
     lines, blank = 0, True
     with path.open("rb") as file:
+        if file.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):  # Excel's "Unicode text"
+            raise FinetuneError(f"{what}: is UTF-16 text; re-save the file as UTF-8")
+        file.seek(0)
         while chunk := file.read(1 << 20):
             try:
                 text = decoder.decode(chunk)

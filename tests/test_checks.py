@@ -296,3 +296,17 @@ def test_an_unknown_timm_name_is_an_error_before_any_model_is_built(tmp_path):
     recipe.backbone.name = "resnet5O"
     with pytest.raises(FinetuneError, match="backbone.name: 'resnet5O' is not a zoo name"):
         check_data(recipe)
+
+
+@pytest.mark.slow
+def test_the_quickstart_recipe_report():
+    from finetune.recipe import find_recipe, load_recipe
+
+    result = check_data(load_recipe(find_recipe("text/minilm-bbc-news")))
+    assert {key: s.rows for key, s in result.splits.items()} == {"train": 1701, "validation": 213, "test": 213}
+    assert sum(result.splits["train"].counts.values()) == 1701
+    # zoo rows are named by their article files; one test article differs from a training one only in whitespace
+    (leak,) = [w for w in result.warnings if w.startswith("leakage")]
+    assert "1 of 213 data.test rows (<1%)" in leak
+    assert "bbc-news:test (sports/438.txt) = bbc-news:train (sports/432.txt)" in leak
+    assert result.splits["train"].tokens["p50"] > result.max_length

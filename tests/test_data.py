@@ -296,6 +296,7 @@ def test_line_numbers_match_the_file_when_records_span_lines(tmp_path, name, con
         ("latin1.csv", "text,label\nok,x\ncaf\xe9,y\n".encode("latin-1"), "line 3 is not UTF-8"),
         ("latin1.jsonl", '{"text": "ok", "label": "x"}\n{"text": "caf\xe9", "label": "y"}\n'.encode("latin-1"),
          "line 2 is not UTF-8"),
+        ("excel.csv", "text,label\na,x\n".encode("utf-16"), "is UTF-16 text; re-save the file as UTF-8"),
         ("blank.csv", "\n  \n\n", "is empty"),
         ("unquoted.csv", "text,label\na,x\nhello, world,y\n", "line 3 has 3 fields but the header has 2"),
         ("unclosed.csv", 'text,label\na,x\n"b,y\n', "line 3 opens a double quote"),
