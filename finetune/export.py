@@ -317,16 +317,17 @@ def _output_note(recipe) -> str:
 def _what_it_does(recipe, splits, kind: str) -> str:
     labels = splits.label_names or []
     base = base_model(recipe)
-    backbone = f"`{recipe.backbone.name}`" + (f" ([{base}](https://huggingface.co/{base}))" if base else "")
+    backbone = f"`{recipe.backbone.name}` backbone" + (f" ([{base}](https://huggingface.co/{base}))" if base else "")
     if not recipe.backbone.pretrained:
         backbone += " (random initial weights: trained from scratch)"
+    head = {"mlp": "an mlp"}.get(recipe.head.type, f"a {recipe.head.type}")
     if recipe.head.problem == "single_label":
         task = f"sorts {kind}s into one of {len(labels)} labels"
     elif recipe.head.problem == "multi_label":
         task = f"tags {kind}s with any number of {len(labels)} labels (an independent score per label)"
     else:
         task = f"predicts a number (`{recipe.data.label_column}`) from a {kind}"
-    return f"A {backbone} backbone with a {recipe.head.type} head, fine-tuned with finetune {__version__}: it {task}."
+    return f"A {backbone} with {head} head, fine-tuned with finetune {__version__}: it {task}."
 
 
 def _limits(recipe, splits, metrics: dict, kind: str) -> list[str]:

@@ -76,6 +76,10 @@ def push_run(run_dir: Path, repo_id: str, private: bool, revision: str | None = 
         raise FinetuneError(f"{run_dir}: no model/ folder with a config.json to push; is it a finished run folder?")
     if "/" not in repo_id:
         raise FinetuneError(f"--repo-id: '{repo_id}' should be owner/name, e.g. me/{run_dir.name}")
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise FinetuneError("HF_HUB_OFFLINE is set: pushing needs the network; unset it for this command")
     try:
         token = get_token()
     except Exception as error:  # an opted-in OIDC exchange that failed: huggingface_hub raises instead of guessing
