@@ -66,7 +66,8 @@ def test_single_label_predictions_are_the_softmax_of_the_model(runs):
         assert result["score"] == pytest.approx(row.max(), abs=1e-5)
         assert [item["label"] for item in result["scores"]] == [LABELS[j] for j in np.argsort(-row)]
         assert sum(item["score"] for item in result["scores"]) == pytest.approx(1.0, abs=1e-6)
-    assert predictor.predict(TEXTS[0]) == results[0]  # one text in, one dict out
+    single = predictor.predict(TEXTS[0])  # one text in, one dict out (unpadded: equal to float rounding)
+    assert single["label"] == results[0]["label"] and single["score"] == pytest.approx(results[0]["score"], abs=1e-6)
     assert [len(r["scores"]) for r in predictor.predict(TEXTS, top_k=2)] == [2] * len(TEXTS)
 
 
@@ -77,6 +78,15 @@ def test_batching_and_length_sorting_do_not_change_results(runs):
     small_batches = predictor.logits(texts, batch_size=2)
     assert np.allclose(one_batch, small_batches, atol=1e-5)
     assert np.allclose(one_batch[: len(TEXTS)], logits_by_hand(runs["single"] / "model", TEXTS), atol=1e-5)
+
+
+def test_long_inputs_show_a_progress_bar(runs, capfd):
+    predictor = finetune.load(runs["single"])
+    capfd.readouterr()
+    predictor.predict(TEXTS * 3, batch_size=2, progress=True)
+    assert "predict" in capfd.readouterr().err  # tqdm's bar, on stderr
+    predictor.predict(TEXTS * 3, batch_size=2)  # not a terminal: no bar unless asked
+    assert capfd.readouterr().err == ""
 
 
 def test_multi_label_kit_format_gives_the_labels_over_the_threshold(runs):
