@@ -181,6 +181,19 @@ def check_utf8(path: Path, what: str) -> None:
         raise FinetuneError(f"{what} is empty (only blank lines)")
 
 
+def _check_json_start(path: Path, what: str) -> None:
+    """Rows are JSON objects: in an array, or one per line. (pyarrow crashes the process on a file of bare nulls.)"""
+    with path.open(encoding="utf-8-sig") as file:
+        while (chunk := file.read(1 << 16)) and not chunk.strip():
+            pass
+    start = chunk.lstrip()[:20]
+    if not start.startswith(("{", "[")):
+        raise FinetuneError(
+            f"{what}: starts with {start!r}, not a JSON object; rows are objects, one per line or in an array "
+            '([{"text": ..., "label": ...}, ...])'
+        )
+
+
 def not_found(key: str, spec: str, zoo, expected: str) -> FinetuneError:
     """A data.* value that is no file, folder or zoo name: suggest a zoo name it looks like."""
     import difflib
@@ -197,6 +210,8 @@ def load_table(path: Path, what: str):
         raise FinetuneError(f"{what} is empty (0 bytes)")
     if suffix != ".parquet":
         check_utf8(path, what)
+    if suffix in (".json", ".jsonl"):
+        _check_json_start(path, what)
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
     table = _load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", what=what, path=path, **kwargs)
     # pandas makes a header's missing fields the index: a tab-separated row under a one-column header still "parses"

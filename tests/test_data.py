@@ -302,6 +302,8 @@ def test_line_numbers_match_the_file_when_records_span_lines(tmp_path, name, con
         ("unclosed.csv", 'text,label\na,x\n"b,y\n', "line 3 opens a double quote"),
         ("broken.jsonl", '{"text": "a", "label": "x"}\n{"text": \n', "cannot be read"),
         ("broken.parquet", "not parquet at all", "cannot be read"),
+        ("nulls.jsonl", "null\nnull\n", "starts with 'null"),  # pyarrow segfaults on this one
+        ("number.json", "\n 42", "starts with '42', not a JSON object"),
     ],
 )
 def test_malformed_files_name_the_file_and_the_fix(tmp_path, name, content, expected):
