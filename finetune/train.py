@@ -511,7 +511,7 @@ class Progress:
     epoch: int = 1  # the epoch in progress (1-based)
     batch: int = 0  # batches of that epoch already trained
     step: int = 0  # optimizer steps over the whole run
-    epoch_loss: float = 0.0  # sum of this epoch's batch losses so far
+    epoch_loss: list = field(default_factory=list)  # per process: the sum of its batch losses so far this epoch
     epoch_samples: int = 0
     epoch_seconds: float = 0.0
     train_seconds: float = 0.0  # finished epochs
@@ -537,7 +537,7 @@ def _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pr
             part = "everything" if depth is None else "the head" + (f" and layers {depth}-{top}" if depth <= top else "")
             say(f"epoch {epoch}: training {part} ({count / 1e6:.2f}M parameters)")
         _train_epoch(accelerator, model, optimizer, scheduler, loaders["train"], job, recipe, p, ema)
-        loss = accelerator.reduce(torch.tensor(p.epoch_loss / max(p.batch, 1), device=accelerator.device), "mean").item()
+        loss = (torch.tensor(p.epoch_loss) / max(p.batch, 1)).mean().item()
         seconds, samples = p.epoch_seconds, p.epoch_samples
         p.train_seconds += seconds
         p.train_samples += samples
@@ -560,7 +560,7 @@ def _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pr
             improved = is_improvement(stop.metric, validation[stop.metric], _best_of(p.history[:-1], stop.metric))
             p.stale = 0 if improved else p.stale + 1
             stopping = p.stale >= stop.patience
-        p.epoch, p.batch, p.epoch_loss, p.epoch_samples, p.epoch_seconds = epoch + 1, 0, 0.0, 0, 0.0
+        p.epoch, p.batch, p.epoch_loss, p.epoch_samples, p.epoch_seconds = epoch + 1, 0, [], 0, 0.0
         if stopping:
             say(f"early stopping: validation {stop.metric} has not improved for {p.stale} epoch(s)")
             p.epoch = t.epochs + 1  # a resumed run must not train on
@@ -599,7 +599,7 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, 
     transfer.freeze_modes(model)  # frozen layers keep their pretrained BatchNorm statistics and no dropout
     _seed_epoch(loader, t.seed, p.epoch)
     batches = accelerator.skip_first_batches(loader, p.batch) if p.batch else loader
-    total_loss = torch.tensor(p.epoch_loss, device=accelerator.device)
+    total_loss = torch.tensor(p.epoch_loss[accelerator.process_index] if p.epoch_loss else 0.0, device=accelerator.device)
     first_bad = torch.tensor(-1, device=accelerator.device)  # the first step whose loss was not finite
     bar = tqdm(batches, desc=f"epoch {p.epoch}/{t.epochs}", disable=not accelerator.is_local_main_process,
                mininterval=1.0, initial=p.batch, total=len(loader))
@@ -639,13 +639,13 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, 
             bar.set_postfix(loss=f"{total_loss.item() / p.batch:.4f}")
         interrupted = _INTERRUPT.requested and accelerator.num_processes == 1
         if checkpointing or interrupted:
-            p.epoch_loss = total_loss.item()
+            p.epoch_loss = accelerator.gather(total_loss.reshape(1)).tolist()  # each process its own
             p.epoch_seconds = seconds_before + time.perf_counter() - start
             save_checkpoint(accelerator, Path(recipe.output.dir), p, t.keep_checkpoints)
         if interrupted:  # at a step boundary, after a checkpoint of exactly this point
             raise KeyboardInterrupt
     _stop_if_not_finite(first_bad, p, Path(recipe.output.dir))
-    p.epoch_loss = total_loss.item()
+    p.epoch_loss = accelerator.gather(total_loss.reshape(1)).tolist()
     p.epoch_seconds = seconds_before + time.perf_counter() - start
 
 

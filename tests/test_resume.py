@@ -200,3 +200,53 @@ def test_class_weights_must_match_the_labels(tiny_bert, tiny_data, tmp_path):
     raw = recipe_dict(tiny_bert, tiny_data, tmp_path / "run", **{"train.class_weights": [1.0, 2.0]})
     with pytest.raises(FinetuneError, match=r"train.class_weights: 2 weights for 3 labels \(food, sports, tech\)"):
         train(to_recipe(raw))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA, and two processes
+
+
+def test_lora_resume_equals_the_uninterrupted_run(tiny_bert, tiny_data, tmp_path):
+    settings = RESUMABLE | {"lora": {"r": 4}, "train.keep_checkpoints": 10, "train.lr": 1e-2}
+    whole = tmp_path / "whole"
+    train(to_recipe(recipe_dict(tiny_bert, tiny_data, whole, **settings)))
+    out = tmp_path / "run"
+    raw = recipe_dict(tiny_bert, tiny_data, out, **settings)
+    train(to_recipe(raw))
+    _cut_after_first_checkpoint(out)
+    train(to_recipe(raw), resume=True)
+    assert_identical(out, whole)
+    adapters = [load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, whole)]
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[1])
+
+
+def _cut_after_first_checkpoint(out: Path) -> None:
+    """What a kill after the first checkpoint leaves behind."""
+    for later in sorted((out / "checkpoints").glob("step-*"))[1:]:
+        subprocess.run(["rm", "-rf", str(later)], check=True)
+    for name in ("model", "adapter", "metrics.json"):
+        subprocess.run(["rm", "-rf", str(out / name)], check=True)
+
+
+def _torchrun(script: Path, recipe: Path, resume: bool) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               str(recipe), "resume" if resume else "fresh"]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_process_resume_equals_the_uninterrupted_two_process_run(tiny_bert, tiny_data, tmp_path):
+    script = tmp_path / "launch.py"
+    script.write_text(
+        "import sys\nfrom finetune.recipe import load_recipe\nfrom finetune.train import train\n"
+        "train(load_recipe(sys.argv[1]), resume=sys.argv[2] == 'resume')\n"
+    )
+    settings = RESUMABLE | {"train.batch_size": 2, "train.keep_checkpoints": 10}  # 2 x 2 per step: 4 steps/epoch
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    _torchrun(script, write_recipe(tmp_path / "whole.yaml", recipe_dict(tiny_bert, tiny_data, whole, **settings)), False)
+    recipe = write_recipe(tmp_path / "run.yaml", recipe_dict(tiny_bert, tiny_data, out, **settings))
+    _torchrun(script, recipe, False)
+    _cut_after_first_checkpoint(out)
+    _torchrun(script, recipe, True)
+    assert "resumed from" in (out / "train.log").read_text()
+    assert_identical(out, whole)
