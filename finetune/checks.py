@@ -104,6 +104,7 @@ def check_data(recipe) -> DataReport:
             warnings.simplefilter("ignore", UserWarning)
             splits = load_image_splits(recipe)
         _check_vision_backbone(recipe)
+        _check_augmentation(recipe, splits)
     else:
         from finetune.backbones import load_text_config, load_tokenizer
         from finetune.data import load_splits
@@ -132,6 +133,19 @@ def _check_vision_backbone(recipe) -> None:
 
     if recipe.backbone.name not in VISION_ZOO:
         timm_source(recipe.backbone.name)
+
+
+# what build_transforms needs from a backbone's data config; only the augmentation keys are checked with it
+_STAND_IN_DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                         "crop_pct": 1.0, "crop_mode": "center"}
+
+
+def _check_augmentation(recipe, splits: Splits) -> None:
+    """The augment section as `run` will build it (a timm policy string, mixup's needs), with no model."""
+    from finetune.images import build_mixup, build_transforms
+
+    build_transforms(_STAND_IN_DATA_CONFIG, recipe, training=True)
+    build_mixup(recipe, len(splits.label_names or []) or 2)
 
 
 def check_output(recipe) -> list[str]:

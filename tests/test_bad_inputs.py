@@ -229,6 +229,18 @@ CASES: dict[str, Case] = {
         ("blank-texts.csv", "empty"),
     ),
     "zoo-name-typo": Case(lambda w: (w.text(**{"data.train": "bbc-new"}), []), ("bbc-new", "bbc-news")),
+    "utf16-text": Case(
+        lambda w: (w.text(**{"data.train": str(w.file("excel.csv", "sentence,topic\na,food\n".encode("utf-16")))}), []),
+        ("excel.csv", "UTF-16"),
+    ),
+    "json-of-nulls": Case(
+        lambda w: (w.text(**{"data.train": str(w.file("nulls.jsonl", "null\nnull\n"))}), []), ("nulls.jsonl", "null")
+    ),
+    "list-labels-single-label": Case(
+        lambda w: (w.text(**{"data.train": str(w.file("lists.jsonl", "".join(
+            f'{{"sentence": "{t}", "topic": ["food", "tech"]}}\n' for t in "abc")))}), []),
+        ("lists.jsonl", "line 1", "multi_label"),
+    ),
     "hub-data-set-offline": Case(lambda w: (w.text(**{"data.train": "hub:nobody/no-such-set"}), []), ("hub:nobody",)),
     "max-length-beyond-backbone": Case(  # the tiny BERT has 64 positions
         lambda w: (w.text(**{"data.max_length": 128, "data.test": str(w.csv("long.csv", [(" ".join(["news"] * 100), "food")]))}),
@@ -249,6 +261,16 @@ CASES: dict[str, Case] = {
     ),
     "one-image-as-data": Case(
         lambda w: (w.image(train=w.file("single.png", b"\x89PNG")), []), ("single.png", "one image")
+    ),
+    "bad-augment-policy": Case(
+        lambda w: (w.image(train=w.images("pictures", {"a": 2, "b": 2})), ["augment.auto_augment=randaugment-strong"]),
+        ("augment.auto_augment", "randaugment-strong"),
+        xfail={"validate": WIRE_VALIDATE},
+    ),
+    "mixup-with-an-odd-batch": Case(
+        lambda w: (w.image(train=w.images("pictures", {"a": 2, "b": 2})), ["augment.mixup=0.2", "train.batch_size=7"]),
+        ("train.batch_size", "even"),
+        xfail={"validate": WIRE_VALIDATE},
     ),
     # --- the run folder
     "output-dir-is-a-file": Case(
