@@ -109,6 +109,9 @@ class Train:
     # frozen backbone without augmentation: compute its features once (cached on disk) and train the head on them;
     # null: whenever that is possible
     cache_features: Optional[bool] = None
+    freeze_embeddings: bool = False  # text: keep the word embeddings as pretrained (a third of MiniLM's weights)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
+    compile: bool = False  # torch.compile the model (pays off on long runs; the first steps compile)
     checkpoint_every: Optional[int] = None  # optimizer steps between resumable checkpoints; null: at each epoch's end
     keep_checkpoints: int = 1  # resumable checkpoints kept (the newest); the best model is kept apart
     # single_label loss weights: auto (inverse class frequency in train, mean 1) | one number per label | null

@@ -271,7 +271,13 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
     if not dynamic_freeze and transfer.trainable_depth(recipe, 1, top) is not None:
         # a fixed freeze: frozen weights never reach the optimizer (or DDP)
         transfer.apply_freeze(job.model, transfer.trainable_depth(recipe, 1, top), depths)
+    if t.freeze_embeddings:
+        transfer.freeze_word_embeddings(job.model)
+    if t.gradient_checkpointing:
+        transfer.enable_gradient_checkpointing(job.model)
     _use_cached_features(job, recipe, accelerator, eval_batch, say)
+    if t.compile:
+        job.model.compile()  # in place: parameter names (checkpoints, export) stay those of the plain model
     model = job.model
     loaders = {
         key: job.make_loader(dataset, t.batch_size if key == "train" else eval_batch, key == "train")

@@ -240,6 +240,32 @@ def freeze_modes(model: nn.Module) -> None:
             module.eval()
 
 
+def freeze_word_embeddings(model: nn.Module) -> int:
+    """Keep a transformers backbone's input (word) embeddings as pretrained; returns how many weights that froze."""
+    base = plain_model(model)
+    backbone = base.backbone if isinstance(base, TextClassifier) else base
+    if not hasattr(backbone, "get_input_embeddings") or backbone.get_input_embeddings() is None:
+        raise FinetuneError("train.freeze_embeddings: only text (transformers) backbones have word embeddings")
+    weight = backbone.get_input_embeddings().weight
+    weight.requires_grad_(False)
+    return weight.numel()
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' or timm's own switch for recomputing activations in the backward pass."""
+    base = plain_model(model)
+    inner = base.backbone if isinstance(base, (TextClassifier, VisionClassifier)) else base
+    inner = inner.model if isinstance(inner, TimmClassifier) else inner
+    if hasattr(inner, "gradient_checkpointing_enable"):
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if is_lora(model):  # frozen embeddings output no grad: checkpointed layers need an input that has one
+            inner.enable_input_require_grads()
+    elif hasattr(inner, "set_grad_checkpointing"):
+        inner.set_grad_checkpointing(True)
+    else:
+        raise FinetuneError(f"train.gradient_checkpointing: {type(inner).__name__} has no gradient checkpointing")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Cached features of a frozen backbone
 

@@ -275,3 +275,33 @@ def test_augmentation_rules_out_the_cache(image_data, tmp_path):  # noqa: F811
                                                      "augment.hflip": 0.5, "train.epochs": 1})
     with pytest.raises(Exception, match="train.cache_features: cannot cache features: augmentation"):
         train(to_recipe(raw))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed and memory switches
+
+
+def test_frozen_word_embeddings_stay_as_pretrained(tiny_bert, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train(to_recipe(recipe_dict(tiny_bert, tiny_data, out, **{"train.freeze_embeddings": True})))
+    before, after = load_file(tiny_bert / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    name = "embeddings.word_embeddings.weight"
+    assert torch.equal(after[f"bert.{name}"], before[name])
+    assert not torch.equal(after["bert.encoder.layer.0.output.dense.weight"], before["encoder.layer.0.output.dense.weight"])
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_bert, tiny_data, tmp_path):
+    runs = [train(to_recipe(recipe_dict(tiny_bert, tiny_data, tmp_path / str(on), **{"train.gradient_checkpointing": on})))
+            for on in (False, True)]
+    for a, b in zip(runs[0]["epochs"], runs[1]["epochs"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+@pytest.mark.slow  # compiling takes a minute or two on 2 cores
+def test_compiled_training_matches_eager(tiny_bert, tiny_data, tmp_path):
+    runs = [train(to_recipe(recipe_dict(tiny_bert, tiny_data, tmp_path / str(on), **{"train.compile": on})))
+            for on in (False, True)]
+    for a, b in zip(runs[0]["epochs"], runs[1]["epochs"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert sorted(load_file(tmp_path / "True" / "model" / "model.safetensors")) == sorted(
+        load_file(tmp_path / "False" / "model" / "model.safetensors"))
