@@ -281,7 +281,7 @@ def test_a_zero_byte_image_without_skipping_is_an_error_naming_the_file(tmp_path
     train = tmp_path / "train"
     for label in ("a", "b"):
         for i in range(3):
-            save_png(train / label / f"{i}.png", hash(label) % 100 + i)
+            save_png(train / label / f"{i}.png", i + 10 * ord(label))
     (train / "b" / "zero.png").write_bytes(b"")
     with pytest.raises(FinetuneError, match=r"zero\.png.*empty \(0 bytes\)"):
         check_data(image_recipe(tmp_path, train=train))
@@ -291,7 +291,7 @@ def test_an_unknown_timm_name_is_an_error_before_any_model_is_built(tmp_path):
     train = tmp_path / "train"
     for label in ("a", "b"):
         for i in range(3):
-            save_png(train / label / f"{i}.png", i + 10 * len(label))
+            save_png(train / label / f"{i}.png", i + 10 * ord(label))
     recipe = image_recipe(tmp_path, train=train)
     recipe.backbone.name = "resnet5O"
     with pytest.raises(FinetuneError, match="backbone.name: 'resnet5O' is not a zoo name"):
@@ -310,3 +310,25 @@ def test_the_quickstart_recipe_report():
     assert "1 of 213 data.test rows (<1%)" in leak
     assert "bbc-news:test (sports/438.txt) = bbc-news:train (sports/432.txt)" in leak
     assert result.splits["train"].tokens["p50"] > result.max_length
+
+
+@pytest.mark.parametrize(
+    "augment, train, expected",
+    [({"auto_augment": "randaugment-strong"}, {}, "augment.auto_augment: 'randaugment-strong'"),
+     ({"mixup": 0.2}, {"batch_size": 7}, "train.batch_size: mixup/cutmix")],
+)
+def test_the_augment_section_is_checked_without_a_model(tmp_path, augment, train, expected):
+    folder = tmp_path / "train"
+    for label in ("a", "b"):
+        for i in range(3):
+            save_png(folder / label / f"{i}.png", i + 10 * ord(label))
+    raw = {
+        "task": "image-classification",
+        "backbone": {"name": "test_efficientnet", "pretrained": False},
+        "data": {"train": str(folder)},
+        "augment": augment,
+        "train": train,
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    with pytest.raises(FinetuneError, match=expected):
+        check_data(to_recipe(raw))
