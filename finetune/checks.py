@@ -173,7 +173,7 @@ def data_report(recipe, splits: Splits, tokenizer=None, max_positions: int | Non
     """
     text = recipe.task != "image-classification"
     problem, names = splits.problem, splits.label_names
-    summaries = {key: _summarise(key, splits, recipe) for key in SPLITS if key in splits.parts}
+    summaries = {key: _summarise(key, splits) for key in SPLITS if key in splits.parts}
     report = DataReport(recipe.task, problem, names, summaries, recipe.data.max_length if text else None)
     say = report.warnings.append
     fingerprint = _text_key if text else _image_key
@@ -204,7 +204,7 @@ def data_report(recipe, splits: Splits, tokenizer=None, max_positions: int | Non
 # Per-split summaries and warnings.
 
 
-def _summarise(key: str, splits: Splits, recipe) -> SplitSummary:
+def _summarise(key: str, splits: Splits) -> SplitSummary:
     info = splits.info["splits"][key]
     table = getattr(splits, key)
     summary = SplitSummary(
