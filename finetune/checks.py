@@ -175,7 +175,10 @@ def data_report(recipe, splits: Splits, tokenizer=None, max_positions: int | Non
     problem, names = splits.problem, splits.label_names
     summaries = {key: _summarise(key, splits) for key in SPLITS if key in splits.parts}
     report = DataReport(recipe.task, problem, names, summaries, recipe.data.max_length if text else None)
-    say = report.warnings.append
+
+    def say(warning: str) -> None:  # one line each, whatever a label or file name holds
+        report.warnings.append(" ".join(warning.split()))
+
     fingerprint = _text_key if text else _image_key
     keys = {key: [fingerprint(entry) for entry in part.texts] for key, part in splits.parts.items()}
 
