@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Where a fine-tuning step of the kit spends its time, and what the candidate speed-ups change, measured.
+
+    python scripts/profile_step.py [RECIPE] [key=value ...] [--steps 12] [--warmup 3] [--threads 2]
+                                   [--variants base,frozen-embeddings,...] [--trace DIR] [--markdown FILE]
+
+The step is the kit's own: the model from finetune.model.build_text_model, the rows and tokens from finetune.data
+(load_splits, tokenize, make_loader: shuffled, padded per batch), param groups from finetune.optim, AdamW with
+fused=True, the schedule from finetune.optim.build_scheduler, everything through accelerate's prepare(), and the
+loop body of finetune.train._train_epoch (accumulate, forward, loss, backward, clip, step, schedule, zero_grad).
+Each phase is timed with perf_counter (CPU ops are synchronous, so the split is exact on a CPU):
+
+  data       the prepared DataLoader's next batch (collation, padding)
+  forward    model(**batch) and the loss
+  backward   accelerator.backward(loss)
+  optimizer  gradient clipping, optimizer.step(), scheduler.step(), zero_grad
+
+Variants (each its own model and optimizer, all built up front; the steps are interleaved round-robin, so a change in
+the machine's load hits every variant alike; medians of the measured steps are reported):
+
+  base               as the kit does it today
+  frozen-embeddings  the word embeddings frozen (finetune.transfer.freeze_word_embeddings): no gradient for the
+                     30522 x 384 table and no AdamW update of its 11.7M weights (half of MiniLM)
+  foreach            AdamW(foreach=True) instead of fused=True
+  compile            torch.compile of the model (model.compile(), as train.compile does); compile time reported
+  one-thread         torch.set_num_threads(1) during its steps
+  grouped            batches from finetune.sampling.LengthGroupedSampler (less padding)
+  pad-max            every batch padded to data.max_length (what a loader without dynamic padding does)
+
+A torch.profiler table of the base variant's top operators (self CPU time) is printed too; --trace DIR writes its
+Chrome trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ALL_VARIANTS = ("base", "frozen-embeddings", "foreach", "compile", "one-thread", "grouped", "pad-max")
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+@dataclass
+class Variant:
+    name: str
+    model: object
+    optimizer: object
+    scheduler: object
+    loader: object
+    threads: int
+    setup_seconds: float = 0.0
+    times: dict = field(default_factory=lambda: {p: [] for p in PHASES})
+    samples: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)  # real (unpadded) tokens per step
+    padded: list = field(default_factory=list)  # tokens the model computes on, padding included
+    iterator: object = None
+
+
+def build(name: str, recipe, accelerator, splits, threads: int) -> Variant:
+    import torch
+
+    from finetune import data as data_module
+    from finetune import transfer
+    from finetune.model import build_text_model, head_parameter_names
+    from finetune.optim import build_param_groups, build_scheduler
+    from finetune.sampling import LengthGroupedSampler, token_lengths
+
+    t = recipe.train
+    torch.manual_seed(t.seed)
+    model, tokenizer = build_text_model(recipe, splits.label_names)
+    dataset = data_module.tokenize(splits.train, tokenizer, recipe.data.max_length)
+    loader = data_module.make_loader(dataset, tokenizer, t.batch_size, True, t.seed)
+    if name == "grouped":
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=t.batch_size, collate_fn=loader.collate_fn,
+            sampler=LengthGroupedSampler(token_lengths(dataset), t.batch_size, t.seed))
+    if name == "pad-max":
+        from transformers import DataCollatorWithPadding
+
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=t.batch_size, shuffle=True, generator=torch.Generator().manual_seed(t.seed),
+            collate_fn=DataCollatorWithPadding(tokenizer, padding="max_length", max_length=recipe.data.max_length))
+    if name == "frozen-embeddings":
+        transfer.freeze_word_embeddings(model)
+    depths, _ = transfer.layer_ids(model)
+    groups = build_param_groups(model, t.lr, t.head_lr, t.weight_decay, head_parameter_names(model), depths,
+                                t.layer_decay)
+    optimizer = torch.optim.AdamW(groups, foreach=True) if name == "foreach" else torch.optim.AdamW(groups, fused=True)
+    total = math.ceil(len(loader) / t.grad_accum) * t.epochs
+    scheduler = build_scheduler(optimizer, t.scheduler, 0, total)
+    setup = 0.0
+    if name == "compile":
+        tic = time.perf_counter()
+        model.compile()
+        setup = time.perf_counter() - tic  # compiling itself happens at the first steps: see the warmup line
+    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
+    return Variant(name, model, optimizer, scheduler, loader, 1 if name == "one-thread" else threads, setup)
+
+
+def step(v: Variant, accelerator, recipe, record: bool) -> None:
+    import torch
+
+    from finetune.train import logits_of, loss_fn
+
+    t = recipe.train
+    torch.set_num_threads(v.threads)
+    v.model.train()
+    tic = time.perf_counter()
+    try:
+        batch = next(v.iterator)
+    except (StopIteration, TypeError):
+        v.iterator = iter(v.loader)
+        batch = next(v.iterator)
+    got = time.perf_counter()
+    with accelerator.accumulate(v.model):
+        labels = batch.pop("labels")
+        loss = loss_fn(logits_of(v.model(**batch)), labels, recipe.head.problem)
+        forward = time.perf_counter()
+        accelerator.backward(loss)
+        backward = time.perf_counter()
+        if accelerator.sync_gradients and t.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(v.model.parameters(), t.max_grad_norm)
+        v.optimizer.step()
+        v.scheduler.step()
+        v.optimizer.zero_grad(set_to_none=True)
+    done = time.perf_counter()
+    if record:
+        for phase, seconds in zip(PHASES, (got - tic, forward - got, backward - forward, done - backward)):
+            v.times[phase].append(seconds)
+        v.samples.append(len(labels))
+        v.tokens.append(int(batch["attention_mask"].sum()))
+        v.padded.append(batch["attention_mask"].numel())
+
+
+def profile_base(v: Variant, accelerator, recipe, steps: int, trace: str | None) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        for _ in range(steps):
+            step(v, accelerator, recipe, record=False)
+    if trace:
+        Path(trace).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(trace) / "base_step_trace.json"))
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="profile_step.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("args", nargs="*", metavar="RECIPE key=value")
+    parser.add_argument("--steps", type=int, default=12, help="measured steps per variant (default 12)")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compile happens here)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPUs)")
+    parser.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"from {', '.join(ALL_VARIANTS)}")
+    parser.add_argument("--profile-steps", type=int, default=4, help="base steps under torch.profiler (0: none)")
+    parser.add_argument("--trace", default=None, help="write the profiler's Chrome trace into this folder")
+    parser.add_argument("--markdown", default=None, help="write the results into this Markdown file (a section)")
+    args = parser.parse_args(argv)
+    positional = list(args.args)
+    recipe_arg = positional.pop(0) if positional and "=" not in positional[0] else "text/minilm-bbc-news"
+    overrides = positional
+    names = [n for n in args.variants.split(",") if n]
+    unknown = set(names) - set(ALL_VARIANTS)
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(sorted(unknown))}")
+    threads = args.threads or len(os.sched_getaffinity(0))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch
+    from accelerate import Accelerator
+
+    from finetune.data import load_splits
+    from finetune.recipe import find_recipe, load_recipe
+
+    torch.set_num_threads(threads)
+    recipe = load_recipe(find_recipe(recipe_arg), overrides)
+    if recipe.task != "text-classification":
+        parser.error("profile_step.py profiles text fine-tuning")
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    splits = load_splits(recipe)
+    variants = []
+    for name in names:
+        tic = time.perf_counter()
+        variants.append(build(name, recipe, accelerator, splits, threads))
+        print(f"built {name} in {time.perf_counter() - tic:.1f}s", file=sys.stderr, flush=True)
+    warm = {}
+    for i in range(args.warmup):
+        for v in variants:
+            tic = time.perf_counter()
+            step(v, accelerator, recipe, record=False)
+            warm.setdefault(v.name, []).append(time.perf_counter() - tic)
+    load = []
+    for i in range(args.steps):
+        load.append(os.getloadavg()[0])
+        for v in variants:
+            step(v, accelerator, recipe, record=True)
+        print(f"round {i + 1}/{args.steps}", file=sys.stderr, flush=True)
+    table = None
+    if args.profile_steps and variants and variants[0].name == "base":
+        table = profile_base(variants[0], accelerator, recipe, args.profile_steps, args.trace)
+
+    base = variants[0] if variants and variants[0].name == "base" else None
+    header = ["variant", "step s", "samples/s", *[f"{p} s" for p in PHASES], "padding %", "vs base"]
+    rows = []
+    for v in variants:
+        medians = {p: statistics.median(v.times[p]) for p in PHASES}
+        total = statistics.median([sum(v.times[p][i] for p in PHASES) for i in range(len(v.samples))])
+        speed = sum(v.samples) / sum(sum(v.times[p]) for p in PHASES)
+        padding = 100 * (1 - sum(v.tokens) / sum(v.padded))
+        ratio = "-"
+        if base is not None:
+            base_speed = sum(base.samples) / sum(sum(base.times[p]) for p in PHASES)
+            ratio = f"{speed / base_speed:.2f}x"
+        rows.append([v.name, f"{total:.3f}", f"{speed:.1f}", *[f"{medians[p]:.3f}" for p in PHASES],
+                     f"{padding:.0f}", ratio])
+    notes = [f"{recipe_arg} {' '.join(overrides)}: batch {recipe.train.batch_size}, max_length "
+             f"{recipe.data.max_length}, {threads} threads, {len(splits.train['text'])} training rows; "
+             f"{args.steps} measured steps per variant after {args.warmup} warmup steps, interleaved; medians",
+             f"load average during the measured rounds: {min(load):.1f}-{max(load):.1f} on "
+             f"{len(os.sched_getaffinity(0))} cores"]
+    for v in variants:
+        if v.name == "compile":
+            notes.append(f"compile: warmup steps took {', '.join(f'{s:.1f}' for s in warm[v.name])} s "
+                         f"(compilation happens in the first steps) vs base "
+                         f"{', '.join(f'{s:.1f}' for s in warm.get('base', []))} s")
+    widths = [max(len(r[i]) for r in [header, *rows]) + 2 for i in range(len(header))]
+    print()
+    for row in [header, *rows]:
+        print(row[0].ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(row[1:], widths[1:])))
+    for note in notes:
+        print(f"note: {note}")
+    if table:
+        print("\nbase step, torch.profiler, top operators by self CPU time:\n" + table)
+    if args.markdown:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench import write_markdown
+
+        text = ["### profile-step", "", f"`python scripts/profile_step.py {' '.join(argv)}`", ""]
+        text.append("| " + " | ".join(header) + " |")
+        text.append("|---|" + "---:|" * (len(header) - 1))
+        text += ["| " + " | ".join(r) + " |" for r in rows]
+        text += [""] + [f"- {n}" for n in notes]
+        if table:
+            text += ["", "Top operators of the base step (torch.profiler, self CPU time):", "", "```", table, "```"]
+        write_markdown(Path(args.markdown), "profile-step", "\n".join(text) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
