@@ -327,7 +327,14 @@ def _what_it_does(recipe, splits, kind: str) -> str:
         task = f"tags {kind}s with any number of {len(labels)} labels (an independent score per label)"
     else:
         task = f"predicts a number (`{recipe.data.label_column}`) from a {kind}"
-    return f"A {backbone} with {head} head, fine-tuned with finetune {__version__}: it {task}."
+    text = f"A {backbone} with {head} head, fine-tuned with finetune {__version__}: it {task}."
+    if recipe.lora is not None:
+        text += (
+            f" Fine-tuned with LoRA (r={getattr(recipe.lora, 'r', '?')}, alpha={getattr(recipe.lora, 'alpha', '?')}): "
+            "these are the merged weights; the peft adapter alone is in the run's `adapter/` folder (pushed under "
+            "`adapter/`)."
+        )
+    return text
 
 
 def _limits(recipe, splits, metrics: dict, kind: str) -> list[str]:
