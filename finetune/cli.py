@@ -65,24 +65,28 @@ def cmd_cp(args) -> int:
 
 def cmd_validate(args) -> int:
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
-    if recipe.task == "image-classification":
-        from finetune.images import load_image_splits as load_splits
-    else:
-        from finetune.data import load_splits
-    splits = load_splits(recipe)  # files, columns, labels: what `run` would trip on, without loading a model
-    print(to_yaml(recipe), end="")
-    counts = ", ".join(f"{key} {part['count']}" for key, part in splits.info["splits"].items())
-    print(f"{args.recipe}: recipe and data are valid ({counts} rows)", file=sys.stderr)
+    from finetune.checks import check_data
+
+    # files, columns, labels, leakage, token lengths, backbone, output folder: what `run` checks, without a model
+    report = check_data(recipe)
+    print(to_yaml(recipe), end="")  # stdout stays the resolved recipe, so it can be piped into a file
+    print(report.table(), file=sys.stderr)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{args.recipe}: recipe and data are valid", file=sys.stderr)
     return 0
 
 
 def cmd_run(args) -> int:
-    recipe = load_recipe(find_recipe(args.recipe), args.overrides)  # before importing torch: typos report fast
+    source = Path(args.recipe)
+    if source.is_dir() and (source / "config.yaml").is_file():  # a run folder: its own resolved recipe
+        source = source / "config.yaml"
+    recipe = load_recipe(find_recipe(str(source)), args.overrides)  # before importing torch: typos report fast
     from finetune.train import train
 
     if _is_main_process():
         print(to_yaml(recipe), end="")
-    train(recipe, overwrite=args.overwrite)
+    train(recipe, overwrite=args.overwrite, resume=args.resume)
     return 0
 
 
@@ -214,10 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("validate", cmd_validate, "check a recipe and print it resolved"), ("run", cmd_run, "train")):
         verb = verbs.add_parser(name, help=text)
-        verb.add_argument("recipe", help="recipe file or built-in recipe name")
+        verb.add_argument("recipe", help="recipe file, built-in recipe name, or (run) a run folder to --resume")
         verb.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-5")
         if name == "run":
             verb.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+            verb.add_argument(
+                "--resume", action="store_true", help="continue the unfinished run in output.dir from its last checkpoint"
+            )
         verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         verb.set_defaults(func=func)
 

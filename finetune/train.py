@@ -9,6 +9,7 @@ import os
 import resource
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from finetune import data as data_module
 from finetune import export, recipe as recipe_module
-from finetune import transfer
+from finetune import checks, transfer
 from finetune.errors import FinetuneError
 from finetune.metrics import compute_metrics, is_improvement, predictions_from_logits
 from finetune.model import (
@@ -157,11 +158,18 @@ class Job:
     save: Callable  # (unwrapped model, directory) -> writes model/ without the card
     mixup: Callable | None = None  # timm Mixup for image batches
     class_weights: torch.Tensor | None = None  # single_label cross-entropy weights, in label order
+    warnings: list = dataclasses.field(default_factory=list)  # the data report's: legal but suspicious data
 
 
 def _text_job(recipe, accelerator) -> Job:
     t = recipe.train
     splits = data_module.load_splits(recipe)  # bad data fails here, before any run folder is made or removed
+    from finetune.backbones import load_text_config, load_tokenizer
+
+    source, config = load_text_config(recipe)
+    tokenizer = load_tokenizer(source, recipe.backbone.trust_remote_code)
+    # texts longer than the backbone takes, leakage, imbalance: errors before any model is built, else warnings
+    report = checks.data_report(recipe, splits, tokenizer, checks.backbone_max_tokens(tokenizer, config))
     model, tokenizer = build_text_model(recipe, splits.label_names)
     with accelerator.main_process_first():  # the main process tokenises and caches; the others read the cache
         datasets = {
@@ -175,6 +183,7 @@ def _text_job(recipe, accelerator) -> Job:
         datasets,
         make_loader=lambda dataset, batch, training: data_module.make_loader(dataset, tokenizer, batch, training, t.seed),
         save=lambda unwrapped, directory: save_model(unwrapped, tokenizer, directory, recipe, splits.label_names),
+        warnings=report.warnings,
     )
 
 
@@ -182,7 +191,10 @@ def _image_job(recipe, accelerator) -> Job:
     from finetune import images
 
     t = recipe.train
-    splits = images.load_image_splits(recipe)
+    with warnings.catch_warnings():  # skipped images are one of the report's warnings
+        warnings.simplefilter("ignore", UserWarning)
+        splits = images.load_image_splits(recipe)
+    report = checks.data_report(recipe, splits)
     model, data_config = build_vision_model(recipe, splits.label_names)
     if _use_channels_last(recipe, model, accelerator):
         model = model.to(memory_format=torch.channels_last)
@@ -206,6 +218,7 @@ def _image_job(recipe, accelerator) -> Job:
         make_loader=make_loader,
         save=lambda unwrapped, directory: save_vision_model(unwrapped, directory, recipe, splits.label_names, data_config),
         mixup=mixup,
+        warnings=report.warnings,
     )
 
 
@@ -263,9 +276,8 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
     say = _open_run_folder(accelerator, out, overwrite, recipe, resume)
     if accelerator.is_main_process:
         (out / "split.json").write_text(json.dumps(splits.info, indent=1) + "\n")
-    skipped = sum(len(part.get("skipped", [])) for part in splits.info["splits"].values())
-    if skipped:
-        say(f"skipped {skipped} unreadable image(s) (data.skip_bad_images); split.json lists them")
+    for warning in job.warnings:
+        say(f"warning: {warning}")
     eval_batch = t.eval_batch_size or 2 * t.batch_size
     depths, top = transfer.layer_ids(job.model)
     if not dynamic_freeze and transfer.trainable_depth(recipe, 1, top) is not None:
@@ -348,9 +360,22 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
         _atomic_save(out / "model", lambda d: export.export_model(job.save, final, d, recipe, splits, metrics))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         say(f"model saved to {out / 'model'}; metrics in {out / 'metrics.json'}")
+        if recipe.hub.repo_id:
+            _push(out, recipe, say)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it closes the trackers and the process group
     return metrics
+
+
+def _push(out: Path, recipe, say) -> None:
+    """hub.repo_id: upload the finished run; a failed upload leaves the run as it is and says how to retry."""
+    from finetune.hub import push_run
+
+    try:
+        say(f"pushed to {push_run(out, recipe.hub.repo_id, recipe.hub.private)}")
+    except FinetuneError as error:
+        say(f"warning: the run is saved, but the push failed: {error}; retry with: "
+            f"finetune push {out} --repo-id {recipe.hub.repo_id}")
 
 
 def _class_weights(recipe, splits, device) -> torch.Tensor | None:

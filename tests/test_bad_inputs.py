@@ -19,11 +19,6 @@ from conftest import call_main, one_error_line, recipe_dict, run_cli, write_csv,
 from PIL import Image
 
 BOTH = ("run", "validate")
-WIRE_VALIDATE = "needs cli.py: cmd_validate calls finetune.checks.check_data(recipe) (it reads no backbone or output.dir)"
-WIRE_RUN = (
-    "needs train.py: _text_job calls finetune.checks.data_report(recipe, splits, tokenizer, max_positions) "
-    "(the backbone's token limit is checked nowhere else)"
-)
 
 
 @dataclass
@@ -144,7 +139,6 @@ CASES: dict[str, Case] = {
     "unknown-backbone-path": Case(
         lambda w: (w.text(**{"backbone.name": str(w.root / "no-such-model")}), []),
         ("backbone.name", "no-such-model"),
-        xfail={"validate": WIRE_VALIDATE},
     ),
     "lora-bad-target-module": Case(
         lambda w: (w.text(lora={"r": 4, "target_modules": ["no_such_module"]}), []),
@@ -246,7 +240,6 @@ CASES: dict[str, Case] = {
         lambda w: (w.text(**{"data.max_length": 128, "data.test": str(w.csv("long.csv", [(" ".join(["news"] * 100), "food")]))}),
                    []),
         ("data.max_length", "64"),
-        xfail={"run": WIRE_RUN, "validate": WIRE_VALIDATE},
     ),
     # --- images
     "corrupt-image": Case(_bad_image("bad.png", b"\x89PNG\r\n\x1a\nnot really"), ("bad.png", "not a readable image")),
@@ -265,29 +258,25 @@ CASES: dict[str, Case] = {
     "bad-augment-policy": Case(
         lambda w: (w.image(train=w.images("pictures", {"a": 2, "b": 2})), ["augment.auto_augment=randaugment-strong"]),
         ("augment.auto_augment", "randaugment-strong"),
-        xfail={"validate": WIRE_VALIDATE},
     ),
     "mixup-with-an-odd-batch": Case(
         lambda w: (w.image(train=w.images("pictures", {"a": 2, "b": 2})), ["augment.mixup=0.2", "train.batch_size=7"]),
         ("train.batch_size", "even"),
-        xfail={"validate": WIRE_VALIDATE},
     ),
     # --- the run folder
     "output-dir-is-a-file": Case(
         lambda w: (w.text(**{"output.dir": str(w.file("taken", "not a folder"))}), []),
         ("output.dir", "taken"),
-        xfail={"validate": WIRE_VALIDATE},
     ),
     "output-dir-under-a-file": Case(
         lambda w: (w.text(**{"output.dir": str(w.file("plain", "x") / "run")}), []),
         ("output.dir", "plain"),
-        xfail={"validate": WIRE_VALIDATE},
     ),
     "existing-run-without-overwrite": Case(
         lambda w: (w.text(), []), ("output.dir", "--overwrite"), verbs=("run",), overwrite=False
     ),
     "unwritable-output-dir": Case(
-        _unreadable_parent, ("output.dir", "locked"), xfail={"validate": WIRE_VALIDATE}
+        _unreadable_parent, ("output.dir", "locked")
     ),
 }
 

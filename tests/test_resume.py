@@ -250,3 +250,17 @@ def test_two_process_resume_equals_the_uninterrupted_two_process_run(tiny_bert, 
     _torchrun(script, recipe, True)
     assert "resumed from" in (out / "train.log").read_text()
     assert_identical(out, whole)
+
+
+def test_cli_resume_of_a_run_folder(uninterrupted, tiny_bert, tiny_data, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    raw = recipe_dict(tiny_bert, tiny_data, out, **RESUMABLE | {"train.keep_checkpoints": 10})
+    train(to_recipe(raw))
+    _cut_after_first_checkpoint(out)
+    refused = run_cli("run", str(write_recipe(tmp_path / "recipe.yaml", raw)))
+    assert refused.returncode == 2 and "pass --resume to continue it" in refused.stderr
+    resumed = run_cli("run", str(out), "--resume")  # the run folder stands for its own config.yaml
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_identical(out, uninterrupted)
