@@ -26,6 +26,7 @@ the machine's load hits every variant alike; medians of the measured steps are r
   one-thread         torch.set_num_threads(1) during its steps
   grouped            batches from finetune.sampling.LengthGroupedSampler (less padding)
   pad-max            every batch padded to data.max_length (what a loader without dynamic padding does)
+  no-dropout         backbone.dropout=0 and head.dropout=0 (CPU dropout draws a Bernoulli mask per activation)
 
 A torch.profiler table of the base variant's top operators (self CPU time) is printed too; --trace DIR writes its
 Chrome trace.
@@ -34,6 +35,7 @@ Chrome trace.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import statistics
@@ -42,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ALL_VARIANTS = ("base", "frozen-embeddings", "foreach", "compile", "one-thread", "grouped", "pad-max")
+ALL_VARIANTS = ("base", "frozen-embeddings", "foreach", "compile", "one-thread", "grouped", "pad-max", "no-dropout")
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
@@ -73,6 +75,9 @@ def build(name: str, recipe, accelerator, splits, threads: int) -> Variant:
 
     t = recipe.train
     torch.manual_seed(t.seed)
+    if name == "no-dropout":
+        recipe = dataclasses.replace(recipe, backbone=dataclasses.replace(recipe.backbone, dropout=0.0),
+                                     head=dataclasses.replace(recipe.head, dropout=0.0))
     model, tokenizer = build_text_model(recipe, splits.label_names)
     dataset = data_module.tokenize(splits.train, tokenizer, recipe.data.max_length)
     loader = data_module.make_loader(dataset, tokenizer, t.batch_size, True, t.seed)
