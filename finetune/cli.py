@@ -73,7 +73,8 @@ def cmd_validate(args) -> int:
     print(report.table(), file=sys.stderr)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"{args.recipe}: recipe and data are valid", file=sys.stderr)
+    counts = ", ".join(f"{key} {summary.rows}" for key, summary in report.splits.items())
+    print(f"{args.recipe}: recipe and data are valid ({counts} rows)", file=sys.stderr)
     return 0
 
 

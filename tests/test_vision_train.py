@@ -486,7 +486,7 @@ def test_skip_bad_images_runs_and_lists_the_skipped_file(skip_run):
 def test_skip_bad_images_tells_the_cli_user_how_many_were_skipped(skip_run):
     _, out, result = skip_run
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "skipped 1 unreadable image" in result.stdout + result.stderr
+    assert "warning: data.train: 1 unreadable image(s) skipped" in result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
