@@ -619,7 +619,8 @@ def tokenize(table: dict, tokenizer, max_length: int):
     )
 
 
-def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int):
+def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int, sampler=None):
+    """Batches padded to their own longest row; `sampler` (finetune.sampling) replaces the plain shuffle."""
     import torch
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
@@ -628,7 +629,8 @@ def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int):
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         generator=generator,
         collate_fn=DataCollatorWithPadding(tokenizer),
     )

@@ -499,7 +499,7 @@ def collate_images(batch: list[dict]) -> dict:
 
 
 def make_image_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int | None,
-                      drop_last: bool = False):
+                      drop_last: bool = False, sampler=None):
     """A DataLoader over an ImageDataset; num_workers None: min(4, CPUs); workers persist across epochs.
 
     The seeded generator also seeds each worker's `random`/torch streams, so augmentation with workers repeats
@@ -514,7 +514,8 @@ def make_image_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_wo
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         generator=torch.Generator().manual_seed(seed),
         collate_fn=collate_images,
         num_workers=num_workers,

@@ -109,6 +109,8 @@ class Train:
     # frozen backbone without augmentation: compute its features once (cached on disk) and train the head on them;
     # null: whenever that is possible
     cache_features: Optional[bool] = None
+    group_by_length: bool = False  # text: batches of similar lengths (shuffled groups): less padding, faster epochs
+    sampler: Literal["random", "balanced"] = "random"  # balanced: draw every class equally often (skewed labels)
     freeze_embeddings: bool = False  # text: keep the word embeddings as pretrained (a third of MiniLM's weights)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     compile: bool = False  # torch.compile the model (pays off on long runs; the first steps compile)
@@ -466,6 +468,12 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
         )
     need(t.checkpoint_every is None or t.checkpoint_every >= 1, "train.checkpoint_every: must be at least 1 step, or null")
     need(t.keep_checkpoints >= 1, f"train.keep_checkpoints: must be at least 1, got {t.keep_checkpoints}")
+    need(t.sampler == "random" or h.problem == "single_label", "train.sampler: balanced is for single_label heads")
+    need(
+        not (t.group_by_length and t.sampler == "balanced"),
+        "train.group_by_length: and train.sampler=balanced are two orders; pick one",
+    )
+    need(not (t.group_by_length and recipe.task == "image-classification"), "train.group_by_length: text only")
     if t.class_weights is not None:
         need(h.problem == "single_label", "train.class_weights: only for head.problem=single_label")
         need(

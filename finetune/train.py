@@ -181,7 +181,9 @@ def _text_job(recipe, accelerator) -> Job:
         splits,
         model,
         datasets,
-        make_loader=lambda dataset, batch, training: data_module.make_loader(dataset, tokenizer, batch, training, t.seed),
+        make_loader=lambda dataset, batch, training: data_module.make_loader(
+            dataset, tokenizer, batch, training, t.seed, _train_sampler(recipe, dataset, batch) if training else None
+        ),
         save=lambda unwrapped, directory: save_model(unwrapped, tokenizer, directory, recipe, splits.label_names),
         warnings=report.warnings,
     )
@@ -209,7 +211,8 @@ def _image_job(recipe, accelerator) -> Job:
     def make_loader(dataset, batch, training):
         # mixup pairs each image with the batch reversed: an odd last batch would pair one image with itself
         drop_last = training and mixup is not None
-        return images.make_image_loader(dataset, batch, training, t.seed, recipe.data.num_workers, drop_last)
+        sampler = _train_sampler(recipe, dataset, batch) if training else None
+        return images.make_image_loader(dataset, batch, training, t.seed, recipe.data.num_workers, drop_last, sampler)
 
     return Job(
         splits,
@@ -220,6 +223,18 @@ def _image_job(recipe, accelerator) -> Job:
         mixup=mixup,
         warnings=report.warnings,
     )
+
+
+def _train_sampler(recipe, dataset, batch_size: int):
+    """The training order when it is not a plain shuffle: length-grouped batches or class-balanced draws."""
+    from finetune import sampling
+
+    t = recipe.train
+    if t.group_by_length:
+        return sampling.LengthGroupedSampler(sampling.token_lengths(dataset), batch_size, t.seed)
+    if t.sampler == "balanced":
+        return sampling.ClassBalancedSampler(transfer.labels_of(dataset), t.seed)
+    return None
 
 
 def augmentation_off(recipe) -> bool:
@@ -446,7 +461,8 @@ def _use_cached_features(job: Job, recipe, accelerator, eval_batch: int, say) ->
 
     def make_loader(dataset, batch, training):
         like = make_original(originals["train" if training else "validation"], batch, training)
-        return transfer.make_feature_loader(dataset, batch, training, recipe.train.seed, like)
+        custom = like.sampler if hasattr(like.sampler, "set_epoch") else None  # same rows, same order
+        return transfer.make_feature_loader(dataset, batch, training, recipe.train.seed, like, custom)
 
     job.make_loader = make_loader
     job.model = transfer.CachedHead(model, head_fn)
@@ -630,6 +646,7 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, 
     transfer.freeze_modes(model)  # frozen layers keep their pretrained BatchNorm statistics and no dropout
     _seed_epoch(loader, t.seed, p.epoch)
     batches = accelerator.skip_first_batches(loader, p.batch) if p.batch else loader
+    _seed_epoch(batches, t.seed, p.epoch)
     total_loss = torch.tensor(p.epoch_loss[accelerator.process_index] if p.epoch_loss else 0.0, device=accelerator.device)
     first_bad = torch.tensor(-1, device=accelerator.device)  # the first step whose loss was not finite
     bar = tqdm(batches, desc=f"epoch {p.epoch}/{t.epochs}", disable=not accelerator.is_local_main_process,
@@ -686,6 +703,8 @@ def _seed_epoch(loader, seed: int, epoch: int) -> None:
     sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
     for g in {id(x): x for x in (generator, getattr(sampler, "generator", None)) if x is not None}.values():
         g.manual_seed(seed * 1_000_003 + epoch)
+    if hasattr(loader, "set_epoch"):  # accelerate's loaders pass it on to our samplers (finetune.sampling)
+        loader.set_epoch(epoch)
 
 
 def _stop_if_not_finite(first_bad: torch.Tensor, p: Progress, out: Path) -> None:

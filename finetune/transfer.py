@@ -407,7 +407,7 @@ def labels_of(dataset) -> list:
     return list(dataset.labels)
 
 
-def make_feature_loader(dataset: FeatureDataset, batch_size: int, shuffle: bool, seed: int, like):
+def make_feature_loader(dataset: FeatureDataset, batch_size: int, shuffle: bool, seed: int, like, sampler=None):
     """Batches in the same order as `like`, the uncached path's loader for the split: same sampler and the same
     generator policy (a loader without its own generator draws its workers' seed from the global RNG, which then
     changes what dropout draws next)."""
@@ -427,4 +427,5 @@ def make_feature_loader(dataset: FeatureDataset, batch_size: int, shuffle: bool,
         return {"features": torch.stack([item["features"] for item in items]), "labels": labels}
 
     generator = torch.Generator().manual_seed(seed) if like.generator is not None else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      generator=generator, collate_fn=collate)

@@ -264,3 +264,38 @@ def test_cli_resume_of_a_run_folder(uninterrupted, tiny_bert, tiny_data, tmp_pat
     resumed = run_cli("run", str(out), "--resume")  # the run folder stands for its own config.yaml
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_identical(out, uninterrupted)
+
+
+@pytest.mark.parametrize("order", [{"train.group_by_length": True}, {"train.sampler": "balanced"}])
+def test_resume_is_exact_with_the_other_training_orders(tiny_bert, tiny_data, tmp_path, order):
+    settings = RESUMABLE | {"train.keep_checkpoints": 10} | order
+    whole = tmp_path / "whole"
+    train(to_recipe(recipe_dict(tiny_bert, tiny_data, whole, **settings)))
+    out = tmp_path / "run"
+    raw = recipe_dict(tiny_bert, tiny_data, out, **settings)
+    train(to_recipe(raw))
+    for later in sorted((out / "checkpoints").glob("step-*"))[2:]:  # keep step 3 (mid-epoch 1) and 4 (its end)
+        subprocess.run(["rm", "-rf", str(later)], check=True)
+    subprocess.run(["rm", "-rf", str(out / "model"), str(out / "metrics.json")], check=True)
+    (out / "checkpoints" / "step-00000004" / "progress.json").unlink()  # incomplete: resume from mid-epoch 1
+    train(to_recipe(raw), resume=True)
+    assert "resumed from" in (out / "train.log").read_text() and "step-00000003" in (out / "train.log").read_text()
+    assert_identical(out, whole)
+
+
+def test_balanced_sampler_draws_the_minority_classes(tiny_bert, tmp_path):
+    from conftest import _rows, write_csv
+    from finetune.sampling import ClassBalancedSampler
+
+    labels = ["a"] * 50 + ["b"] * 5 + ["c"] * 5
+    sampler = ClassBalancedSampler(labels, seed=0)
+    sampler.set_epoch(1)
+    drawn = [labels[i] for i in sampler]
+    assert min(drawn.count(x) for x in "abc") > 10  # about 20 each, not 50/5/5
+    skewed = {"food": 40, "sports": 4, "tech": 4}
+    header = ["sentence", "topic"]
+    data = {split: write_csv(tmp_path / f"{split}.csv", header, _rows(skewed if split == "train" else {k: 6 for k in skewed}, seed=i))
+            for i, split in enumerate(["train", "validation", "test"])}
+    metrics = train(to_recipe(recipe_dict(tiny_bert, data, tmp_path / "run", **{"train.sampler": "balanced", "train.epochs": 3,
+                                                                                  "train.batch_size": 8, "train.lr": 3e-3})))
+    assert sum(row[1] + row[2] for row in metrics["confusion"]["matrix"]) > 2  # it predicts minority classes
