@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
-from conftest import call_main, one_error_line, recipe_dict, run_cli, subprocess_env, to_recipe
+from conftest import call_main, one_error_line, recipe_dict, run_cli, subprocess_env, to_recipe, write_recipe
 
 LFS_SUFFIXES = (".safetensors", ".png", ".bin", ".pt")  # what the hub's default .gitattributes stores as large files
 
@@ -488,3 +488,27 @@ def test_predict_and_the_card_snippet_read_the_pushed_repo(pushed, run_dir, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     scores = ast.literal_eval(result.stdout.strip())  # the pipeline's printed list of {label, score} dicts
     assert {item["label"] for item in scores[0]} == {"food", "sports", "tech"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hub.repo_id in the recipe: `finetune run` pushes at the end, and a failed push leaves the finished run as it is
+
+
+def test_run_pushes_at_the_end_when_the_recipe_names_a_repo(tiny_bert, tiny_data, tmp_path):
+    home = tmp_path / "hf-home"
+    with FakeHub(TOKEN) as hub:
+        out = tmp_path / "run"
+        recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_bert, tiny_data, out, **{"hub.repo_id": "me/at-the-end"}))
+        result = run_cli("run", recipe, **hub_env(hub.url, home))
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "pushed to" in (out / "train.log").read_text()
+        sent = hub.files("me/at-the-end")
+        assert "model.safetensors" in sent and "README.md" in sent and "config.json" in sent
+        assert_no_token_anywhere(out, result.stdout, result.stderr)
+    # no hub reachable: the run still finishes and says how to push later
+    out = tmp_path / "offline"
+    recipe = write_recipe(tmp_path / "o.yaml", recipe_dict(tiny_bert, tiny_data, out, **{"hub.repo_id": "me/later"}))
+    result = run_cli("run", recipe, **hub_env("http://127.0.0.1:9", home))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "metrics.json").is_file() and (out / "model" / "model.safetensors").is_file()
+    assert f"finetune push {out} --repo-id me/later" in (out / "train.log").read_text()
