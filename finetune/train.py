@@ -159,6 +159,7 @@ class Job:
     mixup: Callable | None = None  # timm Mixup for image batches
     class_weights: torch.Tensor | None = None  # single_label cross-entropy weights, in label order
     warnings: list = dataclasses.field(default_factory=list)  # the data report's: legal but suspicious data
+    saved_names: set | None = None  # what checkpoints hold when the backbone stays frozen; None: everything
 
 
 def _text_job(recipe, accelerator) -> Job:
@@ -328,6 +329,11 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
         f"precision {accelerator.mixed_precision}"
     )
 
+    if transfer.is_frozen_backbone(recipe) or recipe.lora is not None:
+        # the frozen weights never change: checkpoints hold only what trains (a LoRA or probe checkpoint is small,
+        # and an epoch of a cached probe is not dominated by writing the backbone again)
+        job.saved_names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+        accelerator.register_save_state_pre_hook(lambda models, weights, _: [_keep_only(w, job.saved_names) for w in weights])
     ema = None
     if t.ema is not None:
         from timm.utils import ModelEmaV3
@@ -338,7 +344,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
     progress = Progress()
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
-        progress = load_checkpoint(accelerator, checkpoint)
+        progress = load_checkpoint(accelerator, checkpoint, strict=job.saved_names is None)
         say(f"resumed from {checkpoint}: epoch {progress.epoch}, {progress.batch} batches in, step {progress.step}")
     try:
         _INTERRUPT.immediate = accelerator.num_processes > 1
@@ -354,7 +360,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
     from safetensors.torch import load_file
 
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.load_state_dict(load_file(out / "checkpoints" / "best" / "model.safetensors"))
+    unwrapped.load_state_dict(load_file(out / "checkpoints" / "best" / "model.safetensors"), strict=job.saved_names is None)
     details: dict = {}
     if "test" in loaders:
         metrics["test"] = evaluate(accelerator, model, loaders["test"], splits, recipe, details)
@@ -600,7 +606,7 @@ def _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pr
         for use_ema, scores in ((False, validation), (True, entry.get("validation_ema"))):
             if scores is not None and (p.best is None or is_improvement(select, scores[select], p.best[select])):
                 p.best = {"epoch": epoch, "ema": use_ema, **scores}
-                _save_best(accelerator, ema.module if use_ema else model, out)
+                _save_best(accelerator, ema.module if use_ema else model, out, job.saved_names)
         stop = t.early_stopping
         stopping = False
         if stop is not None:
@@ -726,10 +732,18 @@ def _best_of(history: list[dict], metric: str):
     return best
 
 
-def _save_best(accelerator, model, out: Path) -> None:
+def _keep_only(state: dict, names: set) -> None:
+    for name in [n for n in state if n not in names]:
+        del state[name]
+
+
+def _save_best(accelerator, model, out: Path, names: set | None = None) -> None:
+    """The best epoch's weights (only `names` when given: what trains)."""
     from safetensors.torch import save_file
 
     state = accelerator.get_state_dict(model)  # all processes take part (needed under FSDP/DeepSpeed)
+    if names is not None:
+        _keep_only(state, names)
     if accelerator.is_main_process:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         (out / "checkpoints").mkdir(exist_ok=True)
@@ -773,8 +787,8 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(accelerator, folder: Path) -> Progress:
-    accelerator.load_state(str(folder))
+def load_checkpoint(accelerator, folder: Path, strict: bool = True) -> Progress:
+    accelerator.load_state(str(folder), strict=strict)
     return Progress(**json.loads((folder / PROGRESS_FILE).read_text()))
 
 

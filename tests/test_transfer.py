@@ -250,6 +250,9 @@ def test_a_second_run_reads_the_cached_features(tiny_bert, tiny_data, tmp_path, 
     assert "computing train features" in (tmp_path / "first" / "train.log").read_text()
     files = sorted(feature_cache.rglob("*.safetensors"))
     assert len(files) == 3  # train, validation, test
+    first = tmp_path / "first" / "checkpoints"
+    saved = [load_file(path) for path in (*first.glob("step-*/model.safetensors"), first / "best" / "model.safetensors")]
+    assert saved and all(sorted(s) == ["model.head.output.bias", "model.head.output.weight"] for s in saved)
     dotted |= {"head.type": "mlp", "head.hidden": [8], "train.lr": 1e-2}  # other head settings, same features
     train(to_recipe(recipe_dict(tiny_bert, tiny_data, tmp_path / "second", **dotted)))
     log = (tmp_path / "second" / "train.log").read_text()
