@@ -183,7 +183,8 @@ def _text_job(recipe, accelerator) -> Job:
         model,
         datasets,
         make_loader=lambda dataset, batch, training: data_module.make_loader(
-            dataset, tokenizer, batch, training, t.seed, _train_sampler(recipe, dataset, batch) if training else None
+            dataset, tokenizer, batch, training, t.seed,
+            _train_sampler(recipe, dataset, batch) if training else _longest_first(dataset),
         ),
         save=lambda unwrapped, directory: save_model(unwrapped, tokenizer, directory, recipe, splits.label_names),
         warnings=report.warnings,
@@ -224,6 +225,15 @@ def _image_job(recipe, accelerator) -> Job:
         mixup=mixup,
         warnings=report.warnings,
     )
+
+
+def _longest_first(dataset) -> list[int]:
+    """Evaluation order for text: rows sorted by length, so each batch pads to little more than its own rows
+    (metrics do not depend on the order; features computed this way are put back in row order)."""
+    from finetune.sampling import token_lengths
+
+    lengths = token_lengths(dataset)
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
 def _train_sampler(recipe, dataset, batch_size: int):

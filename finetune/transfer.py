@@ -354,7 +354,7 @@ def dataset_fingerprint(dataset) -> str:
 
 @torch.no_grad()
 def compute_features(model, features_fn, loader, device) -> torch.Tensor:
-    """The frozen part in eval mode over a whole split, in the loader's (unshuffled) order."""
+    """The frozen part in eval mode over a whole split, returned in row order whatever order the loader reads in."""
     was_training = model.training
     model.eval()
     chunks = []
@@ -362,7 +362,10 @@ def compute_features(model, features_fn, loader, device) -> torch.Tensor:
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         chunks.append(features_fn(model, batch).float().cpu())
     model.train(was_training)
-    return torch.cat(chunks)
+    computed = torch.cat(chunks)
+    features = torch.empty_like(computed)
+    features[torch.tensor(list(iter(loader.sampler)), dtype=torch.long)] = computed
+    return features
 
 
 def cached_features(model, features_fn, dataset, make_loader, key_parts: dict, device, say) -> torch.Tensor:

@@ -308,3 +308,21 @@ def test_compiled_training_matches_eager(tiny_bert, tiny_data, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     assert sorted(load_file(tmp_path / "True" / "model" / "model.safetensors")) == sorted(
         load_file(tmp_path / "False" / "model" / "model.safetensors"))
+
+
+def test_features_computed_longest_first_come_back_in_row_order(tiny_bert, tiny_data, tmp_path):
+    from finetune import data as data_module
+    from finetune.backbones import load_tokenizer
+    from finetune.train import _longest_first
+
+    model, recipe = text_model(tiny_bert, tiny_data, tmp_path, **{"head.pooling": "mean", "train.freeze": "backbone"})
+    tokenizer = load_tokenizer(str(tiny_bert), False)
+    texts = ["bread", "the goal of the match today", "a chip", "very good news story of the robot and data"] * 3
+    dataset = data_module.tokenize({"text": texts, "label": [0] * len(texts)}, tokenizer, 16)
+    features_fn, _ = transfer.feature_split(model, recipe)
+    sorted_loader = data_module.make_loader(dataset, tokenizer, 4, False, 0, _longest_first(dataset))
+    plain_loader = data_module.make_loader(dataset, tokenizer, 1, False, 0)  # one row a batch: no padding at all
+    assert list(iter(sorted_loader.sampler)) != list(range(len(texts)))
+    fast = transfer.compute_features(model, features_fn, sorted_loader, "cpu")
+    exact = transfer.compute_features(model, features_fn, plain_loader, "cpu")
+    torch.testing.assert_close(fast, exact, atol=1e-5, rtol=1e-5)
