@@ -158,7 +158,7 @@ class Job:
     save: Callable  # (unwrapped model, directory) -> writes model/ without the card
     mixup: Callable | None = None  # timm Mixup for image batches
     class_weights: torch.Tensor | None = None  # single_label cross-entropy weights, in label order
-    warnings: list = dataclasses.field(default_factory=list)  # the data report's: legal but suspicious data
+    warnings: list = field(default_factory=list)  # the data report's: legal but suspicious data
     saved_names: set | None = None  # what checkpoints hold when the backbone stays frozen; None: everything
 
 
@@ -273,12 +273,11 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
     as a run never interrupted); with no checkpoint yet, start it again.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     t = recipe.train
     out = Path(recipe.output.dir)
     prepare_output_dir(out, overwrite, resume)
-    from accelerate.utils import DistributedDataParallelKwargs
 
     dynamic_freeze = transfer.has_freeze_schedule(recipe)
     accelerator = Accelerator(
@@ -306,9 +305,10 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
         say(f"warning: {warning}")
     eval_batch = t.eval_batch_size or 2 * t.batch_size
     depths, top = transfer.layer_ids(job.model)
-    if not dynamic_freeze and transfer.trainable_depth(recipe, 1, top) is not None:
+    first_depth = transfer.trainable_depth(recipe, 1, top)
+    if not dynamic_freeze and first_depth is not None:
         # a fixed freeze: frozen weights never reach the optimizer (or DDP)
-        transfer.apply_freeze(job.model, transfer.trainable_depth(recipe, 1, top), depths)
+        transfer.apply_freeze(job.model, first_depth, depths)
     if t.freeze_embeddings:
         transfer.freeze_word_embeddings(job.model)
     if t.gradient_checkpointing:
@@ -511,18 +511,8 @@ def _open_run_folder(accelerator, out: Path, overwrite: bool, recipe, resume: bo
 
 def _check_same_recipe(saved: Path, recipe) -> None:
     """A resumed run must be the same run: every key as when it started."""
-
-    def flat(tree, prefix=""):
-        items = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                items.update(flat(value, f"{prefix}{key}."))
-            else:
-                items[f"{prefix}{key}"] = value
-        return items
-
-    before = flat(recipe_module.parse_yaml(saved.read_text(), str(saved)) or {})
-    now = flat(recipe_module.parse_yaml(recipe_module.to_yaml(recipe), "recipe"))
+    before = _flat(recipe_module.parse_yaml(saved.read_text(), str(saved)) or {})
+    now = _flat(recipe_module.parse_yaml(recipe_module.to_yaml(recipe), "recipe"))
     changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
     if changed:
         shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
@@ -537,6 +527,7 @@ class _Interrupt:
     process; with several, each would stop at a different step, so there the last periodic checkpoint counts)."""
 
     requested = False
+    immediate = False  # several processes: stop now, from the last periodic checkpoint
 
     def __enter__(self):
         import signal
@@ -547,8 +538,6 @@ class _Interrupt:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._request)
         return self
-
-    immediate = False  # several processes: stop now, from the last periodic checkpoint
 
     def _request(self, signum, frame):
         if self.requested or self.immediate:  # a second Ctrl-C: stop now

@@ -34,7 +34,7 @@ def lora_target_modules(model: nn.Module, targets) -> list[str]:
         if missing:
             raise FinetuneError(
                 f"lora.target_modules: no module named {', '.join(map(repr, missing))} in this backbone; "
-                "use auto, or names such as " + ", ".join(_example_names(model, head))
+                "use auto, or names such as " + ", ".join(_example_names(model))
             )
         return list(targets)
     if isinstance(model, (TimmClassifier, VisionClassifier)):
@@ -78,7 +78,7 @@ def _inside(name: str, modules: set[str]) -> bool:
     return any(name == m or name.startswith(m + ".") for m in modules)
 
 
-def _example_names(model: nn.Module, head: set[str]) -> list[str]:
+def _example_names(model: nn.Module) -> list[str]:
     leaves = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     return list(dict.fromkeys(leaves))[:6]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import copy
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -208,6 +209,22 @@ def subprocess_env(**extra) -> dict:
     )
     env.update(extra)
     return env
+
+
+def run_without_finetune(script: str, *args, cwd, timeout=180) -> dict:
+    """`python -c SCRIPT ARGS` outside the checkout (as a user without finetune would run it); returns the JSON on
+    its last stdout line."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        check=False,
+        cwd=cwd,
+        env=subprocess_env(PYTHONPATH=""),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_cli(*args, cwd=None, timeout=240, **env) -> subprocess.CompletedProcess:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from conftest import (
     one_error_line,
     recipe_dict,
     run_cli,
-    subprocess_env,
+    run_without_finetune,
     write_csv,
     write_recipe,
 )
@@ -143,17 +141,7 @@ print(json.dumps({"top": top, "every": every}))
 def test_exported_model_loads_in_a_pipeline_without_finetune(cli_run, tmp_path):
     _, out, result = cli_run
     assert result.returncode == 0, result.stderr[-3000:]
-    check = subprocess.run(
-        [sys.executable, "-c", PIPELINE_WITHOUT_FINETUNE, str(out / "model")],
-        check=False,
-        cwd=tmp_path,
-        env=subprocess_env(PYTHONPATH=""),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert check.returncode == 0, check.stderr[-3000:]
-    answer = json.loads(check.stdout.strip().splitlines()[-1])
+    answer = run_without_finetune(PIPELINE_WITHOUT_FINETUNE, out / "model", cwd=tmp_path)
     assert all(row["label"] in LABELS for row in answer["top"])
     assert sorted(row["label"] for row in answer["every"]) == LABELS
     assert sum(row["score"] for row in answer["every"]) == pytest.approx(1.0, abs=1e-4)

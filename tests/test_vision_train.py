@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import call_main, one_error_line, run_cli, subprocess_env, to_recipe, write_recipe
+from conftest import call_main, one_error_line, run_cli, run_without_finetune, set_dotted, to_recipe, write_recipe
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -95,11 +93,7 @@ def vision_raw(data: dict[str, Path], out: Path, **dotted) -> dict:
         "output": {"dir": str(out)},
     }
     for key, value in dotted.items():
-        tree = raw
-        *parents, last = key.split(".")
-        for part in parents:
-            tree = tree.setdefault(part, {})
-        tree[last] = value
+        set_dotted(raw, key, value)
     return raw
 
 
@@ -248,17 +242,7 @@ def test_export_round_trip_without_finetune_matches_the_kits_evaluation(cli_run,
     out, result = cli_run
     assert result.returncode == 0, result.stderr[-3000:]
     files, truth = split_files(out, "test")
-    done = subprocess.run(
-        [sys.executable, "-c", TIMM_ONLY_SCRIPT, str(out / "model"), json.dumps([str(f) for f in files])],
-        check=False,
-        cwd=tmp_path,
-        env=subprocess_env(PYTHONPATH=""),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    answer = run_without_finetune(TIMM_ONLY_SCRIPT, out / "model", json.dumps([str(f) for f in files]), cwd=tmp_path)
     assert answer["label_names"] == CLASSES and answer["input_size"] == [3, IMAGE_SIZE, IMAGE_SIZE]
     assert answer["finetune_importable"] is False
     timm_logits = torch.tensor(answer["logits"])
@@ -314,12 +298,7 @@ def test_zoo_efficientnet_lite0_on_digits_runs_and_exports_for_timm(tmp_path):
     assert {key: part["count"] for key, part in read_json(out / "split.json")["splits"].items()} == {
         "train": 64, "validation": 64, "test": 64
     }
-    done = subprocess.run(
-        [sys.executable, "-c", ZOO_CHECK_SCRIPT, str(out / "model")],
-        check=False, cwd=tmp_path, env=subprocess_env(PYTHONPATH=""), capture_output=True, text=True, timeout=180,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    answer = run_without_finetune(ZOO_CHECK_SCRIPT, out / "model", cwd=tmp_path)
     assert answer == {
         "shape": [1, 10], "finite": True, "labels": [str(d) for d in range(10)], "input_size": [3, 64, 64],
         "mean": [0.5, 0.5, 0.5], "architecture": "tf_efficientnet_lite0",
