@@ -18,15 +18,19 @@ Each phase is timed with perf_counter (CPU ops are synchronous, so the split is 
 Variants (each its own model and optimizer, all built up front; the steps are interleaved round-robin, so a change in
 the machine's load hits every variant alike; medians of the measured steps are reported):
 
-  base               as the kit does it today
+  base               as the kit does it today (the recipe's train.group_by_length; fast CPU dropout masks)
   frozen-embeddings  the word embeddings frozen (finetune.transfer.freeze_word_embeddings): no gradient for the
                      30522 x 384 table and no AdamW update of its 11.7M weights (half of MiniLM)
   foreach            AdamW(foreach=True) instead of fused=True
   compile            torch.compile of the model (model.compile(), as train.compile does); compile time reported
   one-thread         torch.set_num_threads(1) during its steps
-  grouped            batches from finetune.sampling.LengthGroupedSampler (less padding)
+  grouped            batches from finetune.sampling.LengthGroupedSampler (less padding), whatever the recipe says
+  ungrouped          shuffled batches, not grouped by length, whatever the recipe says
   pad-max            every batch padded to data.max_length (what a loader without dynamic padding does)
-  no-dropout         backbone.dropout=0 and head.dropout=0 (CPU dropout draws a Bernoulli mask per activation)
+  no-dropout         backbone.dropout=0 and head.dropout=0
+  torch-dropout      torch's own dropout (a Bernoulli draw per activation) instead of finetune.dropout's masks
+
+Modifiers combine with "+": --variants base,ungrouped+torch-dropout,grouped+no-dropout.
 
 A torch.profiler table of the base variant's top operators (self CPU time) is printed too; --trace DIR writes its
 Chrome trace.
@@ -44,7 +48,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ALL_VARIANTS = ("base", "frozen-embeddings", "foreach", "compile", "one-thread", "grouped", "pad-max", "no-dropout")
+ALL_VARIANTS = ("base", "frozen-embeddings", "foreach", "compile", "one-thread", "grouped", "ungrouped", "pad-max",
+                "no-dropout", "torch-dropout")
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
@@ -69,53 +74,63 @@ def build(name: str, recipe, accelerator, splits, threads: int) -> Variant:
 
     from finetune import data as data_module
     from finetune import transfer
-    from finetune.model import build_text_model, head_parameter_names
+    from finetune.model import build_text_model
+    from finetune.train import _head_names
     from finetune.optim import build_param_groups, build_scheduler
     from finetune.sampling import LengthGroupedSampler, token_lengths
 
+    from finetune.dropout import use_fast_dropout
+
     t = recipe.train
     torch.manual_seed(t.seed)
-    if name == "no-dropout":
+    mods = set(name.split("+"))
+    if "no-dropout" in mods:
         recipe = dataclasses.replace(recipe, backbone=dataclasses.replace(recipe.backbone, dropout=0.0),
                                      head=dataclasses.replace(recipe.head, dropout=0.0))
     model, tokenizer = build_text_model(recipe, splits.label_names)
+    if recipe.lora is not None:  # as finetune.train does: peft adapters, the head trained in full
+        model = transfer.apply_lora(model, recipe.lora)
     dataset = data_module.tokenize(splits.train, tokenizer, recipe.data.max_length)
     loader = data_module.make_loader(dataset, tokenizer, t.batch_size, True, t.seed)
-    if name == "grouped":
+    if "grouped" in mods or (t.group_by_length and "ungrouped" not in mods and "pad-max" not in mods):
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=t.batch_size, collate_fn=loader.collate_fn,
             sampler=LengthGroupedSampler(token_lengths(dataset), t.batch_size, t.seed))
-    if name == "pad-max":
+    if "pad-max" in mods:
         from transformers import DataCollatorWithPadding
 
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=t.batch_size, shuffle=True, generator=torch.Generator().manual_seed(t.seed),
             collate_fn=DataCollatorWithPadding(tokenizer, padding="max_length", max_length=recipe.data.max_length))
-    if name == "frozen-embeddings":
+    if "frozen-embeddings" in mods:
         transfer.freeze_word_embeddings(model)
+    if "torch-dropout" not in mods and not torch.accelerator.is_available():
+        use_fast_dropout(model)  # as finetune.train does on a CPU
     depths, _ = transfer.layer_ids(model)
-    groups = build_param_groups(model, t.lr, t.head_lr, t.weight_decay, head_parameter_names(model), depths,
+    groups = build_param_groups(model, t.lr, t.head_lr, t.weight_decay, _head_names(model), depths,
                                 t.layer_decay)
-    optimizer = torch.optim.AdamW(groups, foreach=True) if name == "foreach" else torch.optim.AdamW(groups, fused=True)
+    optimizer = torch.optim.AdamW(groups, foreach=True) if "foreach" in mods else torch.optim.AdamW(groups, fused=True)
     total = math.ceil(len(loader) / t.grad_accum) * t.epochs
     scheduler = build_scheduler(optimizer, t.scheduler, 0, total)
     setup = 0.0
-    if name == "compile":
+    if "compile" in mods:
         tic = time.perf_counter()
         model.compile()
         setup = time.perf_counter() - tic  # compiling itself happens at the first steps: see the warmup line
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
-    return Variant(name, model, optimizer, scheduler, loader, 1 if name == "one-thread" else threads, setup)
+    return Variant(name, model, optimizer, scheduler, loader, 1 if "one-thread" in mods else threads, setup)
 
 
 def step(v: Variant, accelerator, recipe, record: bool) -> None:
     import torch
 
+    from finetune import transfer
     from finetune.train import logits_of, loss_fn
 
     t = recipe.train
     torch.set_num_threads(v.threads)
     v.model.train()
+    transfer.freeze_modes(v.model)  # as finetune.train: wholly frozen modules (LoRA's) run in eval mode
     tic = time.perf_counter()
     try:
         batch = next(v.iterator)
@@ -171,7 +186,7 @@ def main(argv: list[str]) -> int:
     recipe_arg = positional.pop(0) if positional and "=" not in positional[0] else "text/minilm-bbc-news"
     overrides = positional
     names = [n for n in args.variants.split(",") if n]
-    unknown = set(names) - set(ALL_VARIANTS)
+    unknown = {m for n in names for m in n.split("+")} - set(ALL_VARIANTS)
     if unknown:
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}")
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -213,7 +228,7 @@ def main(argv: list[str]) -> int:
 
     base = variants[0] if variants and variants[0].name == "base" else None
     # medians resist a neighbour's burst that hits a few steps; the mean shows it: an effect is real when both agree
-    header = ["variant", "median step s", *[f"{p} s" for p in PHASES], "padding %", "vs base (median)",
+    header = ["variant", "median step s", *[f"{p} s" for p in PHASES], "padding %", "samples/s", "vs base (median)",
               "vs base (mean)"]
 
     def step_times(v: Variant) -> list[float]:
@@ -224,18 +239,19 @@ def main(argv: list[str]) -> int:
         medians = {p: statistics.median(v.times[p]) for p in PHASES}
         total = statistics.median([sum(v.times[p][i] for p in PHASES) for i in range(len(v.samples))])
         padding = 100 * (1 - sum(v.tokens) / sum(v.padded))
+        speed = sum(v.samples) / sum(sum(v.times[p]) for p in PHASES)  # what a run's samples/s would be
         ratios = ["-", "-"]
         if base is not None:
             ratios = [f"{statistics.median(step_times(base)) / statistics.median(step_times(v)):.2f}x",
                       f"{statistics.mean(step_times(base)) / statistics.mean(step_times(v)):.2f}x"]
-        rows.append([v.name, f"{total:.3f}", *[f"{medians[p]:.3f}" for p in PHASES], f"{padding:.0f}", *ratios])
+        rows.append([v.name, f"{total:.3f}", *[f"{medians[p]:.3f}" for p in PHASES], f"{padding:.0f}", f"{speed:.1f}", *ratios])
     notes = [f"{recipe_arg} {' '.join(overrides)}: batch {recipe.train.batch_size}, max_length "
              f"{recipe.data.max_length}, {threads} threads, {len(splits.train['text'])} training rows; "
              f"{args.steps} measured steps per variant after {args.warmup} warmup steps, interleaved; medians",
              f"load average during the measured rounds: {min(load):.1f}-{max(load):.1f} on "
              f"{len(os.sched_getaffinity(0))} cores"]
     for v in variants:
-        if v.name == "compile":
+        if "compile" in v.name.split("+"):
             notes.append(f"compile: warmup steps took {', '.join(f'{s:.1f}' for s in warm[v.name])} s "
                          f"(compilation happens in the first steps) vs base "
                          f"{', '.join(f'{s:.1f}' for s in warm.get('base', []))} s")
