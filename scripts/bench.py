@@ -6,6 +6,8 @@
                             [--lora-recipe R] [--trainer-optim NAME] [--baseline-fused]
                             [--baseline-scheduler timm|transformers] [--workdir DIR] [--keep] [--verbose]
     python scripts/bench.py --make-short-texts DIR      # a short-text sentiment CSV set, offline (see below)
+    python scripts/bench.py --summary R.json [R.json ...] [--markdown README.md --name speed]
+                                                        # one table of the headline ratios of earlier --out files
 
 Comparisons (every side runs in its own child process of this Python, one after the other, so that wall time and
 peak memory are its own; the key=value overrides apply to every side):
@@ -80,6 +82,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import hashlib
 import io
 import json
 import math
@@ -1254,6 +1257,45 @@ def make_short_texts(directory: Path, seed: int = 0, sizes=(1000, 200, 1000)) ->
 # Main
 
 
+def _job_line(job: dict) -> str:
+    size = f"{job['max_length']} tokens" if job.get("max_length") else f"{job['image_size']} px"
+    return (f"{job['backbone']}, {job['n']['train']} training rows, {size}, batch {job['batch_size']}, "
+            f"{job['epochs']} epochs")
+
+
+def summary(results: list[dict]) -> str:
+    """The headline of each comparison (every pair of sides in every result file) in one Markdown table."""
+    lines = ["| benchmark | job | sides (a vs b) | train samples/s, a vs b | a / b | train loop s | whole run s "
+             "| test accuracy |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    machines = []
+    for result in results:
+        where = f"{result['machine']}; {result['threads']} threads, fp32; {result['date']}, commit {result['commit']}"
+        if where not in machines:
+            machines.append(where)
+        for a, b in result["pairs"]:
+            ra, rb = result["results"][a], result["results"][b]
+            acc = [r["test"]["accuracy"] if r.get("test") else None for r in (ra, rb)]
+            lines.append(
+                f"| {result['name']} | {_job_line(result['jobs'][a])} | {result['labels'][a]} vs {result['labels'][b]} "
+                f"| {ra['train_samples_per_second']:.1f} vs {rb['train_samples_per_second']:.1f} "
+                f"| **{ra['train_samples_per_second'] / rb['train_samples_per_second']:.2f}x** "
+                f"| {ra['train_seconds']:.1f} vs {rb['train_seconds']:.1f} "
+                f"| {ra['wall_seconds']:.0f} vs {rb['wall_seconds']:.0f} "
+                f"| {fmt(acc[0], '.3f')} vs {fmt(acc[1], '.3f')} |")
+    head = [f"Measured on {m}." for m in machines]
+    return "\n".join(head + [""] + lines) + "\n"
+
+
+def slim(result: dict) -> dict:
+    """The result without the row lists (each side's rows were checked equal; a count and a digest stand in)."""
+    out = json.loads(json.dumps(result))
+    for side in out["results"].values():
+        if isinstance(side.get("rows"), dict):
+            side["rows"] = {k: {"count": len(v), "sha256": hashlib.sha256(json.dumps(v).encode()).hexdigest()[:16]}
+                            for k, v in side["rows"].items()}
+    return out
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] == WORKER_FLAG:
         kind, result_path, threads, options, recipe_arg, *overrides = argv[1:]
@@ -1279,11 +1321,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workdir", default=None, help="where run folders go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--verbose", action="store_true", help="show the workers' output instead of logging it")
+    parser.add_argument("--summary", nargs="+", metavar="JSON", default=None,
+                        help="write one table of the headline ratios of these --out files (to --markdown under "
+                             "--name, else stdout) and exit")
     parser.add_argument("--make-short-texts", metavar="DIR", default=None,
                         help="write a short-text sentiment CSV set (train/validation/test) to DIR and exit")
     args = parser.parse_args(argv)
     if args.make_short_texts:
         make_short_texts(Path(args.make_short_texts))
+        return 0
+    if args.summary:
+        text = summary([json.loads(Path(f).read_text()) for f in args.summary])
+        command = "python scripts/bench.py " + " ".join(argv)
+        if args.markdown:
+            write_markdown(Path(args.markdown), args.name or "summary", f"`{command}`\n\n{text}")
+            print(f"summary written to {args.markdown} (section {args.name or 'summary'})", file=sys.stderr)
+        else:
+            print(text)
         return 0
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -1369,7 +1423,8 @@ def main(argv: list[str]) -> int:
         write_markdown(Path(args.markdown), name, markdown(result))
         print(f"table written to {args.markdown} (section {name})", file=sys.stderr)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(slim(result), indent=1) + "\n")
     if args.keep:
         print(f"work folder kept: {workdir}", file=sys.stderr)
     else:
