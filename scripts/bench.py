@@ -1267,11 +1267,12 @@ def summary(results: list[dict]) -> str:
     """The headline of each comparison (every pair of sides in every result file) in one Markdown table."""
     lines = ["| benchmark | job | sides (a vs b) | train samples/s, a vs b | a / b | train loop s | whole run s "
              "| test accuracy |", "|---|---|---|---:|---:|---:|---:|---:|"]
-    machines = []
+    machines, dates, commits = [], [], []
     for result in results:
-        where = f"{result['machine']}; {result['threads']} threads, fp32; {result['date']}, commit {result['commit']}"
-        if where not in machines:
-            machines.append(where)
+        for seen, value in ((machines, f"{result['machine']}; {result['threads']} threads"), (dates, result["date"]),
+                            (commits, result["commit"].split(" ")[0])):
+            if value not in seen:
+                seen.append(value)
         for a, b in result["pairs"]:
             ra, rb = result["results"][a], result["results"][b]
             acc = [r["test"]["accuracy"] if r.get("test") else None for r in (ra, rb)]
@@ -1282,8 +1283,8 @@ def summary(results: list[dict]) -> str:
                 f"| {ra['train_seconds']:.1f} vs {rb['train_seconds']:.1f} "
                 f"| {ra['wall_seconds']:.0f} vs {rb['wall_seconds']:.0f} "
                 f"| {fmt(acc[0], '.3f')} vs {fmt(acc[1], '.3f')} |")
-    head = [f"Measured on {m}." for m in machines]
-    return "\n".join(head + [""] + lines) + "\n"
+    head = f"Measured on {' and '.join(machines)}; {', '.join(dates)}; commits {', '.join(commits)}."
+    return "\n".join([head, ""] + lines) + "\n"
 
 
 def slim(result: dict) -> dict:
