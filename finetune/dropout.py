@@ -120,7 +120,21 @@ def use_fast_dropout(model: nn.Module) -> int:
         if type(module) is nn.Dropout:
             module.__class__ = FastDropout
             count += 1
-        elif isinstance(module, PreTrainedModel) and module.config._attn_implementation == "sdpa":
+        elif isinstance(module, PreTrainedModel) and module.config._attn_implementation == "sdpa" and not (
+            _branches_on_sdpa(module)
+        ):
             _register_attention()
             module.set_attn_implementation(ATTENTION)
     return count
+
+
+def _branches_on_sdpa(model) -> bool:
+    """Whether the model's code tests for "sdpa" by name (Falcon, Gemma 4, ...): renamed, it would take other paths."""
+    import inspect
+    import sys
+
+    try:
+        source = inspect.getsource(sys.modules[type(model).__module__])
+    except (OSError, TypeError, KeyError):
+        return True
+    return '_attn_implementation == "sdpa"' in source or "_attn_implementation != \"sdpa\"" in source

@@ -139,3 +139,15 @@ def test_attention_training_step_reaches_every_weight(tiny_bert):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for n, p in model.named_parameters() if "pooler" in n or "layer." in n)
+
+
+def test_models_whose_code_tests_for_sdpa_by_name_keep_their_attention():
+    from transformers import FalconConfig, FalconForSequenceClassification
+
+    model = FalconForSequenceClassification(FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                         vocab_size=50, num_labels=2, pad_token_id=0))
+    use_fast_dropout(model)
+    assert model.config._attn_implementation == "sdpa"  # modeling_falcon branches on == "sdpa"
+    model.train()
+    ids = torch.randint(0, 50, (2, 5))
+    assert torch.isfinite(model(input_ids=ids, labels=torch.tensor([0, 1])).loss)
