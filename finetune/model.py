@@ -82,8 +82,9 @@ def num_outputs(problem: str, label_names: list[str] | None) -> int:
     return 1 if problem == "regression" else len(label_names)
 
 
-def build_text_model(recipe, label_names: list[str] | None):
-    """(model, tokenizer) for the recipe; label_names is None for regression."""
+def build_text_model(recipe, label_names: list[str] | None, tokenizer=None):
+    """(model, tokenizer) for the recipe; label_names is None for regression; `tokenizer`: the backbone's, when the
+    caller has loaded it already."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     problem = recipe.head.problem
@@ -97,7 +98,8 @@ def build_text_model(recipe, label_names: list[str] | None):
         problem_type=NATIVE_PROBLEM_TYPES[problem],
     )
     trust = recipe.backbone.trust_remote_code
-    tokenizer = load_tokenizer(source, trust)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source, trust)
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = tokenizer.pad_token_id
     try:

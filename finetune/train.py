@@ -172,7 +172,7 @@ def _text_job(recipe, accelerator) -> Job:
     tokenizer = load_tokenizer(source, recipe.backbone.trust_remote_code)
     # texts longer than the backbone takes, leakage, imbalance: errors before any model is built, else warnings
     report = checks.data_report(recipe, splits, tokenizer, checks.backbone_max_tokens(tokenizer, config))
-    model, tokenizer = build_text_model(recipe, splits.label_names)
+    model, tokenizer = build_text_model(recipe, splits.label_names, tokenizer)
     with accelerator.main_process_first():  # the main process tokenises and caches; the others read the cache
         datasets = {
             key: data_module.tokenize(table, tokenizer, recipe.data.max_length)
