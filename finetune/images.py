@@ -500,26 +500,28 @@ def collate_images(batch: list[dict]) -> dict:
 
 def make_image_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int | None,
                       drop_last: bool = False, sampler=None):
-    """A DataLoader over an ImageDataset; num_workers None: min(4, CPUs); workers persist across epochs.
+    """A DataLoader over an ImageDataset; num_workers None: min(4, CPUs).
 
-    The seeded generator also seeds each worker's `random`/torch streams, so augmentation with workers repeats
-    run to run; with num_workers=0 augmentation draws from the global RNGs (seed them, e.g. accelerate.set_seed).
-    drop_last: set it for training with mixup/cutmix, which need an even batch.
+    The order comes from a generator of its own, so it does not depend on the number of workers (a loader with
+    workers also draws their base seed from its generator, once per epoch, and persistent workers only once a run).
+    Workers are started each epoch, so their `random`/torch streams (augmentation) are a function of the seed and
+    the epoch, as on resume; with num_workers=0 augmentation draws from the global RNGs (seeded by
+    accelerate.set_seed). drop_last: set it for training with mixup/cutmix, which need an even batch.
     """
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, RandomSampler
 
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1)
+    if shuffle and sampler is None:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
         sampler=sampler,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed),  # the workers' base seed
         collate_fn=collate_images,
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
     )

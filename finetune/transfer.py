@@ -414,7 +414,11 @@ def make_feature_loader(dataset: FeatureDataset, batch_size: int, shuffle: bool,
     """Batches in the same order as `like`, the uncached path's loader for the split: same sampler and the same
     generator policy (a loader without its own generator draws its workers' seed from the global RNG, which then
     changes what dropout draws next)."""
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, RandomSampler
+
+    own_order = isinstance(like.sampler, RandomSampler) and like.sampler.generator not in (None, like.generator)
+    if shuffle and sampler is None and own_order:  # image loaders draw the order from a generator of its own
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
 
     def collate(items):
         labels = [item["labels"] for item in items]
