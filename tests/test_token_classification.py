@@ -233,6 +233,14 @@ def test_i_after_o_is_a_warning_naming_file_and_line(tmp_path):
     assert tc.scheme_warnings(good, "data.train", "IOB2") == []
 
 
+def test_iob1_becomes_iob2_and_then_has_no_scheme_warning():
+    tags = ["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-LOC", "I-PER"]
+    assert tc.iob1_to_iob2(tags) == ["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-LOC", "B-PER"]
+    split = tc.RawSplit([["w"] * 7], [tc.iob1_to_iob2(tags)], [1], "'t.conll'", "line", 0)
+    assert tc.scheme_warnings(split, "data.train", "IOB2") == []
+    assert tc.leakage_key(["New", "York"]) == "New York"
+
+
 def test_report_counts_entities_per_type_and_warns_about_unprefixed_tags(tmp_path):
     train = tc.read_file(str(write(tmp_path / "train.conll", CONLL + "\n\nEU MISC\nsaid O\n")), "data.train")
     valid = tc.read_file(str(write(tmp_path / "valid.conll", "John B-PER\nSmith I-PER\nand O\nAnna B-PER\n")),
@@ -375,6 +383,7 @@ def test_labelled_sequences_drop_ignored_positions():
     predictions = np.array([[3, 2, 0, 1, 1], [0, 1, 1, 0, 4]])
     true, pred = tc.labelled_sequences(labels, predictions)
     assert true == [[2, 4], [1, 0]] and pred == [[2, 0], [1, 0]]
+    assert tc.tag_rows(pred, NAMES) == [["B-PER", "O"], ["B-LOC", "O"]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,6 +407,7 @@ SENTENCES = [
     "Berlin's  new city said today",
     "the city of New York",
     "Paris",
+    "東京に行く Tübingen's\u200b café,ok Xyzzy",  # CJK characters are words, an unknown word is one [UNK]
 ]
 
 
@@ -489,10 +499,12 @@ def test_empty_input_and_bad_input(wordpiece):
         tc.encode_inputs([3], wordpiece, 16)
 
 
-def test_split_words_follows_the_pre_tokenizer(minilm_tokenizer):
+def test_split_words_follows_the_tokenizer(minilm_tokenizer):
     text = "Hello, world's  Washington!  "
     assert [text[s:e] for s, e in tc.split_words(text, minilm_tokenizer)] == [
         "Hello", ",", "world", "'", "s", "Washington", "!"]
+    text = "東京に Tübingen\u200b"  # BERT's normaliser splits CJK characters and drops the zero-width space
+    assert [text[s:e] for s, e in tc.split_words(text, minilm_tokenizer)] == ["東", "京", "に", "Tübingen"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

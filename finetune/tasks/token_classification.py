@@ -227,6 +227,25 @@ def where_word(split: RawSplit, sentence: int, word: int) -> str:
     return f"{_where(split, sentence)} word {word + 1}"
 
 
+def leakage_key(words: Sequence[str]) -> str:
+    """What makes two sentences the same for the leakage check: their words, whatever the tags."""
+    return " ".join(words)
+
+
+def iob1_to_iob2(tags: Sequence[str]) -> list[str]:
+    """IOB1 tags (B- only between two adjacent entities of one type) as IOB2 (B- opens every entity)."""
+    out, previous = [], OUTSIDE
+    for tag in tags:
+        match = PREFIXED.match(tag)
+        if match and match.group(1) == "I":
+            before = PREFIXED.match(previous)
+            if before is None or before.group(1) not in "BI" or before.group(2) != match.group(2):
+                tag = "B-" + match.group(2)
+        out.append(tag)
+        previous = tag
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The tag set.
 
@@ -433,6 +452,8 @@ def sentence_lengths(split: RawSplit, tokenizer, max_length: int, scheme: str = 
             entities_cut += sum(
                 1 for _, first, end in entity_spans(tags, scheme) if any(w not in kept for w in range(first, end))
             )
+    if not lengths:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0, "truncated": 0, "words_cut": 0, "entities_cut": 0}
     values = np.asarray(lengths)
     p50, p90, p99 = (int(v) for v in np.percentile(values, [50, 90, 99], method="higher"))
     return {"p50": p50, "p90": p90, "p99": p99, "max": int(values.max()), "truncated": truncated,
@@ -552,7 +573,8 @@ def labelled_sequences(labels: Iterable[Sequence[int]], predictions: Iterable[Se
     """Per sentence, the true and predicted tag ids at its labelled positions (label != -100): what the metrics take.
 
     labels/predictions: per-sentence rows of sub-token ids (a padded 2-D array or a list of rows); predictions are
-    argmax ids. With first-sub-token labels each kept position is one word, in order.
+    argmax ids. With first-sub-token labels each kept position is one word, in order; so align validation and test
+    with label_all_tokens False even when training uses it, or the scores count sub-tokens (as run_ner.py's do).
     """
     true_rows, predicted_rows = [], []
     for label_row, predicted_row in zip(labels, predictions):
@@ -563,7 +585,8 @@ def labelled_sequences(labels: Iterable[Sequence[int]], predictions: Iterable[Se
     return true_rows, predicted_rows
 
 
-def _as_names(rows: Sequence[Sequence[int]], names: list[str]) -> list[list[str]]:
+def tag_rows(rows: Sequence[Sequence[int]], names: list[str]) -> list[list[str]]:
+    """Tag id rows as tag names (what `eval --output` writes per sentence)."""
     return [[names[int(i)] for i in row] for row in rows]
 
 
@@ -585,8 +608,8 @@ def tag_metrics(true_ids: Sequence[Sequence[int]], predicted_ids: Sequence[Seque
 
     _check_options(mode, scheme)
     scheme = scheme or tag_scheme(names)
-    y_true = [_normalised(row, scheme) for row in _as_names(true_ids, names)]
-    y_pred = [_normalised(row, scheme) for row in _as_names(predicted_ids, names)]
+    y_true = [_normalised(row, scheme) for row in tag_rows(true_ids, names)]
+    y_pred = [_normalised(row, scheme) for row in tag_rows(predicted_ids, names)]
     strict = mode == "strict" and scheme != "plain"
     options = {"mode": "strict", "scheme": _seqeval_scheme(scheme)} if strict else {}
     total = sum(len(row) for row in y_true)
@@ -609,7 +632,7 @@ def tag_details(true_ids: Sequence[Sequence[int]], predicted_ids: Sequence[Seque
     scheme = scheme or tag_scheme(names)
     true_entities: set = set()
     predicted_entities: set = set()
-    for n, (t, p) in enumerate(zip(_as_names(true_ids, names), _as_names(predicted_ids, names))):
+    for n, (t, p) in enumerate(zip(tag_rows(true_ids, names), tag_rows(predicted_ids, names))):
         true_entities.update((n, *span) for span in entity_spans(t, scheme, mode))
         predicted_entities.update((n, *span) for span in entity_spans(p, scheme, mode))
     types = sorted({e[1] for e in true_entities | predicted_entities})
@@ -639,16 +662,18 @@ METRICS: dict[str, tuple[bool, Callable]] = {
 
 
 def split_words(text: str, tokenizer) -> list[tuple[int, int]]:
-    """(start, end) of each word of a raw text, split as the tokenizer's pre-tokenizer splits it (whitespace and
-    punctuation for BERT); markers a pre-tokenizer folds into a word (RoBERTa's Ġ, SentencePiece's ▁) are trimmed so
-    that every span is the word's own characters of `text`."""
-    pre_tokenizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
-    if pre_tokenizer is None:  # e.g. a tokenizer with no pre-tokenizer: whitespace words
-        return [match.span() for match in re.finditer(r"\S+", text)]
+    """(start, end) of each word of a raw text as the tokenizer splits it: its pre-tokenizer (whitespace and
+    punctuation for BERT) run on its normalised text, so a CJK character is a word where BERT's normaliser makes it
+    one and characters it drops (a zero-width space) belong to no word; a marker a pre-tokenizer folds into a word
+    (RoBERTa's space) is trimmed, so that every span is the word's own characters of `text`."""
+    _require_fast(tokenizer)
+    encoding = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False,
+                         return_attention_mask=False, return_token_type_ids=False)
     spans = []
-    for _, (start, end) in pre_tokenizer.pre_tokenize_str(text):
-        piece = text[start:end]
-        start, end = start + len(piece) - len(piece.lstrip()), end - len(piece) + len(piece.rstrip())
+    for word in sorted({w for w in encoding.word_ids() if w is not None}):
+        chars = encoding.word_to_chars(word)
+        piece = text[chars.start:chars.end]
+        start, end = chars.start + len(piece) - len(piece.lstrip()), chars.end - len(piece) + len(piece.rstrip())
         if end > start:
             spans.append((start, end))
     return spans
