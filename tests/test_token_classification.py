@@ -171,6 +171,12 @@ def test_missing_column_suggests_the_key(tmp_path):
         tc.read_file(str(path), "data.train")
 
 
+def test_conll_lines_in_a_tsv_file_get_a_rename_hint(tmp_path):
+    path = write(tmp_path / "train.tsv", "John\tB-PER\nvisited\tO\nParis\tB-LOC\n")
+    with pytest.raises(FinetuneError, match="has no column 'tokens'.*one word and its tag per line is CoNLL: name it"):
+        tc.read_file(str(path), "data.train")
+
+
 def test_read_split_takes_the_columns_from_the_recipe(tmp_path):
     path = write(tmp_path / "train.jsonl", json.dumps({"w": ["a"], "t": ["O"]}) + "\n")
     recipe = SimpleNamespace(data=SimpleNamespace(tokens_column="w", tags_column="t"))

@@ -85,8 +85,13 @@ def read_file(spec: str, key: str, tokens_column: str = "tokens", tags_column: s
         raise FinetuneError(f"{key}: '{spec}' has an unknown extension; {kinds}")
     table = load_table(path, what)
     line_based = suffix in (".csv", ".tsv", ".jsonl")
-    return split_from_table(table, what, tokens_column, tags_column, "line" if line_based else "row", 1,
-                            path if line_based else None)
+    try:
+        return split_from_table(table, what, tokens_column, tags_column, "line" if line_based else "row", 1,
+                                path if line_based else None)
+    except FinetuneError as error:
+        if suffix in (".csv", ".tsv") and tokens_column not in table.column_names:  # CoNLL lines under a table name
+            raise FinetuneError(f"{error}; a file of one word and its tag per line is CoNLL: name it .conll") from None
+        raise
 
 
 def read_conll(path: Path, what: str) -> RawSplit:
