@@ -183,6 +183,34 @@ def test_read_split_takes_the_columns_from_the_recipe(tmp_path):
     assert list(tc.read_split(str(path), recipe, "data.train")) == ["file"]
 
 
+def recipe_for(train, validation=None, test=None, **data):
+    return SimpleNamespace(
+        data=SimpleNamespace(train=str(train), validation=validation and str(validation), test=test and str(test),
+                             val_fraction=0.25, max_samples=None, tokens_column="tokens", tags_column="tags", **data),
+        train=SimpleNamespace(seed=0),
+    )
+
+
+def test_load_splits_holds_out_validation_and_encodes_tags(tmp_path):
+    train = write(tmp_path / "train.conll", CONLL + "\n\nParis B-LOC\n\nBerlin B-LOC\nis O\n\nJohn B-PER\n")
+    test = write(tmp_path / "test.conll", "Anna B-PER\nBerg I-PER\n")
+    splits = tc.load_splits(recipe_for(train, test=test))
+    assert splits.problem == "tags" and splits.label_names == ["O", "B-LOC", "B-PER", "I-PER"]
+    assert len(splits.train["tokens"]) == 4 and len(splits.validation["tokens"]) == 1
+    assert splits.test == {"tokens": [["Anna", "Berg"]], "label": [[2, 3]], "row": [1]}
+    assert splits.info["scheme"] == "IOB2" and splits.info["validation_held_out_from_train"]
+    assert sorted(splits.train["row"] + splits.validation["row"]) == [3, 10, 15, 17, 20]  # first lines
+    assert set(splits.parts) == {"train", "validation", "test"}
+
+
+def test_load_splits_names_the_line_of_an_unseen_test_tag(tmp_path):
+    train = write(tmp_path / "train.conll", CONLL)
+    valid = write(tmp_path / "valid.conll", "Paris B-LOC\n")
+    test = write(tmp_path / "test.conll", "in O\nBerlin I-LOC\n")
+    with pytest.raises(FinetuneError, match=r"data.test: tag 'I-LOC' at '.*test.conll' line 2 \(word 'Berlin'\)"):
+        tc.load_splits(recipe_for(train, valid, test))
+
+
 def test_empty_sentences_are_dropped_and_listed(tmp_path):
     path = write(tmp_path / "train.jsonl", "\n".join(json.dumps(r) for r in [
         {"tokens": ["a"], "tags": ["O"]}, {"tokens": [], "tags": []}]) + "\n")

@@ -23,8 +23,10 @@ import numpy as np
 from finetune.data import (
     FILE_BUILDERS,
     RawSplit,
+    Splits,
     _label_values,
     _load_dataset,
+    _subset,
     _where,
     check_utf8,
     load_table,
@@ -203,12 +205,63 @@ def _cell_list(value: Any, split: RawSplit, position: int, column: str, what: st
     return items
 
 
+def load_splits(recipe) -> Splits:
+    """Read, check, split and encode the recipe's tagged sentences: `Splits` with problem 'tags'; no model needed.
+
+    The rules of `finetune.data.assemble_splits`: data.validation null holds a data.val_fraction of train out (seeded
+    by train.seed; sentences are not stratified), the tag set comes from train (before data.max_samples caps each
+    split), a validation/test tag unseen in train is an error naming its line, empty sentences are dropped and
+    listed. Tables are {"tokens": word lists, "label": tag id lists, "row": rows}; split.json's info adds "scheme".
+    """
+    from finetune.data import SPLITS, _cap, stratified_split
+
+    d = recipe.data
+    given = read_split(d.train, recipe, "data.train")
+    train = given.get("train") or given.get("file")
+    if train is None:
+        raise FinetuneError(f"data.train: '{d.train}' has no 'train' split (it has: {', '.join(given)})")
+    parts: dict[str, RawSplit | None] = {"train": train, "validation": given.get("validation"), "test": given.get("test")}
+    for key in ("validation", "test"):
+        spec = getattr(d, key)
+        if spec is not None:
+            found = read_split(spec, recipe, f"data.{key}")
+            parts[key] = found.get(key) or found.get("file") or found.get("train")
+    held_out_from_train = parts["validation"] is None
+    if held_out_from_train:
+        kept, held = stratified_split([0] * len(train.texts), d.val_fraction, recipe.train.seed)
+        parts["train"], parts["validation"] = _subset(train, kept), _subset(train, held)
+    names = tag_names(parts["train"])
+    skipped: dict[str, list[str]] = {}
+    for key in SPLITS:
+        if parts[key] is not None:
+            parts[key] = _cap(parts[key], d.max_samples, recipe.train.seed)
+            parts[key], skipped[key] = check_sentences(parts[key], f"data.{key}")
+    tables = {
+        key: None if split is None else
+        {"tokens": split.texts, "label": encode_tags(split, names, f"data.{key}"), "row": split.rows}
+        for key, split in parts.items()
+    }
+    info = {
+        "problem": "tags",
+        "labels": names,
+        "scheme": tag_scheme(names),
+        "validation_held_out_from_train": held_out_from_train,
+        "splits": {
+            key: {"source": split.source, "count": len(split.rows), "rows": split.rows,
+                  **({"skipped": skipped[key]} if skipped.get(key) else {})}
+            for key, split in parts.items() if split is not None
+        },
+    }
+    kept_parts = {key: split for key, split in parts.items() if split is not None}
+    return Splits("tags", tables["train"], tables["validation"], tables["test"], names, info=info, parts=kept_parts)
+
+
 def check_sentences(split: RawSplit, key: str) -> tuple[RawSplit, list[str]]:
     """Sentences with no words carry no signal and are dropped (split.json lists them); all empty is an error.
 
     The `check_inputs` of `finetune.data.assemble_splits`.
     """
-    from finetune.data import _subset, where_rows
+    from finetune.data import where_rows
 
     empty = [i for i, words in enumerate(split.texts) if not words]
     if not empty:
