@@ -517,6 +517,19 @@ def test_word_tags_come_from_the_first_sub_token_and_spans_cover_whole_words(wor
     assert [(e["word"], e["label"]) for e in simple["entities"]] == [("Anna", "PER"), ("Wash", "LOC"), ("ton", "PER")]
 
 
+def test_bioes_entities_close_on_e_and_s(wordpiece):
+    import torch
+
+    names = ["O", "B-PER", "E-PER", "S-LOC"]
+    encoded = tc.encode_inputs([["John", "Smith", "Paris", "Berlin", "today"]], wordpiece, 64)
+    picks = ["O", "B-PER", "E-PER", "S-LOC", "S-LOC", "S-LOC", "O", "O"]  # Berlin is ber ##lin
+    logits = torch.full((1, 8, len(names)), -5.0)
+    for position, tag in enumerate(picks):
+        logits[0, position, names.index(tag)] = 5.0
+    entities = tc.decode(logits.numpy(), encoded, names)[0]["entities"]
+    assert [(e["word"], e["label"]) for e in entities] == [("John Smith", "PER"), ("Paris", "LOC"), ("Berlin", "LOC")]
+
+
 def test_words_past_the_cut_get_no_tag(wordpiece):
     model = tiny_tagger(len(wordpiece), NAMES)
     result = tc.predict(model, wordpiece, [["John", "visited", "Paris", "and", "Washington"]], NAMES, 5)[0]
