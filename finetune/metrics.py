@@ -57,6 +57,31 @@ METRICS: dict[str, tuple[tuple[str, ...], bool, Callable]] = {
 }
 
 
+def _seqeval(name: str) -> Callable:
+    """Entity-level micro scores over rows of IOB2 tag names (conlleval's counting)."""
+
+    def compute(y, p):
+        from seqeval import metrics
+
+        return getattr(metrics, f"{name}_score")(list(y), list(p), zero_division=0)
+
+    return compute
+
+
+def _token_accuracy(y, p) -> float:
+    pairs = [(a, b) for true, predicted in zip(y, p) for a, b in zip(true, predicted)]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else 0.0
+
+
+# token classification: rows of tag names per sentence (finetune.problems.Tags scores them with the tag scheme)
+METRICS.update({
+    "f1": (("tags",), True, _seqeval("f1")),
+    "precision": (("tags",), True, _seqeval("precision")),
+    "recall": (("tags",), True, _seqeval("recall")),
+    "token_accuracy": (("tags",), True, _token_accuracy),
+})
+
+
 def metrics_for(problem: str) -> list[str]:
     return [name for name, (problems, _, _) in METRICS.items() if problem in problems]
 
@@ -72,12 +97,10 @@ def is_improvement(name: str, value: float, best: float | None) -> bool:
 
 
 def predictions_from_logits(logits: np.ndarray, problem: str, threshold: float = 0.5) -> np.ndarray:
-    """What a model predicts: a class index, a 0/1 row per label set, or the regression value."""
-    if problem == "single_label":
-        return logits.argmax(axis=-1)
-    if problem == "multi_label":
-        return (1.0 / (1.0 + np.exp(-logits)) > threshold).astype(np.int64)
-    return logits.reshape(-1)
+    """What a model predicts: a class index, a 0/1 row per label set, the regression value, a tag per token."""
+    from finetune.problems import get
+
+    return get(problem).predict(logits, threshold)
 
 
 def compute_metrics(names: list[str], y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:

@@ -79,7 +79,9 @@ def is_native(recipe) -> bool:
 
 
 def num_outputs(problem: str, label_names: list[str] | None) -> int:
-    return 1 if problem == "regression" else len(label_names)
+    from finetune.problems import get
+
+    return get(problem).num_outputs(label_names)
 
 
 def build_text_model(recipe, label_names: list[str] | None, tokenizer=None):

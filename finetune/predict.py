@@ -223,11 +223,9 @@ class Predictor:
 
 def probabilities(logits: np.ndarray, problem: str) -> np.ndarray:
     """Softmax for single_label, per-label sigmoid for multi_label (as the trainer's losses define them)."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if problem == "multi_label":
-        return 1.0 / (1.0 + np.exp(-logits))
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
+    from finetune.problems import get
+
+    return get(problem).probabilities(logits)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from finetune.errors import FinetuneError
+from finetune.problems import PROBLEMS
 
 # ---------------------------------------------------------------------------------------------------------------
 # The schema. Field comments are the documentation; `finetune cp` gives a commented example.
@@ -162,11 +163,7 @@ class Recipe:
     hub: Hub = field(default_factory=Hub)
 
 
-DEFAULT_METRICS = {
-    "single_label": ["accuracy", "f1_macro"],
-    "multi_label": ["f1_micro", "f1_macro", "accuracy"],
-    "regression": ["rmse", "mae", "r2", "pearson", "spearman"],
-}
+DEFAULT_METRICS = {name: list(problem.default_metrics) for name, problem in PROBLEMS.items()}
 
 def _recipes_dir() -> Path:
     installed = Path(__file__).resolve().parent / "recipes"  # a wheel install carries them as package data

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from finetune import data as data_module
 from finetune import export, recipe as recipe_module
-from finetune import checks, transfer
+from finetune import checks, problems, transfer
 from finetune.dropout import use_fast_dropout
 from finetune.errors import FinetuneError
-from finetune.metrics import compute_metrics, is_improvement, predictions_from_logits
+from finetune.metrics import is_improvement
 from finetune.model import (
     build_text_model,
     build_vision_model,
@@ -51,12 +51,7 @@ def choose_precision(requested: str) -> str:
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, problem: str, label_smoothing: float = 0.0,
             class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    logits = logits.float()
-    if problem == "single_label":
-        return F.cross_entropy(logits, labels, weight=class_weights, label_smoothing=label_smoothing)
-    if problem == "multi_label":
-        return F.binary_cross_entropy_with_logits(logits, labels.float())
-    return F.mse_loss(logits.view(-1), labels.float().view(-1))  # standardised targets
+    return problems.get(problem).loss(logits, labels, label_smoothing, class_weights)
 
 
 def logits_of(output) -> torch.Tensor:
@@ -109,43 +104,16 @@ def peak_memory_mb() -> float:
 def evaluate(accelerator, model, loader, splits, recipe, details: dict | None = None) -> dict:
     """Loss and metrics over a whole split, gathered from every process without the padding of uneven batches.
 
-    details: a dict to fill with the confusion matrix (single_label) or per-label F1 (multi_label).
+    details: a dict to fill with what the averages hide (the confusion matrix, per-label or per-entity F1).
     """
+    problem = problems.get(splits.problem)
     model.eval()
-    all_logits, all_labels = [], []
+    batches = []
     for batch in loader:
         labels = batch.pop("labels")
-        logits = logits_of(model(**batch)).float()
-        logits, labels = accelerator.gather_for_metrics((logits, labels))
-        all_logits.append(logits.cpu())
-        all_labels.append(labels.cpu())
-    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
-    problem = recipe.head.problem
-    results = {"loss": float(loss_fn(logits, labels, problem))}
-    predictions = predictions_from_logits(logits.numpy(), problem, recipe.head.threshold)
-    truth = labels.numpy()
-    if problem == "regression":  # metrics in the targets' own units
-        predictions = predictions * splits.target_std + splits.target_mean
-        truth = truth.reshape(-1) * splits.target_std + splits.target_mean
-    elif problem == "multi_label":
-        truth = truth.astype(np.int64)
-    results.update(compute_metrics(recipe.eval.metrics, truth, predictions))
-    if details is not None:
-        details.update(_details(problem, truth, predictions, splits.label_names))
-    return results
-
-
-def _details(problem: str, truth, predictions, label_names) -> dict:
-    """What a table of averages hides: the confusion matrix, or each label's F1 (rows: truth, columns: prediction)."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-    if problem == "single_label":
-        matrix = confusion_matrix(truth, predictions, labels=list(range(len(label_names))))
-        return {"confusion": {"labels": list(label_names), "matrix": matrix.tolist()}}
-    if problem == "multi_label":
-        _, _, f1, support = precision_recall_fscore_support(truth, predictions, average=None, zero_division=0)
-        return {"per_label": {"labels": list(label_names), "f1": f1.tolist(), "support": support.tolist()}}
-    return {}
+        logits, labels = problem.gather(accelerator, logits_of(model(**batch)).float(), labels)
+        batches.append((logits.cpu(), labels.cpu()))
+    return problem.score(batches, recipe.eval.metrics, splits, recipe.head.threshold, details)
 
 
 @dataclass
