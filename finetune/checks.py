@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,24 +95,9 @@ def check_data(recipe) -> DataReport:
     Bad input raises FinetuneError (one line naming the file, column or row); what is legal but suspicious becomes a
     warning. Nothing here builds a model: text loads only the backbone's config and tokenizer.
     """
-    tokenizer = max_positions = None
-    if recipe.task == "image-classification":
-        from finetune.images import load_image_splits
+    from finetune.tasks import get_task
 
-        with warnings.catch_warnings():  # skipped images are one of the report's warnings
-            warnings.simplefilter("ignore", UserWarning)
-            splits = load_image_splits(recipe)
-        _check_vision_backbone(recipe)
-        _check_augmentation(recipe, splits)
-    else:
-        from finetune.backbones import load_text_config, load_tokenizer
-        from finetune.data import load_splits
-
-        splits = load_splits(recipe)
-        source, config = load_text_config(recipe)
-        tokenizer = load_tokenizer(source, recipe.backbone.trust_remote_code)
-        max_positions = backbone_max_tokens(tokenizer, config)
-    report = data_report(recipe, splits, tokenizer, max_positions)
+    report = get_task(recipe.task).check_data(recipe)
     report.warnings.extend(check_output(recipe))
     return report
 
@@ -127,7 +111,7 @@ def backbone_max_tokens(tokenizer, config) -> int | None:
     return positions if isinstance(positions, int) and positions > 0 else None
 
 
-def _check_vision_backbone(recipe) -> None:
+def check_vision_backbone(recipe) -> None:
     """A timm name or local-dir folder that cannot exist fails here; loading weights is left to `run`."""
     from finetune.backbones import VISION_ZOO, timm_source
 
@@ -140,7 +124,7 @@ _STAND_IN_DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear",
                          "crop_pct": 1.0, "crop_mode": "center"}
 
 
-def _check_augmentation(recipe, splits: Splits) -> None:
+def check_augmentation(recipe, splits: Splits) -> None:
     """The augment section as `run` will build it (a timm policy string, mixup's needs), with no model."""
     from finetune.images import build_mixup, build_transforms
 

@@ -39,12 +39,10 @@ def eval_recipe(predictor: Predictor, data: str, text_column=None, label_column=
 
 def read_labelled(recipe, data: str, split: str):
     """The RawSplit to evaluate on: a file or folder, or one split of a zoo/hub data set or of a split folder."""
-    if recipe.task == "image-classification":
-        from finetune.images import read_image_split as read
-    else:
-        from finetune.data import read_split as read
+    from finetune.tasks import get_task
+
     try:
-        parts = read(data, recipe, "--data")
+        parts = get_task(recipe.task).read(data, recipe, "--data")
     except FinetuneError as error:  # the readers name recipe keys; here the user sets them as options
         raise FinetuneError(_as_options(str(error))) from None
     if "file" in parts:
@@ -59,20 +57,6 @@ def _as_options(message: str) -> str:
         option = "--" + key.replace("_", "-")
         message = message.replace(f"data.{key}=", f"{option} ").replace(f"data.{key}", option)
     return message
-
-
-def _check_inputs(raw, recipe):
-    from finetune.data import _where
-
-    if recipe.task == "image-classification":
-        from finetune.images import _check_images
-
-        raw, _ = _check_images(raw, "--data", recipe.data.skip_bad_images, recipe.data.image_column)
-        return raw
-    for i, text in enumerate(raw.texts):
-        if not isinstance(text, str) or not text.strip():
-            raise FinetuneError(f"{_where(raw, i)}: empty text in column '{recipe.data.text_column}'; fill it or drop the row")
-    return raw
 
 
 def _target_scaling(predictor: Predictor) -> tuple[float, float] | None:
@@ -90,6 +74,7 @@ def evaluate(source: str, data: str, split: str = "test", text_column=None, labe
 
     from finetune.data import _check_labels, encode_labels
     from finetune.metrics import compute_metrics, predictions_from_logits
+    from finetune.tasks import get_task
     from finetune.train import loss_fn
 
     if output is not None and Path(output).suffix.lower() not in OUTPUT_FORMATS:
@@ -99,7 +84,7 @@ def evaluate(source: str, data: str, split: str = "test", text_column=None, labe
     problem = predictor.problem
     raw = read_labelled(recipe, data, split)
     _check_labels(raw, "--data", problem)
-    raw = _check_inputs(raw, recipe)
+    raw = get_task(recipe.task).check_eval_inputs(raw, recipe)
     truth = encode_labels(raw, problem, predictor.labels, "--data")
     logits = predictor.logits(raw.texts, batch_size, progress)
     predictions = predictions_from_logits(logits, problem, predictor.threshold)

@@ -9,29 +9,19 @@ import os
 import resource
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from finetune import data as data_module
 from finetune import export, recipe as recipe_module
-from finetune import checks, problems, transfer
+from finetune import problems, transfer
 from finetune.dropout import use_fast_dropout
 from finetune.errors import FinetuneError
 from finetune.metrics import is_improvement
-from finetune.model import (
-    build_text_model,
-    build_vision_model,
-    fold_target_scaling,
-    head_parameter_names,
-    save_model,
-    save_vision_model,
-)
+from finetune.model import fold_target_scaling, head_parameter_names
+from finetune.tasks import Job, get_task
 from finetune.optim import build_param_groups, build_scheduler, warmup_steps
 
 
@@ -116,125 +106,6 @@ def evaluate(accelerator, model, loader, splits, recipe, details: dict | None = 
     return problem.score(batches, recipe.eval.metrics, splits, recipe.head.threshold, details)
 
 
-@dataclass
-class Job:
-    """What differs between text and images; everything after it (loop, metrics, export) is shared."""
-
-    splits: object
-    model: torch.nn.Module
-    datasets: dict  # split name -> torch/datasets Dataset
-    make_loader: Callable  # (dataset, batch_size, training) -> DataLoader
-    save: Callable  # (unwrapped model, directory) -> writes model/ without the card
-    mixup: Callable | None = None  # timm Mixup for image batches
-    class_weights: torch.Tensor | None = None  # single_label cross-entropy weights, in label order
-    warnings: list = field(default_factory=list)  # the data report's: legal but suspicious data
-    saved_names: set | None = None  # what checkpoints hold when the backbone stays frozen; None: everything
-
-
-def _text_job(recipe, accelerator) -> Job:
-    t = recipe.train
-    splits = data_module.load_splits(recipe)  # bad data fails here, before any run folder is made or removed
-    from finetune.backbones import load_text_config, load_tokenizer
-
-    source, config = load_text_config(recipe)
-    tokenizer = load_tokenizer(source, recipe.backbone.trust_remote_code)
-    # texts longer than the backbone takes, leakage, imbalance: errors before any model is built, else warnings
-    report = checks.data_report(recipe, splits, tokenizer, checks.backbone_max_tokens(tokenizer, config))
-    model, tokenizer = build_text_model(recipe, splits.label_names, tokenizer)
-    with accelerator.main_process_first():  # the main process tokenises and caches; the others read the cache
-        datasets = {
-            key: data_module.tokenize(table, tokenizer, recipe.data.max_length)
-            for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
-            if table is not None
-        }
-    return Job(
-        splits,
-        model,
-        datasets,
-        make_loader=lambda dataset, batch, training: data_module.make_loader(
-            dataset, tokenizer, batch, training, t.seed,
-            _train_sampler(recipe, dataset, batch) if training else _longest_first(dataset),
-        ),
-        save=lambda unwrapped, directory: save_model(unwrapped, tokenizer, directory, recipe, splits.label_names),
-        warnings=report.warnings,
-    )
-
-
-def _image_job(recipe, accelerator) -> Job:
-    from finetune import images
-
-    t = recipe.train
-    with warnings.catch_warnings():  # skipped images are one of the report's warnings
-        warnings.simplefilter("ignore", UserWarning)
-        splits = images.load_image_splits(recipe)
-    report = checks.data_report(recipe, splits)
-    model, data_config = build_vision_model(recipe, splits.label_names)
-    if _use_channels_last(recipe, model, accelerator):
-        model = model.to(memory_format=torch.channels_last)
-    mixup = images.build_mixup(recipe, len(splits.label_names or []))
-    augmenting = not augmentation_off(recipe)
-    datasets = {
-        key: images.ImageDataset(table, images.build_transforms(data_config, recipe, training=key == "train" and augmenting))
-        for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
-        if table is not None
-    }
-
-    def make_loader(dataset, batch, training):
-        # mixup pairs each image with the batch reversed: an odd last batch would pair one image with itself
-        drop_last = training and mixup is not None
-        sampler = _train_sampler(recipe, dataset, batch) if training else None
-        return images.make_image_loader(dataset, batch, training, t.seed, recipe.data.num_workers, drop_last, sampler)
-
-    return Job(
-        splits,
-        model,
-        datasets,
-        make_loader=make_loader,
-        save=lambda unwrapped, directory: save_vision_model(unwrapped, directory, recipe, splits.label_names, data_config),
-        mixup=mixup,
-        warnings=report.warnings,
-    )
-
-
-def _longest_first(dataset) -> list[int]:
-    """Evaluation order for text: rows sorted by length, so each batch pads to little more than its own rows
-    (metrics do not depend on the order; features computed this way are put back in row order)."""
-    from finetune.sampling import token_lengths
-
-    lengths = token_lengths(dataset)
-    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
-
-
-def _train_sampler(recipe, dataset, batch_size: int):
-    """The training order when it is not a plain shuffle: length-grouped batches or class-balanced draws."""
-    from finetune import sampling
-
-    t = recipe.train
-    if t.group_by_length:
-        return sampling.LengthGroupedSampler(sampling.token_lengths(dataset), batch_size, t.seed)
-    if t.sampler == "balanced":
-        return sampling.ClassBalancedSampler(transfer.labels_of(dataset), t.seed)
-    return None
-
-
-def augmentation_off(recipe) -> bool:
-    """No random change to training images: they are then preprocessed exactly like evaluation ones."""
-    a = recipe.augment
-    return (
-        recipe.task != "image-classification"
-        or (a.auto_augment is None and a.random_erasing == 0 and a.mixup == 0 and a.cutmix == 0 and a.hflip == 0
-            and list(a.scale) == [1.0, 1.0])
-    )
-
-
-def _use_channels_last(recipe, model, accelerator) -> bool:
-    """channels_last speeds up convolutions on GPUs; on CPUs and for transformers it is not worth the copies."""
-    if recipe.train.channels_last is not None:
-        return recipe.train.channels_last
-    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    return has_conv and accelerator.device.type == "cuda"
-
-
 def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
     """Fine-tune as the recipe says, write the run folder, return metrics.json's content.
 
@@ -262,7 +133,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
     )
     set_seed(t.seed)
     # data and model first: bad input fails here, before any run folder is made or removed
-    job = _image_job(recipe, accelerator) if recipe.task == "image-classification" else _text_job(recipe, accelerator)
+    job = get_task(recipe.task).job(recipe, accelerator)
     if recipe.lora is not None:
         job.model = transfer.apply_lora(job.model, recipe.lora)
     splits = job.splits
@@ -417,7 +288,7 @@ def _use_cached_features(job: Job, recipe, accelerator, eval_batch: int, say) ->
         return
     split = transfer.feature_split(job.model, recipe)
     why = None
-    if not augmentation_off(recipe):
+    if job.augmenting:
         why = "augmentation changes the images every epoch (set augment.scale=[1,1], hflip=0 and the rest off)"
     elif split is None:
         why = f"the head of {type(job.model).__name__} cannot be separated from its backbone (use head.pooling=mean)"

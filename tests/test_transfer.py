@@ -313,7 +313,7 @@ def test_compiled_training_matches_eager(tiny_bert, tiny_data, tmp_path):
 def test_features_computed_longest_first_come_back_in_row_order(tiny_bert, tiny_data, tmp_path):
     from finetune import data as data_module
     from finetune.backbones import load_tokenizer
-    from finetune.train import _longest_first
+    from finetune.tasks.text_classification import longest_first as _longest_first
 
     model, recipe = text_model(tiny_bert, tiny_data, tmp_path, **{"head.pooling": "mean", "train.freeze": "backbone"})
     tokenizer = load_tokenizer(str(tiny_bert), False)

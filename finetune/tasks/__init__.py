@@ -1,1 +1,58 @@
-"""Tasks: one module per task (its inputs, preprocessing, model, metrics and outputs)."""
+"""Tasks: one module per task (what its inputs are and how they are read and checked, the model it builds, its
+batches, its model/ folder); TASKS names them, and the loop, validate and eval ask the task, not its name."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+# task name -> the module that holds it (imported when asked for: a task pulls in its own libraries)
+TASKS = {
+    "text-classification": "finetune.tasks.text_classification",
+    "image-classification": "finetune.tasks.image_classification",
+    "token-classification": "finetune.tasks.token_classification",
+}
+
+
+@dataclass
+class Job:
+    """What a task hands the training loop; everything after it (loop, metrics, export) is shared."""
+
+    splits: object
+    model: object  # torch.nn.Module
+    datasets: dict  # split name -> torch/datasets Dataset
+    make_loader: Callable  # (dataset, batch_size, training) -> DataLoader
+    save: Callable  # (unwrapped model, directory) -> writes model/ without the card
+    mixup: Callable | None = None  # timm Mixup for image batches
+    class_weights: object = None  # single_label cross-entropy weights, in label order
+    warnings: list = field(default_factory=list)  # the data report's: legal but suspicious data
+    saved_names: set | None = None  # what checkpoints hold when the backbone stays frozen; None: everything
+    augmenting: bool = False  # training inputs change from epoch to epoch (their features cannot be cached)
+
+
+class Task(Protocol):
+    """What every task offers (the module's `TASK`)."""
+
+    name: str
+    problems: tuple[str, ...]  # the head.problem values it takes; the first is the default
+
+    def read(self, spec: str, recipe, key: str) -> dict:
+        """The split(s) a data.* value (or `eval --data`) names: {"file": RawSplit} or {split name: RawSplit}."""
+
+    def check_inputs(self, split, key: str, recipe):
+        """(split, skipped): the inputs checked, unusable ones dropped or refused, as `run` treats them."""
+
+    def load_splits(self, recipe):
+        """Read, check, split and encode the recipe's data: `finetune.data.Splits`; no model needed."""
+
+    def check_data(self, recipe):
+        """`validate`: the data read and checked as `run` will, with the backbone's preprocessing but no model;
+        a report with `.table()` and `.warnings`."""
+
+    def job(self, recipe, accelerator) -> Job:
+        """Data (checked and reported), model and loaders for the training loop."""
+
+
+def get_task(name: str) -> Task:
+    return importlib.import_module(TASKS[name]).TASK

@@ -1,0 +1,98 @@
+"""Image classification: an image per row (folders, tables of paths or bytes, the zoo), one label, a label set or a
+number; a timm backbone and head, timm's transforms and Mixup, a native timm folder."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from finetune import checks
+from finetune.tasks import Job
+
+
+class ImageClassification:
+    name = "image-classification"
+    problems = ("single_label", "multi_label", "regression")
+
+    def read(self, spec: str, recipe, key: str) -> dict:
+        from finetune.images import read_image_split
+
+        return read_image_split(spec, recipe, key)
+
+    def check_eval_inputs(self, raw, recipe):
+        from finetune.images import _check_images
+
+        raw, _ = _check_images(raw, "--data", recipe.data.skip_bad_images, recipe.data.image_column)
+        return raw
+
+    def load_splits(self, recipe):
+        from finetune.images import load_image_splits
+
+        with warnings.catch_warnings():  # skipped images are one of the report's warnings
+            warnings.simplefilter("ignore", UserWarning)
+            return load_image_splits(recipe)
+
+    def check_data(self, recipe):
+        splits = self.load_splits(recipe)
+        checks.check_vision_backbone(recipe)
+        checks.check_augmentation(recipe, splits)
+        return checks.data_report(recipe, splits)
+
+    def job(self, recipe, accelerator) -> Job:
+        from finetune import images
+        from finetune.model import build_vision_model, save_vision_model
+
+        t = recipe.train
+        splits = self.load_splits(recipe)
+        report = checks.data_report(recipe, splits)
+        model, data_config = build_vision_model(recipe, splits.label_names)
+        if _use_channels_last(recipe, model, accelerator):
+            model = model.to(memory_format=torch.channels_last)
+        mixup = images.build_mixup(recipe, len(splits.label_names or []))
+        augmenting = not augmentation_off(recipe)
+        datasets = {
+            key: images.ImageDataset(table, images.build_transforms(data_config, recipe, training=key == "train"
+                                                                      and augmenting))
+            for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
+            if table is not None
+        }
+
+        def make_loader(dataset, batch, training):
+            from finetune.tasks.text_classification import train_sampler
+
+            # mixup pairs each image with the batch reversed: an odd last batch would pair one image with itself
+            drop_last = training and mixup is not None
+            sampler = train_sampler(recipe, dataset, batch) if training else None
+            return images.make_image_loader(dataset, batch, training, t.seed, recipe.data.num_workers, drop_last,
+                                            sampler)
+
+        return Job(
+            splits,
+            model,
+            datasets,
+            make_loader=make_loader,
+            save=lambda unwrapped, directory: save_vision_model(unwrapped, directory, recipe, splits.label_names,
+                                                                data_config),
+            mixup=mixup,
+            warnings=report.warnings,
+            augmenting=augmenting,
+        )
+
+
+def augmentation_off(recipe) -> bool:
+    """No random change to training images: they are then preprocessed exactly like evaluation ones."""
+    a = recipe.augment
+    return (a.auto_augment is None and a.random_erasing == 0 and a.mixup == 0 and a.cutmix == 0 and a.hflip == 0
+            and list(a.scale) == [1.0, 1.0])
+
+
+def _use_channels_last(recipe, model, accelerator) -> bool:
+    """channels_last speeds up convolutions on GPUs; on CPUs and for transformers it is not worth the copies."""
+    if recipe.train.channels_last is not None:
+        return recipe.train.channels_last
+    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    return has_conv and accelerator.device.type == "cuda"
+
+
+TASK = ImageClassification()
