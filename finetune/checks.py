@@ -328,7 +328,8 @@ def _image_key(entry: Any):
     return hashlib.sha1(data).digest()
 
 
-def _snippet(text: str) -> str:
+def _snippet(text) -> str:
+    text = " ".join(text) if isinstance(text, (list, tuple)) else text  # a sentence of words
     text = " ".join(text.split())
     return repr(text if len(text) <= SNIPPET else text[: SNIPPET - 3] + "...")
 

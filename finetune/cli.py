@@ -144,6 +144,9 @@ def _clip(text: str, width: int) -> str:
 
 
 def _describe_prediction(result: dict, top_k: int | None) -> str:
+    if "entities" in result:  # token classification
+        found = "  ".join(f"{e['word']}/{e['label']} {e['score']:.3f}" for e in result["entities"])
+        return found or "(no entities)"
     if "value" in result:
         return f"{result['value']:.6g}"
     if "label" in result:

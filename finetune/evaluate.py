@@ -83,8 +83,18 @@ def evaluate(source: str, data: str, split: str = "test", text_column=None, labe
     recipe = eval_recipe(predictor, data, text_column, label_column, image_column)
     problem = predictor.problem
     raw = read_labelled(recipe, data, split)
+    task = get_task(recipe.task)
+    if hasattr(task, "evaluate"):  # outputs that are not one row of logits per input (a tag per word)
+        report = task.evaluate(predictor, task.check_eval_inputs(raw, recipe), recipe, batch_size)
+        report.update(data=data, model=str(source))
+        for value in report.pop("details").values():
+            value["split"] = split
+        if output is not None:
+            write_records(Path(output), report.pop("records"))
+        report.pop("records", None)
+        return report
     _check_labels(raw, "--data", problem)
-    raw = get_task(recipe.task).check_eval_inputs(raw, recipe)
+    raw = task.check_eval_inputs(raw, recipe)
     truth = encode_labels(raw, problem, predictor.labels, "--data")
     logits = predictor.logits(raw.texts, batch_size, progress)
     predictions = predictions_from_logits(logits, problem, predictor.threshold)
@@ -149,6 +159,11 @@ def write_predictions(path: Path, predictor: Predictor, raw, truth, logits: np.n
             scores = {item["label"]: item["score"] for item in result["scores"]}
             record.update({f"score:{name}": scores[name] for name in labels})
         records.append(record)
+    write_records(path, records)
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    """--output: one record per row, as JSON lines (.jsonl) or a CSV table."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="", encoding="utf-8") as file:

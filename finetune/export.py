@@ -32,8 +32,7 @@ def export_model(save, model, directory: Path, recipe, splits, metrics: dict) ->
 
     directory = Path(directory)
     save(model, directory)
-    if recipe.task == "text-classification":
-        _keep_max_length(directory, recipe.data.max_length)
+    _keep_max_length(directory, recipe.data.max_length)  # a tokenizer's folder (text tasks)
     plots = _write_plots(metrics, directory / PLOTS_DIR, Path(recipe.output.dir) / PLOTS_DIR)
     card = model_card(recipe, splits, metrics, native=not is_kit_model(model), plots=plots)
     (directory / "README.md").write_text(card)
@@ -206,6 +205,8 @@ def _data_section(recipe, splits) -> list[str]:
             )
     if splits.problem == "multi_label":
         lines += ["", "A row can carry several labels, so the label counts can add up to more than the rows."]
+    if splits.problem == "tags":
+        lines += ["", "Rows are sentences; the tag counts are words."]
     skipped = sum(len(part.get("skipped", [])) for part in info.values())
     if skipped:
         lines += ["", f"{skipped} unreadable image(s) were skipped (`data.skip_bad_images`); `split.json` lists them."]
@@ -213,9 +214,9 @@ def _data_section(recipe, splits) -> list[str]:
 
 
 def _label_counts(encoded: list, problem: str, count: int) -> list[int]:
-    if problem == "multi_label":
-        return [int(v) for v in np.asarray(encoded, dtype=np.float64).reshape(-1, count).sum(axis=0)]
-    return [int(v) for v in np.bincount(np.asarray(encoded, dtype=np.int64), minlength=count)]
+    from finetune.problems import get
+
+    return get(problem).label_counts(encoded, count)
 
 
 def _confusion_section(metrics: dict, plots: dict) -> list[str]:
@@ -254,8 +255,13 @@ def _per_label_section(metrics: dict, plots: dict) -> list[str]:
 
 
 def _usage(recipe, native: bool) -> str:
+    from finetune.tasks import get_task
+
     problem, vision = recipe.head.problem, recipe.task == "image-classification"
     reference = model_reference(recipe, native)
+    task = get_task(recipe.task)
+    if hasattr(task, "card_usage"):  # a task whose use is not "classify these inputs"
+        return task.card_usage(recipe, reference)
     example = (
         'image = Image.new("RGB", (256, 256), "gray")  # your picture: Image.open("photo.jpg").convert("RGB")'
         if vision else 'texts = ["your text here"]'

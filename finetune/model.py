@@ -246,6 +246,12 @@ def load(directory: str | Path):
     return _load_text(directory, spec)
 
 
+def _is_token_classifier(directory: Path) -> bool:
+    config_path = directory / "config.json"
+    architectures = json.loads(config_path.read_text()).get("architectures") or [] if config_path.is_file() else []
+    return any(name.endswith("ForTokenClassification") for name in architectures)
+
+
 def _is_timm_folder(directory: Path) -> bool:
     config_path = directory / "config.json"
     return config_path.is_file() and "architecture" in json.loads(config_path.read_text())
@@ -292,6 +298,13 @@ def _load_text(directory: Path, spec: dict | None):
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
+    if spec is None and _is_token_classifier(directory):
+        from transformers import AutoModelForTokenClassification
+
+        model = AutoModelForTokenClassification.from_pretrained(directory)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        spec = {"format": "transformers", "task": "token-classification", "problem": "tags", "labels": labels}
+        return model.eval(), tokenizer, spec
     if spec is None:
         model = AutoModelForSequenceClassification.from_pretrained(directory)
         config = model.config

@@ -199,7 +199,13 @@ class Predictor:
         multi_label: {"labels": those over the threshold, best first, "scores": [...] as above}
         regression: {"value": the prediction in the training targets' units}
         """
+        from finetune.tasks import get_task
+
         single = isinstance(inputs, (str, Path, bytes, np.ndarray)) or type(inputs).__module__.startswith("PIL.")
+        task = get_task(self.task)
+        if hasattr(task, "predict"):  # outputs that are not one row of logits per input (a tag per word)
+            results = task.predict(self, [inputs] if single else list(inputs), top_k, batch_size)
+            return results[0] if single else results
         logits = self.logits([inputs] if single else inputs, batch_size, progress)
         results = self.decode(logits, top_k)
         return results[0] if single else results
@@ -277,9 +283,10 @@ def expand_inputs(items: list[str], task: str, column: str) -> list[tuple[str, A
                 expanded += [(line, line) for line in lines if line.strip()]
             elif suffix in FILE_BUILDERS:
                 for i, text in enumerate(_table_column(path, column, "--column")):
-                    if not isinstance(text, str) or not text.strip():
+                    words = isinstance(text, list) and text and all(isinstance(w, str) for w in text)
+                    if not words and (not isinstance(text, str) or not text.strip()):
                         raise FinetuneError(f"{path} row {i + 1}: empty text in column '{column}'")
-                    expanded.append((text, text))
+                    expanded.append((" ".join(text) if words else text, text))  # words: token classification
             else:
                 expanded.append((item, item))
             continue
@@ -307,8 +314,9 @@ def expand_inputs(items: list[str], task: str, column: str) -> list[tuple[str, A
 
 
 def default_column(predictor: Predictor) -> str:
-    if predictor.recipe is not None:
-        d = predictor.recipe.data
-        return d.image_column if predictor.task == "image-classification" else d.text_column
-    return "image" if predictor.task == "image-classification" else "text"
+    from finetune.recipe import Data
+
+    d = predictor.recipe.data if predictor.recipe is not None else Data(train="")
+    return {"image-classification": d.image_column, "token-classification": d.tokens_column}.get(
+        predictor.task, d.text_column)
 

@@ -33,6 +33,10 @@ class Problem:
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return shifted / shifted.sum(axis=-1, keepdims=True)
 
+    def label_counts(self, encoded: list, count: int) -> list[int]:
+        """Rows per label (encoded as the splits hold them)."""
+        return [int(v) for v in np.bincount(np.asarray(encoded, dtype=np.int64), minlength=count)]
+
     # evaluation: batches are gathered across processes, moved to the host, then scored together
 
     def gather(self, accelerator, logits, labels):
@@ -102,6 +106,9 @@ class MultiLabel(Problem):
     def in_units(self, truth, predictions, splits):
         return truth.astype(np.int64), predictions
 
+    def label_counts(self, encoded: list, count: int) -> list[int]:
+        return [int(v) for v in np.asarray(encoded, dtype=np.float64).reshape(-1, count).sum(axis=0)]
+
     def details(self, truth, predictions, label_names) -> dict:
         from sklearn.metrics import precision_recall_fscore_support
 
@@ -147,6 +154,11 @@ class Tags(Problem):
 
     def predict(self, logits: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         return logits.argmax(axis=-1)
+
+    def label_counts(self, encoded: list, count: int) -> list[int]:
+        """Words per tag."""
+        flat = [tag for row in encoded for tag in row]
+        return [int(v) for v in np.bincount(np.asarray(flat, dtype=np.int64), minlength=count)]
 
     def gather(self, accelerator, logits, labels):
         # sentences of different lengths on different processes: pad to one length before gathering

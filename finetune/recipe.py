@@ -35,7 +35,8 @@ class Head:
     hidden: list[int] = field(default_factory=list)  # mlp layer widths
     dropout: float = 0.1
     pooling: Literal["auto", "cls", "mean"] = "auto"  # auto: what the ecosystem's own class pools
-    problem: Literal["single_label", "multi_label", "regression"] = "single_label"
+    # tags: a tag per word, token-classification's only problem (it takes it whatever this says by default)
+    problem: Literal["single_label", "multi_label", "regression", "tags"] = "single_label"
     threshold: float = 0.5  # multi_label: a label is predicted when its sigmoid exceeds this
 
 
@@ -47,6 +48,10 @@ class Data:
     val_fraction: float = 0.1
     max_samples: Optional[int] = None  # cap the rows of each split (quick experiments)
     text_column: str = "text"
+    text_pair_column: Optional[str] = None  # sentence pairs (NLI, paraphrase, STS): the second text of each row
+    tokens_column: str = "tokens"  # token-classification tables: a list of words per row
+    tags_column: str = "tags"  # token-classification tables: a list of tags per row, one per word
+    label_all_tokens: bool = False  # token-classification: a word's tag on all its sub-tokens (B- becoming I-)
     image_column: str = "image"
     label_column: str = "label"  # multi_label: a list column or an "a|b|c" string; regression: a number
     max_length: int = 256  # text: tokens per example, longer texts are truncated
@@ -151,7 +156,7 @@ class Hub:
 
 @dataclass(kw_only=True)
 class Recipe:
-    task: Literal["text-classification", "image-classification"]
+    task: Literal["text-classification", "image-classification", "token-classification"]
     backbone: Backbone
     head: Head = field(default_factory=Head)
     data: Data
@@ -398,6 +403,8 @@ def _describe(value: Any) -> str:
 
 
 def _resolve(recipe: Recipe) -> None:
+    if recipe.task == "token-classification" and recipe.head.problem == "single_label":  # the schema's default
+        recipe.head.problem = "tags"
     if recipe.eval.metrics is None:
         recipe.eval.metrics = list(DEFAULT_METRICS[recipe.head.problem])
     if recipe.eval.select_best is None:
@@ -483,6 +490,17 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
         "train.cache_features: needs a frozen backbone; set train.freeze=backbone (or cache_features=null)",
     )
 
+    from finetune.tasks import TASKS, get_task
+
+    takes = get_task(recipe.task).problems if recipe.task in TASKS else (h.problem,)  # a bad task is its own problem
+    need(h.problem in takes, f"head.problem: {recipe.task} takes {' or '.join(takes)}, not {h.problem}")
+    if recipe.task == "token-classification":
+        need(h.type == "linear" and h.pooling == "auto",
+             "head.type: token-classification tags each token with a linear head (transformers' "
+             "*ForTokenClassification); set head.type=linear and head.pooling=auto")
+        need(recipe.data.text_pair_column is None, "data.text_pair_column: is for text-classification pairs")
+    need(recipe.data.text_pair_column is None or recipe.task != "image-classification",
+         "data.text_pair_column: is for text-classification sentence pairs, not images")
     allowed = metrics_for(h.problem)
     for name in recipe.eval.metrics:
         if name not in allowed:

@@ -1,0 +1,126 @@
+"""Token classification as a task: `finetune run` on CoNLL files, its metrics, predict's entities, eval, and the
+exported folder in transformers' pipeline with no finetune."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import call_main, one_error_line, run_without_finetune, write_recipe
+from test_token_classification import PIECES, SPECIAL, corpus, write
+
+
+@pytest.fixture(scope="module")
+def tagger_backbone(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT whose WordPiece vocabulary splits some place names into several sub-tokens."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    directory = tmp_path_factory.mktemp("tagger-bert")
+    BertTokenizer(vocab={word: i for i, word in enumerate(SPECIAL + PIECES)}).save_pretrained(directory)
+    config = BertConfig(vocab_size=len(SPECIAL + PIECES), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, initializer_range=0.1)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def conll(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("conll")
+    return {key: write(root / f"{key}.conll", corpus(seed, count))
+            for seed, (key, count) in enumerate((("train", 64), ("validation", 16), ("test", 16)))}
+
+
+def token_raw(backbone: Path, data: dict[str, Path], out: Path, **data_keys) -> dict:
+    return {
+        "task": "token-classification",
+        "backbone": {"name": str(backbone), "dropout": 0.0},
+        "head": {"dropout": 0.0},
+        "data": {"train": str(data["train"]), "validation": str(data["validation"]), "test": str(data["test"]),
+                 "max_length": 32, **data_keys},
+        "train": {"epochs": 6, "batch_size": 8, "lr": 3e-3, "warmup": 0, "scheduler": "constant",
+                  "precision": "fp32", "seed": 0},
+        "output": {"dir": str(out)},
+    }
+
+
+@pytest.fixture(scope="module")
+def token_run(tagger_backbone, conll, tmp_path_factory) -> Path:
+    from conftest import to_recipe
+
+    from finetune.train import train
+
+    out = tmp_path_factory.mktemp("token-run") / "run"
+    train(to_recipe(token_raw(tagger_backbone, conll, out)))
+    return out
+
+
+def test_a_token_run_learns_the_entities_and_writes_entity_metrics(token_run):
+    metrics = json.loads((token_run / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4, 5, 6]
+    assert {"f1", "precision", "recall", "token_accuracy", "loss"} <= set(metrics["test"])
+    assert metrics["epochs"][-1]["loss"] < 0.5 * metrics["epochs"][0]["loss"]
+    assert metrics["test"]["f1"] > 0.8, metrics["test"]  # an all-O tagger scores 0
+    assert metrics["best"]["epoch"] >= 1 and "f1" in metrics["best"]
+    per_entity = metrics["per_entity"]
+    assert per_entity["types"] == ["LOC", "PER"] and per_entity["split"] == "test"
+    split = json.loads((token_run / "split.json").read_text())
+    assert split["labels"] == ["O", "B-LOC", "B-PER", "I-LOC", "I-PER"] and split["scheme"] == "IOB2"
+
+
+def test_predict_gives_entities_with_character_spans(token_run, capfd):
+    text = "Anna Berg went to Kilimanjaro"
+    result = call_main(capfd, "predict", token_run, text, "--json")
+    assert result.returncode == 0, result.stderr
+    shown = result.stdout.strip()  # one JSON object per input (an indented array before JSON lines)
+    answer = json.loads(shown)[0] if shown.startswith("[") else json.loads(shown.splitlines()[0])
+    found = [(e["label"], text[e["start"]:e["end"]]) for e in answer["entities"]]
+    assert found == [("PER", "Anna Berg"), ("LOC", "Kilimanjaro")]
+    assert all(0 < e["score"] <= 1 and e["word"] == text[e["start"]:e["end"]] for e in answer["entities"])
+
+
+def test_eval_on_the_test_file_reproduces_the_runs_test_metrics(token_run, conll, capfd):
+    result = call_main(capfd, "eval", token_run, "--data", conll["test"], "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((token_run / "metrics.json").read_text())["test"]
+    report = json.loads(result.stdout)
+    for name in ("f1", "precision", "recall", "token_accuracy", "loss"):
+        assert report["metrics"][name] == pytest.approx(metrics[name], abs=1e-5), name
+
+
+def test_the_exported_folder_tags_in_transformers_pipeline_without_finetune(token_run, tmp_path):
+    card = (token_run / "model" / "README.md").read_text()
+    assert 'pipeline("token-classification"' in card
+    script = (
+        "import json, sys\n"
+        "from transformers import pipeline\n"
+        "pipe = pipeline('token-classification', model=sys.argv[1], aggregation_strategy='first', device='cpu')\n"
+        "print(json.dumps([[e['entity_group'], e['start'], e['end']] for e in pipe(sys.argv[2])]))\n"
+    )
+    text = "in New York , John said ."
+    found = run_without_finetune(script, token_run / "model", text, cwd=tmp_path)
+    assert [(kind, text[start:end]) for kind, start, end in found] == [("LOC", "New York"), ("PER", "John")]
+
+
+def test_validate_reports_entities_and_a_tag_unseen_in_train_is_one_error(tagger_backbone, conll, tmp_path, capfd):
+    recipe = write_recipe(tmp_path / "r.yaml", token_raw(tagger_backbone, conll, tmp_path / "out"))
+    result = call_main(capfd, "validate", recipe)
+    assert result.returncode == 0, result.stderr
+    assert "entities (IOB2)" in result.stderr and "LOC" in result.stderr
+    bad = write(tmp_path / "bad.conll", "Paris B-LOC\n\nJohn B-MISC\n")
+    raw = token_raw(tagger_backbone, {**conll, "validation": bad}, tmp_path / "out")
+    line = one_error_line(call_main(capfd, "validate", write_recipe(tmp_path / "bad.yaml", raw)))
+    assert "B-MISC" in line and "bad.conll" in line and "line 3" in line
+
+
+def test_eval_output_writes_each_sentences_predicted_tags(token_run, conll, tmp_path, capfd):
+    output = tmp_path / "tags.jsonl"
+    result = call_main(capfd, "eval", token_run, "--data", conll["test"], "--output", output)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(records) == 16
+    for record in records:
+        assert len(record["predicted"].split()) == len(record["tokens"].split()) == len(record["tags"].split())
+    assert sum(r["correct"] for r in records) >= 8  # the tagger gets most sentences right
