@@ -164,7 +164,7 @@ def data_report(recipe, splits: Splits, tokenizer=None, max_positions: int | Non
         report.warnings.append(" ".join(warning.split()))
 
     fingerprint = _text_key if text else _image_key
-    keys = {key: [fingerprint(entry) for entry in part.texts] for key, part in splits.parts.items()}
+    keys = {key: [fingerprint(entry) for entry in _inputs(part)] for key, part in splits.parts.items()}
 
     for key, summary in summaries.items():
         if summary.skipped:
@@ -182,7 +182,7 @@ def data_report(recipe, splits: Splits, tokenizer=None, max_positions: int | Non
             summaries[key].in_train = _leakage(splits.parts, keys, key, text, say)
     if text and tokenizer is not None:
         for key, part in splits.parts.items():
-            summaries[key].tokens = _token_lengths(part.texts, tokenizer, recipe.data.max_length)
+            summaries[key].tokens = _token_lengths(part.texts, tokenizer, recipe.data.max_length, part.pairs)
         _token_warnings(report, recipe, max_positions, say)
     return report
 
@@ -303,8 +303,16 @@ def _name_row(part: RawSplit, position: int, text: bool) -> str:
     return where_rows(part, [position])[0]
 
 
+def _inputs(part: RawSplit) -> list:
+    """What a row's model input is: its text, or its (text, text_pair)."""
+    return part.texts if part.pairs is None else list(zip(part.texts, part.pairs))
+
+
 def _text_key(text: Any):
-    """Texts that differ only in whitespace count as the same text."""
+    """Texts that differ only in whitespace count as the same text (a pair: both texts)."""
+    if isinstance(text, tuple):
+        keys = tuple(_text_key(t) for t in text)
+        return None if None in keys else keys
     return " ".join(text.split()) if isinstance(text, str) else None
 
 
@@ -338,12 +346,14 @@ def _snippet(text) -> str:
 # Token lengths.
 
 
-def _token_lengths(texts: list[str], tokenizer, max_length: int) -> dict[str, int]:
-    """Percentiles of the token count with special tokens (what data.max_length truncates), and how many exceed it."""
+def _token_lengths(texts: list[str], tokenizer, max_length: int, pairs: list[str] | None = None) -> dict[str, int]:
+    """Percentiles of the token count with special tokens (what data.max_length truncates), and how many exceed it;
+    a pair counts both texts, as the model sees them."""
     lengths = []
     for start in range(0, len(texts), 1000):
         batch = tokenizer(
-            texts[start:start + 1000], add_special_tokens=True, truncation=False, verbose=False,
+            texts[start:start + 1000], None if pairs is None else pairs[start:start + 1000],
+            add_special_tokens=True, truncation=False, verbose=False,
             return_attention_mask=False, return_token_type_ids=False,
         )
         lengths.extend(len(ids) for ids in batch["input_ids"])

@@ -96,7 +96,7 @@ def cmd_eval(args) -> int:
 
     report = evaluate(
         args.model, args.data, split=args.split, text_column=args.text_column, label_column=args.label_column,
-        image_column=args.image_column, batch_size=args.batch_size, output=args.output,
+        image_column=args.image_column, batch_size=args.batch_size, output=args.output, pair_column=args.pair_column,
     )
     if args.json:
         print(json.dumps(report, indent=1))
@@ -126,7 +126,8 @@ def cmd_predict(args) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise FinetuneError(f"--top-k: must be at least 1, got {args.top_k}")
     predictor = load(args.model)
-    inputs = expand_inputs(args.inputs, predictor.task, args.column or default_column(predictor))
+    pair_column = args.pair_column or (predictor.recipe.data.text_pair_column if predictor.recipe else None)
+    inputs = expand_inputs(args.inputs, predictor.task, args.column or default_column(predictor), pair_column)
     if not inputs:
         raise FinetuneError("predict: the inputs hold nothing to predict on (empty files?)")
     results = predictor.predict([entry for _, entry in inputs], top_k=args.top_k, batch_size=args.batch_size)
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text-column", help="default: the run's data.text_column, else text")
     evaluate.add_argument("--label-column", help="default: the run's data.label_column, else label")
     evaluate.add_argument("--image-column", help="default: the run's data.image_column, else image")
+    evaluate.add_argument("--pair-column", help="sentence pairs: default the run's data.text_pair_column")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--json", action="store_true", help="the metrics (and confusion matrix) as JSON")
     evaluate.set_defaults(func=cmd_eval)
@@ -254,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, help="show the K best labels (default: the best one; multi-label: all "
                                                   "over the threshold)")
     predict.add_argument("--column", help="the table column holding the inputs (default: the run's text/image column)")
+    predict.add_argument("--pair-column", help="sentence pairs: the table column holding each row's second text "
+                                               "(default: the run's data.text_pair_column)")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--json", action="store_true", help="one JSON object per input")
     predict.set_defaults(func=cmd_predict)

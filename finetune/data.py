@@ -27,6 +27,7 @@ class RawSplit:
     row_name: str = "row"  # "line" for line-based files, so the number is the one an editor shows
     row_offset: int = 1
     path: Path | None = None  # line-based files: read again, only to name the line of a bad row
+    pairs: list[Any] | None = None  # sentence pairs: each row's second text (data.text_pair_column)
 
 
 @dataclass
@@ -78,7 +79,35 @@ def _bbc_news() -> dict[str, RawSplit]:
     }
 
 
-TEXT_ZOO = {"bbc-news": _bbc_news}
+def _bbc_news_pairs() -> dict[str, RawSplit]:
+    """Sentence pairs from real texts: two BBC articles' headlines, labelled same or different topic (half each).
+
+    Pairs are drawn within each of bbc-news's fixed splits (seeded), so no article of the test pairs is trained on;
+    the first text alone predicts nothing (its partner decides the label).
+    """
+    import random
+
+    parts = {}
+    for name, split in _bbc_news().items():
+        rng = random.Random(f"bbc-news-pairs:{name}")
+        headlines = [text.split("\n", 1)[0].strip() for text in split.texts]
+        by_topic: dict[str, list[int]] = {}
+        for i, topic in enumerate(split.labels):
+            by_topic.setdefault(topic, []).append(i)
+        texts, pairs, labels, rows = [], [], [], []
+        for i, topic in enumerate(split.labels):
+            same = i % 2 == 0
+            pool = by_topic[topic] if same else [j for t, js in by_topic.items() if t != topic for j in js]
+            j = rng.choice([j for j in pool if j != i])
+            texts.append(headlines[i])
+            pairs.append(headlines[j])
+            labels.append("same" if same else "different")
+            rows.append(f"{split.rows[i]}+{split.rows[j]}")
+        parts[name] = RawSplit(texts, labels, rows, f"bbc-news-pairs:{name}", pairs=pairs)
+    return parts
+
+
+TEXT_ZOO = {"bbc-news": _bbc_news, "bbc-news-pairs": _bbc_news_pairs}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,8 +314,13 @@ def require_columns(table, what: str, options: dict[str, str]) -> None:
 
 
 def _columns(table, recipe, what: str, row_name: str, row_offset: int) -> RawSplit:
-    require_columns(table, what, {"data.text_column": recipe.data.text_column, "data.label_column": recipe.data.label_column})
+    d = recipe.data
+    columns = {"data.text_column": d.text_column, "data.label_column": d.label_column}
+    if d.text_pair_column is not None:
+        columns["data.text_pair_column"] = d.text_pair_column
+    require_columns(table, what, columns)
     return RawSplit(
+        pairs=None if d.text_pair_column is None else list(table[d.text_pair_column]),
         texts=list(table[recipe.data.text_column]),
         labels=_label_values(table, recipe.data.label_column, recipe.head.problem),
         rows=list(range(len(table))),
@@ -489,6 +523,7 @@ def _subset(split: RawSplit, positions: list[int]) -> RawSplit:
         split.row_name,
         split.row_offset,
         split.path,
+        None if split.pairs is None else [split.pairs[i] for i in positions],
     )
 
 
@@ -504,23 +539,40 @@ def load_splits(recipe) -> Splits:
     column = recipe.data.text_column
 
     def check_texts(split: RawSplit, key: str) -> tuple[RawSplit, list[str]]:
-        """Texts must be strings; empty or blank ones carry no signal and are dropped (split.json lists them)."""
-        empty = []
-        for i, text in enumerate(split.texts):
-            if _is_missing(text) or (isinstance(text, str) and not text.strip()):
-                empty.append(i)
-            elif not isinstance(text, str):
-                raise FinetuneError(
-                    f"{_where(split, i)}: column '{column}' holds {value_kind(text)} ({text!r}), not text; "
-                    "check data.text_column"
-                )
+        """Texts must be strings; empty or blank ones carry no signal and are dropped (split.json lists them). With
+        pairs, both texts of a row must be there."""
+        if recipe.data.text_pair_column is not None and split.pairs is None:
+            raise FinetuneError(
+                f"{key}: {split.source} holds single texts, not pairs; data.text_pair_column="
+                f"{recipe.data.text_pair_column} needs a table with that column"
+            )
+        if recipe.data.text_pair_column is None and split.pairs is not None:
+            raise FinetuneError(
+                f"{key}: {split.source} holds sentence pairs; set data.text_pair_column (e.g. text_pair) to encode "
+                "both texts"
+            )
+        columns = [(column, split.texts)]
+        if split.pairs is not None:
+            columns.append((recipe.data.text_pair_column, split.pairs))
+        empty = set()
+        for name, values in columns:
+            missing = []
+            for i, text in enumerate(values):
+                if _is_missing(text) or (isinstance(text, str) and not text.strip()):
+                    missing.append(i)
+                elif not isinstance(text, str):
+                    what = "data.text_column" if name == column else "data.text_pair_column"
+                    raise FinetuneError(
+                        f"{_where(split, i)}: column '{name}' holds {value_kind(text)} ({text!r}), not text; "
+                        f"check {what}"
+                    )
+            if len(missing) == len(values):
+                raise FinetuneError(f"{key}: every text in column '{name}' of {split.source} is empty; check the column")
+            empty.update(missing)
         if not empty:
             return split, []
-        if len(empty) == len(split.texts):
-            raise FinetuneError(f"{key}: every text in column '{column}' of {split.source} is empty; check data.text_column")
-        dropped = set(empty)
-        kept = [i for i in range(len(split.texts)) if i not in dropped]
-        return _subset(split, kept), [f"{where}: empty text" for where in where_rows(split, empty)]
+        kept = [i for i in range(len(split.texts)) if i not in empty]
+        return _subset(split, kept), [f"{where}: empty text" for where in where_rows(split, sorted(empty))]
 
     return assemble_splits(recipe, read_split, "text", check_texts, skipped_as="empty_texts")
 
@@ -569,7 +621,10 @@ def assemble_splits(recipe, read, input_name: str, check_inputs, skipped_as: str
             if encoded[key] is not None:
                 encoded[key] = [(t - mean) / std for t in encoded[key]]
     tables = {
-        key: None if split is None else {input_name: split.texts, "label": encoded[key], "row": split.rows}
+        key: None if split is None else {
+            input_name: split.texts, "label": encoded[key], "row": split.rows,
+            **({} if split.pairs is None else {"text_pair": split.pairs}),
+        }
         for key, split in parts.items()
     }
     info = {
@@ -606,14 +661,19 @@ def tokenize(table: dict, tokenizer, max_length: int):
     from datasets.fingerprint import Hasher
 
     datasets.disable_progress_bars()
-    fingerprint = Hasher.hash([table["text"], table["label"], tokenizer, max_length])
+    pairs = table.get("text_pair")
+    parts = [table["text"], table["label"], tokenizer, max_length] + ([pairs] if pairs is not None else [])
+    fingerprint = Hasher.hash(parts)
     cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "finetune-tokens"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    dataset = datasets.Dataset.from_dict({"text": table["text"], "label": table["label"]})
+    columns = {"text": table["text"], "label": table["label"], **({"text_pair": pairs} if pairs is not None else {})}
+    dataset = datasets.Dataset.from_dict(columns)
     return dataset.map(
-        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+        # a pair is encoded as the tokenizer's pair; "longest_first" trims the longer text first, so both stay
+        lambda batch: tokenizer(batch["text"], batch.get("text_pair"), truncation="longest_first",
+                                max_length=max_length),
         batched=True,
-        remove_columns=["text"],
+        remove_columns=[name for name in columns if name != "label"],
         cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
         new_fingerprint=fingerprint,
     )

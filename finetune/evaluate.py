@@ -15,7 +15,8 @@ from finetune.predict import Predictor, load
 OUTPUT_FORMATS = (".csv", ".jsonl")
 
 
-def eval_recipe(predictor: Predictor, data: str, text_column=None, label_column=None, image_column=None):
+def eval_recipe(predictor: Predictor, data: str, text_column=None, label_column=None, image_column=None,
+                pair_column=None):
     """The recipe that reads `data` as the run read its own: the run's columns, problem and threshold, else the
     model's spec with the given (or default) column names."""
     from finetune.recipe import from_dict, to_dict
@@ -30,7 +31,9 @@ def eval_recipe(predictor: Predictor, data: str, text_column=None, label_column=
             "head": {"problem": predictor.problem, "threshold": predictor.threshold},
             "data": {"train": data},
         }
-    for key, value in (("text_column", text_column), ("label_column", label_column), ("image_column", image_column)):
+    options = (("text_column", text_column), ("label_column", label_column), ("image_column", image_column),
+               ("text_pair_column", pair_column))
+    for key, value in options:
         if value is not None:
             raw["data"][key] = value
     raw["lora"] = None  # the model is already trained: only the data and head keys matter here
@@ -53,8 +56,8 @@ def read_labelled(recipe, data: str, split: str):
 
 
 def _as_options(message: str) -> str:
-    for key in ("text_column", "label_column", "image_column"):
-        option = "--" + key.replace("_", "-")
+    for key in ("text_pair_column", "text_column", "label_column", "image_column"):
+        option = "--pair-column" if key == "text_pair_column" else "--" + key.replace("_", "-")
         message = message.replace(f"data.{key}=", f"{option} ").replace(f"data.{key}", option)
     return message
 
@@ -68,7 +71,8 @@ def _target_scaling(predictor: Predictor) -> tuple[float, float] | None:
 
 
 def evaluate(source: str, data: str, split: str = "test", text_column=None, label_column=None, image_column=None,
-             batch_size: int = 32, output: str | None = None, progress: bool | None = None) -> dict:
+             batch_size: int = 32, output: str | None = None, progress: bool | None = None,
+             pair_column: str | None = None) -> dict:
     """{"metrics": {loss, metric: value}, "rows": n, "data": ..., "confusion"/"per_label": ...} for the model."""
     import torch
 
@@ -80,7 +84,7 @@ def evaluate(source: str, data: str, split: str = "test", text_column=None, labe
     if output is not None and Path(output).suffix.lower() not in OUTPUT_FORMATS:
         raise FinetuneError(f"--output: '{output}' must end in {' or '.join(OUTPUT_FORMATS)}")
     predictor = load(source)
-    recipe = eval_recipe(predictor, data, text_column, label_column, image_column)
+    recipe = eval_recipe(predictor, data, text_column, label_column, image_column, pair_column)
     problem = predictor.problem
     raw = read_labelled(recipe, data, split)
     task = get_task(recipe.task)
@@ -96,7 +100,8 @@ def evaluate(source: str, data: str, split: str = "test", text_column=None, labe
     _check_labels(raw, "--data", problem)
     raw = task.check_eval_inputs(raw, recipe)
     truth = encode_labels(raw, problem, predictor.labels, "--data")
-    logits = predictor.logits(raw.texts, batch_size, progress)
+    inputs = raw.texts if raw.pairs is None else [{"text": a, "text_pair": b} for a, b in zip(raw.texts, raw.pairs)]
+    logits = predictor.logits(inputs, batch_size, progress)
     predictions = predictions_from_logits(logits, problem, predictor.threshold)
 
     results: dict = {}
@@ -148,6 +153,8 @@ def write_predictions(path: Path, predictor: Predictor, raw, truth, logits: np.n
     for i, (entry, row) in enumerate(zip(raw.texts, raw.rows)):
         shown = entry if isinstance(entry, str) else None  # image bytes or arrays are not written out
         record = {"row": row, "input": shown, "label": _label_text(truth[i], problem, labels)}
+        if raw.pairs is not None:
+            record = {"row": row, "input": shown, "input_pair": raw.pairs[i], "label": record["label"]}
         result = decoded[i]
         if problem == "regression":
             record["predicted"] = result["value"]

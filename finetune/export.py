@@ -266,6 +266,10 @@ def _usage(recipe, native: bool) -> str:
         'image = Image.new("RGB", (256, 256), "gray")  # your picture: Image.open("photo.jpg").convert("RGB")'
         if vision else 'texts = ["your text here"]'
     )
+    pairs = recipe.data.text_pair_column is not None
+    if pairs:  # sentence pairs: the pipeline takes {"text", "text_pair"} inputs
+        example = 'texts = [{"text": "your first text", "text_pair": "your second text"}]'
+    
     if not native:
         what = "images" if vision else "texts"
         head = f"{recipe.head.type} head, {recipe.head.pooling} pooling"

@@ -151,18 +151,29 @@ class Predictor:
     def _text_logits(self, texts: list, batch_size: int, show: bool) -> np.ndarray:
         from tqdm.auto import tqdm
 
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise FinetuneError(f"input {i + 1}: a text model takes strings, got {type(text).__name__}")
+        firsts, seconds = [], []
+        for i, text in enumerate(texts):  # a text, or a sentence pair as {"text", "text_pair"} or (text, pair)
+            if isinstance(text, dict) and isinstance(text.get("text"), str) and isinstance(text.get("text_pair"), str):
+                text = (text["text"], text["text_pair"])
+            pair = isinstance(text, tuple) and len(text) == 2 and all(isinstance(t, str) for t in text)
+            if not (isinstance(text, str) or pair):
+                raise FinetuneError(f"input {i + 1}: a text model takes strings or {{\"text\", \"text_pair\"}} pairs, "
+                                    f"got {type(text).__name__}")
+            firsts.append(text[0] if pair else text)
+            seconds.append(text[1] if pair else None)
+        paired = any(second is not None for second in seconds)
+        if paired and not all(second is not None for second in seconds):
+            raise FinetuneError("inputs: give every input as a pair, or none (a batch is encoded one way)")
         # longest first: batches of similar length waste little on padding, and a too-long batch fails early
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        size = [len(a) + len(b or "") for a, b in zip(firsts, seconds)]
+        order = sorted(range(len(texts)), key=lambda i: -size[i])
         rows: list[np.ndarray] = [None] * len(texts)
         starts = range(0, len(texts), batch_size)
         for start in tqdm(starts, desc="predict", unit="batch", disable=not show):
             positions = order[start:start + batch_size]
             batch = self.preprocess(
-                [texts[i] for i in positions], truncation=True, max_length=self.max_length, padding=True,
-                return_tensors="pt",
+                [firsts[i] for i in positions], [seconds[i] for i in positions] if paired else None,
+                truncation="longest_first", max_length=self.max_length, padding=True, return_tensors="pt",
             )
             for i, row in zip(positions, self._forward(dict(batch))):
                 rows[i] = row
@@ -201,7 +212,7 @@ class Predictor:
         """
         from finetune.tasks import get_task
 
-        single = isinstance(inputs, (str, Path, bytes, np.ndarray)) or type(inputs).__module__.startswith("PIL.")
+        single = isinstance(inputs, (str, Path, bytes, np.ndarray, dict)) or type(inputs).__module__.startswith("PIL.")
         task = get_task(self.task)
         if hasattr(task, "predict"):  # outputs that are not one row of logits per input (a tag per word)
             results = task.predict(self, [inputs] if single else list(inputs), top_k, batch_size)
@@ -263,7 +274,7 @@ def _image_files(folder: Path) -> list[Path]:
     return found
 
 
-def expand_inputs(items: list[str], task: str, column: str) -> list[tuple[str, Any]]:
+def expand_inputs(items: list[str], task: str, column: str, pair_column: str | None = None) -> list[tuple[str, Any]]:
     """(what to show, what to predict on) for each input the command line names.
 
     Text models: a .txt file gives one text per non-empty line, a csv/tsv/json/jsonl/parquet file its `column`,
@@ -281,6 +292,13 @@ def expand_inputs(items: list[str], task: str, column: str) -> list[tuple[str, A
             if suffix == ".txt":
                 lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
                 expanded += [(line, line) for line in lines if line.strip()]
+            elif suffix in FILE_BUILDERS and pair_column is not None:  # sentence pairs: two columns
+                pairs = _table_column(path, pair_column, "--pair-column")
+                for i, (text, pair) in enumerate(zip(_table_column(path, column, "--column"), pairs)):
+                    for name, value in ((column, text), (pair_column, pair)):
+                        if not isinstance(value, str) or not value.strip():
+                            raise FinetuneError(f"{path} row {i + 1}: empty text in column '{name}'")
+                    expanded.append((f"{text} | {pair}", {"text": text, "text_pair": pair}))
             elif suffix in FILE_BUILDERS:
                 for i, text in enumerate(_table_column(path, column, "--column")):
                     words = isinstance(text, list) and text and all(isinstance(w, str) for w in text)
