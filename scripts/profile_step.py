@@ -7,7 +7,7 @@
 The step is the kit's own: the model from finetune.model.build_text_model, the rows and tokens from finetune.data
 (load_splits, tokenize, make_loader: shuffled, padded per batch), param groups from finetune.optim, AdamW with
 fused=True, the schedule from finetune.optim.build_scheduler, everything through accelerate's prepare(), and the
-loop body of finetune.train._train_epoch (accumulate, forward, loss, backward, clip, step, schedule, zero_grad).
+kit's own step, finetune.loop.train_step (accumulate, forward, loss, backward, clip, step, schedule, zero_grad).
 Each phase is timed with perf_counter (CPU ops are synchronous, so the split is exact on a CPU):
 
   data       the prepared DataLoader's next batch (collation, padding)
@@ -45,6 +45,7 @@ import os
 import statistics
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,9 +126,8 @@ def step(v: Variant, accelerator, recipe, record: bool) -> None:
     import torch
 
     from finetune import transfer
-    from finetune.train import logits_of, loss_fn
+    from finetune.loop import train_step
 
-    t = recipe.train
     torch.set_num_threads(v.threads)
     v.model.train()
     transfer.freeze_modes(v.model)  # as finetune.train: wholly frozen modules (LoRA's) run in eval mode
@@ -138,22 +138,17 @@ def step(v: Variant, accelerator, recipe, record: bool) -> None:
         v.iterator = iter(v.loader)
         batch = next(v.iterator)
     got = time.perf_counter()
-    with accelerator.accumulate(v.model):
-        labels = batch.pop("labels")
-        loss = loss_fn(logits_of(v.model(**batch)), labels, recipe.head.problem)
-        forward = time.perf_counter()
-        accelerator.backward(loss)
-        backward = time.perf_counter()
-        if accelerator.sync_gradients and t.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(v.model.parameters(), t.max_grad_norm)
-        v.optimizer.step()
-        v.scheduler.step()
-        v.optimizer.zero_grad(set_to_none=True)
+    marks = {}
+    job = types.SimpleNamespace(mixup=None, class_weights=None)  # what train_step asks of the run's job
+    batch_size = len(batch["input_ids"])
+    train_step(accelerator, v.model, v.optimizer, v.scheduler, batch, job, recipe,
+               on_phase=lambda name: marks.__setitem__(name, time.perf_counter()))
+    forward, backward = marks["forward"], marks["backward"]
     done = time.perf_counter()
     if record:
         for phase, seconds in zip(PHASES, (got - tic, forward - got, backward - forward, done - backward)):
             v.times[phase].append(seconds)
-        v.samples.append(len(labels))
+        v.samples.append(batch_size)
         v.tokens.append(int(batch["attention_mask"].sum()))
         v.padded.append(batch["attention_mask"].numel())
 

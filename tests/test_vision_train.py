@@ -352,7 +352,7 @@ def test_the_training_order_does_not_depend_on_the_number_of_workers(image_data,
     """The order is drawn from the loader's own generator: loaders with workers also draw their base seed from
     the generator they are given, so sharing one made the order of epochs 2+ depend on data.num_workers."""
     from finetune.images import ImageDataset, build_transforms, load_image_splits, make_image_loader
-    from finetune.train import _seed_epoch
+    from finetune.loop import seed_epoch as _seed_epoch
 
     recipe = to_recipe(vision_raw(image_data, tmp_path / "unused"))
     splits = load_image_splits(recipe)

@@ -1,0 +1,154 @@
+"""The run's state on disk: the run folder's guard, resumable checkpoints (accelerate's state and our progress,
+written atomically), the best epoch's weights, and the check that a resumed run is the same run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune import recipe as recipe_module
+from finetune.errors import FinetuneError
+
+
+def prepare_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to touch an existing run unless asked; checked by every process before any of them writes."""
+    if path.exists() and not path.is_dir():
+        raise FinetuneError(f"output.dir: '{path}' is a file; choose a folder path")
+    if resume:
+        if overwrite:
+            raise FinetuneError("--resume and --overwrite: pick one (continue the run, or replace it)")
+        if (path / "metrics.json").is_file():
+            raise FinetuneError(f"output.dir: the run in '{path}' has finished; nothing to resume (--overwrite reruns it)")
+        return
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        unfinished = not (path / "metrics.json").is_file() and latest_checkpoint(path) is not None
+        hint = "pass --resume to continue it, --overwrite to replace it" if unfinished else "pass --overwrite to replace it"
+        raise FinetuneError(f"output.dir: '{path}' already holds a run; {hint}, or set output.dir=<new folder>")
+
+
+def _temporary(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".tmp")
+
+
+def _replace_with_temporary(directory: Path) -> None:
+    """Rename the finished temporary folder into place: a crash before this leaves the previous one intact."""
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(_temporary(directory), directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_save(directory: Path, write) -> None:
+    """Write into a temporary folder, then rename it into place."""
+    shutil.rmtree(_temporary(directory), ignore_errors=True)
+    write(_temporary(directory))
+    _replace_with_temporary(directory)
+
+
+def check_same_recipe(saved: Path, recipe) -> None:
+    """A resumed run must be the same run: every key as when it started."""
+    before = flat_config(recipe_module.parse_yaml(saved.read_text(), str(saved)) or {})
+    now = flat_config(recipe_module.parse_yaml(recipe_module.to_yaml(recipe), "recipe"))
+    changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
+    if changed:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise FinetuneError(
+            f"--resume: the recipe differs from the run's {saved} ({shown}); resume with the same recipe "
+            f"(finetune run {saved} --resume) or start a new run in another output.dir"
+        )
+
+
+@dataclass
+class Progress:
+    """Where training stands: all a resumed run needs besides accelerate's state (weights, optimizer, scheduler, RNG)."""
+
+    epoch: int = 1  # the epoch in progress (1-based)
+    batch: int = 0  # batches of that epoch already trained
+    step: int = 0  # optimizer steps over the whole run
+    epoch_loss: list = field(default_factory=list)  # per process: the sum of its batch losses so far this epoch
+    epoch_samples: int = 0
+    epoch_seconds: float = 0.0
+    train_seconds: float = 0.0  # finished epochs
+    train_samples: int = 0
+    history: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    best: dict | None = None
+    stale: int = 0
+
+
+def keep_only(state: dict, names: set) -> None:
+    for name in [n for n in state if n not in names]:
+        del state[name]
+
+
+def save_best(accelerator, model, out: Path, names: set | None = None) -> None:
+    """The best epoch's weights (only `names` when given: what trains)."""
+    from safetensors.torch import save_file
+
+    state = accelerator.get_state_dict(model)  # all processes take part (needed under FSDP/DeepSpeed)
+    if names is not None:
+        keep_only(state, names)
+    if accelerator.is_main_process:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        (out / "checkpoints").mkdir(exist_ok=True)
+        atomic_save(out / "checkpoints" / "best", lambda d: (d.mkdir(), save_file(tensors, d / "model.safetensors")))
+    accelerator.wait_for_everyone()
+
+
+CHECKPOINT_PREFIX = "step-"
+
+
+PROGRESS_FILE = "progress.json"
+
+
+def save_checkpoint(accelerator, out: Path, progress: Progress, keep: int) -> None:
+    """A resumable checkpoint, checkpoints/step-N: accelerate's state (model, optimizer, scheduler, RNG, registered
+    EMA) and our progress, written under a temporary name and renamed into place; then the oldest beyond `keep` go."""
+    folder = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{progress.step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(_temporary(folder), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(_temporary(folder)))  # every process writes its own part
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (_temporary(folder) / PROGRESS_FILE).write_text(json.dumps(dataclasses.asdict(progress)) + "\n")
+        _replace_with_temporary(folder)
+        for old in _checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a temporary folder left by a kill during a save is not one)."""
+    folder = out / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / PROGRESS_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = _checkpoints(out)
+    return found[-1] if found else None
+
+
+def load_checkpoint(accelerator, folder: Path, strict: bool = True) -> Progress:
+    accelerator.load_state(str(folder), strict=strict)
+    return Progress(**json.loads((folder / PROGRESS_FILE).read_text()))
+
+
+def flat_config(tree: dict, prefix: str = "") -> dict:
+    """TensorBoard's hparams want flat scalars."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

@@ -1,0 +1,252 @@
+"""The training loop: epochs of steps, validation after each, the best epoch kept, early stopping, checkpoints
+on the way, and a stop on Ctrl-C or SIGTERM at a step boundary."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from finetune import problems, transfer
+from finetune.checkpoints import Progress, latest_checkpoint, save_best, save_checkpoint
+from finetune.errors import FinetuneError
+from finetune.metrics import is_improvement
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, problem: str, label_smoothing: float = 0.0,
+            class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    return problems.get(problem).loss(logits, labels, label_smoothing, class_weights)
+
+
+def logits_of(output) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader, splits, recipe, details: dict | None = None) -> dict:
+    """Loss and metrics over a whole split, gathered from every process without the padding of uneven batches.
+
+    details: a dict to fill with what the averages hide (the confusion matrix, per-label or per-entity F1).
+    """
+    problem = problems.get(splits.problem)
+    model.eval()
+    batches = []
+    for batch in loader:
+        labels = batch.pop("labels")
+        logits, labels = problem.gather(accelerator, logits_of(model(**batch)).float(), labels)
+        batches.append((logits.cpu(), labels.cpu()))
+    return problem.score(batches, recipe.eval.metrics, splits, recipe.head.threshold, details)
+
+
+class _Interrupt:
+    """Ctrl-C or SIGTERM during training asks the loop to stop at the next step boundary with a checkpoint (one
+    process; with several, each would stop at a different step, so there the last periodic checkpoint counts)."""
+
+    requested = False
+    immediate = False  # several processes: stop now, from the last periodic checkpoint
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.requested, self.previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        if self.requested or self.immediate:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("finetune: stopping at the next step with a checkpoint (Ctrl-C again to stop now)", flush=True)
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+INTERRUPT = _Interrupt()
+
+
+def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress: Progress, ema) -> dict:
+    """Train and validate epoch by epoch, keep the best checkpoint (raw or EMA weights), stop early if asked."""
+    t, out, select = recipe.train, Path(recipe.output.dir), recipe.eval.select_best
+    p = progress
+    schedule = transfer.has_freeze_schedule(recipe)
+    depths, top = transfer.layer_ids(accelerator.unwrap_model(model)) if schedule else ({}, 0)
+    depth = "unset"
+    while p.epoch <= t.epochs:
+        epoch = p.epoch
+        if schedule and transfer.trainable_depth(recipe, epoch, top) != depth:
+            depth = transfer.trainable_depth(recipe, epoch, top)
+            count = transfer.apply_freeze(accelerator.unwrap_model(model), depth, depths)
+            part = "everything" if depth is None else "the head" + (f" and layers {depth}-{top}" if depth <= top else "")
+            say(f"epoch {epoch}: training {part} ({count / 1e6:.2f}M parameters)")
+        train_epoch(accelerator, model, optimizer, scheduler, loaders["train"], job, recipe, p, ema)
+        loss = (torch.tensor(p.epoch_loss) / max(p.batch, 1)).mean().item()
+        seconds, samples = p.epoch_seconds, p.epoch_samples
+        p.train_seconds += seconds
+        p.train_samples += samples
+        validation = evaluate(accelerator, model, loaders["validation"], job.splits, recipe)
+        entry = {"epoch": epoch, "loss": loss, "validation": validation}
+        shown = " ".join(f"{k} {v:.4f}" for k, v in validation.items())
+        if ema is not None:
+            entry["validation_ema"] = evaluate(accelerator, ema.module, loaders["validation"], job.splits, recipe)
+            shown += " | ema " + " ".join(f"{k} {v:.4f}" for k, v in entry["validation_ema"].items())
+        p.history.append(entry)
+        accelerator.log({f"validation/{k}": v for k, v in validation.items()} | {"train/epoch_loss": loss}, step=p.step)
+        say(f"epoch {epoch}/{t.epochs}: train loss {loss:.4f} | validation {shown} | {samples / max(seconds, 1e-9):.1f} samples/s")
+        for use_ema, scores in ((False, validation), (True, entry.get("validation_ema"))):
+            if scores is not None and (p.best is None or is_improvement(select, scores[select], p.best[select])):
+                p.best = {"epoch": epoch, "ema": use_ema, **scores}
+                save_best(accelerator, ema.module if use_ema else model, out, job.saved_names)
+        stop = t.early_stopping
+        stopping = False
+        if stop is not None:
+            improved = is_improvement(stop.metric, validation[stop.metric], _best_of(p.history[:-1], stop.metric))
+            p.stale = 0 if improved else p.stale + 1
+            stopping = p.stale >= stop.patience
+        p.epoch, p.batch, p.epoch_loss, p.epoch_samples, p.epoch_seconds = epoch + 1, 0, [], 0, 0.0
+        if stopping:
+            say(f"early stopping: validation {stop.metric} has not improved for {p.stale} epoch(s)")
+            p.epoch = t.epochs + 1  # a resumed run must not train on
+        save_checkpoint(accelerator, out, p, t.keep_checkpoints)
+        if stopping:
+            break
+    best = dict(p.best)
+    if ema is None:
+        best.pop("ema")
+    return {
+        "train": {
+            "samples_per_second": p.train_samples / p.train_seconds if p.train_seconds else 0.0,
+            "seconds": p.train_seconds,
+            "samples": p.train_samples,
+            "peak_memory_mb": peak_memory_mb(),
+            "processes": accelerator.num_processes,
+        },
+        "epochs": p.history,
+        "best": best,
+        "steps": p.steps,
+    }
+
+
+def train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p: Progress, ema=None) -> None:
+    """Train the rest of epoch p.epoch (all of it, or what follows p.batch after a resume), updating p.
+
+    Data order is a function of (seed, epoch) alone, so a resumed epoch sees the same batches; the loss is checked
+    for non-finite values without a host sync per step (at logging and checkpoint steps, and at the end).
+    """
+    from tqdm.auto import tqdm
+
+    t = recipe.train
+    model.train()
+    transfer.freeze_modes(model)  # frozen layers keep their pretrained BatchNorm statistics and no dropout
+    seed_epoch(loader, t.seed, p.epoch)
+    batches = accelerator.skip_first_batches(loader, p.batch) if p.batch else loader
+    seed_epoch(batches, t.seed, p.epoch)
+    total_loss = torch.tensor(p.epoch_loss[accelerator.process_index] if p.epoch_loss else 0.0, device=accelerator.device)
+    first_bad = torch.tensor(-1, device=accelerator.device)  # the first step whose loss was not finite
+    bar = tqdm(batches, desc=f"epoch {p.epoch}/{t.epochs}", disable=not accelerator.is_local_main_process,
+               mininterval=1.0, initial=p.batch, total=len(loader))
+    start, seconds_before = time.perf_counter(), p.epoch_seconds
+    for batch in bar:
+        loss, size = train_step(accelerator, model, optimizer, scheduler, batch, job, recipe)
+        total_loss += loss.detach()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), p.step + 1, first_bad)
+        p.batch += 1
+        p.epoch_samples += size * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        p.step += 1
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model), step=p.step)
+        logging = p.step % 10 == 0
+        checkpointing = t.checkpoint_every is not None and p.step % t.checkpoint_every == 0 and p.batch < len(loader)
+        if logging or checkpointing:  # .item() is a device sync point: not every step
+            _stop_if_not_finite(first_bad, p, Path(recipe.output.dir))
+        if logging:
+            point = {"step": p.step, "loss": loss.item(), "lr": max(scheduler.get_last_lr())}
+            accelerator.log({"train/loss": point["loss"], "train/lr": point["lr"]}, step=p.step)
+            p.steps.append(point)
+            bar.set_postfix(loss=f"{total_loss.item() / p.batch:.4f}")
+        interrupted = INTERRUPT.requested and accelerator.num_processes == 1
+        if checkpointing or interrupted:
+            p.epoch_loss = accelerator.gather(total_loss.reshape(1)).tolist()  # each process its own
+            p.epoch_seconds = seconds_before + time.perf_counter() - start
+            save_checkpoint(accelerator, Path(recipe.output.dir), p, t.keep_checkpoints)
+        if interrupted:  # at a step boundary, after a checkpoint of exactly this point
+            raise KeyboardInterrupt
+    _stop_if_not_finite(first_bad, p, Path(recipe.output.dir))
+    p.epoch_loss = accelerator.gather(total_loss.reshape(1)).tolist()
+    p.epoch_seconds = seconds_before + time.perf_counter() - start
+
+
+def train_step(accelerator, model, optimizer, scheduler, batch: dict, job, recipe, on_phase=None):
+    """One batch: forward, loss, backward, and at an accumulation boundary clipping and the optimizer step.
+
+    Returns (loss, batch size). on_phase(name) is called after "forward" and "backward" (scripts/profile_step.py
+    times the phases of this very step).
+    """
+    t = recipe.train
+    with accelerator.accumulate(model):
+        labels = batch.pop("labels")
+        if job.mixup is not None:  # soft targets; label smoothing is already inside them
+            from timm.loss import SoftTargetCrossEntropy
+
+            batch["pixel_values"], soft = job.mixup(batch["pixel_values"], labels)
+            loss = SoftTargetCrossEntropy()(logits_of(model(**batch)).float(), soft)
+        else:
+            loss = loss_fn(logits_of(model(**batch)), labels, recipe.head.problem, t.label_smoothing,
+                           job.class_weights)
+        if on_phase is not None:
+            on_phase("forward")
+        accelerator.backward(loss)
+        if on_phase is not None:
+            on_phase("backward")
+        if accelerator.sync_gradients and t.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, len(labels)
+
+
+def seed_epoch(loader, seed: int, epoch: int) -> None:
+    """Shuffle order (and image workers' seeds) from (seed, epoch) alone, not from how many epochs ran before."""
+    generator = getattr(loader, "generator", None)
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
+    for g in {id(x): x for x in (generator, getattr(sampler, "generator", None)) if x is not None}.values():
+        g.manual_seed(seed * 1_000_003 + epoch)
+    if hasattr(loader, "set_epoch"):  # accelerate's loaders pass it on to our samplers (finetune.sampling)
+        loader.set_epoch(epoch)
+
+
+def _stop_if_not_finite(first_bad: torch.Tensor, p: Progress, out: Path) -> None:
+    bad = int(first_bad.item())
+    if bad >= 0:
+        kept = latest_checkpoint(out)
+        where = f"; the last good checkpoint {kept} is kept (resume with --resume)" if kept else ""
+        raise FinetuneError(
+            f"train: the loss is not finite (nan or inf) at step {bad}, epoch {p.epoch}{where}; "
+            "lower train.lr, set train.max_grad_norm, or check the labels"
+        )
+
+
+def _best_of(history: list[dict], metric: str):
+    best = None
+    for entry in history:
+        if is_improvement(metric, entry["validation"][metric], best):
+            best = entry["validation"][metric]
+    return best
