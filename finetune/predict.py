@@ -283,11 +283,18 @@ def expand_inputs(items: list[str], task: str, column: str, pair_column: str | N
     """
     from finetune.data import FILE_BUILDERS
 
+    from finetune.tasks import get_task
+
+    read_file = getattr(get_task(task), "read_inputs", None)  # a task's own input files (CoNLL sentences)
     expanded: list[tuple[str, Any]] = []
     for item in items:
         path = Path(item).expanduser()
         is_file = path.is_file()
         suffix = path.suffix.lower() if is_file else ""
+        found = read_file(path) if read_file is not None and is_file else None
+        if found is not None:
+            expanded += found
+            continue
         if task != "image-classification":
             if suffix == ".txt":
                 lines = path.read_text(encoding="utf-8", errors="replace").splitlines()

@@ -1016,6 +1016,14 @@ class TokenClassification:
             warnings=report.warnings,
         )
 
+    def read_inputs(self, path: Path) -> list[tuple[str, list[str]]] | None:
+        """predict's inputs from a CoNLL file: its sentences as word lists (the tags are not needed); None for
+        other files (texts, tables)."""
+        if path.suffix.lower() not in CONLL_SUFFIXES or path.suffix.lower() == ".txt":
+            return None  # .txt: one raw text per line, as for every text model
+        split = read_conll(path, f"'{path}'")
+        return [(" ".join(words), words) for words in split.texts]
+
     def predict(self, predictor, inputs, top_k=None, batch_size: int = 32):
         """Entities (word, label, start, end, score) and each word's tag, for raw texts or lists of words."""
         for i, item in enumerate(inputs):
