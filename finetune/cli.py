@@ -158,13 +158,38 @@ def _describe_prediction(result: dict, top_k: int | None) -> str:
     return "  ".join(f"{item['label']} {item['score']:.3f}" for item in ranked)
 
 
+def _run_hub_settings(run: Path) -> dict:
+    """The run's own hub section (config.yaml, the resolved recipe): repo_id and private as the run was trained."""
+    from finetune.recipe import parse_yaml
+
+    config = run / "config.yaml"
+    if not config.is_file():
+        return {}
+    raw = parse_yaml(config.read_text(encoding="utf-8"), str(config))
+    hub = raw.get("hub") if isinstance(raw, dict) else None
+    return hub if isinstance(hub, dict) else {}
+
+
 def cmd_push(args) -> int:
     from finetune.hub import push_run
 
     run = Path(args.run)
-    url = push_run(run, args.repo_id, private=args.private, revision=args.revision)
+    settings = _run_hub_settings(run)
+    repo_id = args.repo_id or settings.get("repo_id")
+    if not repo_id:
+        raise FinetuneError(
+            f"push: no --repo-id, and {run / 'config.yaml'} has no hub.repo_id; pass --repo-id OWNER/NAME"
+        )
+    if args.private is not None:
+        private, why = args.private, "--private" if args.private else "--public"
+    else:  # the schema's default is private: a run folder without the key is not published by accident
+        private, why = settings.get("private", True) is not False, "the run's hub.private"
+    url = push_run(run, repo_id, private=private, revision=args.revision)
     print(url)
-    print(f"pushed {run / 'model'} to {args.repo_id}", file=sys.stderr)
+    asked = "private" if private else "public"
+    actual = {True: "private", False: "public", None: asked}[getattr(url, "private", None)]
+    why = why if actual == asked else f"it already existed; {why} does not change a repo's visibility"
+    print(f"pushed {run / 'model'} to {repo_id}, a {actual} repo ({why})", file=sys.stderr)
     return 0
 
 
@@ -257,8 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     push = verbs.add_parser("push", help="upload a run's model/ (and adapter/) with its card to the hub")
     push.add_argument("run", help="a run folder")
-    push.add_argument("--repo-id", required=True, help="owner/name of the model repo (created if missing)")
-    push.add_argument("--private", action="store_true", help="create the repo private (an existing one keeps its setting)")
+    push.add_argument("--repo-id", help="owner/name of the model repo, created if missing (default: the run's "
+                      "hub.repo_id)")
+    visibility = push.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_const", const=True, default=None,
+                            help="create the repo private (default: the run's hub.private, which defaults to true)")
+    visibility.add_argument("--public", dest="private", action="store_const", const=False,
+                            help="create the repo public; an existing repo keeps its visibility either way")
     push.add_argument("--revision", help="a branch to push to (created if missing); default main")
     push.set_defaults(func=cmd_push)
 

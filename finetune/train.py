@@ -408,8 +408,9 @@ def _push(out: Path, recipe, say) -> None:
     try:
         say(f"pushed to {push_run(out, recipe.hub.repo_id, recipe.hub.private)}")
     except FinetuneError as error:
+        visibility = "--private" if recipe.hub.private else "--public"
         say(f"warning: the run is saved, but the push failed: {error}; retry with: "
-            f"finetune push {out} --repo-id {recipe.hub.repo_id}")
+            f"finetune push {out} --repo-id {recipe.hub.repo_id} {visibility}")
 
 
 def _class_weights(recipe, splits, device) -> torch.Tensor | None:
