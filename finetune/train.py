@@ -33,6 +33,7 @@ from finetune.model import (
     save_vision_model,
 )
 from finetune.optim import build_param_groups, build_scheduler, warmup_steps
+from finetune.progress import epoch_progress
 
 
 def choose_precision(requested: str) -> str:
@@ -647,7 +648,6 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, 
     for non-finite values without a host sync per step (at logging and checkpoint steps, and at the end).
     """
     from timm.loss import SoftTargetCrossEntropy
-    from tqdm.auto import tqdm
 
     t = recipe.train
     soft_target_loss = SoftTargetCrossEntropy()
@@ -658,8 +658,8 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, 
     _seed_epoch(batches, t.seed, p.epoch)
     total_loss = torch.tensor(p.epoch_loss[accelerator.process_index] if p.epoch_loss else 0.0, device=accelerator.device)
     first_bad = torch.tensor(-1, device=accelerator.device)  # the first step whose loss was not finite
-    bar = tqdm(batches, desc=f"epoch {p.epoch}/{t.epochs}", disable=not accelerator.is_local_main_process,
-               mininterval=1.0, initial=p.batch, total=len(loader))
+    bar = epoch_progress(batches, f"epoch {p.epoch}/{t.epochs}", not accelerator.is_local_main_process, p.batch,
+                         len(loader))  # a bar at a terminal, a plain line every 30 s in a log
     start, seconds_before = time.perf_counter(), p.epoch_seconds
     weights = job.class_weights
     for batch in bar:
