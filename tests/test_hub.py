@@ -550,7 +550,7 @@ def test_predict_and_the_card_snippet_read_the_pushed_repo(pushed, run_dir, tmp_
     local = run_cli("predict", run_dir, *texts, "--json")
     remote = run_cli("predict", "me/tiny-topics", *texts, "--json", **env)
     assert local.returncode == 0 and remote.returncode == 0, remote.stderr[-2000:]
-    local_rows, remote_rows = json.loads(local.stdout), json.loads(remote.stdout)
+    local_rows, remote_rows = ([json.loads(row) for row in r.stdout.splitlines()] for r in (local, remote))
     assert [r["label"] for r in remote_rows] == [r["label"] for r in local_rows]
     assert [r["score"] for r in remote_rows] == pytest.approx([r["score"] for r in local_rows], abs=1e-6)
     card = hub.files("me/tiny-topics")["README.md"].decode()
