@@ -1,5 +1,5 @@
-"""The command line: `finetune ls | cp | validate | run | eval | predict | push`; bad input is one line on stderr
-and exit 2."""
+"""The command line: `finetune ls | cat | cp | validate | run | eval | predict | push | cache`; bad input is one
+line on stderr and exit 2."""
 
 from __future__ import annotations
 
@@ -90,6 +90,12 @@ def cmd_validate(args) -> int:
     _need_recipe(args)
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
     from finetune.checks import check_data
+    from finetune.tracking import check_trackers
+
+    check_trackers(recipe.train.log_with)
+    from finetune.optim import check_scheduler
+
+    check_scheduler(recipe.train.scheduler, recipe.train.scheduler_args)
 
     # files, columns, labels, leakage, token lengths, backbone, output folder: what `run` checks, without a model
     report = check_data(recipe)
@@ -219,6 +225,25 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from finetune.caches import CACHES, clear, human, usage
+
+    names = [args.name] if args.name else list(CACHES)
+    if args.action == "clear":
+        for name in names:
+            held = clear(name)
+            print(f"{name}: removed {held['files']} files ({human(held['bytes'])}) from {held['path']}")
+        return 0
+    rows = [usage(name) for name in names]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'cache':9} {'files':>6} {'size':>9}  path")
+    for row in rows:
+        print(f"{row['cache']:9} {row['files']:>6} {human(row['bytes']):>9}  {row['path']}")
+    return 0
+
+
 def _is_main_process() -> bool:
     import os
 
@@ -305,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Versions, help="versions of finetune, its libraries and the device")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     verbs = parser.add_subparsers(
-        dest="verb", required=True, metavar="{ls,cat,cp,validate,run,eval,predict,push}", parser_class=_Parser
+        dest="verb", required=True, metavar="{ls,cat,cp,validate,run,eval,predict,push,cache}", parser_class=_Parser
     )
 
     ls = _verb(verbs, "ls", "list the built-in recipes, or the runs in a folder",
@@ -402,6 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
                             help="create the repo public; an existing repo keeps its visibility either way")
     push.add_argument("--revision", help="a branch to push to (created if missing); default main")
     push.set_defaults(func=cmd_push)
+
+    cache = _verb(verbs, "cache", "show or clear the token and feature caches",
+                  "The kit's disk caches: tokenised texts (under the datasets cache, HF_DATASETS_CACHE) and frozen-"
+                  "backbone features (under FINETUNE_CACHE, default ~/.cache/finetune). Nothing else cleans them; "
+                  "both are rebuilt when next needed.",
+                  "  finetune cache ls\n  finetune cache clear features\n  finetune cache clear")
+    cache.add_argument("action", choices=["ls", "clear"], help="ls: files and sizes; clear: remove the cached files")
+    cache.add_argument("name", nargs="?", choices=["tokens", "features"], help="one cache (default: both)")
+    cache.add_argument("--json", action="store_true", help="ls as JSON")
+    cache.set_defaults(func=cmd_cache)
 
     for verb in verbs.choices.values():  # `finetune VERB ... --debug` as well as `finetune --debug VERB ...`
         verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -605,9 +605,11 @@ def tokenize(table: dict, tokenizer, max_length: int):
     import datasets
     from datasets.fingerprint import Hasher
 
+    from finetune.caches import token_cache_dir
+
     datasets.disable_progress_bars()
     fingerprint = Hasher.hash([table["text"], table["label"], tokenizer, max_length])
-    cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "finetune-tokens"
+    cache_dir = token_cache_dir()  # `finetune cache ls|clear` owns the path
     cache_dir.mkdir(parents=True, exist_ok=True)
     dataset = datasets.Dataset.from_dict({"text": table["text"], "label": table["label"]})
     return dataset.map(

@@ -131,6 +131,7 @@ def test_debug_is_accepted_after_every_verb(capfd, tmp_path):
     minimal = {
         "ls": [], "cat": [BUILTIN], "cp": [BUILTIN, "x.yaml"], "validate": [BUILTIN], "run": [BUILTIN],
         "eval": ["runs/x", "--data", "t.csv"], "predict": ["runs/x", "hello"], "push": ["runs/x"],
+        "cache": ["ls"],
     }
     parser = build_parser()
     verbs = next(a for a in parser._actions if a.dest == "verb").choices
@@ -145,6 +146,18 @@ def test_run_and_validate_without_a_recipe_say_what_to_give(capfd):
     for verb in ("run", "validate"):
         line = one_error_line(call_main(capfd, verb))
         assert f"finetune {verb} text/minilm-bbc-news" in line and "finetune ls" in line, line
+
+
+def test_validate_checks_the_schedule_and_its_arguments(tiny_bert, tiny_data, tmp_path, capfd):
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_bert, tiny_data, tmp_path / "out"))
+    line = one_error_line(call_main(capfd, "validate", recipe, "train.scheduler=warmup_stable_decay"))
+    assert "train.scheduler_args.num_decay_steps" in line
+    line = one_error_line(call_main(capfd, "validate", recipe, "train.scheduler_args={min_lr: 0.1}"))
+    assert "train.scheduler_args.min_lr: not an argument of the constant schedule" in line  # the recipe's constant
+    ok = call_main(capfd, "validate", recipe, "train.scheduler=cosine_with_min_lr",
+                   "train.scheduler_args={min_lr_rate: 0.1}")
+    assert ok.returncode == 0, ok.stderr
+    assert yaml.safe_load(ok.stdout)["train"]["scheduler_args"] == {"min_lr_rate": 0.1}
 
 
 def test_every_verb_has_help_and_an_example():
