@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -147,7 +148,7 @@ def test_the_recipe_takes_every_schedule_transformers_has():
 def test_cosine_with_min_lr_ends_at_its_floor():
     curve = curve_of("cosine_with_min_lr", 10, args={"min_lr_rate": 0.1})
     assert curve[0] == pytest.approx(1.0) and curve[10] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(curve, curve[1:]))  # decays monotonically to the floor
+    assert all(a >= b for a, b in itertools.pairwise(curve))  # decays monotonically to the floor
     assert curve_of("cosine_with_min_lr", 10, args={"min_lr": 0.25})[10] == pytest.approx(0.25)
 
 
