@@ -52,7 +52,9 @@ def atomic_save(directory: Path, write) -> None:
 
 def check_same_recipe(saved: Path, recipe) -> None:
     """A resumed run must be the same run: every key as when it started."""
-    before = flat_config(recipe_module.parse_yaml(saved.read_text(), str(saved)) or {})
+    # read through today's schema: a key added since the run started takes its default, as loading the run gives it
+    started = recipe_module.from_dict(recipe_module.parse_yaml(saved.read_text(), str(saved)) or {}, str(saved))
+    before = flat_config(recipe_module.parse_yaml(recipe_module.to_yaml(started), str(saved)))
     now = flat_config(recipe_module.parse_yaml(recipe_module.to_yaml(recipe), "recipe"))
     changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
     if changed:

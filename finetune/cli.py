@@ -1,5 +1,5 @@
-"""The command line: `finetune ls | cp | validate | run | eval | predict | push`; bad input is one line on stderr
-and exit 2."""
+"""The command line: `finetune ls | cat | cp | validate | run | eval | predict | push | cache`; bad input is one
+line on stderr and exit 2."""
 
 from __future__ import annotations
 
@@ -16,25 +16,40 @@ from finetune.recipe import find_recipe, list_recipes, load_recipe, to_yaml
 EXIT_BAD_INPUT = 2
 
 
-def _summary(path: Path) -> str:
-    """One line per recipe: task, backbone, data (read from the file, without validating it)."""
+def _recipe_row(name: str, path: Path) -> dict:
+    """One built-in recipe: task, backbone, data and what it needs beyond pip (read from the file, not validated)."""
     import yaml
+
+    from finetune.needs import recipe_needs
 
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-        return f"{raw.get('task', '?'):22} {raw.get('backbone', {}).get('name', '?'):20} {raw.get('data', {}).get('train', '?')}"
+        backbone, data = raw.get("backbone") or {}, raw.get("data") or {}
+        return {
+            "name": name, "path": str(path), "task": raw.get("task", "?"), "backbone": backbone.get("name", "?"),
+            "data": data.get("train", "?"), "needs": recipe_needs(raw),
+        }
     except (yaml.YAMLError, AttributeError, OSError):
-        return "(unreadable)"
+        return {"name": name, "path": str(path), "task": "(unreadable)", "backbone": "", "data": "", "needs": []}
 
 
 def cmd_ls(args) -> int:
     if args.folder is not None:
         return _list_runs(Path(args.folder), args.json)
-    recipes = list_recipes()
-    width = max((len(name) for name, _ in recipes), default=10)
-    print(f"{'recipe':{width}}  {'task':22} {'backbone':20} data")
-    for name, path in recipes:
-        print(f"{name:{width}}  {_summary(path)}")
+    rows = [_recipe_row(name, path) for name, path in list_recipes()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    width = max((len(row["name"]) for row in rows), default=10)
+    print(f"{'recipe':{width}}  {'task':22} {'backbone':20} {'data':45} needs")
+    for row in rows:
+        needs = ", ".join(row["needs"]) or "-"
+        print(f"{row['name']:{width}}  {row['task']:22} {row['backbone']:20} {row['data']:45} {needs}")
+    return 0
+
+
+def cmd_cat(args) -> int:
+    sys.stdout.write(find_recipe(args.recipe).read_text(encoding="utf-8"))
     return 0
 
 
@@ -63,9 +78,24 @@ def cmd_cp(args) -> int:
     return 0
 
 
+def _need_recipe(args) -> None:
+    if args.recipe is None:
+        raise FinetuneError(
+            f"{args.verb}: which recipe? give a recipe file or a built-in name, e.g. `finetune {args.verb} "
+            "text/minilm-bbc-news`; `finetune ls` lists them, `finetune cp NAME my.yaml` copies one to edit"
+        )
+
+
 def cmd_validate(args) -> int:
+    _need_recipe(args)
     recipe = load_recipe(find_recipe(args.recipe), args.overrides)
     from finetune.checks import check_data
+    from finetune.tracking import check_trackers
+
+    check_trackers(recipe.train.log_with)
+    from finetune.optim import check_scheduler
+
+    check_scheduler(recipe.train.scheduler, recipe.train.scheduler_args)
 
     # files, columns, labels, leakage, token lengths, backbone, output folder: what `run` checks, without a model
     report = check_data(recipe)
@@ -79,6 +109,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    _need_recipe(args)
     source = Path(args.recipe)
     if source.is_dir() and (source / "config.yaml").is_file():  # a run folder: its own resolved recipe
         source = source / "config.yaml"
@@ -132,7 +163,8 @@ def cmd_predict(args) -> int:
         raise FinetuneError("predict: the inputs hold nothing to predict on (empty files?)")
     results = predictor.predict([entry for _, entry in inputs], top_k=args.top_k, batch_size=args.batch_size)
     if args.json:
-        print(json.dumps([{"input": shown, **result} for (shown, _), result in zip(inputs, results)], indent=1))
+        for (shown, _), result in zip(inputs, results):  # JSON Lines: one object per input, in order
+            print(json.dumps({"input": shown, **result}))
         return 0
     for (shown, _), result in zip(inputs, results):
         print(f"{_clip(shown, 60):60}  {_describe_prediction(result, args.top_k)}")
@@ -162,13 +194,57 @@ def _describe_prediction(result: dict, top_k: int | None) -> str:
     return "  ".join(f"{item['label']} {item['score']:.3f}" for item in ranked)
 
 
+def _run_hub_settings(run: Path) -> dict:
+    """The run's own hub section (config.yaml, the resolved recipe): repo_id and private as the run was trained."""
+    from finetune.recipe import parse_yaml
+
+    config = run / "config.yaml"
+    if not config.is_file():
+        return {}
+    raw = parse_yaml(config.read_text(encoding="utf-8"), str(config))
+    hub = raw.get("hub") if isinstance(raw, dict) else None
+    return hub if isinstance(hub, dict) else {}
+
+
 def cmd_push(args) -> int:
     from finetune.hub import push_run
 
     run = Path(args.run)
-    url = push_run(run, args.repo_id, private=args.private, revision=args.revision)
+    settings = _run_hub_settings(run)
+    repo_id = args.repo_id or settings.get("repo_id")
+    if not repo_id:
+        raise FinetuneError(
+            f"push: no --repo-id, and {run / 'config.yaml'} has no hub.repo_id; pass --repo-id OWNER/NAME"
+        )
+    if args.private is not None:
+        private, why = args.private, "--private" if args.private else "--public"
+    else:  # the schema's default is private: a run folder without the key is not published by accident
+        private, why = settings.get("private", True) is not False, "the run's hub.private"
+    url = push_run(run, repo_id, private=private, revision=args.revision)
     print(url)
-    print(f"pushed {run / 'model'} to {args.repo_id}", file=sys.stderr)
+    asked = "private" if private else "public"
+    actual = {True: "private", False: "public", None: asked}[getattr(url, "private", None)]
+    why = why if actual == asked else f"it already existed; {why} does not change a repo's visibility"
+    print(f"pushed {run / 'model'} to {repo_id}, a {actual} repo ({why})", file=sys.stderr)
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from finetune.caches import CACHES, clear, human, usage
+
+    names = [args.name] if args.name else list(CACHES)
+    if args.action == "clear":
+        for name in names:
+            held = clear(name)
+            print(f"{name}: removed {held['files']} files ({human(held['bytes'])}) from {held['path']}")
+        return 0
+    rows = [usage(name) for name in names]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'cache':9} {'files':>6} {'size':>9}  path")
+    for row in rows:
+        print(f"{row['cache']:9} {row['files']:>6} {human(row['bytes']):>9}  {row['path']}")
     return 0
 
 
@@ -202,52 +278,132 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="finetune", description="Fine-tune pretrained backbones from a YAML recipe.")
-    parser.add_argument("--version", action="version", version=f"finetune {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
-    verbs = parser.add_subparsers(
-        dest="verb", required=True, metavar="{ls,cp,validate,run,eval,predict,push}", parser_class=_Parser
+def versions() -> str:
+    """finetune and the libraries it trains with, Python and the device: what a bug report needs (like
+    `accelerate env`)."""
+    import importlib.metadata
+    import os
+    import platform
+
+    lines = [f"finetune {__version__}", f"python {platform.python_version()} ({platform.platform()})"]
+    for name in ("torch", "transformers", "timm", "accelerate", "peft", "datasets", "huggingface_hub"):
+        try:
+            lines.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            lines.append(f"{name} not installed")
+    try:
+        import torch
+
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+        lines[2] = f"torch {torch.__version__} ({build})"  # the build tag says which wheel pip took
+        kind = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        if kind is None:
+            device = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+        else:
+            count = torch.accelerator.device_count()
+            name = torch.cuda.get_device_name(0) if kind.type == "cuda" else kind.type
+            device = f"{kind.type} x{count} ({name})"
+    except Exception as error:  # noqa: BLE001 — a broken torch install is worth reporting, not a traceback
+        device = f"unknown ({error.__class__.__name__}: {error})"
+    lines.append(f"device {device}")
+    return "\n".join(lines)
+
+
+class _Versions(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions())
+        parser.exit()
+
+
+def _verb(verbs, name: str, help: str, description: str, examples: str):
+    """A verb's parser: one help line for `finetune --help`, a paragraph and examples for `finetune NAME --help`."""
+    return verbs.add_parser(
+        name, help=help, description=description, epilog="examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
-    ls = verbs.add_parser("ls", help="list the built-in recipes, or the runs in a folder")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="finetune", description="Fine-tune pretrained backbones from a YAML recipe.",
+        epilog="start with: finetune ls; finetune cp text/minilm-bbc-news my.yaml; finetune run my.yaml",
+    )
+    parser.add_argument("--version", action=_Versions, help="versions of finetune, its libraries and the device")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    verbs = parser.add_subparsers(
+        dest="verb", required=True, metavar="{ls,cat,cp,validate,run,eval,predict,push,cache}", parser_class=_Parser
+    )
+
+    ls = _verb(verbs, "ls", "list the built-in recipes, or the runs in a folder",
+               "Without a folder: the built-in recipes, one line each (task, backbone, data, and what a recipe needs "
+               "beyond pip: an apt package or the network). With a folder: its runs compared in one table.",
+               "  finetune ls\n  finetune ls --json\n  finetune ls runs/")
     ls.add_argument("folder", nargs="?", help="a folder of runs (e.g. runs/): compare them in one table")
-    ls.add_argument("--json", action="store_true", help="runs as JSON")
+    ls.add_argument("--json", action="store_true", help="the recipes (or runs) as JSON")
     ls.set_defaults(func=cmd_ls)
 
-    cp = verbs.add_parser("cp", help="copy a built-in recipe to edit")
+    cat = _verb(verbs, "cat", "print a built-in recipe", "Print a built-in recipe (or a recipe file) as it is.",
+                "  finetune cat text/minilm-bbc-news\n  finetune cat vision/efficientnet-lite0-digits > my.yaml")
+    cat.add_argument("recipe", help="built-in recipe name (see `finetune ls`) or a recipe file")
+    cat.set_defaults(func=cmd_cat)
+
+    cp = _verb(verbs, "cp", "copy a built-in recipe to edit", "Copy a built-in recipe to a file or folder.",
+               "  finetune cp text/minilm-bbc-news my.yaml\n  finetune cp vision/efficientnet-lite0-digits recipes/")
     cp.add_argument("recipe", help="built-in recipe name (see `finetune ls`) or a recipe file")
     cp.add_argument("dest", help="file or folder to copy to")
     cp.add_argument("--force", action="store_true", help="replace an existing file")
     cp.set_defaults(func=cmd_cp)
 
-    for name, func, text in (("validate", cmd_validate, "check a recipe and print it resolved"), ("run", cmd_run, "train")):
-        verb = verbs.add_parser(name, help=text)
-        verb.add_argument("recipe", help="recipe file, built-in recipe name, or (run) a run folder to --resume")
-        verb.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-5")
-        if name == "run":
-            verb.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-            verb.add_argument(
-                "--resume", action="store_true", help="continue the unfinished run in output.dir from its last checkpoint"
-            )
-        verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        verb.set_defaults(func=func)
+    override_help = "dotted overrides, values as YAML scalars, e.g. train.lr=3e-5 lora=null"
+    validate = _verb(verbs, "validate", "check a recipe and its data, and print the recipe resolved",
+                     "Check the recipe (every problem at once, with its dotted key) and its data (files, columns, "
+                     "labels, leakage, lengths) without training; print the resolved recipe on stdout.",
+                     "  finetune validate my.yaml\n  finetune validate text/minilm-bbc-news train.lr=3e-5 "
+                     "> resolved.yaml")
+    validate.add_argument("recipe", nargs="?", help="recipe file or built-in recipe name")
+    validate.add_argument("overrides", nargs="*", metavar="key=value", help=override_help)
+    validate.set_defaults(func=cmd_validate)
+
+    run = _verb(verbs, "run", "train: fine-tune a backbone as a recipe says and write the run folder",
+                "Train as the recipe says: data checked first, then the model fine-tuned, the best epoch kept and "
+                "tested, and output.dir written (config.yaml, metrics.json, model/, checkpoints/, train.log).",
+                "  finetune run text/minilm-bbc-news\n  finetune run my.yaml train.lr=3e-5 data.train=reviews.csv\n"
+                "  finetune run runs/my --resume\n  accelerate launch -m finetune run my.yaml   # several GPUs")
+    run.add_argument("recipe", nargs="?", help="recipe file, built-in recipe name, or a run folder to --resume")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help=override_help)
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    run.add_argument("--resume", action="store_true", help="continue the unfinished run in output.dir from its last "
+                                                           "checkpoint")
+    run.set_defaults(func=cmd_run)
 
     model_help = "a run folder, its model/ folder, or a hub model id (owner/name)"
-    evaluate = verbs.add_parser("eval", help="metrics of a trained model on a labelled file")
+    batch_help = "inputs per forward pass (default: %(default)s); lower it if memory runs out"
+    evaluate = _verb(verbs, "eval", "metrics of a trained model on a labelled file",
+                     "Metrics (and a confusion matrix) of a trained model on labelled data in any form `run` reads.",
+                     "  finetune eval runs/my --data test.csv\n  finetune eval runs/my --data bbc-news --split test "
+                     "--json\n  finetune eval me/reviews-minilm --data unseen.csv --output predictions.csv")
     evaluate.add_argument("model", help=model_help)
-    evaluate.add_argument("--data", required=True, help="labelled data in any form `run` reads (file, folder, zoo, hub:)")
+    evaluate.add_argument("--data", required=True, help="labelled data in any form `run` reads (file, folder, zoo, "
+                                                        "hub:)")
     evaluate.add_argument("--split", default="test", help="which split of a zoo/hub set or split folder (default test)")
     evaluate.add_argument("--output", help="write per-row predictions to a .csv or .jsonl file")
     evaluate.add_argument("--text-column", help="default: the run's data.text_column, else text")
     evaluate.add_argument("--label-column", help="default: the run's data.label_column, else label")
     evaluate.add_argument("--image-column", help="default: the run's data.image_column, else image")
     evaluate.add_argument("--pair-column", help="sentence pairs: default the run's data.text_pair_column")
-    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--batch-size", type=int, default=32, help=batch_help)
     evaluate.add_argument("--json", action="store_true", help="the metrics (and confusion matrix) as JSON")
     evaluate.set_defaults(func=cmd_eval)
 
-    predict = verbs.add_parser("predict", help="label names and scores for texts or images")
+    predict = _verb(verbs, "predict", "label names and scores for texts or images",
+                    "Predictions with label names for texts, text files, images, image folders or table columns.",
+                    '  finetune predict runs/my "great phone" "broke in a day"\n'
+                    "  finetune predict runs/my reviews.txt --top-k 3\n"
+                    "  finetune predict runs/my new.csv --column review --json > predictions.jsonl\n"
+                    "  finetune predict runs/digits photos/ cat.png")
     predict.add_argument("model", help=model_help)
     predict.add_argument(
         "inputs", nargs="+", metavar="INPUT",
@@ -258,18 +414,38 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--column", help="the table column holding the inputs (default: the run's text/image column)")
     predict.add_argument("--pair-column", help="sentence pairs: the table column holding each row's second text "
                                                "(default: the run's data.text_pair_column)")
-    predict.add_argument("--batch-size", type=int, default=32)
-    predict.add_argument("--json", action="store_true", help="one JSON object per input")
+    predict.add_argument("--batch-size", type=int, default=32, help=batch_help)
+    predict.add_argument("--json", action="store_true", help="JSON Lines: one JSON object per input, in order")
     predict.set_defaults(func=cmd_predict)
 
-    push = verbs.add_parser("push", help="upload a run's model/ (and adapter/) with its card to the hub")
+    push = _verb(verbs, "push", "upload a run's model/ (and adapter/) with its card to the hub",
+                 "Upload model/ at the repo root (and adapter/) with its card in one commit. The repo is created "
+                 "private unless the run's hub.private is false or --public is given.",
+                 "  finetune push runs/my --repo-id me/reviews-minilm\n"
+                 "  finetune push runs/my               # the run's hub.repo_id\n"
+                 "  finetune push runs/my --repo-id me/reviews-minilm --public --revision v2")
     push.add_argument("run", help="a run folder")
-    push.add_argument("--repo-id", required=True, help="owner/name of the model repo (created if missing)")
-    push.add_argument("--private", action="store_true", help="create the repo private (an existing one keeps its setting)")
+    push.add_argument("--repo-id", help="owner/name of the model repo, created if missing (default: the run's "
+                      "hub.repo_id)")
+    visibility = push.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_const", const=True, default=None,
+                            help="create the repo private (default: the run's hub.private, which defaults to true)")
+    visibility.add_argument("--public", dest="private", action="store_const", const=False,
+                            help="create the repo public; an existing repo keeps its visibility either way")
     push.add_argument("--revision", help="a branch to push to (created if missing); default main")
     push.set_defaults(func=cmd_push)
 
-    for verb in (evaluate, predict, push):
+    cache = _verb(verbs, "cache", "show or clear the token and feature caches",
+                  "The kit's disk caches: tokenised texts (under the datasets cache, HF_DATASETS_CACHE) and frozen-"
+                  "backbone features (under FINETUNE_CACHE, default ~/.cache/finetune). Nothing else cleans them; "
+                  "both are rebuilt when next needed.",
+                  "  finetune cache ls\n  finetune cache clear features\n  finetune cache clear")
+    cache.add_argument("action", choices=["ls", "clear"], help="ls: files and sizes; clear: remove the cached files")
+    cache.add_argument("name", nargs="?", choices=["tokens", "features"], help="one cache (default: both)")
+    cache.add_argument("--json", action="store_true", help="ls as JSON")
+    cache.set_defaults(func=cmd_cache)
+
+    for verb in verbs.choices.values():  # `finetune VERB ... --debug` as well as `finetune --debug VERB ...`
         verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -278,12 +454,28 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not fail on the closed pipe again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (stdout replaced in-process): nothing to redirect
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries(args.debug)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader that stopped early (`| head`) is handled below
+        return code
+    except BrokenPipeError:  # the reader of stdout has gone (`finetune ls | head`): nothing left to say to it
+        _silence_stdout()
+        return 0
     except FinetuneError as error:
         if args.debug:
             raise
@@ -295,5 +487,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a bug or an environment failure: still one line, the traceback on --debug
         if args.debug:
             raise
-        print(f"finetune: internal error: {error.__class__.__name__}: {_one_line(error)} (rerun with --debug)", file=sys.stderr)
+        name = error.__class__.__name__
+        print(f"finetune: internal error: {name}: {_one_line(error)} (rerun with --debug)", file=sys.stderr)
         return 1

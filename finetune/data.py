@@ -660,11 +660,13 @@ def tokenize(table: dict, tokenizer, max_length: int):
     import datasets
     from datasets.fingerprint import Hasher
 
+    from finetune.caches import token_cache_dir
+
     datasets.disable_progress_bars()
     pairs = table.get("text_pair")
     parts = [table["text"], table["label"], tokenizer, max_length] + ([pairs] if pairs is not None else [])
     fingerprint = Hasher.hash(parts)
-    cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "finetune-tokens"
+    cache_dir = token_cache_dir()  # `finetune cache ls|clear` owns the path
     cache_dir.mkdir(parents=True, exist_ok=True)
     columns = {"text": table["text"], "label": table["label"], **({"text_pair": pairs} if pairs is not None else {})}
     dataset = datasets.Dataset.from_dict(columns)

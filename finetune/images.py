@@ -29,6 +29,7 @@ from finetune.data import (
     stratified_split,
 )
 from finetune.errors import FinetuneError
+from finetune.needs import APT_DATA
 
 # RawSplit comes from the text pipeline: here its `texts` field holds image entries (see `load_image`).
 
@@ -42,7 +43,7 @@ SPLIT_FOLDERS = {"train": "train", "validation": "validation", "valid": "validat
 TRIVIAL_AUGMENT = "rand-n1-m10-mstd101-inc1-p1"
 AUTO_AUGMENT_ALIASES = {"trivialaugment": TRIVIAL_AUGMENT, "trivial": TRIVIAL_AUGMENT}
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+FASHION_MNIST_DIR = APT_DATA["fashion-mnist"][1]  # Debian package dataset-fashion-mnist
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),

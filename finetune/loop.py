@@ -13,6 +13,7 @@ from finetune import problems, transfer
 from finetune.checkpoints import Progress, latest_checkpoint, save_best, save_checkpoint
 from finetune.errors import FinetuneError
 from finetune.metrics import is_improvement
+from finetune.progress import epoch_progress
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, problem: str, label_smoothing: float = 0.0,
@@ -148,8 +149,6 @@ def train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p
     Data order is a function of (seed, epoch) alone, so a resumed epoch sees the same batches; the loss is checked
     for non-finite values without a host sync per step (at logging and checkpoint steps, and at the end).
     """
-    from tqdm.auto import tqdm
-
     t = recipe.train
     model.train()
     transfer.freeze_modes(model)  # frozen layers keep their pretrained BatchNorm statistics and no dropout
@@ -158,8 +157,8 @@ def train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p
     seed_epoch(batches, t.seed, p.epoch)
     total_loss = torch.tensor(p.epoch_loss[accelerator.process_index] if p.epoch_loss else 0.0, device=accelerator.device)
     first_bad = torch.tensor(-1, device=accelerator.device)  # the first step whose loss was not finite
-    bar = tqdm(batches, desc=f"epoch {p.epoch}/{t.epochs}", disable=not accelerator.is_local_main_process,
-               mininterval=1.0, initial=p.batch, total=len(loader))
+    bar = epoch_progress(batches, f"epoch {p.epoch}/{t.epochs}", not accelerator.is_local_main_process, p.batch,
+                         len(loader))  # a bar at a terminal, a plain line every 30 s in a log
     start, seconds_before = time.perf_counter(), p.epoch_seconds
     for batch in bar:
         loss, size = train_step(accelerator, model, optimizer, scheduler, batch, job, recipe)

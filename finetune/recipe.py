@@ -99,7 +99,17 @@ class Train:
     lr: float = 5.0e-5
     head_lr: Optional[float] = None  # null: same as lr
     weight_decay: float = 0.01  # never on biases and norm weights
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    # transformers' schedules (SchedulerType): cosine | linear | constant (with warmup) | cosine_with_min_lr |
+    # cosine_warmup_with_min_lr | warmup_stable_decay | polynomial | cosine_with_restarts | inverse_sqrt |
+    # constant_with_warmup; each takes its own train.scheduler_args
+    scheduler: Literal[
+        "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt",
+        "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "reduce_lr_on_plateau", "greedy",
+    ] = "cosine"
+    # the schedule's own arguments, as transformers names them: {min_lr_rate: 0.1} (cosine_with_min_lr),
+    # {num_decay_steps: 0.2, decay_type: linear} (warmup_stable_decay; steps as an int or a fraction of all steps),
+    # {lr_end: 1.0e-7, power: 2.0} (polynomial), {num_cycles: 3} (cosine_with_restarts), {timescale: 100}
+    scheduler_args: dict[str, Any] = field(default_factory=dict)
     warmup: Union[int, float] = 0.1  # float < 1: fraction of steps; int: steps
     grad_accum: int = 1
     max_grad_norm: Optional[float] = 1.0  # null: no clipping
@@ -120,6 +130,14 @@ class Train:
     freeze_embeddings: bool = False  # text: keep the word embeddings as pretrained (a third of MiniLM's weights)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     compile: bool = False  # torch.compile the model (pays off on long runs; the first steps compile)
+    # CPU training: dropout (and the attention's dropout) with a cheaper random mask, same rate (finetune.dropout;
+    # ~40% of a text forward pass otherwise); false: torch's own dropout. Ignored on GPUs.
+    fast_dropout: bool = True
+    # accelerate's experiment trackers, the recipe logged as each run's config: tensorboard (in the run folder) |
+    # wandb | mlflow | comet_ml | aim | clearml | dvclive | trackio | swanlab; [] for none
+    log_with: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio",
+                           "swanlab"]] = field(default_factory=lambda: ["tensorboard"])
+    log_project: str = "finetune"  # the trackers' project (wandb, comet_ml, trackio) or experiment (mlflow, ...)
     checkpoint_every: Optional[int] = None  # optimizer steps between resumable checkpoints; null: at each epoch's end
     keep_checkpoints: int = 1  # resumable checkpoints kept (the newest); the best model is kept apart
     # single_label loss weights: auto (inverse class frequency in train, mean 1) | one number per label | null
@@ -365,6 +383,11 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
         return [_convert(args[0], v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, f"{key}.", problems)
+    if origin is dict:  # free-form arguments handed to a library, checked by the code that hands them on
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        problems.append(f"{key}: expected a mapping of names to values, got {_describe(value)}")
+        return None
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from finetune import export, recipe as recipe_module
-from finetune import transfer
+from finetune import tracking, transfer
 from finetune.checkpoints import (
     Progress,
     atomic_save,
@@ -64,7 +64,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
         cpu=not torch.accelerator.is_available(),
         mixed_precision=choose_precision(t.precision),
         gradient_accumulation_steps=t.grad_accum,
-        log_with="tensorboard",
+        log_with=tracking.trackers(t.log_with, out),  # a missing tracker package fails here, before the run folder
         project_dir=str(out),
         # DDP registers the weights that train when it wraps the model; a schedule that unfreezes later needs them
         # all registered and the frozen ones skipped step by step
@@ -92,7 +92,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
         transfer.freeze_word_embeddings(job.model)
     if t.gradient_checkpointing:
         transfer.enable_gradient_checkpointing(job.model)
-    if accelerator.device.type == "cpu":
+    if accelerator.device.type == "cpu" and t.fast_dropout:
         use_fast_dropout(job.model)  # torch's CPU dropout masks cost ~40% of a text forward pass
     _use_cached_features(job, recipe, accelerator, eval_batch, say)
     if t.compile:
@@ -107,10 +107,12 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
     # Steps as one process would count them: accelerate steps the scheduler once per process per optimizer step.
     total_steps = math.ceil(len(loaders["train"]) / t.grad_accum) * t.epochs
     warmup = warmup_steps(t.warmup, total_steps) * (1 if isinstance(t.warmup, float) else accelerator.num_processes)
-    scheduler = build_scheduler(optimizer, t.scheduler, warmup, total_steps)
+    scheduler = build_scheduler(optimizer, t.scheduler, warmup, total_steps, t.scheduler_args,
+                                accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loaders = {key: accelerator.prepare(loader) for key, loader in loaders.items()}
-    accelerator.init_trackers("tensorboard", config=flat_config(recipe_module.to_dict(recipe)))
+    config = flat_config(recipe_module.to_dict(recipe))  # the recipe as each tracker's run config
+    accelerator.init_trackers(t.log_project, config=config, init_kwargs=tracking.init_kwargs(out))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     sizes = " | ".join(f"{key} {len(dataset)}" for key, dataset in job.datasets.items())
@@ -186,8 +188,9 @@ def _push(out: Path, recipe, say) -> None:
     try:
         say(f"pushed to {push_run(out, recipe.hub.repo_id, recipe.hub.private)}")
     except FinetuneError as error:
+        visibility = "--private" if recipe.hub.private else "--public"
         say(f"warning: the run is saved, but the push failed: {error}; retry with: "
-            f"finetune push {out} --repo-id {recipe.hub.repo_id}")
+            f"finetune push {out} --repo-id {recipe.hub.repo_id} {visibility}")
 
 
 def _class_weights(recipe, splits, device) -> torch.Tensor | None:

@@ -319,7 +319,9 @@ def feature_split(model: nn.Module, recipe):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune")) / "features"
+    from finetune.caches import feature_cache_dir  # `finetune cache ls|clear` owns the path
+
+    return feature_cache_dir()
 
 
 def model_fingerprint(model: nn.Module) -> str:

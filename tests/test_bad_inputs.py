@@ -339,8 +339,43 @@ def datasets_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf-datasets-cache")
 
 
-def test_the_matrix_is_large_enough():
-    assert len(CASES) >= 30 and sum(len(case.verbs) for case in CASES.values()) >= 60
+def schema_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key of the recipe schema, nested sections (optional ones too) included: read from the schema, so a
+    key added later is covered without an edit here."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        union = typing.get_origin(hint) is typing.Union
+        options = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+        sections = [a for a in options if dataclasses.is_dataclass(a)]
+        if len(options) == 1 and sections:
+            keys += schema_keys(sections[0], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def test_a_wrong_value_for_any_recipe_key_is_reported_with_that_key():
+    """[[]] (a list holding a list) is no valid value for any key: the one problem reported must name the key."""
+    from conftest import set_dotted
+
+    from finetune.errors import FinetuneError
+    from finetune.recipe import Recipe, from_dict
+
+    keys = schema_keys(Recipe)
+    assert {"train.lr", "data.train", "lora.r", "train.early_stopping.patience", "hub.private"} <= set(keys)
+    for key in keys:
+        raw = {"task": "text-classification", "backbone": {"name": "b"}, "data": {"train": "t.csv"}}
+        if key.count(".") == 2:  # inside an optional section: the section is there, with one bad key
+            set_dotted(raw, key.rsplit(".", 1)[0], {})
+        set_dotted(raw, key, [[]])
+        with pytest.raises(FinetuneError) as error:
+            from_dict(raw, source="r.yaml")
+        message = str(error.value)
+        assert message.startswith("r.yaml: 1 problem: ") and key in message, (key, message)
 
 
 @pytest.mark.parametrize("name, verb", list(params()))

@@ -22,6 +22,8 @@ from conftest import (
     write_recipe,
 )
 
+from finetune.errors import FinetuneError
+
 BUILTIN = "text/minilm-bbc-news"
 
 
@@ -83,6 +85,130 @@ def test_validate_builtin_recipe_by_name():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the CLI's edges: pipes, --json, --debug anywhere, help, --version, cat
+
+
+def test_ls_into_a_reader_that_has_gone_is_quiet_and_exits_0():
+    import os
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    read, write = os.pipe()
+    os.close(read)  # as `finetune ls | head -0`: the first write meets a closed pipe
+    try:
+        result = subprocess.run([sys.executable, "-m", "finetune", "ls"], stdout=write, stderr=subprocess.PIPE,
+                                env=subprocess_env(), text=True, timeout=120, check=False)
+    finally:
+        os.close(write)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_ls_json_lists_the_recipes_with_what_they_need(capfd):
+    result = call_main(capfd, "ls", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows[BUILTIN]["task"] == "text-classification" and rows[BUILTIN]["data"] == "bbc-news"
+    assert rows[BUILTIN]["needs"] == []  # zoo backbone and zoo data: offline on a plain install
+    assert rows["vision/efficientnet-lite0-fashion-mnist"]["needs"] == ["apt:dataset-fashion-mnist"]
+    assert rows["text/minilm-go-emotions-multilabel"]["needs"] == ["network"]  # a hub: data set
+    table = call_main(capfd, "ls").stdout.splitlines()
+    assert table[0].split()[-1] == "needs"
+    assert next(line for line in table if line.startswith("vision/efficientnet-lite0-fashion-mnist ")).endswith(
+        "apt:dataset-fashion-mnist"
+    )
+
+
+def test_cat_prints_a_builtin_recipe_as_it_is(capfd):
+    result = call_main(capfd, "cat", BUILTIN)
+    assert result.returncode == 0 and result.stdout == (REPO / "recipes" / f"{BUILTIN}.yaml").read_text()
+    assert "finetune ls" in one_error_line(call_main(capfd, "cat", "text/no-such-recipe"))
+
+
+def test_debug_is_accepted_after_every_verb(capfd, tmp_path):
+    from finetune.cli import build_parser
+
+    minimal = {
+        "ls": [], "cat": [BUILTIN], "cp": [BUILTIN, "x.yaml"], "validate": [BUILTIN], "run": [BUILTIN],
+        "eval": ["runs/x", "--data", "t.csv"], "predict": ["runs/x", "hello"], "push": ["runs/x"],
+        "cache": ["ls"],
+    }
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if a.dest == "verb").choices
+    for verb in verbs:  # a verb added later without --debug fails here
+        args = parser.parse_args([verb, *minimal.get(verb, []), "--debug"])
+        assert args.debug is True, verb
+    with pytest.raises(FinetuneError):  # --debug after the verb: the error is raised, not turned into a line
+        call_main(capfd, "cat", "text/no-such-recipe", "--debug")
+
+
+def test_run_and_validate_without_a_recipe_say_what_to_give(capfd):
+    for verb in ("run", "validate"):
+        line = one_error_line(call_main(capfd, verb))
+        assert f"finetune {verb} text/minilm-bbc-news" in line and "finetune ls" in line, line
+
+
+def test_validate_checks_the_schedule_and_its_arguments(tiny_bert, tiny_data, tmp_path, capfd):
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_bert, tiny_data, tmp_path / "out"))
+    line = one_error_line(call_main(capfd, "validate", recipe, "train.scheduler=warmup_stable_decay"))
+    assert "train.scheduler_args.num_decay_steps" in line
+    line = one_error_line(call_main(capfd, "validate", recipe, "train.scheduler_args={min_lr: 0.1}"))
+    assert "train.scheduler_args.min_lr: not an argument of the constant schedule" in line  # the recipe's constant
+    ok = call_main(capfd, "validate", recipe, "train.scheduler=cosine_with_min_lr",
+                   "train.scheduler_args={min_lr_rate: 0.1}")
+    assert ok.returncode == 0, ok.stderr
+    assert yaml.safe_load(ok.stdout)["train"]["scheduler_args"] == {"min_lr_rate": 0.1}
+
+
+def test_every_verb_has_help_and_an_example():
+    from finetune.cli import build_parser
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if a.dest == "verb").choices
+    for name, verb in verbs.items():
+        text = verb.format_help()
+        assert "examples:" in text and f"finetune {name}" in text.split("examples:")[1], name
+    assert "--resume" not in verbs["validate"].format_help()  # only run resumes
+    assert "--resume" in verbs["run"].format_help()
+    for name in ("eval", "predict"):
+        assert "(default: 32)" in " ".join(verbs[name].format_help().split()), name
+    listed = parser.format_help()
+    assert "train: fine-tune" in listed  # run's one line says more than "train"
+
+
+def test_version_names_the_libraries_and_the_device():
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert names[:2] == ["finetune", "python"]
+    assert {"torch", "transformers", "timm", "accelerate", "peft", "device"} <= set(names)
+    import torch
+
+    assert f"torch {torch.__version__}" in result.stdout
+
+
+def test_progress_in_a_log_is_plain_lines_not_carriage_returns():
+    import io
+
+    from finetune.progress import PlainProgress, epoch_progress
+
+    log = io.StringIO()  # not a terminal
+    bar = epoch_progress(range(5), "epoch 1/2", disable=False, initial=0, total=5, stream=log)
+    assert isinstance(bar, PlainProgress)
+    bar.every = 0.0  # a line after every batch, as a long epoch would after every 30 seconds
+    for _ in bar:
+        bar.set_postfix(loss="0.5000")
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 5
+    assert lines[-1].startswith("epoch 1/2: 5/5 batches") and lines[-1].endswith("loss 0.5000")
+    quiet = io.StringIO()
+    assert list(epoch_progress(range(3), "e", disable=False, initial=1, total=4, stream=quiet)) == [0, 1, 2]
+    assert quiet.getvalue().splitlines() == [quiet.getvalue().splitlines()[0]]  # a short epoch: one line
+    assert quiet.getvalue().startswith("e: 4/4 batches")  # counted on from a resumed batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # a full run from a copied built-in recipe, with dotted overrides only
 
 
@@ -123,6 +249,7 @@ def test_run_exits_0_and_writes_the_run_folder(cli_run, tiny_bert):
     assert config["train"]["lr"] == 1e-3 and config["train"]["head_lr"] == 1e-3  # head_lr kept from the recipe
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] and "test" in metrics
+    assert "\r" not in result.stderr and "epoch 2/2: 2/2 batches" in result.stderr  # stderr is a pipe: no bar frames
     assert json.loads((out / "split.json").read_text())["labels"] == LABELS
     assert "task: text-classification" in result.stdout  # the resolved recipe is printed
 

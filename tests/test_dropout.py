@@ -151,3 +151,18 @@ def test_models_whose_code_tests_for_sdpa_by_name_keep_their_attention():
     model.train()
     ids = torch.randint(0, 50, (2, 5))
     assert torch.isfinite(model(input_ids=ids, labels=torch.tensor([0, 1])).loss)
+
+
+def test_train_fast_dropout_false_trains_with_torchs_own_dropout(tiny_bert, tiny_data, tmp_path):
+    """The switch changes the masks drawn (so the losses), and nothing else: without dropout both runs agree."""
+    from conftest import recipe_dict, to_recipe
+
+    from finetune.train import train
+
+    def epoch_loss(name: str, fast: bool, dropout: float) -> float:
+        dotted = {"train.epochs": 1, "train.log_with": [], "train.fast_dropout": fast, "backbone.dropout": dropout}
+        metrics = train(to_recipe(recipe_dict(tiny_bert, tiny_data, tmp_path / name, **dotted)))
+        return metrics["epochs"][0]["loss"]
+
+    assert epoch_loss("fast", True, 0.3) != epoch_loss("torch", False, 0.3)
+    assert epoch_loss("fast-0", True, 0.0) == pytest.approx(epoch_loss("torch-0", False, 0.0), abs=1e-6)

@@ -46,6 +46,7 @@ class FakeHub:
         self.commits: list[dict] = []  # what each commit call sent: repo, revision, summary, files, lfs, deleted
         self.lfs_puts: list[str] = []
         self.fail_next_commit_with: int | None = None  # answer the next commit with this status (then recover)
+        self.malformed: dict[str, object] = {}  # path -> a 200 JSON answer of the wrong shape, sent instead
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -106,6 +107,9 @@ def _handler(hub: FakeHub):
             with hub.lock:
                 hub.requests.append((method, path))
             parts = path.strip("/").split("/")
+            if path in hub.malformed:
+                self._body()
+                return self._send(200, hub.malformed[path])
             try:
                 handled = getattr(self, f"_{method.lower()}")(path, parts)
             except Exception as error:  # a bug in the stand-in: say so instead of hanging the client
@@ -150,7 +154,7 @@ def _handler(hub: FakeHub):
                 with hub.lock:
                     if repo_id in hub.repos:
                         return self._send(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
-                    hub.repos[repo_id] = {
+                    hub.repos[repo_id] = {  # the visibility asked for; no field at all means public, as on the hub
                         "private": request.get("visibility") == "private" or request.get("private") is True,
                         "branches": {"main": {"sha": "0" * 40, "files": {}}},
                     }
@@ -433,6 +437,76 @@ def test_missing_token_bad_token_and_no_network_are_one_line_each(run_dir, tmp_p
     assert tree_digest(run_dir) == before
 
 
+def _run_all(commands: dict[str, list], env: dict) -> dict[str, subprocess.CompletedProcess]:
+    """`finetune ARGS` for each name at once (each is a process start and a hub round trip)."""
+    started = {
+        name: subprocess.Popen([sys.executable, "-m", "finetune", *map(str, args)], env=subprocess_env(**env),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, args in commands.items()
+    }
+    results = {}
+    for name, process in started.items():
+        out, err = process.communicate(timeout=240)
+        results[name] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return results
+
+
+def test_push_follows_the_runs_visibility_and_repo_unless_told_otherwise(run_dir, tmp_path):
+    public_run = tmp_path / "public-run"  # trained with hub: {repo_id: me/from-recipe, private: false}
+    shutil.copytree(run_dir, public_run)
+    config = public_run / "config.yaml"
+    text = config.read_text()
+    assert "repo_id: null\n  private: true" in text
+    config.write_text(text.replace("repo_id: null\n  private: true", "repo_id: me/from-recipe\n  private: false"))
+    with FakeHub(TOKEN) as hub:
+        hub.repos["me/already-public"] = {"private": False, "branches": {"main": {"sha": "0" * 40, "files": {}}}}
+        results = _run_all({
+            "default": ["push", run_dir, "--repo-id", "me/default"],  # the run's hub.private: true (the default)
+            "public": ["push", run_dir, "--repo-id", "me/public", "--public"],
+            "recipe": ["push", public_run],
+            "private": ["push", public_run, "--repo-id", "me/forced-private", "--private"],
+            "refused": ["push", run_dir, "--repo-id", "me/already-public"],
+        }, hub_env(hub.url, tmp_path / "home"))
+        for name in ("default", "public", "recipe"):
+            assert results[name].returncode == 0, (name, results[name].stderr[-2000:])
+        assert hub.repos["me/default"]["private"] is True
+        assert "a private repo (the run's hub.private)" in results["default"].stderr
+        assert hub.repos["me/public"]["private"] is False and "a public repo (--public)" in results["public"].stderr
+        assert results["private"].returncode == 0, results["private"].stderr[-2000:]
+        assert hub.repos["me/from-recipe"]["private"] is False  # the run's hub.repo_id and hub.private: false
+        assert "a public repo (the run's hub.private)" in results["recipe"].stderr
+        assert hub.repos["me/forced-private"]["private"] is True and "(--private)" in results["private"].stderr
+        assert "model.safetensors" in hub.files("me/from-recipe")
+        # an existing public repo is not pushed to when the run asks for privacy
+        line = one_error_line(results["refused"])
+        assert "me/already-public" in line and "public" in line and "--public" in line
+        assert hub.files("me/already-public") == {}
+    refused = {c["repo"] for c in hub.commits}
+    assert "me/already-public" not in refused
+
+
+def test_pushing_to_an_existing_repo_says_it_keeps_its_visibility(run_dir, tmp_path):
+    with FakeHub(TOKEN) as hub:
+        hub.repos["me/kept"] = {"private": True, "branches": {"main": {"sha": "0" * 40, "files": {}}}}
+        result = push(hub.url, tmp_path / "home", run_dir, "me/kept", "--public")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert hub.repos["me/kept"]["private"] is True
+        assert "a private repo (it already existed; --public does not change" in result.stderr
+
+
+def test_a_malformed_hub_answer_is_one_line_naming_the_step(run_dir, tmp_path):
+    with FakeHub(TOKEN) as hub:
+        hub.malformed["/api/repos/create"] = ["not", "a", "repo"]
+        created = push(hub.url, tmp_path / "a", run_dir, "me/odd")
+        hub.malformed = {"/api/models/me/odd2/commit/main": {"unexpected": "shape"}}
+        committed = push(hub.url, tmp_path / "b", run_dir, "me/odd2")
+    for result, step in ((created, "create the repo"), (committed, "commit")):
+        line = one_error_line(result)
+        assert f"push to me/{'odd' if step != 'commit' else 'odd2'}: {step}:" in line, line
+        assert "internal error" not in line and "the hub's answer was not what huggingface_hub expects" in line
+        assert TOKEN not in line
+
+
 def test_push_refuses_a_folder_without_a_model(tmp_path, capfd):
     (tmp_path / "half").mkdir()
     result = call_main(capfd, "push", tmp_path / "half", "--repo-id", "me/x")
@@ -476,7 +550,7 @@ def test_predict_and_the_card_snippet_read_the_pushed_repo(pushed, run_dir, tmp_
     local = run_cli("predict", run_dir, *texts, "--json")
     remote = run_cli("predict", "me/tiny-topics", *texts, "--json", **env)
     assert local.returncode == 0 and remote.returncode == 0, remote.stderr[-2000:]
-    local_rows, remote_rows = json.loads(local.stdout), json.loads(remote.stdout)
+    local_rows, remote_rows = ([json.loads(row) for row in r.stdout.splitlines()] for r in (local, remote))
     assert [r["label"] for r in remote_rows] == [r["label"] for r in local_rows]
     assert [r["score"] for r in remote_rows] == pytest.approx([r["score"] for r in local_rows], abs=1e-6)
     card = hub.files("me/tiny-topics")["README.md"].decode()
@@ -511,4 +585,4 @@ def test_run_pushes_at_the_end_when_the_recipe_names_a_repo(tiny_bert, tiny_data
     result = run_cli("run", recipe, **hub_env("http://127.0.0.1:9", home))
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "metrics.json").is_file() and (out / "model" / "model.safetensors").is_file()
-    assert f"finetune push {out} --repo-id me/later" in (out / "train.log").read_text()
+    assert f"finetune push {out} --repo-id me/later --private" in (out / "train.log").read_text()  # hub.private

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -115,3 +116,89 @@ def test_schedules_warm_up_then_decay(name):
 
 def test_no_warmup_starts_at_full_lr():
     assert lr_curve("cosine", 0, 4)[0][0] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every schedule of transformers' SchedulerType, with its own arguments (train.scheduler_args)
+
+
+def curve_of(name: str, total: int, warmup: int = 0, args: dict | None = None, step_scale: int = 1) -> list[float]:
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = build_scheduler(optimizer, name, warmup, total, args, step_scale)
+    curve = []
+    for _ in range(total + 1):
+        curve.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return curve
+
+
+def test_the_recipe_takes_every_schedule_transformers_has():
+    import typing
+
+    from transformers import SchedulerType
+
+    from finetune.recipe import Train
+
+    names = set(typing.get_args(typing.get_type_hints(Train)["scheduler"]))
+    assert {s.value for s in SchedulerType} <= names  # a schedule added to transformers shows up here
+
+
+def test_cosine_with_min_lr_ends_at_its_floor():
+    curve = curve_of("cosine_with_min_lr", 10, args={"min_lr_rate": 0.1})
+    assert curve[0] == pytest.approx(1.0) and curve[10] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(curve))  # decays monotonically to the floor
+    assert curve_of("cosine_with_min_lr", 10, args={"min_lr": 0.25})[10] == pytest.approx(0.25)
+
+
+def test_warmup_stable_decay_holds_then_decays_over_a_fraction_of_the_steps():
+    curve = curve_of("warmup_stable_decay", 10, warmup=2, args={"num_decay_steps": 0.3, "decay_type": "linear"})
+    assert curve[0] == 0.0 and curve[2:7] == pytest.approx([1.0] * 5)  # warmup 2, stable to step 7
+    assert curve[7] > curve[8] > curve[9] and curve[10] == pytest.approx(0.0, abs=1e-9)  # 3 decay steps
+    scaled = curve_of("warmup_stable_decay", 20, args={"num_decay_steps": 3}, step_scale=2)  # 2 processes
+    assert scaled[14] == pytest.approx(1.0) and scaled[15] < 1.0  # 3 optimizer steps: the last 6 scheduler steps
+
+
+def test_polynomial_and_restarts_take_their_arguments():
+    curve = curve_of("polynomial", 4, args={"lr_end": 0.0, "power": 2.0})
+    assert curve == pytest.approx([1.0, 0.5625, 0.25, 0.0625, 0.0])  # (1 - t)^2
+    restarts = curve_of("cosine_with_restarts", 8, args={"num_cycles": 2})
+    assert restarts[4] == pytest.approx(1.0) and restarts[3] < 0.5  # back to the top half way
+
+
+def test_bad_scheduler_arguments_name_the_key():
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(FinetuneError, match=r"train.scheduler_args.min_lr_rate: not an argument of the polynomial"):
+        curve_of("polynomial", 4, args={"min_lr_rate": 0.1})
+    with pytest.raises(FinetuneError, match=r"train.scheduler_args.num_decay_steps: warmup_stable_decay needs"):
+        curve_of("warmup_stable_decay", 4)
+    with pytest.raises(FinetuneError, match=r"train.scheduler_args: cosine_with_min_lr"):
+        curve_of("cosine_with_min_lr", 4)  # neither min_lr nor min_lr_rate: transformers' own message, one line
+    with pytest.raises(FinetuneError, match=r"train.scheduler: reduce_lr_on_plateau follows a metric"):
+        curve_of("reduce_lr_on_plateau", 4)
+
+
+def test_timm_no_weight_decay_names_get_no_decay_inside_the_kits_model(tmp_path):
+    import timm
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.optim import no_weight_decay_names
+
+    class Wrapper(nn.Module):  # a timm model inside another module, as the kit's and peft's wrappers hold it
+        def __init__(self):
+            super().__init__()
+            self.model = timm.create_model("test_vit", pretrained=False, num_classes=3)
+
+    wrapped = Wrapper()
+    assert {"model.pos_embed", "model.cls_token"} <= no_weight_decay_names(wrapped)
+    owner = groups_by_parameter(wrapped, build_param_groups(wrapped, 1e-3, None, 0.05, set()))
+    assert owner["model.pos_embed"]["weight_decay"] == 0.0 and owner["model.cls_token"]["weight_decay"] == 0.0
+    assert owner["model.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05  # matrices still decay
+    lora = get_peft_model(Wrapper(), LoraConfig(r=2, target_modules=["qkv"]))
+    for param in lora.parameters():
+        param.requires_grad = True
+    owner = groups_by_parameter(lora, build_param_groups(lora, 1e-3, None, 0.05, set()))
+    names = [n for n in owner if n.endswith("pos_embed")]
+    assert names and all(owner[n]["weight_decay"] == 0.0 for n in names)

@@ -114,7 +114,7 @@ def test_cli_predicts_texts_a_text_file_and_a_csv_column(runs, tiny_data, tmp_pa
     lines.write_text("the bread today\n\na goal of news\n")
     result = call_main(capfd, "predict", runs["single"], "salad and soup", lines, tiny_data["test"], "--column", "sentence", "--json")
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]  # JSON Lines
     assert [row["input"] for row in rows[:3]] == ["salad and soup", "the bread today", "a goal of news"]
     assert len(rows) == 3 + 9  # one text, two lines (the blank one skipped), nine rows of the test file
     expected = finetune.load(runs["single"]).predict([row["input"] for row in rows])
@@ -134,7 +134,7 @@ def test_cli_table_shows_top_k_and_regression_numbers(runs, capfd):
 
 def test_cli_multi_label_lists_labels_over_the_threshold(runs, capfd):
     result = call_main(capfd, "predict", runs["multi"], *TEXTS, "--json")
-    rows = json.loads(result.stdout)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]  # JSON Lines
     table = call_main(capfd, "predict", runs["multi"], *TEXTS).stdout.strip().splitlines()
     for row, line in zip(rows, table):
         shown = line[60:].split()
@@ -210,7 +210,7 @@ def test_images_files_a_folder_and_a_csv_of_paths(image_run, tmp_path, capfd):
     table = write_csv(tmp_path / "images.csv", ["path"], [[p] for p in files[:3]])
     result = call_main(capfd, "predict", run, files[0], test / "red", table, "--column", "path", "--json")
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]  # JSON Lines
     assert len(rows) == 1 + 4 + 3
     assert rows[1]["input"].endswith("red/0.png")  # a folder: its images, sorted
     predictor = finetune.load(run)

@@ -299,3 +299,22 @@ def test_balanced_sampler_draws_the_minority_classes(tiny_bert, tmp_path):
     metrics = train(to_recipe(recipe_dict(tiny_bert, data, tmp_path / "run", **{"train.sampler": "balanced", "train.epochs": 3,
                                                                                   "train.batch_size": 8, "train.lr": 3e-3})))
     assert sum(row[1] + row[2] for row in metrics["confusion"]["matrix"]) > 2  # it predicts minority classes
+
+
+def test_resume_accepts_a_run_started_before_a_key_was_added_but_not_a_changed_one(tiny_bert, tiny_data, tmp_path):
+    import yaml
+
+    from finetune.errors import FinetuneError
+    from finetune.recipe import to_dict
+    from finetune.train import _check_same_recipe
+
+    recipe = to_recipe(recipe_dict(tiny_bert, tiny_data, tmp_path / "run"))
+    older = to_dict(recipe)
+    del older["train"]["fast_dropout"], older["train"]["log_with"]  # as written before those keys existed
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(older, sort_keys=False))
+    _check_same_recipe(saved, recipe)  # their defaults now: the same run
+    older["train"]["lr"] = 0.5
+    saved.write_text(yaml.safe_dump(older, sort_keys=False))
+    with pytest.raises(FinetuneError, match=r"train.lr: 0.5 -> 0.001"):
+        _check_same_recipe(saved, recipe)

@@ -593,7 +593,9 @@ def tokenize(table: dict, tokenizer, max_length: int, names: list[str], label_al
 
     datasets.disable_progress_bars()
     fingerprint = Hasher.hash([table["tokens"], table["label"], tokenizer, max_length, names, label_all_tokens])
-    cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "finetune-tags"
+    from finetune.caches import token_cache_dir
+
+    cache_dir = token_cache_dir()  # beside the texts' (fingerprints differ): `finetune cache clear tokens` clears both
     cache_dir.mkdir(parents=True, exist_ok=True)
     dataset = datasets.Dataset.from_dict({"tokens": table["tokens"], "label": table["label"]})
     return dataset.map(

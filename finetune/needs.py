@@ -1,0 +1,34 @@
+"""What a recipe needs beyond the pip install: an apt package for a zoo data set, or the network for a hub data
+set or a backbone that is not in the offline zoo. Read from the recipe's own data and backbone keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Zoo data sets that come from a Debian/Ubuntu package: name -> (apt package, the folder it installs)
+APT_DATA = {"fashion-mnist": ("dataset-fashion-mnist", Path("/usr/share/datasets/fashion-mnist"))}
+
+
+def recipe_needs(raw: dict) -> list[str]:
+    """E.g. ["apt:dataset-fashion-mnist", "network"]; [] when the recipe runs offline on a plain install.
+
+    raw: the recipe as YAML data (unvalidated), so `finetune ls` stays fast and lists even a broken recipe.
+    """
+    from finetune.backbones import TEXT_ZOO, VISION_ZOO
+
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    backbone = raw.get("backbone") if isinstance(raw.get("backbone"), dict) else {}
+    found: list[str] = []
+    network = False
+    for key in ("train", "validation", "test"):
+        spec = data.get(key)
+        if not isinstance(spec, str):
+            continue
+        if spec in APT_DATA:
+            found.append(f"apt:{APT_DATA[spec][0]}")
+        network |= spec.startswith("hub:")
+    name = str(backbone.get("name", ""))
+    local = name.startswith("local-dir:") or (bool(name) and Path(name).expanduser().exists())
+    timm_from_scratch = raw.get("task") == "image-classification" and backbone.get("pretrained") is False
+    network |= not (name in TEXT_ZOO or name in VISION_ZOO or local or timm_from_scratch)
+    return list(dict.fromkeys(found)) + (["network"] if network else [])

@@ -1,0 +1,34 @@
+"""What `finetune ls` says a recipe needs beyond pip, derived from its data and backbone keys."""
+
+from __future__ import annotations
+
+from finetune.needs import recipe_needs
+
+
+def recipe(task="text-classification", backbone="minilm-l6", pretrained=None, **data) -> dict:
+    raw = {"task": task, "backbone": {"name": backbone}, "data": {"train": "bbc-news", **data}}
+    if pretrained is not None:
+        raw["backbone"]["pretrained"] = pretrained
+    return raw
+
+
+def test_zoo_backbones_and_data_need_nothing(tmp_path):
+    assert recipe_needs(recipe()) == []
+    assert recipe_needs(recipe("image-classification", "efficientnet-lite0", train="digits")) == []
+    assert recipe_needs(recipe(backbone=str(tmp_path), train=str(tmp_path / "train.csv"))) == []  # local folder
+
+
+def test_an_apt_data_set_and_the_network_are_named():
+    assert recipe_needs(recipe("image-classification", "efficientnet-lite0", train="fashion-mnist",
+                               test="fashion-mnist")) == ["apt:dataset-fashion-mnist"]  # once
+    assert recipe_needs(recipe(train="hub:imdb")) == ["network"]
+    assert recipe_needs(recipe(validation="hub:imdb")) == ["network"]
+    assert recipe_needs(recipe(backbone="bert-base-uncased")) == ["network"]  # a hub id
+    assert recipe_needs(recipe("image-classification", "resnet18", train="digits")) == ["network"]  # timm weights
+    both = recipe("image-classification", "resnet18", train="fashion-mnist")
+    assert recipe_needs(both) == ["apt:dataset-fashion-mnist", "network"]
+
+
+def test_random_init_timm_needs_no_weights_but_a_hub_text_model_still_needs_its_config():
+    assert recipe_needs(recipe("image-classification", "resnet18", pretrained=False, train="digits")) == []
+    assert recipe_needs(recipe(backbone="bert-base-uncased", pretrained=False)) == ["network"]
