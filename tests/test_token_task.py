@@ -124,3 +124,50 @@ def test_eval_output_writes_each_sentences_predicted_tags(token_run, conll, tmp_
     for record in records:
         assert len(record["predicted"].split()) == len(record["tokens"].split()) == len(record["tags"].split())
     assert sum(r["correct"] for r in records) >= 8  # the tagger gets most sentences right
+
+
+def test_lora_with_a_mid_run_resume_equals_the_uninterrupted_token_run(tagger_backbone, conll, tmp_path):
+    from conftest import set_dotted, to_recipe
+    from test_resume import _cut_after_first_checkpoint, assert_identical
+
+    from finetune.train import train
+
+    def raw(out):
+        recipe = token_raw(tagger_backbone, conll, out)
+        for key, value in {"backbone.dropout": 0.1, "lora": {"r": 4}, "train.epochs": 2, "train.checkpoint_every": 3,
+                           "train.keep_checkpoints": 10, "train.lr": 1e-2}.items():
+            set_dotted(recipe, key, value)
+        return to_recipe(recipe)
+
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    train(raw(whole))
+    train(raw(out))
+    _cut_after_first_checkpoint(out)
+    train(raw(out), resume=True)
+    assert "resumed from" in (out / "train.log").read_text()
+    assert_identical(out, whole)
+    assert (whole / "adapter" / "adapter_model.safetensors").is_file()
+    config = json.loads((whole / "model" / "config.json").read_text())
+    assert config["architectures"] == ["BertForTokenClassification"]  # merged back into the native class
+
+
+def test_two_processes_gather_every_sentence_of_uneven_lengths(tagger_backbone, conll, tmp_path, capfd):
+    """torchrun x 2: sentences of different lengths on each process are padded before gathering, so the run's test
+    metrics are those of the same model evaluated in one process."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    out = tmp_path / "two"
+    recipe = write_recipe(tmp_path / "r.yaml", token_raw(tagger_backbone, conll, out))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "finetune", "run", str(recipe), "train.batch_size=4", "train.epochs=3"]
+    done = subprocess.run(command, check=False, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["processes"] == 2
+    result = call_main(capfd, "eval", out, "--data", conll["test"], "--json")
+    report = json.loads(result.stdout)["metrics"]
+    for name in ("f1", "token_accuracy", "loss"):
+        assert report[name] == pytest.approx(metrics["test"][name], abs=1e-5), name
