@@ -155,7 +155,9 @@ def data_report(recipe, splits: Splits, tokenizer=None, max_positions: int | Non
     tokenizer: text token-length percentiles against data.max_length; max_positions: the backbone's limit, an error
     when data.max_length exceeds it and some text is longer (the run would fail inside the model).
     """
-    text = recipe.task != "image-classification"
+    from finetune.tasks import inputs_of
+
+    text = inputs_of(recipe.task) == "text"
     problem, names = splits.problem, splits.label_names
     summaries = {key: _summarise(key, splits) for key in SPLITS if key in splits.parts}
     report = DataReport(recipe.task, problem, names, summaries, recipe.data.max_length if text else None)

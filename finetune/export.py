@@ -72,7 +72,7 @@ def base_model(recipe) -> str | None:
         return None
     if name in ZOO_BASE_MODELS:
         return ZOO_BASE_MODELS[name]
-    if recipe.task == "image-classification":
+    if _library(recipe) == "timm":
         if name == "efficientnet-lite0":
             name = "tf_efficientnet_lite0"  # the zoo's weights load strictly into this timm architecture
         if name.startswith("hf-hub:"):
@@ -104,10 +104,22 @@ def _datasets(recipe) -> list[str]:
     return list(dict.fromkeys(d for d in found if d is not None))
 
 
+def _library(recipe) -> str:
+    from finetune.tasks import get_task
+
+    return get_task(recipe.task).library
+
+
+def _inputs(recipe) -> str:
+    from finetune.tasks import inputs_of
+
+    return inputs_of(recipe.task)
+
+
 def model_reference(recipe, native: bool) -> str:
     """What the usage snippet passes to the loader: the model folder (timm wants it as local-dir:)."""
     where = (Path(recipe.output.dir) / "model").as_posix()
-    return f"local-dir:{where}" if native and recipe.task == "image-classification" else where
+    return f"local-dir:{where}" if native and _library(recipe) == "timm" else where
 
 
 def for_hub(card: str, repo_id: str) -> str:
@@ -122,7 +134,7 @@ def for_hub(card: str, repo_id: str) -> str:
 def _header(recipe, metrics: dict, native: bool, name: str) -> str:
     from huggingface_hub import EvalResult, ModelCardData
 
-    library = ("timm" if recipe.task == "image-classification" else "transformers") if native else "finetune"
+    library = _library(recipe) if native else "finetune"
     results = []
     test = metrics.get("test") or {}
     dataset = recipe.data.test or recipe.data.train  # a zoo or hub set brings its own test split
@@ -142,7 +154,7 @@ def _header(recipe, metrics: dict, native: bool, name: str) -> str:
             )
         )
     tags = ["finetune", recipe.task, recipe.head.problem.replace("_", "-")]
-    if library != "timm" and recipe.task == "image-classification":
+    if library != "timm" and _library(recipe) == "timm":
         tags.append("timm")
     data = ModelCardData(
         library_name=library,
@@ -257,7 +269,7 @@ def _per_label_section(metrics: dict, plots: dict) -> list[str]:
 def _usage(recipe, native: bool) -> str:
     from finetune.tasks import get_task
 
-    problem, vision = recipe.head.problem, recipe.task == "image-classification"
+    problem, vision = recipe.head.problem, _library(recipe) == "timm"
     reference = model_reference(recipe, native)
     task = get_task(recipe.task)
     if hasattr(task, "card_usage"):  # a task whose use is not "classify these inputs"
@@ -403,7 +415,7 @@ def _plots_section(plots: dict) -> list[str]:
 def model_card(recipe, splits, metrics: dict, native: bool, plots: list | None = None) -> str:
     """model/README.md: hub metadata, what the model does, how to use it, its data, results, limits and recipe."""
     plots = dict(plots or [])
-    kind = "image" if recipe.task == "image-classification" else "text"
+    kind = _inputs(recipe)
     name = Path(recipe.output.dir).name
     labels = splits.label_names
     best = metrics.get("best", {})

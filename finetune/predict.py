@@ -135,7 +135,9 @@ class Predictor:
             return np.zeros((0, len(self.labels or [None])), dtype=np.float32)
         batches = -(-len(inputs) // batch_size)
         show = progress if progress is not None else batches >= PROGRESS_MIN_BATCHES and sys.stderr.isatty()
-        if self.task == "image-classification":
+        from finetune.tasks import inputs_of
+
+        if inputs_of(self.task) == "image":
             return self._image_logits(inputs, batch_size, show)
         return self._text_logits(inputs, batch_size, show)
 
@@ -283,7 +285,7 @@ def expand_inputs(items: list[str], task: str, column: str, pair_column: str | N
     """
     from finetune.data import FILE_BUILDERS
 
-    from finetune.tasks import get_task
+    from finetune.tasks import get_task, inputs_of
 
     read_file = getattr(get_task(task), "read_inputs", None)  # a task's own input files (CoNLL sentences)
     expanded: list[tuple[str, Any]] = []
@@ -295,7 +297,7 @@ def expand_inputs(items: list[str], task: str, column: str, pair_column: str | N
         if found is not None:
             expanded += found
             continue
-        if task != "image-classification":
+        if inputs_of(task) == "text":
             if suffix == ".txt":
                 lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
                 expanded += [(line, line) for line in lines if line.strip()]

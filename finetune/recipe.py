@@ -426,8 +426,11 @@ def _describe(value: Any) -> str:
 
 
 def _resolve(recipe: Recipe) -> None:
-    if recipe.task == "token-classification" and recipe.head.problem == "single_label":  # the schema's default
-        recipe.head.problem = "tags"
+    from finetune.tasks import TASKS, get_task
+
+    if recipe.task in TASKS and recipe.head.problem not in get_task(recipe.task).problems \
+            and recipe.head.problem == "single_label":  # the schema's default: the task's own (token tags)
+        recipe.head.problem = get_task(recipe.task).problems[0]
     if recipe.eval.metrics is None:
         recipe.eval.metrics = list(DEFAULT_METRICS[recipe.head.problem])
     if recipe.eval.select_best is None:
@@ -500,7 +503,6 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
         not (t.group_by_length and t.sampler == "balanced"),
         "train.group_by_length: and train.sampler=balanced are two orders; pick one",
     )
-    need(not (t.group_by_length and recipe.task == "image-classification"), "train.group_by_length: text only")
     if t.class_weights is not None:
         need(h.problem == "single_label", "train.class_weights: only for head.problem=single_label")
         need(
@@ -515,15 +517,11 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
 
     from finetune.tasks import TASKS, get_task
 
-    takes = get_task(recipe.task).problems if recipe.task in TASKS else (h.problem,)  # a bad task is its own problem
-    need(h.problem in takes, f"head.problem: {recipe.task} takes {' or '.join(takes)}, not {h.problem}")
-    if recipe.task == "token-classification":
-        need(h.type == "linear" and h.pooling == "auto",
-             "head.type: token-classification tags each token with a linear head (transformers' "
-             "*ForTokenClassification); set head.type=linear and head.pooling=auto")
-        need(recipe.data.text_pair_column is None, "data.text_pair_column: is for text-classification pairs")
-    need(recipe.data.text_pair_column is None or recipe.task != "image-classification",
-         "data.text_pair_column: is for text-classification sentence pairs, not images")
+    if recipe.task in TASKS:  # a bad task name is its own problem, reported already
+        task = get_task(recipe.task)
+        need(h.problem in task.problems, f"head.problem: {recipe.task} takes {' or '.join(task.problems)}, "
+                                          f"not {h.problem}")
+        task.check_recipe(recipe, need)
     allowed = metrics_for(h.problem)
     for name in recipe.eval.metrics:
         if name not in allowed:

@@ -36,6 +36,11 @@ class Task(Protocol):
 
     name: str
     problems: tuple[str, ...]  # the head.problem values it takes; the first is the default
+    inputs: str  # "text" or "image": what a row's input is (tokenised, or decoded and transformed)
+    library: str  # whose folder a native model/ is: "transformers" or "timm"
+
+    def check_recipe(self, recipe, need) -> None:
+        """The recipe keys this task constrains: need(ok, "<dotted key>: <what>; <how to fix>")."""
 
     def read(self, spec: str, recipe, key: str) -> dict:
         """The split(s) a data.* value (or `eval --data`) names: {"file": RawSplit} or {split name: RawSplit}."""
@@ -56,3 +61,8 @@ class Task(Protocol):
 
 def get_task(name: str) -> Task:
     return importlib.import_module(TASKS[name]).TASK
+
+
+def inputs_of(task: str) -> str:
+    """"text" or "image" for a task name (a bare model folder's spec names its task too)."""
+    return get_task(task).inputs

@@ -14,6 +14,13 @@ from finetune.tasks import Job
 class ImageClassification:
     name = "image-classification"
     problems = ("single_label", "multi_label", "regression")
+    inputs = "image"
+    library = "timm"
+
+    def check_recipe(self, recipe, need) -> None:
+        need(not recipe.train.group_by_length, "train.group_by_length: text only")
+        need(recipe.data.text_pair_column is None,
+             "data.text_pair_column: is for text-classification sentence pairs, not images")
 
     def read(self, spec: str, recipe, key: str) -> dict:
         from finetune.images import read_image_split

@@ -12,6 +12,11 @@ from finetune.tasks import Job
 class TextClassification:
     name = "text-classification"
     problems = ("single_label", "multi_label", "regression")
+    inputs = "text"
+    library = "transformers"
+
+    def check_recipe(self, recipe, need) -> None:
+        pass  # every text key applies
 
     def read(self, spec: str, recipe, key: str) -> dict:
         return data_module.read_split(spec, recipe, key)

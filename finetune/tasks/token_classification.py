@@ -908,6 +908,15 @@ class TokenDataReport:
 class TokenClassification:
     name = "token-classification"
     problems = ("tags",)
+    inputs = "text"
+    library = "transformers"
+
+    def check_recipe(self, recipe, need) -> None:
+        h = recipe.head
+        need(h.type == "linear" and h.pooling == "auto",
+             "head.type: token-classification tags each token with a linear head (transformers' "
+             "*ForTokenClassification); set head.type=linear and head.pooling=auto")
+        need(recipe.data.text_pair_column is None, "data.text_pair_column: is for text-classification pairs")
 
     def read(self, spec: str, recipe, key: str) -> dict:
         return read_split(spec, recipe, key)
