@@ -171,3 +171,20 @@ def test_two_processes_gather_every_sentence_of_uneven_lengths(tagger_backbone, 
     report = json.loads(result.stdout)["metrics"]
     for name in ("f1", "token_accuracy", "loss"):
         assert report[name] == pytest.approx(metrics["test"][name], abs=1e-5), name
+
+
+@pytest.mark.parametrize("name, text, named", [
+    ("notag.conll", "John B-PER\nSmith\n", "line 2"),  # a line with a word and no tag column
+    ("long.jsonl", '{"tokens": ["John"], "tags": ["B-PER"]}\n{"tokens": ["a", "b"], "tags": ["O", "O", "O"]}\n',
+     "line 2"),  # more tags than words
+])
+def test_bad_token_files_are_one_line_naming_the_file_and_line(tagger_backbone, conll, tmp_path, capfd, name, text,
+                                                              named):
+    bad = write(tmp_path / name, text)
+    out = tmp_path / "out"
+    for verb in ("validate", "run"):
+        raw = token_raw(tagger_backbone, {**conll, "train": bad}, out)
+        result = call_main(capfd, verb, write_recipe(tmp_path / "r.yaml", raw))
+        line = one_error_line(result)
+        assert name in line and named in line, line
+    assert not out.exists()
