@@ -306,7 +306,7 @@ def test_resume_accepts_a_run_started_before_a_key_was_added_but_not_a_changed_o
 
     from finetune.errors import FinetuneError
     from finetune.recipe import to_dict
-    from finetune.train import _check_same_recipe
+    from finetune.checkpoints import check_same_recipe as _check_same_recipe
 
     recipe = to_recipe(recipe_dict(tiny_bert, tiny_data, tmp_path / "run"))
     older = to_dict(recipe)
