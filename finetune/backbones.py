@@ -40,7 +40,9 @@ def resolve_text_source(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FinetuneError(f"backbone.name: directory '{name}' has no config.json; give a Hugging Face model folder")
+            raise FinetuneError(
+                f"backbone.name: directory '{name}' has no config.json; give a Hugging Face model folder"
+            )
         return str(path)
     if path.exists() or name.startswith((".", "/", "~")):
         raise FinetuneError(f"backbone.name: '{name}' is not a model directory")

@@ -22,11 +22,16 @@ def prepare_output_dir(path: Path, overwrite: bool, resume: bool = False) -> Non
         if overwrite:
             raise FinetuneError("--resume and --overwrite: pick one (continue the run, or replace it)")
         if (path / "metrics.json").is_file():
-            raise FinetuneError(f"output.dir: the run in '{path}' has finished; nothing to resume (--overwrite reruns it)")
+            raise FinetuneError(
+                f"output.dir: the run in '{path}' has finished; nothing to resume (--overwrite reruns it)"
+            )
         return
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         unfinished = not (path / "metrics.json").is_file() and latest_checkpoint(path) is not None
-        hint = "pass --resume to continue it, --overwrite to replace it" if unfinished else "pass --overwrite to replace it"
+        hint = (
+            "pass --resume to continue it, --overwrite to replace it" if unfinished
+            else "pass --overwrite to replace it"
+        )
         raise FinetuneError(f"output.dir: '{path}' already holds a run; {hint}, or set output.dir=<new folder>")
 
 
@@ -67,7 +72,8 @@ def check_same_recipe(saved: Path, recipe) -> None:
 
 @dataclass
 class Progress:
-    """Where training stands: all a resumed run needs besides accelerate's state (weights, optimizer, scheduler, RNG)."""
+    """Where training stands: all a resumed run needs besides accelerate's state (weights, optimizer, scheduler,
+    RNG)."""
 
     epoch: int = 1  # the epoch in progress (1-based)
     batch: int = 0  # batches of that epoch already trained

@@ -56,7 +56,9 @@ class DataReport:
         names = list(self.splits)
         parts = [self._splits_table(names)]
         if self.problem == "regression":
-            stats = [[key, *(_number(self.splits[key].targets[s]) for s in ("mean", "std", "min", "max"))] for key in names]
+            stats = [
+                [key, *(_number(self.splits[key].targets[s]) for s in ("mean", "std", "min", "max"))] for key in names
+            ]
             parts.append(_grid(["target", "mean", "std", "min", "max"], stats))
         else:
             parts.append(self._labels_table(names))
@@ -65,7 +67,9 @@ class DataReport:
             rows = []
             for key in names:
                 t, count = self.splits[key].tokens, self.splits[key].rows
-                rows.append([key, t["p50"], t["p90"], t["p99"], t["max"], f"{t['truncated']} ({_percent(t['truncated'], count)})"])
+                rows.append([
+                    key, t["p50"], t["p90"], t["p99"], t["max"], f"{t['truncated']} ({_percent(t['truncated'], count)})"
+                ])
             parts.append(_grid(header, rows))
         return "\n\n".join(parts) + "\n"
 
@@ -83,7 +87,9 @@ class DataReport:
         rows = [[label, *(self.splits[key].counts.get(label, 0) for key in names)] for label in shown]
         if len(shown) < len(labels):
             rest = labels[len(shown):]
-            rows.append([f"... {len(rest)} more", *(sum(self.splits[key].counts.get(x, 0) for x in rest) for key in names)])
+            rows.append(
+                [f"... {len(rest)} more", *(sum(self.splits[key].counts.get(x, 0) for x in rest) for key in names)]
+            )
         if self.problem == "multi_label":
             rows.append(["(no label)", *(self.splits[key].unlabelled for key in names)])
         return _grid([f"label ({len(labels)}, {self.problem})", *names], rows)
@@ -133,7 +139,8 @@ def check_augmentation(recipe, splits: Splits) -> None:
 
 
 def check_output(recipe) -> list[str]:
-    """output.dir must be a folder we can create or write; an existing run there is a warning (run needs --overwrite)."""
+    """output.dir must be a folder we can create or write; an existing run there is a warning (run needs
+    --overwrite)."""
     out = Path(recipe.output.dir).expanduser()
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"output.dir: '{out}' is a file; choose a folder path")
@@ -210,7 +217,8 @@ def _summarise(key: str, splits: Splits) -> SplitSummary:
     else:
         targets = np.asarray(labels, dtype=np.float64) * splits.target_std + splits.target_mean
         summary.targets = {
-            "mean": float(targets.mean()), "std": float(targets.std()), "min": float(targets.min()), "max": float(targets.max())
+            "mean": float(targets.mean()), "std": float(targets.std()),
+            "min": float(targets.min()), "max": float(targets.max()),
         }
     return summary
 
@@ -373,7 +381,9 @@ def _token_warnings(report: DataReport, recipe, max_positions: int | None, say) 
             f"({max_positions}), and the longest text has {longest}; set data.max_length={max_positions} or less"
         )
     over = {
-        key: s.tokens["truncated"] for key, s in report.splits.items() if s.tokens["truncated"] > TRUNCATION_WARNING * s.rows
+        key: s.tokens["truncated"]
+        for key, s in report.splits.items()
+        if s.tokens["truncated"] > TRUNCATION_WARNING * s.rows
     }
     if over:
         shares = ", ".join(f"{_percent(n, report.splits[key].rows)} of {key} ({n})" for key, n in over.items())

@@ -449,7 +449,9 @@ def label_space(train: RawSplit, problem: str) -> list[str] | None:
         names = {_class_name(value) for value in train.labels}
     ordered = sorted(names, key=_sort_key)
     if problem == "single_label" and len(ordered) < 2:
-        raise FinetuneError(f"{train.source}: the training data has only {len(ordered)} label(s); a classifier needs two or more")
+        raise FinetuneError(
+            f"{train.source}: the training data has only {len(ordered)} label(s); a classifier needs two or more"
+        )
     return ordered
 
 
@@ -567,7 +569,9 @@ def load_splits(recipe) -> Splits:
                         f"check {what}"
                     )
             if len(missing) == len(values):
-                raise FinetuneError(f"{key}: every text in column '{name}' of {split.source} is empty; check the column")
+                raise FinetuneError(
+                    f"{key}: every text in column '{name}' of {split.source} is empty; check the column"
+                )
             empty.update(missing)
         if not empty:
             return split, []
@@ -581,16 +585,19 @@ def assemble_splits(recipe, read, input_name: str, check_inputs, skipped_as: str
     """The split rules shared by every modality.
 
     `read(spec, recipe, key)` gives the split(s) a data.* value names; `check_inputs(split, key)` checks (or drops,
-    returning what it skipped, recorded in split.json under `skipped_as`) the inputs that will be used. The label space comes from all of train (sorted); a
-    validation/test label unseen in train is an error; data.validation null holds a stratified data.val_fraction of
-    train out (seeded by train.seed); data.max_samples caps each split; tables are {input_name, "label", "row"}.
+    returning what it skipped, recorded in split.json under `skipped_as`) the inputs that will be used. The label
+    space comes from all of train (sorted); a validation/test label unseen in train is an error; data.validation null
+    holds a stratified data.val_fraction of train out (seeded by train.seed); data.max_samples caps each split; tables
+    are {input_name, "label", "row"}.
     """
     d, problem = recipe.data, recipe.head.problem
     given = read(d.train, recipe, "data.train")
     train = given.get("train") or given.get("file")
     if train is None:
         raise FinetuneError(f"data.train: '{d.train}' has no 'train' split (it has: {', '.join(given)})")
-    parts: dict[str, RawSplit | None] = {"train": train, "validation": given.get("validation"), "test": given.get("test")}
+    parts: dict[str, RawSplit | None] = {
+        "train": train, "validation": given.get("validation"), "test": given.get("test")
+    }
     for key in ("validation", "test"):
         spec = getattr(d, key)
         if spec is not None:

@@ -160,7 +160,9 @@ def write_predictions(path: Path, predictor: Predictor, raw, truth, logits: np.n
             record["predicted"] = result["value"]
             record["error"] = result["value"] - float(truth[i])
         else:
-            predicted = result["label"] if problem == "single_label" else "|".join(sorted(result["labels"], key=labels.index))
+            predicted = (
+                result["label"] if problem == "single_label" else "|".join(sorted(result["labels"], key=labels.index))
+            )
             record["predicted"] = predicted
             record["correct"] = predicted == record["label"]
             scores = {item["label"]: item["score"] for item in result["scores"]}

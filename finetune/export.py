@@ -179,7 +179,11 @@ def _source(splits, key: str, default: str = "") -> str:
 
 
 def _split_tables(splits) -> dict[str, dict]:
-    return {key: table for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test)) if table}
+    return {
+        key: table
+        for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
+        if table
+    }
 
 
 def _data_section(recipe, splits) -> list[str]:
@@ -189,7 +193,9 @@ def _data_section(recipe, splits) -> list[str]:
     labels = splits.label_names
     lines = [f"Training data: `{recipe.data.train}`."]
     if splits.info.get("validation_held_out_from_train"):
-        lines[0] += f" Validation is a stratified {recipe.data.val_fraction:.0%} of it, held out (rows in `split.json`)."
+        lines[0] += (
+            f" Validation is a stratified {recipe.data.val_fraction:.0%} of it, held out (rows in `split.json`)."
+        )
     lines.append("")
     if labels and len(labels) <= _MAX_TABLE_LABELS:
         lines += ["| split | source | rows | " + " | ".join(labels) + " |", "|---" * (len(labels) + 3) + "|"]
@@ -213,7 +219,8 @@ def _data_section(recipe, splits) -> list[str]:
             targets = np.asarray(table["label"], dtype=np.float64) * splits.target_std + splits.target_mean
             source = _source(splits, key)
             lines.append(
-                f"| {key} | `{source}` | {len(targets)} | {targets.mean():.4g} | {targets.min():.4g} | {targets.max():.4g} |"
+                f"| {key} | `{source}` | {len(targets)} | {targets.mean():.4g} | {targets.min():.4g} "
+                f"| {targets.max():.4g} |"
             )
     if splits.problem == "multi_label":
         lines += ["", "A row can carry several labels, so the label counts can add up to more than the rows."]
@@ -245,7 +252,9 @@ def _confusion_section(metrics: dict, plots: dict) -> list[str]:
             "| true \\ predicted | " + " | ".join(labels) + " |",
             "|---" * (len(labels) + 1) + "|",
         ]
-        lines += [f"| **{label}** | " + " | ".join(str(int(v)) for v in row) + " |" for label, row in zip(labels, matrix)]
+        lines += [
+            f"| **{label}** | " + " | ".join(str(int(v)) for v in row) + " |" for label, row in zip(labels, matrix)
+        ]
         lines.append("")
     if "Confusion matrix" in plots:
         lines += [f"![Confusion matrix, each row divided by its count]({PLOTS_DIR}/{plots['Confusion matrix']})", ""]
@@ -281,7 +290,7 @@ def _usage(recipe, native: bool) -> str:
     pairs = recipe.data.text_pair_column is not None
     if pairs:  # sentence pairs: the pipeline takes {"text", "text_pair"} inputs
         example = 'texts = [{"text": "your first text", "text_pair": "your second text"}]'
-    
+
     if not native:
         what = "images" if vision else "texts"
         head = f"{recipe.head.type} head, {recipe.head.pooling} pooling"
@@ -378,8 +387,8 @@ def _limits(recipe, splits, metrics: dict, kind: str) -> list[str]:
         )
     if kind == "text":
         lines.append(
-            f"- Texts are cut to {recipe.data.max_length} tokens, as in training (the tokenizer's `model_max_length`): a "
-            "long document is judged by its beginning."
+            f"- Texts are cut to {recipe.data.max_length} tokens, as in training (the tokenizer's "
+            "`model_max_length`): a long document is judged by its beginning."
         )
     else:
         size = f"{recipe.data.image_size} px" if recipe.data.image_size else "the backbone's input size"

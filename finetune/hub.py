@@ -11,7 +11,8 @@ KEEP_REMOTE = {".gitattributes"}  # the hub's own file: which extensions are sto
 
 
 def _local_files(run_dir: Path) -> dict[str, Path]:
-    """path in the repo -> local file: model/ at the root (so the repo loads like the folder), adapter/ under adapter/."""
+    """path in the repo -> local file: model/ at the root (so the repo loads like the folder), adapter/ under
+    adapter/."""
     files = {}
     for folder, prefix in ((run_dir / "model", ""), (run_dir / "adapter", "adapter/")):
         if not folder.is_dir():

@@ -157,7 +157,8 @@ def read_image_split(spec: str, recipe, key: str) -> dict[str, RawSplit]:
     if not path.exists():
         raise not_found(
             key, spec, IMAGE_ZOO,
-            "image data is a folder with one subfolder per class, a csv/tsv/json/jsonl/parquet file with an image column",
+            "image data is a folder with one subfolder per class, a csv/tsv/json/jsonl/parquet file with an image "
+            "column",
         )
     if path.is_dir():
         return _read_folder(path, spec, recipe, key)

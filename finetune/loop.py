@@ -93,7 +93,9 @@ def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pro
         if schedule and transfer.trainable_depth(recipe, epoch, top) != depth:
             depth = transfer.trainable_depth(recipe, epoch, top)
             count = transfer.apply_freeze(accelerator.unwrap_model(model), depth, depths)
-            part = "everything" if depth is None else "the head" + (f" and layers {depth}-{top}" if depth <= top else "")
+            part = (
+                "everything" if depth is None else "the head" + (f" and layers {depth}-{top}" if depth <= top else "")
+            )
             say(f"epoch {epoch}: training {part} ({count / 1e6:.2f}M parameters)")
         train_epoch(accelerator, model, optimizer, scheduler, loaders["train"], job, recipe, p, ema)
         loss = (torch.tensor(p.epoch_loss) / max(p.batch, 1)).mean().item()
@@ -108,7 +110,10 @@ def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pro
             shown += " | ema " + " ".join(f"{k} {v:.4f}" for k, v in entry["validation_ema"].items())
         p.history.append(entry)
         accelerator.log({f"validation/{k}": v for k, v in validation.items()} | {"train/epoch_loss": loss}, step=p.step)
-        say(f"epoch {epoch}/{t.epochs}: train loss {loss:.4f} | validation {shown} | {samples / max(seconds, 1e-9):.1f} samples/s")
+        say(
+            f"epoch {epoch}/{t.epochs}: train loss {loss:.4f} | validation {shown} | "
+            f"{samples / max(seconds, 1e-9):.1f} samples/s"
+        )
         for use_ema, scores in ((False, validation), (True, entry.get("validation_ema"))):
             if scores is not None and (p.best is None or is_improvement(select, scores[select], p.best[select])):
                 p.best = {"epoch": epoch, "ema": use_ema, **scores}
@@ -155,7 +160,9 @@ def train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p
     seed_epoch(loader, t.seed, p.epoch)
     batches = accelerator.skip_first_batches(loader, p.batch) if p.batch else loader
     seed_epoch(batches, t.seed, p.epoch)
-    total_loss = torch.tensor(p.epoch_loss[accelerator.process_index] if p.epoch_loss else 0.0, device=accelerator.device)
+    total_loss = torch.tensor(
+        p.epoch_loss[accelerator.process_index] if p.epoch_loss else 0.0, device=accelerator.device
+    )
     first_bad = torch.tensor(-1, device=accelerator.device)  # the first step whose loss was not finite
     bar = epoch_progress(batches, f"epoch {p.epoch}/{t.epochs}", not accelerator.is_local_main_process, p.batch,
                          len(loader))  # a bar at a terminal, a plain line every 30 s in a log

@@ -110,7 +110,9 @@ def build_text_model(recipe, label_names: list[str] | None, tokenizer=None):
                 if hasattr(config, key):
                     setattr(config, key, recipe.head.dropout)
             if recipe.backbone.pretrained:
-                model = AutoModelForSequenceClassification.from_pretrained(source, config=config, trust_remote_code=trust)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    source, config=config, trust_remote_code=trust
+                )
             else:
                 model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust)
         else:

@@ -58,7 +58,9 @@ def _settings(config: dict, metrics: dict) -> str:
     epochs = train.get("epochs")
     done = len(metrics.get("epochs") or [])
     parts = [f"ep {done}/{epochs}" if metrics and done != epochs else f"ep {epochs}"]
-    parts.append(f"bs {train.get('batch_size')}" + (f"x{train['grad_accum']}" if (train.get("grad_accum") or 1) > 1 else ""))
+    parts.append(
+        f"bs {train.get('batch_size')}" + (f"x{train['grad_accum']}" if (train.get("grad_accum") or 1) > 1 else "")
+    )
     if isinstance(train.get("lr"), (int, float)):
         parts.append(f"lr {train['lr']:g}")
     if config.get("task") == "image-classification":

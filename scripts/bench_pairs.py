@@ -47,8 +47,9 @@ model = AutoModelForSequenceClassification.from_pretrained(
     model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
 def accuracy(p):
     return {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())}
-args = TrainingArguments(output_dir=f"{out}/trainer", per_device_train_batch_size=int(batch), num_train_epochs=int(epochs),
-                         learning_rate=float(lr), eval_strategy="epoch", save_strategy="no", report_to="none",
+args = TrainingArguments(output_dir=f"{out}/trainer", per_device_train_batch_size=int(batch),
+                         num_train_epochs=int(epochs), learning_rate=float(lr), eval_strategy="epoch",
+                         save_strategy="no", report_to="none",
                          disable_tqdm=True, seed=42, logging_strategy="epoch")
 trainer = Trainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=sets["validation"],
                   data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
@@ -108,7 +109,8 @@ def main(argv: list[str]) -> int:
         write_rows(root, args.max_samples)
         # the same optimiser settings on both sides: one lr (no separate head lr), the Trainer's linear schedule
         settings = [f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
-                    "train.head_lr=null", "train.scheduler=linear", "train.warmup=0", f"data.max_length={args.max_length}"]
+                    "train.head_lr=null", "train.scheduler=linear", "train.warmup=0",
+                    f"data.max_length={args.max_length}"]
         results = {"cpu": cpu_flags(), "rows": args.max_samples, "settings": settings}
         results["kit pairs"] = kit(root, root / "kit", settings, pairs=True)
         results["kit first text alone"] = kit(root, root / "alone", settings, pairs=False)

@@ -156,15 +156,18 @@ CASES: dict[str, Case] = {
         lambda w: (w.text(**{"data.train": str(w.file("blank.csv", "\n \n\n"))}), []), ("blank.csv", "empty")
     ),
     "wrong-delimiter": Case(
-        lambda w: (w.text(**{"data.train": str(w.file("semi.csv", "sentence;topic\na cake;food\na goal;sports\n"))}), []),
+        lambda w: (w.text(**{"data.train": str(w.file("semi.csv", "sentence;topic\na cake;food\na goal;sports\n"))}),
+                   []),
         ("semi.csv", "delimiter", "semicolon"),
     ),
     "tsv-with-commas": Case(
-        lambda w: (w.text(**{"data.train": str(w.file("commas.tsv", "sentence,topic\na cake,food\na goal,sports\n"))}), []),
+        lambda w: (w.text(**{"data.train": str(w.file("commas.tsv", "sentence,topic\na cake,food\na goal,sports\n"))}),
+                   []),
         ("commas.tsv", "delimiter"),
     ),
     "unquoted-comma": Case(
-        lambda w: (w.text(**{"data.train": str(w.file("comma.csv", "sentence,topic\na,food\nbread, soup,food\n"))}), []),
+        lambda w: (w.text(**{"data.train": str(w.file("comma.csv", "sentence,topic\na,food\nbread, soup,food\n"))}),
+                   []),
         ("comma.csv", "line 3"),
     ),
     "unclosed-quote": Case(
@@ -172,7 +175,8 @@ CASES: dict[str, Case] = {
         ("quote.csv", "quote"),
     ),
     "broken-jsonl": Case(
-        lambda w: (w.text(**{"data.train": str(w.file("broken.jsonl", '{"sentence": "a", "topic": "x"}\n{oops\n'))}), []),
+        lambda w: (w.text(**{"data.train": str(w.file("broken.jsonl", '{"sentence": "a", "topic": "x"}\n{oops\n'))}),
+                   []),
         ("broken.jsonl",),
     ),
     "not-parquet": Case(
@@ -210,8 +214,9 @@ CASES: dict[str, Case] = {
         ("one.csv", "only 1 label"),
     ),
     "non-utf8-text": Case(
-        lambda w: (w.text(**{"data.train": str(w.file("latin1.csv", "sentence,topic\ncaf\xe9,food\n".encode("latin-1")))}),
-                   []),
+        lambda w: (w.text(**{
+            "data.train": str(w.file("latin1.csv", "sentence,topic\ncaf\xe9,food\n".encode("latin-1")))
+        }), []),
         ("latin1.csv", "UTF-8", "line 2"),
     ),
     "numbers-as-text": Case(
@@ -237,8 +242,9 @@ CASES: dict[str, Case] = {
     ),
     "hub-data-set-offline": Case(lambda w: (w.text(**{"data.train": "hub:nobody/no-such-set"}), []), ("hub:nobody",)),
     "max-length-beyond-backbone": Case(  # the tiny BERT has 64 positions
-        lambda w: (w.text(**{"data.max_length": 128, "data.test": str(w.csv("long.csv", [(" ".join(["news"] * 100), "food")]))}),
-                   []),
+        lambda w: (w.text(**{
+            "data.max_length": 128, "data.test": str(w.csv("long.csv", [(" ".join(["news"] * 100), "food")]))
+        }), []),
         ("data.max_length", "64"),
     ),
     # --- images

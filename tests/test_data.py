@@ -246,11 +246,19 @@ def test_empty_and_blank_texts_are_dropped_and_listed_with_their_lines(tmp_path)
 
 def test_blank_text_in_jsonl_and_json_rows_are_named(tmp_path):
     jsonl = tmp_path / "t.jsonl"
-    jsonl.write_text('{"text": "hello", "label": "x"}\n{"text": "   ", "label": "y"}\n{"text": "foo", "label": "y"}\n')
-    assert load(train=jsonl, validation=jsonl).info["splits"]["train"]["empty_texts"] == [f"'{jsonl}' line 2: empty text"]
+    jsonl.write_text(
+        '{"text": "hello", "label": "x"}\n{"text": "   ", "label": "y"}\n{"text": "foo", "label": "y"}\n'
+    )
+    assert load(train=jsonl, validation=jsonl).info["splits"]["train"]["empty_texts"] == [
+        f"'{jsonl}' line 2: empty text"
+    ]
     array = tmp_path / "t.json"
-    array.write_text(json.dumps([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": None, "label": "x"}]))
-    assert load(train=array, validation=array).info["splits"]["train"]["empty_texts"] == [f"'{array}' row 3: empty text"]
+    array.write_text(
+        json.dumps([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": None, "label": "x"}])
+    )
+    assert load(train=array, validation=array).info["splits"]["train"]["empty_texts"] == [
+        f"'{array}' row 3: empty text"
+    ]
 
 
 def test_a_split_of_only_empty_texts_is_an_error(tmp_path):

@@ -25,7 +25,10 @@ def assert_reproduces(report: dict, expected: dict, tolerance: float = 1e-5) -> 
     """Counting metrics exactly; losses and regression metrics to float rounding."""
     assert set(report) == set(expected)
     for name, value in expected.items():
-        close = pytest.approx(value, rel=tolerance, abs=tolerance) if name in CONTINUOUS else pytest.approx(value, abs=1e-12)
+        close = (
+            pytest.approx(value, rel=tolerance, abs=tolerance) if name in CONTINUOUS
+            else pytest.approx(value, abs=1e-12)
+        )
         assert report[name] == close, name
 
 
@@ -94,7 +97,9 @@ def problem_runs(tiny_bert, multi_label_data, regression_data, tmp_path_factory)
     root = tmp_path_factory.mktemp("eval-problems")
     multi = {"train": multi_label_data, "validation": multi_label_data, "test": multi_label_data}
     regression = {"train": regression_data, "validation": regression_data, "test": regression_data}
-    train(to_recipe(recipe_dict(tiny_bert, multi, root / "multi", **{"head.problem": "multi_label", "train.epochs": 4})))
+    train(to_recipe(
+        recipe_dict(tiny_bert, multi, root / "multi", **{"head.problem": "multi_label", "train.epochs": 4})
+    ))
     train(to_recipe(recipe_dict(tiny_bert, regression, root / "regression", **{"head.problem": "regression"})))
     return {"multi": (root / "multi", multi_label_data), "regression": (root / "regression", regression_data)}
 

@@ -153,7 +153,9 @@ def _handler(hub: FakeHub):
                 repo_id = f"{request['organization']}/{request['name']}"
                 with hub.lock:
                     if repo_id in hub.repos:
-                        return self._send(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
+                        return self._send(
+                            409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"}
+                        )
                     hub.repos[repo_id] = {  # the visibility asked for; no field at all means public, as on the hub
                         "private": request.get("visibility") == "private" or request.get("private") is True,
                         "branches": {"main": {"sha": "0" * 40, "files": {}}},
@@ -259,7 +261,9 @@ def _handler(hub: FakeHub):
                         listing.append(entry)
                     return self._send(200, listing)
                 siblings = [{"rfilename": name} for name in sorted(branch["files"])]
-                return self._send(200, {"id": repo_id, "sha": branch["sha"], "private": repo["private"], "siblings": siblings})
+                return self._send(
+                    200, {"id": repo_id, "sha": branch["sha"], "private": repo["private"], "siblings": siblings}
+                )
             if len(parts) >= 5 and parts[2] == "resolve":  # /{owner}/{name}/resolve/{revision}/{path}
                 return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
             return False
@@ -313,7 +317,11 @@ def push(url: str, home: Path, run: Path, repo_id: str, *options, token: str | N
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_no_token_anywhere(folder: Path, *outputs: str) -> None:
@@ -350,7 +358,11 @@ def test_push_uploads_the_model_folder_and_card_in_one_commit(pushed, run_dir):
     hub, result = pushed["hub"], pushed["retried"]
     assert result.returncode == 0, result.stderr[-2000:]
     remote = hub.files("me/tiny-topics")
-    local = {p.relative_to(run_dir / "model").as_posix(): p.read_bytes() for p in (run_dir / "model").rglob("*") if p.is_file()}
+    local = {
+        p.relative_to(run_dir / "model").as_posix(): p.read_bytes()
+        for p in (run_dir / "model").rglob("*")
+        if p.is_file()
+    }
     assert set(remote) == set(local)
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(remote)
     assert any(name.startswith("plots/") for name in remote)  # the card's pictures travel with it
@@ -572,7 +584,9 @@ def test_run_pushes_at_the_end_when_the_recipe_names_a_repo(tiny_bert, tiny_data
     home = tmp_path / "hf-home"
     with FakeHub(TOKEN) as hub:
         out = tmp_path / "run"
-        recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_bert, tiny_data, out, **{"hub.repo_id": "me/at-the-end"}))
+        recipe = write_recipe(
+            tmp_path / "r.yaml", recipe_dict(tiny_bert, tiny_data, out, **{"hub.repo_id": "me/at-the-end"})
+        )
         result = run_cli("run", recipe, **hub_env(hub.url, home))
         assert result.returncode == 0, result.stderr[-2000:]
         assert "pushed to" in (out / "train.log").read_text()

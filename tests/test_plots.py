@@ -44,7 +44,9 @@ def test_missing_keys_skip_their_plots(tmp_path):
     assert list(write_plots({"epochs": EPOCHS[:1]}, tmp_path)) == ["Loss", "Validation metrics"]
     assert write_plots({}, tmp_path / "empty") == {}
     regression = [{"epoch": 1, "loss": 0.3, "validation": {"loss": 0.2, "rmse": 1.5}}]
-    assert list(write_plots({"epochs": regression, "steps": STEPS[:1]}, tmp_path / "r")) == ["Loss", "Validation metrics"]
+    assert list(write_plots({"epochs": regression, "steps": STEPS[:1]}, tmp_path / "r")) == [
+        "Loss", "Validation metrics"
+    ]
 
 
 def test_the_confusion_matrix_is_normalised_per_true_label():

@@ -95,7 +95,9 @@ def test_multi_label_kit_format_gives_the_labels_over_the_threshold(runs):
     logits = logits_by_hand(runs["multi"] / "model", TEXTS)
     for result, row in zip(predictor.predict(TEXTS), 1 / (1 + np.exp(-logits))):
         assert result["labels"] == [LABELS[j] for j in np.argsort(-row) if row[j] > 0.5]
-        assert {item["label"]: item["score"] for item in result["scores"]} == pytest.approx(dict(zip(LABELS, row)), abs=1e-5)
+        assert {item["label"]: item["score"] for item in result["scores"]} == pytest.approx(
+            dict(zip(LABELS, row)), abs=1e-5
+        )
 
 
 def test_regression_predicts_in_the_targets_units(runs):
@@ -112,7 +114,9 @@ def test_regression_predicts_in_the_targets_units(runs):
 def test_cli_predicts_texts_a_text_file_and_a_csv_column(runs, tiny_data, tmp_path, capfd):
     lines = tmp_path / "lines.txt"
     lines.write_text("the bread today\n\na goal of news\n")
-    result = call_main(capfd, "predict", runs["single"], "salad and soup", lines, tiny_data["test"], "--column", "sentence", "--json")
+    result = call_main(
+        capfd, "predict", runs["single"], "salad and soup", lines, tiny_data["test"], "--column", "sentence", "--json"
+    )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]  # JSON Lines
     assert [row["input"] for row in rows[:3]] == ["salad and soup", "the bread today", "a goal of news"]
@@ -197,7 +201,10 @@ def image_run(tmp_path_factory):
         "head": {"type": "linear", "dropout": 0.0},
         "data": {**{k: str(root / k) for k in ("train", "validation", "test")}, "image_size": 32, "num_workers": 0},
         "augment": {"scale": [1.0, 1.0], "hflip": 0.0},
-        "train": {"epochs": 3, "batch_size": 8, "lr": 3e-3, "warmup": 0, "scheduler": "constant", "precision": "fp32", "seed": 0},
+        "train": {
+            "epochs": 3, "batch_size": 8, "lr": 3e-3, "warmup": 0, "scheduler": "constant", "precision": "fp32",
+            "seed": 0,
+        },
         "output": {"dir": str(root / "run")},
     }
     train(to_recipe(raw))

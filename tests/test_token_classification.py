@@ -306,8 +306,8 @@ def test_first_sub_token_alignment_with_an_entity_at_the_sentence_end(wordpiece)
     tokens = wordpiece.convert_ids_to_tokens(out["input_ids"][0])
     assert tokens == ["[CLS]", "john", "visited", "wash", "##ing", "##ton", "and", "ki", "##lim", "##an", "##jar",
                       "##o", "[SEP]"]
-    B_LOC, B_PER, O, X = 1, 2, 0, -100
-    assert out["labels"][0] == [X, B_PER, O, B_LOC, X, X, O, B_LOC, X, X, X, X, X]
+    B_LOC, B_PER, OUTSIDE, X = 1, 2, 0, -100
+    assert out["labels"][0] == [X, B_PER, OUTSIDE, B_LOC, X, X, OUTSIDE, B_LOC, X, X, X, X, X]
     assert len(out["labels"][0]) == len(out["input_ids"][0])
 
 
@@ -315,8 +315,8 @@ def test_label_all_tokens_turns_b_into_i_on_continuation_sub_tokens(wordpiece):
     words = ["Washington", "Berlin", "Kilimanjaro"]
     tags = [NAMES.index(t) for t in ["B-LOC", "I-LOC", "O"]]
     out = tc.aligner(wordpiece, 64, NAMES, label_all_tokens=True)({"tokens": [words], "label": [tags]})
-    X, B, I, O = -100, 1, 3, 0
-    assert out["labels"][0] == [X, B, I, I, I, I, O, O, O, O, O, X]
+    X, B_LOC, I_LOC, OUTSIDE = -100, 1, 3, 0
+    assert out["labels"][0] == [X, B_LOC, I_LOC, I_LOC, I_LOC, I_LOC, OUTSIDE, OUTSIDE, OUTSIDE, OUTSIDE, OUTSIDE, X]
 
 
 def test_continuation_keeps_b_when_the_tag_set_has_no_i():

@@ -103,7 +103,9 @@ def test_merged_lora_outputs_equal_unmerged(tiny_bert, tiny_data, tmp_path):
 @pytest.fixture(scope="module")
 def lora_run(tiny_bert, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "run"
-    metrics = train(to_recipe(recipe_dict(tiny_bert, tiny_data, out, lora={"r": 4, "alpha": 8}, **{"train.epochs": 4, "train.lr": 3e-2})))
+    metrics = train(to_recipe(
+        recipe_dict(tiny_bert, tiny_data, out, lora={"r": 4, "alpha": 8}, **{"train.epochs": 4, "train.lr": 3e-2})
+    ))
     return out, metrics
 
 
@@ -143,7 +145,9 @@ def test_lora_on_a_timm_model_trains_and_exports_plain_timm(image_data, tmp_path
 
 def test_frozen_backbone_weights_are_bit_identical_after_training(tiny_bert, tiny_data, tmp_path):
     out = tmp_path / "run"
-    train(to_recipe(recipe_dict(tiny_bert, tiny_data, out, **{"train.freeze": "backbone", "train.cache_features": False})))
+    train(to_recipe(
+        recipe_dict(tiny_bert, tiny_data, out, **{"train.freeze": "backbone", "train.cache_features": False})
+    ))
     before = load_file(tiny_bert / "model.safetensors")
     after = load_file(out / "model" / "model.safetensors")
     compared = 0
@@ -253,7 +257,9 @@ def test_a_second_run_reads_the_cached_features(tiny_bert, tiny_data, tmp_path, 
     files = sorted(feature_cache.rglob("*.safetensors"))
     assert len(files) == 3  # train, validation, test
     first = tmp_path / "first" / "checkpoints"
-    saved = [load_file(path) for path in (*first.glob("step-*/model.safetensors"), first / "best" / "model.safetensors")]
+    saved = [
+        load_file(path) for path in (*first.glob("step-*/model.safetensors"), first / "best" / "model.safetensors")
+    ]
     assert saved and all(sorted(s) == ["model.head.output.bias", "model.head.output.weight"] for s in saved)
     dotted |= {"head.type": "mlp", "head.hidden": [8], "train.lr": 1e-2}  # other head settings, same features
     train(to_recipe(recipe_dict(tiny_bert, tiny_data, tmp_path / "second", **dotted)))
@@ -292,7 +298,9 @@ def test_frozen_word_embeddings_stay_as_pretrained(tiny_bert, tiny_data, tmp_pat
     before, after = load_file(tiny_bert / "model.safetensors"), load_file(out / "model" / "model.safetensors")
     name = "embeddings.word_embeddings.weight"
     assert torch.equal(after[f"bert.{name}"], before[name])
-    assert not torch.equal(after["bert.encoder.layer.0.output.dense.weight"], before["encoder.layer.0.output.dense.weight"])
+    assert not torch.equal(
+        after["bert.encoder.layer.0.output.dense.weight"], before["encoder.layer.0.output.dense.weight"]
+    )
 
 
 @contextlib.contextmanager

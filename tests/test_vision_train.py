@@ -501,7 +501,9 @@ def test_mlp_head_exports_the_kit_format_and_load_reproduces_the_test_metrics(im
     out = tmp_path / "run"
     metrics = train(to_recipe(vision_raw(image_data, out, **{"head.type": "mlp", "head.hidden": [16]})))
     model_dir = out / "model"
-    assert {p.name for p in model_dir.iterdir()} == {"config.json", "model.safetensors", "finetune.json", "README.md", "plots"}
+    assert {p.name for p in model_dir.iterdir()} == {
+        "config.json", "model.safetensors", "finetune.json", "README.md", "plots"
+    }
     spec = read_json(model_dir / "finetune.json")
     assert spec["task"] == "image-classification" and spec["labels"] == CLASSES
     assert spec["head"]["type"] == "mlp" and spec["head"]["hidden"] == [16]

@@ -74,7 +74,9 @@ def read_split(spec: str, recipe, key: str) -> dict[str, RawSplit]:
 def read_file(spec: str, key: str, tokens_column: str = "tokens", tags_column: str = "tags") -> RawSplit:
     """A CoNLL file (.conll/.txt/.iob) or a csv/tsv/json/jsonl/parquet table of word lists and tag lists."""
     path = Path(spec).expanduser()
-    kinds = f"token data is a CoNLL file ({'/'.join(CONLL_SUFFIXES)}) or a {'/'.join(s[1:] for s in FILE_BUILDERS)} table"
+    kinds = (
+        f"token data is a CoNLL file ({'/'.join(CONLL_SUFFIXES)}) or a {'/'.join(s[1:] for s in FILE_BUILDERS)} table"
+    )
     if not path.exists():
         raise FinetuneError(f"{key}: '{spec}' not found; {kinds}")
     if path.is_dir():
@@ -220,7 +222,9 @@ def load_splits(recipe) -> Splits:
     train = given.get("train") or given.get("file")
     if train is None:
         raise FinetuneError(f"data.train: '{d.train}' has no 'train' split (it has: {', '.join(given)})")
-    parts: dict[str, RawSplit | None] = {"train": train, "validation": given.get("validation"), "test": given.get("test")}
+    parts: dict[str, RawSplit | None] = {
+        "train": train, "validation": given.get("validation"), "test": given.get("test")
+    }
     for key in ("validation", "test"):
         spec = getattr(d, key)
         if spec is not None:
@@ -428,7 +432,9 @@ class TagReport:
         return "\n\n".join(parts) + "\n"
 
 
-def tag_report(parts: dict[str, RawSplit], names: list[str], tokenizer=None, max_length: int | None = None) -> TagReport:
+def tag_report(
+    parts: dict[str, RawSplit], names: list[str], tokenizer=None, max_length: int | None = None
+) -> TagReport:
     """The tag-scheme warnings, entity counts and (given a tokenizer) sub-token lengths of the splits.
 
     parts: split name -> RawSplit (train, validation, test). Warnings are one line each, naming a file and line.
