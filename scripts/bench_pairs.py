@@ -83,7 +83,7 @@ def write_rows(folder: Path, max_samples: int | None) -> None:
 
 def kit(folder: Path, out: Path, settings: list[str], pairs: bool) -> dict:
     overrides = [f"data.{k}={folder / k}.csv" for k in ("train", "validation", "test")]
-    overrides += settings + [f"output.dir={out}"] + (["data.text_pair_column=text_pair"] if pairs else [])
+    overrides += settings + [f"output.dir={out}"] + [f"data.text_pair_column={'text_pair' if pairs else 'null'}"]
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "finetune", "run", "text/minilm-bbc-news-pairs", *overrides],
                    check=True, capture_output=True, text=True)
