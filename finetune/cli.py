@@ -1,4 +1,4 @@
-"""The command line: `finetune ls | cp | validate | run | eval | predict | push`; bad input is one line on stderr
+"""The command line: `finetune ls | cp | validate | run | sweep | eval | predict | push`; bad input is one line on stderr
 and exit 2."""
 
 from __future__ import annotations
@@ -88,6 +88,14 @@ def cmd_run(args) -> int:
     if _is_main_process():
         print(to_yaml(recipe), end="")
     train(recipe, overwrite=args.overwrite, resume=args.resume)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from finetune.sweep import sweep
+
+    sweep(args.recipe, args.overrides, trials=args.trials, timeout=args.timeout, storage=args.storage,
+          study=args.study, space=args.space)
     return 0
 
 
@@ -203,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"finetune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     verbs = parser.add_subparsers(
-        dest="verb", required=True, metavar="{ls,cp,validate,run,eval,predict,push}", parser_class=_Parser
+        dest="verb", required=True, metavar="{ls,cp,validate,run,sweep,eval,predict,push}", parser_class=_Parser
     )
 
     ls = verbs.add_parser("ls", help="list the built-in recipes, or the runs in a folder")
@@ -228,6 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
             )
         verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         verb.set_defaults(func=func)
+
+    sweep = verbs.add_parser("sweep", help="search hyperparameters (the recipe's sweep: section) on Optuna")
+    sweep.add_argument("recipe", help="recipe file or built-in recipe name, with a sweep: section (or --space)")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base recipe")
+    sweep.add_argument("--trials", type=int, help="finished trials the study should hold (default sweep.trials)")
+    sweep.add_argument("--timeout", type=float, help="seconds after which this worker starts no new trial")
+    sweep.add_argument("--storage", help="journal:<file> (processes on one machine) or a database URL (machines); "
+                                         "default journal:<output.dir>/study.journal")
+    sweep.add_argument("--study", help="study name (default: output.dir's folder name)")
+    sweep.add_argument("--space", help="a YAML file holding what the sweep: section holds (replaces its keys)")
+    sweep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sweep.set_defaults(func=cmd_sweep)
 
     model_help = "a run folder, its model/ folder, or a hub model id (owner/name)"
     evaluate = verbs.add_parser("eval", help="metrics of a trained model on a labelled file")

@@ -267,8 +267,13 @@ def _use_channels_last(recipe, model, accelerator) -> bool:
     return has_conv and accelerator.device.type == "cuda"
 
 
-def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
+def train(recipe, overwrite: bool = False, resume: bool = False,
+          on_epoch: Callable[[int, dict], None] | None = None, evaluate_test: bool = True) -> dict:
     """Fine-tune as the recipe says, write the run folder, return metrics.json's content.
+
+    on_epoch(epoch, validation metrics): called after each epoch's checkpoint (a sweep reports to its pruner; an
+    exception it raises, e.g. a pruned trial, leaves the run folder as that checkpoint and ends this run).
+    evaluate_test: false leaves the test split unread (a sweep's trials must not see it).
 
     resume: continue the unfinished run in output.dir from its newest checkpoint (exactly: same weights and metrics
     as a run never interrupted); with no checkpoint yet, start it again.
@@ -295,6 +300,8 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
     set_seed(t.seed)
     # data and model first: bad input fails here, before any run folder is made or removed
     job = _image_job(recipe, accelerator) if recipe.task == "image-classification" else _text_job(recipe, accelerator)
+    if not evaluate_test:
+        job.datasets.pop("test", None)
     if recipe.lora is not None:
         job.model = transfer.apply_lora(job.model, recipe.lora)
     splits = job.splits
@@ -362,11 +369,15 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
     try:
         _INTERRUPT.immediate = accelerator.num_processes > 1
         with _INTERRUPT:
-            metrics = _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress, ema)
+            metrics = _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress, ema, on_epoch)
     except KeyboardInterrupt:
         kept = latest_checkpoint(out)
         if kept is not None:
             say(f"interrupted; {kept} holds the run so far: finetune run {out / 'config.yaml'} --resume")
+        raise
+    except Exception:
+        if on_epoch is not None:  # a sweep goes on with its next trial in this process: close this run's trackers
+            accelerator.end_training()
         raise
 
     # the kept model: the best epoch's weights (raw or EMA), tested, then predicting in the targets' own units
@@ -577,7 +588,8 @@ class Progress:
     stale: int = 0
 
 
-def _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress: Progress, ema) -> dict:
+def _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress: Progress, ema,
+         on_epoch=None) -> dict:
     """Train and validate epoch by epoch, keep the best checkpoint (raw or EMA weights), stop early if asked."""
     t, out, select = recipe.train, Path(recipe.output.dir), recipe.eval.select_best
     p = progress
@@ -620,6 +632,8 @@ def _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pr
             say(f"early stopping: validation {stop.metric} has not improved for {p.stale} epoch(s)")
             p.epoch = t.epochs + 1  # a resumed run must not train on
         save_checkpoint(accelerator, out, p, t.keep_checkpoints)
+        if on_epoch is not None:
+            on_epoch(epoch, validation)
         if stopping:
             break
     best = dict(p.best)
