@@ -21,7 +21,8 @@ from finetune import recipe as recipe_module
 from finetune.errors import FinetuneError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
-FINISHED = ("COMPLETE", "PRUNED")  # what --trials counts; a failed trial is run again by a rerun
+FINISHED = ("COMPLETE", "PRUNED")
+STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}  # what --trials counts; a failed trial is run again by a rerun
 NOT_SEARCHABLE = ("output", "sweep", "hub")  # set per trial, or meaningless per trial
 DEFAULT_JOURNAL = "study.journal"
 
@@ -310,12 +311,29 @@ def open_study(setup: Setup, storage):
     return study
 
 
+def _grid_sampler_class():
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        """Optuna's grid, without its call to study.stop() (meant for study.optimize): the sweep's own loop stops
+        at the grid's size."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return GridSampler
+
+
+def _GridSampler(*args, **kwargs):  # noqa: N802 - a class made on first use, so optuna is imported late
+    return _grid_sampler_class()(*args, **kwargs)
+
+
 def build_sampler(setup: Setup):
     import optuna
 
     s = setup.recipe.sweep
     if s.sampler == "grid":
-        return optuna.samplers.GridSampler({p.key: p.grid() for p in setup.params}, seed=s.seed)
+        return _GridSampler({p.key: p.grid() for p in setup.params}, seed=s.seed)
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     # constant_liar: workers running at once see each other's running trials and spread out
@@ -450,9 +468,9 @@ def run_trial(setup: Setup, study, trial, values: dict, say) -> None:
     if run_dir.is_dir():
         # a trial is never resumed (a rerun starts new ones): its resume state is dead weight; model/ stays
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        _write_json(run_dir / "trial.json", record | {"state": state.name.lower(), "value": value,
+        _write_json(run_dir / "trial.json", record | {"state": STATE_NAMES[state.name], "value": value,
                                                         "seconds": seconds, "reason": why})
-    say(f"trial {trial.number}: {state.name.lower()}" + (f" {metric} {value:.4f}" if value is not None else "")
+    say(f"trial {trial.number}: {STATE_NAMES[state.name]}" + (f" {metric} {value:.4f}" if value is not None else "")
         + (f" ({why})" if why else ""))
 
 
@@ -537,7 +555,7 @@ def _trial_row(setup: Setup, trial) -> dict:
                         setup.recipe.sweep.metric)
     return {
         "number": trial.number,
-        "state": trial.state.name.lower(),
+        "state": STATE_NAMES[trial.state.name],
         "params": params,
         "value": value,
         "run_dir": str(setup.out / "trials" / str(trial.number)),
