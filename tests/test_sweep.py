@@ -156,7 +156,7 @@ def start_worker(path: Path, *args) -> subprocess.Popen:
 @pytest.mark.slow
 def test_two_workers_on_one_journal_run_the_requested_trials_between_them(tiny_bert, tiny_data, tmp_path):
     path = sweep_recipe(tiny_bert, tiny_data, tmp_path, {"train.lr": {"loguniform": [1e-4, 1e-2]}},
-                        **{"train.epochs": 1, "sweep.pruner": "none"})
+                        **{"train.epochs": 3, "sweep.pruner": "none"})  # trials long enough for both to start
     journal = tmp_path / "shared.journal"
     workers = [start_worker(path, "--trials", 4, "--storage", f"journal:{journal}") for _ in range(2)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
