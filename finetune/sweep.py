@@ -324,7 +324,7 @@ def _grid_sampler_class():
     return GridSampler
 
 
-def _GridSampler(*args, **kwargs):  # noqa: N802 - a class made on first use, so optuna is imported late
+def _GridSampler(*args, **kwargs):  # a class made on first use: optuna is imported late
     return _grid_sampler_class()(*args, **kwargs)
 
 
