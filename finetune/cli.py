@@ -1,5 +1,5 @@
-"""The command line: `finetune ls | cat | cp | validate | run | eval | predict | push | cache`; bad input is one
-line on stderr and exit 2."""
+"""The command line: `finetune ls | cat | cp | validate | run | sweep | eval | predict | push | cache`; bad input is
+one line on stderr and exit 2."""
 
 from __future__ import annotations
 
@@ -119,6 +119,14 @@ def cmd_run(args) -> int:
     if _is_main_process():
         print(to_yaml(recipe), end="")
     train(recipe, overwrite=args.overwrite, resume=args.resume)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from finetune.sweep import sweep
+
+    sweep(args.recipe, args.overrides, trials=args.trials, timeout=args.timeout, storage=args.storage,
+          study=args.study, space=args.space)
     return 0
 
 
@@ -334,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Versions, help="versions of finetune, its libraries and the device")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     verbs = parser.add_subparsers(
-        dest="verb", required=True, metavar="{ls,cat,cp,validate,run,eval,predict,push,cache}", parser_class=_Parser
+        dest="verb", required=True, metavar="{ls,cat,cp,validate,run,sweep,eval,predict,push,cache}", parser_class=_Parser
     )
 
     ls = _verb(verbs, "ls", "list the built-in recipes, or the runs in a folder",
@@ -378,6 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the unfinished run in output.dir from its last "
                                                            "checkpoint")
     run.set_defaults(func=cmd_run)
+
+    sweep = _verb(verbs, "sweep", "search hyperparameters (the recipe's sweep: section) on Optuna",
+                  "Hyperparameter search: each trial an ordinary run under output.dir/trials/, pruned per epoch; "
+                  "sweep.json, best.yaml and plots at the end. Workers sharing --storage share the study.",
+                  "  finetune sweep my.yaml --trials 8\n"
+                  "  finetune sweep my.yaml --storage journal:study.journal --trials 16   # in several shells")
+    sweep.add_argument("recipe", help="recipe file or built-in recipe name, with a sweep: section (or --space)")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base recipe")
+    sweep.add_argument("--trials", type=int, help="finished trials the study should hold (default sweep.trials)")
+    sweep.add_argument("--timeout", type=float, help="seconds after which this worker starts no new trial")
+    sweep.add_argument("--storage", help="journal:<file> (processes on one machine) or a database URL (machines); "
+                                         "default journal:<output.dir>/study.journal")
+    sweep.add_argument("--study", help="study name (default: output.dir's folder name)")
+    sweep.add_argument("--space", help="a YAML file holding what the sweep: section holds (replaces its keys)")
+    sweep.set_defaults(func=cmd_sweep)
 
     model_help = "a run folder, its model/ folder, or a hub model id (owner/name)"
     batch_help = "inputs per forward pass (default: %(default)s); lower it if memory runs out"

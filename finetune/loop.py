@@ -81,7 +81,8 @@ class _Interrupt:
 INTERRUPT = _Interrupt()
 
 
-def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress: Progress, ema) -> dict:
+def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress: Progress, ema,
+        on_epoch=None) -> dict:
     """Train and validate epoch by epoch, keep the best checkpoint (raw or EMA weights), stop early if asked."""
     t, out, select = recipe.train, Path(recipe.output.dir), recipe.eval.select_best
     p = progress
@@ -129,6 +130,8 @@ def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pro
             say(f"early stopping: validation {stop.metric} has not improved for {p.stale} epoch(s)")
             p.epoch = t.epochs + 1  # a resumed run must not train on
         save_checkpoint(accelerator, out, p, t.keep_checkpoints)
+        if on_epoch is not None:  # a sweep's report to its pruner, which may end the run here
+            on_epoch(epoch, validation)
         if stopping:
             break
     best = dict(p.best)

@@ -172,6 +172,20 @@ class Hub:
     private: bool = True
 
 
+@dataclass
+class Sweep:
+    """`finetune sweep`: the search space (dotted recipe keys), the objective, the sampler and the pruner."""
+
+    # dotted key -> {loguniform: [lo, hi]} | {uniform: [lo, hi]} | {int: [lo, hi], log: false} | {choice: [...]}
+    space: dict = field(default_factory=dict)
+    metric: Optional[str] = None  # null: eval.select_best; on validation, the trial's best epoch
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"  # judged on each epoch's validation value
+    trials: int = 10  # finished (complete or pruned) trials the study should hold; --trials overrides
+    startup_trials: int = 3  # trials drawn at random and never pruned before the sampler and pruner use the rest
+    seed: Optional[int] = None  # sampler seed; null: every worker draws differently
+
+
 @dataclass(kw_only=True)
 class Recipe:
     task: Literal["text-classification", "image-classification", "token-classification"]
@@ -184,6 +198,7 @@ class Recipe:
     eval: Eval = field(default_factory=Eval)
     output: Output = field(default_factory=Output)
     hub: Hub = field(default_factory=Hub)
+    sweep: Optional[Sweep] = None  # read by `finetune sweep` only; `finetune run` ignores it
 
 
 DEFAULT_METRICS = {name: list(problem.default_metrics) for name, problem in PROBLEMS.items()}
@@ -400,6 +415,9 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
+    elif hint is dict:  # free-form data checked by its own reader (sweep.space)
+        if isinstance(value, dict):
+            return value
     problems.append(f"{key}: expected {_name(hint)}, got {_describe(value)}")
     return None
 
@@ -411,7 +429,9 @@ def _name(hint: Any) -> str:
         return "a list"
     if dataclasses.is_dataclass(hint):
         return "a mapping"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(
+        hint, str(hint)
+    )
 
 
 def _describe(value: Any) -> str:
@@ -437,6 +457,8 @@ def _resolve(recipe: Recipe) -> None:
         recipe.eval.select_best = recipe.eval.metrics[0] if recipe.eval.metrics else "loss"
     if recipe.train.early_stopping is not None and recipe.train.early_stopping.metric is None:
         recipe.train.early_stopping.metric = recipe.eval.select_best
+    if recipe.sweep is not None and recipe.sweep.metric is None:
+        recipe.sweep.metric = recipe.eval.select_best
 
 
 def _check(recipe: Recipe, problems: list[str]) -> None:
@@ -541,3 +563,11 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
             + ", ".join(selectable),
         )
         need(t.early_stopping.patience >= 1, "train.early_stopping.patience: must be at least 1")
+    if recipe.sweep is not None:
+        s = recipe.sweep
+        need(
+            s.metric is None or s.metric in selectable,
+            f"sweep.metric: '{s.metric}' is not in eval.metrics; use one of {', '.join(selectable)}",
+        )
+        need(s.trials >= 1, f"sweep.trials: must be at least 1, got {s.trials}")
+        need(s.startup_trials >= 0, f"sweep.startup_trials: must be >= 0, got {s.startup_trials}")

@@ -105,8 +105,14 @@ def run_summary(run_dir: Path, root: Path) -> dict:
         "test": test.get(select),
         "seconds": (metrics.get("train") or {}).get("seconds"),
         "finished": finished,
-        "status": "done" if metrics else ("unfinished" if config else "unreadable"),
+        "status": "done" if metrics else (_trial_state(run_dir) or ("unfinished" if config else "unreadable")),
     }
+
+
+def _trial_state(run_dir: Path) -> str | None:
+    """A sweep's unfinished trial says why in trial.json (finetune.sweep writes it): pruned or failed."""
+    state = _read(run_dir / "trial.json", json.loads).get("state")
+    return state if state in ("pruned", "failed") else None
 
 
 def _short(value, width: int) -> str:

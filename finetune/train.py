@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -45,8 +46,13 @@ def choose_precision(requested: str) -> str:
     return requested
 
 
-def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
+def train(recipe, overwrite: bool = False, resume: bool = False,
+          on_epoch: Callable[[int, dict], None] | None = None, evaluate_test: bool = True) -> dict:
     """Fine-tune as the recipe says, write the run folder, return metrics.json's content.
+
+    on_epoch(epoch, validation metrics): called after each epoch's checkpoint (a sweep reports to its pruner; an
+    exception it raises, e.g. a pruned trial, leaves the run folder as that checkpoint and ends this run).
+    evaluate_test: false leaves the test split unread (a sweep's trials must not see it).
 
     resume: continue the unfinished run in output.dir from its newest checkpoint (exactly: same weights and metrics
     as a run never interrupted); with no checkpoint yet, start it again.
@@ -73,6 +79,8 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
     set_seed(t.seed)
     # data and model first: bad input fails here, before any run folder is made or removed
     job = get_task(recipe.task).job(recipe, accelerator)
+    if not evaluate_test:
+        job.datasets.pop("test", None)
     if recipe.lora is not None:
         job.model = transfer.apply_lora(job.model, recipe.lora)
     splits = job.splits
@@ -142,11 +150,15 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
     try:
         INTERRUPT.immediate = accelerator.num_processes > 1
         with INTERRUPT:
-            metrics = fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress, ema)
+            metrics = fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress, ema, on_epoch)
     except KeyboardInterrupt:
         kept = latest_checkpoint(out)
         if kept is not None:
             say(f"interrupted; {kept} holds the run so far: finetune run {out / 'config.yaml'} --resume")
+        raise
+    except Exception:
+        if on_epoch is not None:  # a sweep goes on with its next trial in this process: close this run's trackers
+            accelerator.end_training()
         raise
 
     # the kept model: the best epoch's weights (raw or EMA), tested, then predicting in the targets' own units
