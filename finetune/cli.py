@@ -138,6 +138,24 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from finetune.onnx_export import export
+
+    info = export(args.model, output=args.output, quantize=args.quantize)
+    parity = info["parity"]
+    agreement = "" if parity.get("agreement") is None else f", labels agree {parity['agreement']:.1%}"
+    print(f"{info['path']}: {info['bytes'] / 1e6:.1f} MB, max abs logit diff {parity['max_abs_logit_diff']:.2e}"
+          f"{agreement}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from finetune.serve import serve
+
+    return serve(args.model, host=args.host, port=args.port, api_key_env=args.api_key_env, max_batch=args.max_batch,
+                 max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs, max_body_mb=args.max_body_mb)
+
+
 def _clip(text: str, width: int) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -255,6 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="one JSON object per input")
     predict.set_defaults(func=cmd_predict)
 
+    export = verbs.add_parser("export", help="an ONNX folder (fp32 or int8) that onnxruntime serves alone")
+    export.add_argument("model", help="a run folder or its model/ folder")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--quantize", choices=["int8"], help="int8 weights (parity and test metric measured)")
+    export.add_argument("--output", help="default: <run>/export/onnx[-int8]/")
+    export.set_defaults(func=cmd_export)
+
+    serve = verbs.add_parser("serve", help="an HTTP JSON endpoint for a model (or an ONNX export)")
+    serve.add_argument("model", help=model_help + ", or an ONNX export folder")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key-env", help="require Authorization: Bearer <the value of this variable>")
+    serve.add_argument("--max-batch", type=int, default=32, help="inputs per model call across requests")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    serve.add_argument("--max-inputs", type=int, default=256, help="inputs one request may send")
+    serve.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body")
+    serve.set_defaults(func=cmd_serve)
+
     push = verbs.add_parser("push", help="upload a run's model/ (and adapter/) with its card to the hub")
     push.add_argument("run", help="a run folder")
     push.add_argument("--repo-id", required=True, help="owner/name of the model repo (created if missing)")
@@ -262,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", help="a branch to push to (created if missing); default main")
     push.set_defaults(func=cmd_push)
 
-    for verb in (evaluate, predict, push):
+    for verb in (evaluate, predict, export, serve, push):
         verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
