@@ -130,3 +130,18 @@ def test_exporting_an_export_is_one_line(runs, capfd):
     export(runs["single"])
     result = call_main(capfd, "export", runs["single"] / "export" / "onnx")
     assert result.returncode == 2 and "already an ONNX export" in result.stderr
+
+
+def test_serve_runs_an_export_like_the_torch_model(runs):
+    from fastapi.testclient import TestClient
+
+    from finetune.serve import build_app
+
+    export(runs["single"])
+    answers = []
+    for source in (runs["single"], runs["single"] / "export" / "onnx"):
+        with TestClient(build_app(finetune.load(source))) as client:
+            answers.append(client.post("/predict", json={"inputs": TEXTS}).json()["predictions"])
+            assert client.get("/info").json()["format"] in ("transformers", "onnx")
+    assert [p["label"] for p in answers[0]] == [p["label"] for p in answers[1]]
+    assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(*answers))
