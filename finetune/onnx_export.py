@@ -25,10 +25,15 @@ ONNX_EXTRA = 'pip install "finetune[onnx]"'
 
 def require_onnx(runtime_only: bool = False) -> None:
     """One line naming the extra when onnx, onnxscript or onnxruntime is missing."""
-    import importlib.util
+    import importlib
 
     names = ("onnxruntime",) if runtime_only else ("onnx", "onnxscript", "onnxruntime")
-    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise FinetuneError(f"{', '.join(missing)}: not installed, and ONNX needs it; {ONNX_EXTRA}")
 

@@ -145,3 +145,11 @@ def test_serve_runs_an_export_like_the_torch_model(runs):
             assert client.get("/info").json()["format"] in ("transformers", "onnx")
     assert [p["label"] for p in answers[0]] == [p["label"] for p in answers[1]]
     assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(*answers))
+
+
+def test_a_missing_extra_is_one_line_naming_the_pip_install(runs, tmp_path):
+    from conftest import REPO, one_error_line, run_cli
+
+    (tmp_path / "sitecustomize.py").write_text('import sys\nsys.modules["onnxruntime"] = None\n')
+    line = one_error_line(run_cli("export", runs["single"], PYTHONPATH=f"{tmp_path}:{REPO}"))
+    assert 'pip install "finetune[onnx]"' in line and "onnxruntime" in line
