@@ -1,5 +1,5 @@
-"""The command line: `finetune ls | cat | cp | validate | run | sweep | eval | predict | push | cache`; bad input is
-one line on stderr and exit 2."""
+"""The command line: `finetune ls | cat | cp | validate | run | sweep | eval | predict | export | serve | push |
+cache`; bad input is one line on stderr and exit 2."""
 
 from __future__ import annotations
 
@@ -179,6 +179,24 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from finetune.onnx_export import export
+
+    info = export(args.model, output=args.output, quantize=args.quantize)
+    parity = info["parity"]
+    agreement = "" if parity.get("agreement") is None else f", labels agree {parity['agreement']:.1%}"
+    print(f"{info['path']}: {info['bytes'] / 1e6:.1f} MB, max abs logit diff {parity['max_abs_logit_diff']:.2e}"
+          f"{agreement}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from finetune.serve import serve
+
+    return serve(args.model, host=args.host, port=args.port, api_key_env=args.api_key_env, max_batch=args.max_batch,
+                 max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs, max_body_mb=args.max_body_mb)
+
+
 def _clip(text: str, width: int) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -342,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Versions, help="versions of finetune, its libraries and the device")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     verbs = parser.add_subparsers(
-        dest="verb", required=True, metavar="{ls,cat,cp,validate,run,sweep,eval,predict,push,cache}", parser_class=_Parser
+        dest="verb", required=True, metavar="{ls,cat,cp,validate,run,sweep,eval,predict,export,serve,push,cache}", parser_class=_Parser
     )
 
     ls = _verb(verbs, "ls", "list the built-in recipes, or the runs in a folder",
@@ -440,6 +458,31 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=32, help=batch_help)
     predict.add_argument("--json", action="store_true", help="JSON Lines: one JSON object per input, in order")
     predict.set_defaults(func=cmd_predict)
+
+    export = _verb(verbs, "export", "an ONNX folder (fp32 or int8) that onnxruntime serves alone",
+                   "Export a trained model to one model.onnx with its tokenizer or preprocessing, labels, a card and "
+                   "export.json (parity against the torch model, measured before it finishes).",
+                   "  finetune export runs/my --format onnx\n  finetune export runs/my --quantize int8")
+    export.add_argument("model", help="a run folder or its model/ folder")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--quantize", choices=["int8"], help="int8 weights (parity and test metric measured)")
+    export.add_argument("--output", help="default: <run>/export/onnx[-int8]/")
+    export.set_defaults(func=cmd_export)
+
+    serve = _verb(verbs, "serve", "an HTTP JSON endpoint for a model (or an ONNX export)",
+                  "Serve GET /health, /info, / (a page) and POST /predict on 127.0.0.1 unless told otherwise; "
+                  "concurrent requests are batched together.",
+                  "  finetune serve runs/my\n  finetune serve runs/my/export/onnx-int8 --port 8080 "
+                  "--api-key-env FINETUNE_API_KEY")
+    serve.add_argument("model", help=model_help + ", or an ONNX export folder")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key-env", help="require Authorization: Bearer <the value of this variable>")
+    serve.add_argument("--max-batch", type=int, default=32, help="inputs per model call across requests")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    serve.add_argument("--max-inputs", type=int, default=256, help="inputs one request may send")
+    serve.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body")
+    serve.set_defaults(func=cmd_serve)
 
     push = _verb(verbs, "push", "upload a run's model/ (and adapter/) with its card to the hub",
                  "Upload model/ at the repo root (and adapter/) with its card in one commit. The repo is created "

@@ -61,7 +61,12 @@ def read_run_recipe(run_dir: Path):
 def load(source: str | Path, device: str | None = None) -> Predictor:
     """A Predictor for a run folder, a model folder (transformers, timm or finetune's format) or a hub model id."""
     from finetune.model import load as load_model
+    from finetune.onnx_export import is_export_folder
 
+    if is_export_folder(source):  # `finetune export` output: onnxruntime behind the same interface
+        from finetune.onnx_runtime import OnnxPredictor
+
+        return OnnxPredictor.from_folder(source)
     model_dir, run_dir = resolve(source)
     recipe = read_run_recipe(run_dir) if run_dir is not None else None
     try:

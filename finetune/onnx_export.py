@@ -1,0 +1,416 @@
+"""ONNX export: a trained model as one `model.onnx` with its preprocessing, fp32 or int8, parity measured."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from finetune.errors import FinetuneError
+
+EXPORT_FILE = "export.json"
+ONNX_FILE = "model.onnx"
+OPSET = 18
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+FP32_TOLERANCE = 1e-3  # max abs logit difference an fp32 export may show against the torch model
+INT8_WARN_POINTS = 2.0  # an int8 test metric this many points below the torch model's prints a warning
+PARITY_SAMPLES = 64  # inputs compared between torch and ONNX when no test split is known
+CALIBRATION_IMAGES = 64
+ONNX_EXTRA = 'pip install "finetune[onnx]"'
+
+
+def require_onnx(runtime_only: bool = False) -> None:
+    """One line naming the extra when onnx, onnxscript or onnxruntime is missing."""
+    import importlib
+
+    names = ("onnxruntime",) if runtime_only else ("onnx", "onnxscript", "onnxruntime")
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise FinetuneError(f"{', '.join(missing)}: not installed, and ONNX needs it; {ONNX_EXTRA}")
+
+
+def is_export_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / EXPORT_FILE).is_file() and (path / ONNX_FILE).is_file()
+
+
+def vnni_cpu() -> bool:
+    """True when the CPU has VNNI int8 dot products: then int8 weights need no reduce_range (no saturation)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def export(source: str | Path, output: str | Path | None = None, quantize: str | None = None) -> dict:
+    """Write the export folder for a run or model folder; returns export.json's content."""
+    require_onnx()
+    from finetune.predict import load, resolve
+
+    if quantize not in (None, "int8"):
+        raise FinetuneError(f"--quantize: '{quantize}' is not supported; use int8 (or leave it out for fp32)")
+    if is_export_folder(source):
+        raise FinetuneError(f"{source}: is already an ONNX export; export the run or model folder it came from")
+    predictor = load(source, device="cpu")
+    predictor.model_dir, _ = resolve(source)
+    out = Path(output) if output else _default_output(predictor, source, quantize)
+    if out.exists() and any(out.iterdir()):
+        if not (out / EXPORT_FILE).is_file():
+            raise FinetuneError(f"--output: '{out}' exists and is not an earlier export; choose an empty folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    image = predictor.task == "image-classification"
+    sample = _sample_inputs(predictor)
+    with tempfile.TemporaryDirectory() as scratch:
+        fp32 = Path(scratch) / ONNX_FILE
+        names = _export_image(predictor, fp32) if image else _export_text(predictor, fp32)
+        torch_logits = predictor.logits(sample)
+        method = None
+        if quantize is None:
+            shutil.copy(fp32, out / ONNX_FILE)
+        else:
+            method = _quantize(predictor, fp32, out / ONNX_FILE, scratch, sample, torch_logits)
+    _write_preprocessing(predictor, out, names)
+    info = {
+        "format": "onnx", "quantize": quantize, "opset": OPSET, "bytes": (out / ONNX_FILE).stat().st_size,
+        "source": str(source), "inputs": names, "quantization": method,
+        "task": predictor.task, "problem": predictor.problem, "labels": predictor.labels,
+        "threshold": predictor.threshold, "max_length": None if image else predictor.max_length,
+    }
+    (out / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    info["parity"] = _parity(predictor, out, sample, torch_logits, quantize)
+    info["test"] = _test_metrics(predictor, out)
+    (out / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    (out / "README.md").write_text(export_card(info))
+    _check(info, out)
+    return {**info, "path": str(out)}
+
+
+def _default_output(predictor, source, quantize) -> Path:
+    base = predictor.run_dir if predictor.run_dir is not None else Path(source)
+    return base / "export" / ("onnx-int8" if quantize else "onnx")
+
+
+def _sample_inputs(predictor) -> list:
+    """Inputs the parity check runs on: the run's validation/test/train texts or images, else made-up ones."""
+    from finetune.evaluate import read_labelled
+
+    recipe = predictor.recipe
+    if recipe is not None:
+        for spec, split in ((recipe.data.test, "test"), (recipe.data.validation, "validation"),
+                            (recipe.data.train, "train")):
+            if spec:
+                try:
+                    raw = read_labelled(recipe, spec, split)
+                except FinetuneError:
+                    continue
+                return list(raw.texts[:PARITY_SAMPLES])
+    if predictor.task == "image-classification":
+        size = _image_config(predictor)["input_size"]
+        rng = np.random.default_rng(0)
+        return [rng.integers(0, 255, (size[1], size[2], 3), dtype=np.uint8) for _ in range(8)]
+    words = ["the", "a", "of", "and", "news", "model", "great", "bad", "today", "very", "good", "story"]
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(words, size=int(rng.integers(2, 12)))) for _ in range(16)]
+
+
+class _Logits:
+    """The model called with named tensors, returning the logits tensor alone (the graph's first output)."""
+
+    def __new__(cls, model, image: bool):
+        import torch
+
+        class Text(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+                given = {"attention_mask": attention_mask, "token_type_ids": token_type_ids}
+                output = self.model(input_ids=input_ids, **{k: v for k, v in given.items() if v is not None})
+                return output.logits if hasattr(output, "logits") else output
+
+        class Image(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, pixel_values):
+                output = self.model(pixel_values=pixel_values)
+                return output.logits if hasattr(output, "logits") else output
+
+        return (Image if image else Text)().eval()
+
+
+def _text_input_names(predictor) -> list[str]:
+    import inspect
+
+    encoded = predictor.preprocess(["a b", "c"], padding=True)
+    model = predictor.model
+    target = getattr(model, "backbone", model)
+    accepted = set(inspect.signature(target.forward).parameters)
+    return [name for name in TEXT_INPUTS if name in encoded and name in accepted]
+
+
+def _export_text(predictor, path: Path) -> list[str]:
+    import torch
+
+    names = _text_input_names(predictor)
+    # batch and sequence >= 2 and unequal lengths, or torch.export specialises those axes to the sample's sizes
+    batch = predictor.preprocess(["a b c d e f", "a b", "c"], padding=True, return_tensors="pt")
+    kwargs = {name: batch[name] for name in names}
+    batch_dim, sequence_dim = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    shapes = {name: ({0: batch_dim, 1: sequence_dim} if name in names else None) for name in TEXT_INPUTS}
+    _run_export(_Logits(predictor.model, image=False), kwargs, shapes, names, path)
+    return names
+
+
+def _export_image(predictor, path: Path) -> list[str]:
+    import torch
+
+    size = _image_config(predictor)["input_size"]
+    pixels = torch.randn(2, *size)
+    batch_dim = torch.export.Dim("batch")
+    # timm's efficient nets pool globally, so height and width stay free; the card names the trained size
+    shapes = {"pixel_values": {0: batch_dim, 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}}
+    try:
+        _run_export(_Logits(predictor.model, image=True), {"pixel_values": pixels}, shapes, ["pixel_values"], path)
+    except FinetuneError:  # some architectures (ViT's fixed patch grid) need the trained image size
+        _run_export(_Logits(predictor.model, image=True), {"pixel_values": pixels},
+                    {"pixel_values": {0: batch_dim}}, ["pixel_values"], path)
+    return ["pixel_values"]
+
+
+def _run_export(module, kwargs: dict, shapes: dict, names: list[str], path: Path) -> None:
+    import contextlib
+    import io
+
+    import torch
+
+    module = module.to("cpu")
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, (), str(path), kwargs=kwargs, input_names=names, output_names=["logits"],
+                dynamic_shapes=shapes, opset_version=OPSET, dynamo=True, external_data=False, optimize=True,
+            )
+    except Exception as error:  # torch.export failures are long; the first line says which construct failed
+        first = (str(error).strip().splitlines() or [error.__class__.__name__])[0]
+        raise FinetuneError(f"export: torch.onnx.export failed on this model ({error.__class__.__name__}: {first})")
+
+
+def _image_config(predictor) -> dict:
+    """timm's eval preprocessing of the model: input_size, mean, std, interpolation, crop_pct, crop_mode."""
+    from timm.data import resolve_model_data_config
+
+    from finetune.model import timm_model_of
+
+    config = resolve_model_data_config(timm_model_of(predictor.model))
+    return {key: (list(value) if isinstance(value, tuple) else value) for key, value in config.items()}
+
+
+def _write_preprocessing(predictor, out: Path, names: list[str]) -> None:
+    """config.json (and tokenizer files) as the contract fixes them: enough for onnxruntime alone."""
+    source = Path(predictor.model_dir)
+    config = json.loads((source / "config.json").read_text())
+    if predictor.task == "image-classification":
+        config["label_names"] = predictor.labels
+        config.setdefault("pretrained_cfg", {}).update(_image_config(predictor))
+    else:
+        predictor.preprocess.save_pretrained(out)
+        if predictor.problem == "regression":
+            config.update(num_labels=1, problem_type="regression")
+        else:
+            labels = predictor.labels or []
+            config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+            config["label2id"] = {name: i for i, name in enumerate(labels)}
+            kind = "multi_label_classification" if predictor.problem == "multi_label" else "single_label_classification"
+            config["problem_type"] = kind
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _quantize(predictor, fp32: Path, int8: Path, scratch: str, sample: list, torch_logits) -> dict:
+    """int8 weights: dynamic for transformers; static QDQ for conv nets unless it agrees less than dynamic."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    reduce_range = not vnni_cpu()
+    dynamic = Path(scratch) / "dynamic.onnx"
+    quantize_dynamic(str(fp32), str(dynamic), weight_type=QuantType.QInt8, per_channel=False,
+                     reduce_range=reduce_range)
+    chosen = {"method": "dynamic", "weights": "int8", "reduce_range": reduce_range}
+    if predictor.task != "image-classification":
+        shutil.copy(dynamic, int8)
+        return chosen
+    static = Path(scratch) / "static.onnx"
+    try:
+        _quantize_static(predictor, fp32, static, reduce_range)
+    except Exception as error:  # an op the static quantiser cannot handle: dynamic still works
+        warnings.warn(f"static int8 failed ({error.__class__.__name__}); using dynamic int8")
+        shutil.copy(dynamic, int8)
+        return chosen
+    agree = {}
+    for name, path in (("dynamic", dynamic), ("static-qdq", static)):
+        logits = _onnx_predictor(predictor, path).logits(sample)
+        agree[name] = float(np.mean(logits.argmax(-1) == torch_logits.argmax(-1)))
+    chosen["agreement_on_sample"] = agree
+    if agree["static-qdq"] >= agree["dynamic"]:
+        shutil.copy(static, int8)
+        chosen.update(method="static-qdq", calibration_images=CALIBRATION_IMAGES, activations="uint8")
+    else:
+        shutil.copy(dynamic, int8)
+    return chosen
+
+
+def _quantize_static(predictor, fp32: Path, out: Path, reduce_range: bool) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    images = _calibration_images(predictor)
+    transform = predictor.preprocess
+    from finetune.images import load_image
+
+    batches = [{"pixel_values": transform(load_image(entry)).unsqueeze(0).numpy()} for entry in images]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(batches)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, reduce_range=reduce_range)
+
+
+def _calibration_images(predictor) -> list:
+    """A fixed sample of the run's training images (made-up pixels when the run is not known)."""
+    from finetune.evaluate import read_labelled
+
+    recipe = predictor.recipe
+    if recipe is not None and recipe.data.train:
+        raw = read_labelled(recipe, recipe.data.train, "train")
+        entries = list(raw.texts)
+        step = max(1, len(entries) // CALIBRATION_IMAGES)
+        return entries[::step][:CALIBRATION_IMAGES]
+    return _sample_inputs(predictor)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _onnx_predictor(predictor, path: Path):
+    from finetune.onnx_runtime import OnnxPredictor
+
+    return OnnxPredictor.from_parts(path, predictor)
+
+
+def _parity(predictor, out: Path, sample: list, torch_logits, quantize) -> dict:
+    logits = _onnx_predictor(predictor, out / ONNX_FILE).logits(sample)
+    parity = {"max_abs_logit_diff": float(np.max(np.abs(logits - torch_logits))), "samples": len(sample)}
+    if predictor.problem == "single_label":
+        parity["agreement"] = float(np.mean(logits.argmax(-1) == torch_logits.argmax(-1)))
+    elif predictor.problem == "multi_label":
+        threshold = predictor.threshold
+        probs = [1 / (1 + np.exp(-x)) > threshold for x in (logits, torch_logits)]
+        parity["agreement"] = float(np.mean(np.all(probs[0] == probs[1], axis=-1)))
+    else:
+        parity["agreement"] = None
+    return parity
+
+
+def _test_metrics(predictor, out: Path) -> dict | None:
+    """{"torch": metrics, "onnx": metrics} on the run's test split (data.test), None when the run names none."""
+    from finetune.evaluate import evaluate
+
+    recipe = predictor.recipe
+    if recipe is None or not recipe.data.test:
+        return None
+    source = str(predictor.run_dir)
+    torch_metrics = evaluate(source, recipe.data.test, split="test", progress=False)["metrics"]
+    d = recipe.data
+    columns = {"text_column": d.text_column, "label_column": d.label_column, "image_column": d.image_column}
+    onnx_metrics = evaluate(str(out), d.test, split="test", progress=False, **columns)["metrics"]
+    return {"torch": torch_metrics, "onnx": onnx_metrics}
+
+
+def _check(info: dict, out: Path) -> None:
+    diff = info["parity"]["max_abs_logit_diff"]
+    if info["quantize"] is None and diff > FP32_TOLERANCE:
+        raise FinetuneError(
+            f"{out}: the ONNX logits differ from the torch model's by {diff:.2e} (> {FP32_TOLERANCE}); the export "
+            "is kept for inspection but should not be used; report the architecture"
+        )
+    test = info.get("test")
+    if info["quantize"] and test:
+        for name, value in test["torch"].items():
+            if name == "loss" or name not in test["onnx"]:
+                continue
+            drop = (value - test["onnx"][name]) * 100
+            if drop > INT8_WARN_POINTS and not name.endswith(("mse", "mae", "rmse")):
+                print(f"finetune: warning: int8 {name} is {drop:.1f} points below the torch model's "
+                      f"({test['onnx'][name]:.4f} vs {value:.4f}); use the fp32 export if that matters")
+
+
+def export_card(info: dict) -> str:
+    """The export's README: what it is, how it matches the torch model, and the ten lines that run it."""
+    parity = info["parity"]
+    lines = [
+        f"# ONNX export ({info['quantize'] or 'fp32'})", "",
+        (f"Exported by finetune from `{info['source']}`: task {info['task']}, problem {info['problem']}, "
+         f"{len(info['labels'] or [])} labels, opset {info['opset']}, {info['bytes'] / 1e6:.1f} MB."), "",
+        "## Parity with the torch model", "",
+        f"- max abs logit difference: {parity['max_abs_logit_diff']:.3g} on {parity['samples']} inputs",
+    ]
+    if parity.get("agreement") is not None:
+        lines.append(f"- predicted labels agree on {parity['agreement']:.1%} of them")
+    if info.get("quantization"):
+        lines.append(f"- int8 method: {info['quantization']['method']}")
+    if info.get("test"):
+        for name, value in info["test"]["torch"].items():
+            lines.append(f"- test {name}: torch {value:.4f}, onnx {info['test']['onnx'].get(name, float('nan')):.4f}")
+    lines += ["", "## Run it with onnxruntime alone", "", "```python", *(_usage_text if info["task"] !=
+              "image-classification" else _usage_image).strip("\n").splitlines(), "```", ""]
+    return "\n".join(lines)
+
+
+_usage_text = """
+import json, numpy as np, onnxruntime as ort
+from tokenizers import Tokenizer
+info = json.load(open("export.json"))
+tokenizer = Tokenizer.from_file("tokenizer.json")
+tokenizer.enable_padding(); tokenizer.enable_truncation(info["max_length"] or 512)
+session = ort.InferenceSession("model.onnx")
+batch = tokenizer.encode_batch(["a text to label", "another one"])
+feeds = {"input_ids": [e.ids for e in batch], "attention_mask": [e.attention_mask for e in batch],
+         "token_type_ids": [e.type_ids for e in batch]}
+logits = session.run(None, {k: np.array(feeds[k], dtype=np.int64) for k in info["inputs"]})[0]
+print([info["labels"][i] for i in logits.argmax(-1)])
+"""
+
+_usage_image = """
+import json, numpy as np, onnxruntime as ort
+from PIL import Image
+info, config = json.load(open("export.json")), json.load(open("config.json"))["pretrained_cfg"]
+_, height, width = config["input_size"]
+image = Image.open("photo.jpg").convert("RGB").resize((width, height), Image.BICUBIC)
+pixels = (np.asarray(image, dtype=np.float32) / 255 - config["mean"]) / config["std"]
+session = ort.InferenceSession("model.onnx")
+logits = session.run(None, {"pixel_values": pixels.transpose(2, 0, 1)[None].astype(np.float32)})[0]
+print(info["labels"][int(logits.argmax())])
+"""

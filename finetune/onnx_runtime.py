@@ -1,0 +1,103 @@
+"""An ONNX export run by onnxruntime behind the Predictor interface (task, labels, logits, predict, decode)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from finetune.errors import FinetuneError
+from finetune.predict import Predictor
+
+
+def session_threads() -> int:
+    """Intra-op threads as torch picks them: OMP_NUM_THREADS when set, else the cores this process may use."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def make_session(path: str | Path):
+    from finetune.onnx_export import require_onnx
+
+    require_onnx(runtime_only=True)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = session_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # its warnings about unused initialisers are not the user's business
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxPredictor(Predictor):
+    """Predictor whose forward pass is an onnxruntime session; preprocessing and decoding are Predictor's own."""
+
+    def __init__(self, session, preprocess, spec: dict, recipe=None, source: str = "", run_dir=None):
+        self.device = "cpu"
+        self.model = session
+        self.session = session
+        self.feeds = [item.name for item in session.get_inputs()]
+        self.preprocess = preprocess
+        self.spec = spec
+        self.recipe = recipe
+        self.source = source
+        self.run_dir = run_dir
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> OnnxPredictor:
+        from finetune.onnx_export import EXPORT_FILE, ONNX_FILE
+
+        folder = Path(folder)
+        try:
+            info = json.loads((folder / EXPORT_FILE).read_text())
+        except json.JSONDecodeError as error:
+            raise FinetuneError(f"{folder / EXPORT_FILE}: not valid JSON ({error}); export the model again") from None
+        spec = {key: info.get(key) for key in ("task", "problem", "labels", "threshold")}
+        spec["format"] = "onnx"
+        spec["backbone"] = info.get("backbone")
+        if spec["task"] == "image-classification":
+            preprocess = _image_transform(folder)
+        else:
+            from transformers import AutoTokenizer
+
+            preprocess = AutoTokenizer.from_pretrained(folder)
+            if info.get("max_length"):
+                preprocess.model_max_length = int(info["max_length"])
+        return cls(make_session(folder / ONNX_FILE), preprocess, spec, source=str(folder))
+
+    @classmethod
+    def from_parts(cls, path: str | Path, predictor: Predictor) -> OnnxPredictor:
+        """The torch predictor's preprocessing and spec with an ONNX forward pass (the export's parity check)."""
+        return cls(make_session(path), predictor.preprocess, dict(predictor.spec), recipe=predictor.recipe,
+                   source=str(path), run_dir=predictor.run_dir)
+
+    @property
+    def max_length(self) -> int | None:
+        if self.recipe is not None:
+            return self.recipe.data.max_length
+        limit = getattr(self.preprocess, "model_max_length", None)
+        return int(limit) if limit is not None and limit < 1_000_000 else None
+
+    def _forward(self, batch: dict) -> np.ndarray:
+        feeds = {}
+        for name in self.feeds:
+            value = batch[name]
+            value = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+            feeds[name] = value.astype(np.float32 if name == "pixel_values" else np.int64, copy=False)
+        return self.session.run(None, feeds)[0].astype(np.float32, copy=False)
+
+
+def _image_transform(folder: Path):
+    from timm.data import create_transform
+
+    config = json.loads((folder / "config.json").read_text()).get("pretrained_cfg", {})
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return create_transform(**{key: tuple(v) if isinstance(v, list) else v
+                               for key, v in config.items() if key in keys}, is_training=False)
