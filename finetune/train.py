@@ -16,27 +16,14 @@ import numpy as np
 import torch
 
 from finetune import export, recipe as recipe_module
-from finetune import problems, transfer
+from finetune import precision, problems, transfer
 from finetune.dropout import use_fast_dropout
 from finetune.errors import FinetuneError
 from finetune.metrics import is_improvement
 from finetune.model import fold_target_scaling, head_parameter_names
 from finetune.tasks import Job, get_task
 from finetune.optim import build_param_groups, build_scheduler, warmup_steps
-
-
-def choose_precision(requested: str) -> str:
-    """Accelerate's mixed_precision value; `auto` is bf16/fp16 on GPUs and fp32 on CPUs (bf16 there is ~400x slower)."""
-    if requested == "fp32":
-        return "no"
-    cuda = torch.cuda.is_available()
-    if requested == "auto":
-        if not cuda:
-            return "no"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if requested == "fp16" and not cuda:
-        raise FinetuneError("train.precision: fp16 needs a GPU; use fp32 (or auto) on this machine")
-    return requested
+from finetune.precision import choose_precision  # noqa: F401  (its old home: scripts import it from here)
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, problem: str, label_smoothing: float = 0.0,
@@ -101,7 +88,9 @@ def evaluate(accelerator, model, loader, splits, recipe, details: dict | None = 
     batches = []
     for batch in loader:
         labels = batch.pop("labels")
-        logits, labels = problem.gather(accelerator, logits_of(model(**batch)).float(), labels)
+        with accelerator.autocast():  # the prepared model is already wrapped in it; an EMA copy is not
+            output = logits_of(model(**batch))
+        logits, labels = problem.gather(accelerator, output.float(), labels)
         batches.append((logits.cpu(), labels.cpu()))
     return problem.score(batches, recipe.eval.metrics, splits, recipe.head.threshold, details)
 
@@ -120,10 +109,14 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
     prepare_output_dir(out, overwrite, resume)
 
     dynamic_freeze = transfer.has_freeze_schedule(recipe)
+    # auto resumes at the precision the run started at (a checkpoint says which): resume stays exact
+    resumed = precision.of_checkpoint(latest_checkpoint(out) if resume else None)
+    mixed = precision.choose_precision(t.precision, resumed=resumed)
+    precision.allow_accelerator_at(mixed)
     accelerator = Accelerator(
         # without a GPU, accelerate only runs multi-process (torchrun, gloo) when told it is on the CPU
         cpu=not torch.accelerator.is_available(),
-        mixed_precision=choose_precision(t.precision),
+        mixed_precision=mixed,
         gradient_accumulation_steps=t.grad_accum,
         log_with="tensorboard",
         project_dir=str(out),
@@ -177,9 +170,9 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
     sizes = " | ".join(f"{key} {len(dataset)}" for key, dataset in job.datasets.items())
     say(
         f"{sizes} examples; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable "
-        f"({100 * trainable / total:.2f}%); {accelerator.num_processes} process(es) on {accelerator.device}, "
-        f"precision {accelerator.mixed_precision}"
+        f"({100 * trainable / total:.2f}%); {accelerator.num_processes} process(es) on {accelerator.device}"
     )
+    say(precision.describe(accelerator.mixed_precision, t.precision))
 
     if transfer.is_frozen_backbone(recipe) or recipe.lora is not None:
         # the frozen weights never change: checkpoints hold only what trains (a LoRA or probe checkpoint is small,
@@ -198,6 +191,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
     if checkpoint is not None:
         progress = load_checkpoint(accelerator, checkpoint, strict=job.saved_names is None)
         say(f"resumed from {checkpoint}: epoch {progress.epoch}, {progress.batch} batches in, step {progress.step}")
+    progress.precision = accelerator.mixed_precision
     try:
         _INTERRUPT.immediate = accelerator.num_processes > 1
         with _INTERRUPT:
@@ -207,6 +201,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False) -> dict:
         if kept is not None:
             say(f"interrupted; {kept} holds the run so far: finetune run {out / 'config.yaml'} --resume")
         raise
+    metrics["train"]["precision"] = precision.name(accelerator.mixed_precision)  # predict runs at it too
 
     # the kept model: the best epoch's weights (raw or EMA), tested, then predicting in the targets' own units
     from safetensors.torch import load_file
@@ -302,12 +297,15 @@ def _use_cached_features(job: Job, recipe, accelerator, eval_batch: int, say) ->
     features_fn, head_fn = split
     model = job.model.to(accelerator.device)
     model_key = transfer.model_fingerprint(model)
-    with accelerator.main_process_first():  # the main process computes and caches; the others read the cache
+    mixed = accelerator.mixed_precision
+    # the feature pass runs at the training precision; bf16 features are cached apart from fp32 ones
+    with accelerator.main_process_first(), precision.autocast(accelerator.device, mixed):
         features = {
             key: transfer.cached_features(
                 model, features_fn, dataset, lambda d: job.make_loader(d, eval_batch, False),
                 {"split": key, "model": model_key, "data": transfer.dataset_fingerprint(dataset),
-                 "pooling": recipe.head.pooling, "kind": type(model).__name__},
+                 "pooling": recipe.head.pooling, "kind": type(model).__name__,
+                 **({"precision": mixed} if mixed != "no" else {})},
                 accelerator.device, say,
             )
             for key, dataset in job.datasets.items()
@@ -414,6 +412,7 @@ class Progress:
     steps: list = field(default_factory=list)
     best: dict | None = None
     stale: int = 0
+    precision: str = ""  # accelerate's mixed_precision value: a resumed `auto` run keeps it
 
 
 def _fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress: Progress, ema) -> dict:
