@@ -263,6 +263,9 @@ def trainer_job(recipe, splits, files: dict, threads: int, options: dict) -> dic
         "precision": precision_name(choose_precision(t.precision)), "select_best": recipe.eval.select_best,
         "early_stopping_patience": t.early_stopping.patience if t.early_stopping else None,
         "optim": options.get("optim"), "threads": threads,
+        "notes": [f"the kit trains the head at train.head_lr={t.head_lr} and the backbone at {t.lr}; the Trainer has "
+                  f"no head lr and uses {t.lr} for everything (train.head_lr=null gives both one lr)"]
+        if t.head_lr is not None and t.head_lr != t.lr else [],
     }
 
 
@@ -276,6 +279,9 @@ def timm_job(recipe, splits, files: dict, threads: int, options: dict, folder: P
     from finetune.precision import choose_precision
 
     t, d, a = recipe.train, recipe.data, recipe.augment
+    if options.get("scheduler") == "transformers":
+        raise SystemExit("bench: --baseline-scheduler transformers is gone: the timm baseline schedules as timm's "
+                         "train.py does (timm.scheduler), and imports nothing from the kit")
     torch.manual_seed(t.seed)
     wrapped, data_config = build_vision_model(recipe, splits.label_names)
     if not isinstance(wrapped, TimmClassifier):

@@ -54,7 +54,7 @@ def main(job_path: str, result_path: str) -> None:
         model = AutoModelForSequenceClassification.from_pretrained(job["model"], config=config)
     else:
         model = AutoModelForSequenceClassification.from_config(config)
-    notes = []
+    notes = list(job.get("notes", []))  # what the harness knows differs from the kit's run
     if job["freeze_backbone"]:  # a linear probe as a Trainer user writes it: the base model stops training
         for parameter in model.base_model.parameters():
             parameter.requires_grad = False
