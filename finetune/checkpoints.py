@@ -87,6 +87,7 @@ class Progress:
     steps: list = field(default_factory=list)
     best: dict | None = None
     stale: int = 0
+    precision: str = ""  # accelerate's mixed_precision value: a resumed `auto` run keeps it
 
 
 def keep_only(state: dict, names: set) -> None:

@@ -42,7 +42,9 @@ def evaluate(accelerator, model, loader, splits, recipe, details: dict | None = 
     batches = []
     for batch in loader:
         labels = batch.pop("labels")
-        logits, labels = problem.gather(accelerator, logits_of(model(**batch)).float(), labels)
+        with accelerator.autocast():  # the prepared model is already wrapped in it; an EMA copy is not
+            output = logits_of(model(**batch))
+        logits, labels = problem.gather(accelerator, output.float(), labels)
         batches.append((logits.cpu(), labels.cpu()))
     return problem.score(batches, recipe.eval.metrics, splits, recipe.head.threshold, details)
 

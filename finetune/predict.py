@@ -97,6 +97,9 @@ class Predictor:
         self.recipe = recipe
         self.source = source
         self.run_dir = run_dir
+        from finetune.precision import for_inference
+
+        self.precision = for_inference(run_dir, self.device)  # a bf16 run predicts under bf16 autocast where native
 
     def __iter__(self):
         return iter((self.model, self.preprocess, self.spec))
@@ -149,8 +152,10 @@ class Predictor:
     def _forward(self, batch: dict) -> np.ndarray:
         import torch
 
+        from finetune.precision import autocast
+
         self.model.to(self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.precision):
             output = self.model(**{key: value.to(self.device) for key, value in batch.items()})
         logits = output.logits if hasattr(output, "logits") else output
         return logits.float().cpu().numpy()

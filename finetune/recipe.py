@@ -113,7 +113,8 @@ class Train:
     warmup: Union[int, float] = 0.1  # float < 1: fraction of steps; int: steps
     grad_accum: int = 1
     max_grad_norm: Optional[float] = 1.0  # null: no clipping
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPUs, fp32 on CPUs
+    # auto: bf16/fp16 on GPUs, bf16 autocast on CPUs with native bf16 (AVX512_BF16/AMX), fp32 on the others
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 42
     early_stopping: Optional[EarlyStopping] = None  # {metric: accuracy, patience: 2}
     label_smoothing: float = 0.0  # single_label cross-entropy (and mixup/cutmix targets)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from finetune import export, recipe as recipe_module
-from finetune import tracking, transfer
+from finetune import precision, tracking, transfer
 from finetune.checkpoints import (
     Progress,
     atomic_save,
@@ -29,21 +29,8 @@ from finetune.errors import FinetuneError
 from finetune.loop import INTERRUPT, evaluate, fit, logits_of, loss_fn  # noqa: F401 — logits_of, loss_fn: re-exported
 from finetune.model import fold_target_scaling, head_parameter_names
 from finetune.optim import build_param_groups, build_scheduler, warmup_steps
+from finetune.precision import choose_precision  # noqa: F401  (its old home: scripts import it from here)
 from finetune.tasks import Job, get_task
-
-
-def choose_precision(requested: str) -> str:
-    """Accelerate's mixed_precision value; `auto` is bf16/fp16 on GPUs and fp32 on CPUs (bf16 there is ~400x slower)."""
-    if requested == "fp32":
-        return "no"
-    cuda = torch.cuda.is_available()
-    if requested == "auto":
-        if not cuda:
-            return "no"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if requested == "fp16" and not cuda:
-        raise FinetuneError("train.precision: fp16 needs a GPU; use fp32 (or auto) on this machine")
-    return requested
 
 
 def train(recipe, overwrite: bool = False, resume: bool = False,
@@ -65,10 +52,14 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     prepare_output_dir(out, overwrite, resume)
 
     dynamic_freeze = transfer.has_freeze_schedule(recipe)
+    # auto resumes at the precision the run started at (a checkpoint says which): resume stays exact
+    resumed = precision.of_checkpoint(latest_checkpoint(out) if resume else None)
+    mixed = precision.choose_precision(t.precision, resumed=resumed)
+    precision.allow_accelerator_at(mixed)
     accelerator = Accelerator(
         # without a GPU, accelerate only runs multi-process (torchrun, gloo) when told it is on the CPU
         cpu=not torch.accelerator.is_available(),
-        mixed_precision=choose_precision(t.precision),
+        mixed_precision=mixed,
         gradient_accumulation_steps=t.grad_accum,
         log_with=tracking.trackers(t.log_with, out),  # a missing tracker package fails here, before the run folder
         project_dir=str(out),
@@ -126,9 +117,9 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     sizes = " | ".join(f"{key} {len(dataset)}" for key, dataset in job.datasets.items())
     say(
         f"{sizes} examples; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable "
-        f"({100 * trainable / total:.2f}%); {accelerator.num_processes} process(es) on {accelerator.device}, "
-        f"precision {accelerator.mixed_precision}"
+        f"({100 * trainable / total:.2f}%); {accelerator.num_processes} process(es) on {accelerator.device}"
     )
+    say(precision.describe(accelerator.mixed_precision, t.precision))
 
     if transfer.is_frozen_backbone(recipe) or recipe.lora is not None:
         # the frozen weights never change: checkpoints hold only what trains (a LoRA or probe checkpoint is small,
@@ -147,6 +138,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     if checkpoint is not None:
         progress = load_checkpoint(accelerator, checkpoint, strict=job.saved_names is None)
         say(f"resumed from {checkpoint}: epoch {progress.epoch}, {progress.batch} batches in, step {progress.step}")
+    progress.precision = accelerator.mixed_precision
     try:
         INTERRUPT.immediate = accelerator.num_processes > 1
         with INTERRUPT:
@@ -160,6 +152,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         if on_epoch is not None:  # a sweep goes on with its next trial in this process: close this run's trackers
             accelerator.end_training()
         raise
+    metrics["train"]["precision"] = precision.name(accelerator.mixed_precision)  # predict runs at it too
 
     # the kept model: the best epoch's weights (raw or EMA), tested, then predicting in the targets' own units
     from safetensors.torch import load_file
@@ -256,12 +249,15 @@ def _use_cached_features(job: Job, recipe, accelerator, eval_batch: int, say) ->
     features_fn, head_fn = split
     model = job.model.to(accelerator.device)
     model_key = transfer.model_fingerprint(model)
-    with accelerator.main_process_first():  # the main process computes and caches; the others read the cache
+    mixed = accelerator.mixed_precision
+    # the feature pass runs at the training precision; bf16 features are cached apart from fp32 ones
+    with accelerator.main_process_first(), precision.autocast(accelerator.device, mixed):
         features = {
             key: transfer.cached_features(
                 model, features_fn, dataset, lambda d: job.make_loader(d, eval_batch, False),
                 {"split": key, "model": model_key, "data": transfer.dataset_fingerprint(dataset),
-                 "pooling": recipe.head.pooling, "kind": type(model).__name__},
+                 "pooling": recipe.head.pooling, "kind": type(model).__name__,
+                 **({"precision": mixed} if mixed != "no" else {})},
                 accelerator.device, say,
             )
             for key, dataset in job.datasets.items()

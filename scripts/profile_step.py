@@ -29,6 +29,8 @@ the machine's load hits every variant alike; medians of the measured steps are r
   pad-max            every batch padded to data.max_length (what a loader without dynamic padding does)
   no-dropout         backbone.dropout=0 and head.dropout=0
   torch-dropout      torch's own dropout (a Bernoulli draw per activation) instead of finetune.dropout's masks
+  bf16               the forward under torch.autocast("cpu", bfloat16), outputs back in fp32, as accelerate's
+                     mixed_precision="bf16" (train.precision: auto on a CPU with native bf16) wraps it; fp32 weights
 
 Modifiers combine with "+": --variants base,ungrouped+torch-dropout,grouped+no-dropout.
 
@@ -50,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ALL_VARIANTS = ("base", "frozen-embeddings", "foreach", "compile", "one-thread", "grouped", "ungrouped", "pad-max",
-                "no-dropout", "torch-dropout")
+                "no-dropout", "torch-dropout", "bf16")
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
@@ -118,6 +120,10 @@ def build(name: str, recipe, accelerator, splits, threads: int) -> Variant:
         tic = time.perf_counter()
         model.compile()
         setup = time.perf_counter() - tic  # compiling itself happens at the first steps: see the warmup line
+    if "bf16" in mods:
+        from accelerate.utils import convert_outputs_to_fp32
+
+        model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
     return Variant(name, model, optimizer, scheduler, loader, 1 if "one-thread" in mods else threads, setup)
 

@@ -1,0 +1,90 @@
+"""scripts/bench.py end to end on tiny models: every side runs, on the same rows, and the reports are written."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, recipe_dict, subprocess_env, write_recipe
+
+BENCH = REPO / "scripts" / "bench.py"
+WORKERS = REPO / "scripts" / "bench"
+
+
+def bench(*args, timeout=600) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(BENCH), *map(str, args)], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.mark.parametrize("worker", ["trainer_worker.py", "timm_worker.py"])
+def test_the_baseline_workers_import_nothing_from_the_kit(worker):
+    tree = ast.parse((WORKERS / worker).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not {name for name in imported if name.split(".")[0] in ("finetune", "bench")}
+
+
+def test_text_benchmark_runs_the_kit_and_the_trainer_on_the_same_rows(tiny_bert, tiny_data, tmp_path):
+    recipe = write_recipe(tmp_path / "text.yaml", recipe_dict(tiny_bert, tiny_data, tmp_path / "unused",
+                                                              **{"train.epochs": 1, "train.batch_size": 16}))
+    out, markdown = tmp_path / "text.json", tmp_path / "bench.md"
+    bench(recipe, "--threads", 1, "--out", out, "--markdown", markdown, "--name", "tiny-text", "--workdir",
+          tmp_path / "work", "--keep")
+    result = json.loads(out.read_text())
+    kit, trainer = result["results"]["kit"], result["results"]["trainer"]
+    assert kit["rows"] == trainer["rows"] == {"train": 16, "validation": 9, "test": 9}
+    assert kit["labels"] == trainer["labels"] == ["food", "sports", "tech"]
+    assert kit["epochs_run"] == trainer["epochs_run"] == 1 and kit["train_samples_per_second"] > 0
+    assert kit["test_rescored"]["accuracy"] == pytest.approx(kit["test"]["accuracy"])
+    assert not [n for n in result["notes"] if "NOT the same job" in n]
+    job = json.loads((tmp_path / "work" / "trainer" / "job.json").read_text())
+    assert job["files"]["train"].endswith("train.csv")  # the Trainer read the plain files the harness wrote
+    text = markdown.read_text()
+    assert "<!-- bench:tiny-text -->" in text and result["cpu_flags"] in text
+    summary = tmp_path / "summary.md"
+    bench("--summary", out, "--markdown", summary, "--name", "speed")
+    assert "kit vs Trainer" in summary.read_text() and result["cpu_flags"] in summary.read_text()
+
+
+def write_images(root: Path) -> dict:
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    folders = {}
+    for split, count in (("train", 8), ("validation", 4), ("test", 4)):
+        for label, channel in (("blue", 2), ("red", 0)):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.randint(0, 90, (16, 16, 3)).astype(np.uint8)
+                pixels[..., channel] = 220
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+        folders[split] = root / split
+    return folders
+
+
+def test_image_benchmark_runs_the_kit_and_the_timm_loop_on_the_same_images(tmp_path):
+    folders = write_images(tmp_path / "images")
+    raw = {
+        "task": "image-classification",
+        "backbone": {"name": "test_efficientnet", "pretrained": False, "dropout": 0.0},
+        "head": {"type": "linear", "dropout": 0.0},
+        "data": {**{k: str(v) for k, v in folders.items()}, "image_size": 32, "num_workers": 0},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "warmup": 0, "scheduler": "constant",
+                  "precision": "fp32", "seed": 0},
+        "output": {"dir": str(tmp_path / "unused")},
+    }
+    out = tmp_path / "images.json"
+    bench(write_recipe(tmp_path / "images.yaml", raw), "--threads", 1, "--out", out)
+    result = json.loads(out.read_text())
+    kit, timm_loop = result["results"]["kit"], result["results"]["timm"]
+    assert kit["rows"] == timm_loop["rows"] == {"train": 16, "validation": 8, "test": 8}
+    assert kit["labels"] == timm_loop["labels"] == ["blue", "red"]
+    assert kit["epochs_run"] == timm_loop["epochs_run"] == 1 and timm_loop["train_samples_per_second"] > 0
