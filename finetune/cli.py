@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Versions, help="versions of finetune, its libraries and the device")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     verbs = parser.add_subparsers(
-        dest="verb", required=True, metavar="{ls,cat,cp,validate,run,sweep,eval,predict,export,serve,push,cache}", parser_class=_Parser
+        dest="verb", required=True, metavar="{ls,cat,cp,validate,run,sweep,eval,predict,export,serve,push,cache}",
+        parser_class=_Parser,
     )
 
     ls = _verb(verbs, "ls", "list the built-in recipes, or the runs in a folder",

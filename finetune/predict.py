@@ -109,7 +109,9 @@ class Predictor:
 
     @property
     def task(self) -> str:
-        return self.spec.get("task") or ("image-classification" if self.spec.get("format") == "timm" else "text-classification")
+        return self.spec.get("task") or (
+            "image-classification" if self.spec.get("format") == "timm" else "text-classification"
+        )
 
     @property
     def problem(self) -> str:
@@ -332,7 +334,8 @@ def expand_inputs(items: list[str], task: str, column: str, pair_column: str | N
         if path.is_dir():
             files = _image_files(path)
             if not files:
-                raise FinetuneError(f"{item}: no image files in this folder (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+                raise FinetuneError(f"{item}: no image files in this folder "
+                                    f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
             expanded += [(str(f), str(f)) for f in files]
         elif is_file and suffix in IMAGE_EXTENSIONS:
             expanded.append((item, str(path)))

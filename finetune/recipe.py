@@ -438,8 +438,10 @@ def _name(hint: Any) -> str:
 def _describe(value: Any) -> str:
     if value is None:
         return "null"
-    kind = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
-    return f"{kind.get(type(value), type(value).__name__)} ({value!r})" if not isinstance(value, (dict, list)) else kind[type(value)]
+    kind = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}
+    return (f"{kind.get(type(value), type(value).__name__)} ({value!r})" if not isinstance(value, (dict, list))
+            else kind[type(value)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -519,7 +521,8 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
             not (t.freeze.head_warmup and t.freeze.unfreeze_every),
             "train.freeze: head_warmup and unfreeze_every are two schedules; pick one",
         )
-    need(t.checkpoint_every is None or t.checkpoint_every >= 1, "train.checkpoint_every: must be at least 1 step, or null")
+    need(t.checkpoint_every is None or t.checkpoint_every >= 1,
+         "train.checkpoint_every: must be at least 1 step, or null")
     need(t.keep_checkpoints >= 1, f"train.keep_checkpoints: must be at least 1, got {t.keep_checkpoints}")
     need(t.sampler == "random" or h.problem == "single_label", "train.sampler: balanced is for single_label heads")
     need(
@@ -551,7 +554,8 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
             close = difflib.get_close_matches(name, allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             kind = "not a metric for" if name in METRICS else "unknown metric for"
-            problems.append(f"eval.metrics: '{name}' is {kind} head.problem={h.problem}{hint}; use {', '.join(allowed)}")
+            problems.append(f"eval.metrics: '{name}' is {kind} head.problem={h.problem}{hint}; "
+                            f"use {', '.join(allowed)}")
     selectable = [*recipe.eval.metrics, "loss"]
     need(
         recipe.eval.select_best in selectable,

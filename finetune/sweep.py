@@ -22,7 +22,8 @@ from finetune.errors import FinetuneError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 FINISHED = ("COMPLETE", "PRUNED")
-STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}  # what --trials counts; a failed trial is run again by a rerun
+# what --trials counts; a failed trial is run again by a rerun
+STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 NOT_SEARCHABLE = ("output", "sweep", "hub")  # set per trial, or meaningless per trial
 DEFAULT_JOURNAL = "study.journal"
 
@@ -112,7 +113,8 @@ def parse_param(key: str, spec: Any) -> Param:
         raise FinetuneError(f"{where}: {kind} needs [lower, upper], two numbers, got {value!r}")
     low, high = value
     if low >= high:
-        raise FinetuneError(f"{where}: {kind} lower bound {low} is not below the upper bound {high}; give [lower, upper]")
+        raise FinetuneError(f"{where}: {kind} lower bound {low} is not below the upper bound {high}; "
+                            "give [lower, upper]")
     if kind == "loguniform" and low <= 0:
         raise FinetuneError(f"{where}: loguniform needs a lower bound above 0, got {low}; e.g. [1.0e-5, 3.0e-4]")
     if kind == "int":
@@ -609,7 +611,8 @@ def write_report(setup: Setup, study, target: int, say) -> dict:
         _write_json(setup.out / "sweep.json", report)
         write_plots(study, setup, setup.out / "plots")
     print(format_table(report), flush=True)
-    where = f"best trial {report['best']['number']}: {setup.out / 'best.yaml'}" if report["best"] else "no trial completed"
+    where = (f"best trial {report['best']['number']}: {setup.out / 'best.yaml'}" if report["best"]
+             else "no trial completed")
     say(f"sweep: {sum(1 for r in rows if r['state'] in ('complete', 'pruned'))} finished trials; {where}; "
         f"{setup.out / 'sweep.json'}")
     return report

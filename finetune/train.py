@@ -125,7 +125,9 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         # the frozen weights never change: checkpoints hold only what trains (a LoRA or probe checkpoint is small,
         # and an epoch of a cached probe is not dominated by writing the backbone again)
         job.saved_names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-        accelerator.register_save_state_pre_hook(lambda models, weights, _: [keep_only(w, job.saved_names) for w in weights])
+        accelerator.register_save_state_pre_hook(
+            lambda models, weights, _: [keep_only(w, job.saved_names) for w in weights]
+        )
     ema = None
     if t.ema is not None:
         from timm.utils import ModelEmaV3
@@ -158,7 +160,8 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     from safetensors.torch import load_file
 
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.load_state_dict(load_file(out / "checkpoints" / "best" / "model.safetensors"), strict=job.saved_names is None)
+    unwrapped.load_state_dict(load_file(out / "checkpoints" / "best" / "model.safetensors"),
+                              strict=job.saved_names is None)
     details: dict = {}
     if "test" in loaders:
         metrics["test"] = evaluate(accelerator, model, loaders["test"], splits, recipe, details)

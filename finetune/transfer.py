@@ -1,4 +1,5 @@
-"""How much of the pretrained backbone trains: LoRA adapters (peft), freezing schedules, layer depths, cached features."""
+"""How much of the pretrained backbone trains: LoRA adapters (peft), freezing schedules, layer depths, cached
+features."""
 
 from __future__ import annotations
 
@@ -162,7 +163,8 @@ _ADAPTER_PART = re.compile(r"\.(?:base_layer|lora_[A-Za-z_]+\.[^.]+)(?=\.)")
 
 
 def _strip_adapter(name: str) -> str:
-    """A peft parameter's name as in the plain model: `x.lora_A.default.weight` and `x.base_layer.weight` -> `x.weight`."""
+    """A peft parameter's name as in the plain model: `x.lora_A.default.weight` and `x.base_layer.weight` ->
+    `x.weight`."""
     return _ADAPTER_PART.sub("", name)
 
 
@@ -381,7 +383,8 @@ def cached_features(model, features_fn, dataset, make_loader, key_parts: dict, d
             return load_file(path)["features"]
         except Exception:  # a damaged cache file is recomputed, never trusted
             path.unlink(missing_ok=True)
-    say(f"computing {key_parts['split']} features of the frozen backbone ({len(dataset)} examples; cached in {path.parent})")
+    say(f"computing {key_parts['split']} features of the frozen backbone ({len(dataset)} examples; "
+        f"cached in {path.parent})")
     with torch.random.fork_rng(devices=[]):  # the uncached path draws nothing here: neither may this one
         features = compute_features(model, features_fn, make_loader(dataset), device)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,8 @@ def main() -> None:
     pipe = pipeline("text-classification", model=str(model_dir), device="cpu")
     fp32, int8 = finetune.load(work / "onnx"), finetune.load(work / "onnx-int8")
     runners = {"pipeline": lambda batch: pipe(batch, batch_size=len(batch)),
-               "fp32": lambda batch: fp32.logits(batch, len(batch)), "int8": lambda batch: int8.logits(batch, len(batch))}
+               "fp32": lambda batch: fp32.logits(batch, len(batch)),
+               "int8": lambda batch: int8.logits(batch, len(batch))}
     latency = {name: [] for name in runners}
     throughput = {name: [] for name in runners}
     for _ in range(args.rounds):  # interleaved: each round times every runner, so load changes hit all alike

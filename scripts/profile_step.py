@@ -245,7 +245,8 @@ def main(argv: list[str]) -> int:
         if base is not None:
             ratios = [f"{statistics.median(step_times(base)) / statistics.median(step_times(v)):.2f}x",
                       f"{statistics.mean(step_times(base)) / statistics.mean(step_times(v)):.2f}x"]
-        rows.append([v.name, f"{total:.3f}", *[f"{medians[p]:.3f}" for p in PHASES], f"{padding:.0f}", f"{speed:.1f}", *ratios])
+        rows.append([v.name, f"{total:.3f}", *[f"{medians[p]:.3f}" for p in PHASES], f"{padding:.0f}", f"{speed:.1f}",
+                     *ratios])
     notes = [f"{recipe_arg} {' '.join(overrides)}: batch {recipe.train.batch_size}, max_length "
              f"{recipe.data.max_length}, {threads} threads, {len(splits.train['text'])} training rows; "
              f"{args.steps} measured steps per variant after {args.warmup} warmup steps, interleaved; medians",

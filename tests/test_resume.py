@@ -58,7 +58,8 @@ def test_checkpoints_are_kept_up_to_the_limit(uninterrupted):
 
 
 @pytest.mark.parametrize("stop_after", [1, 2])  # mid-epoch 1 (step 3) and the end of epoch 1 / mid epoch 2 (step 6)
-def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(uninterrupted, tiny_bert, tiny_data, tmp_path, stop_after):
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(uninterrupted, tiny_bert, tiny_data, tmp_path,
+                                                                stop_after):
     out = tmp_path / "run"
     raw = recipe_dict(tiny_bert, tiny_data, out, **RESUMABLE)
     # stop early with a run whose schedule is the same but that is cut short by keeping only a prefix of checkpoints:
@@ -81,7 +82,8 @@ def test_sigkill_at_any_point_then_resume_equals_the_uninterrupted_run(uninterru
     raw = recipe_dict(tiny_bert, tiny_data, out, **RESUMABLE | {"train.checkpoint_every": 1})
     raw["train"]["epochs"] = 3
     path = write_recipe(tmp_path / "recipe.yaml", raw)
-    code = f"from finetune.recipe import load_recipe; from finetune.train import train; train(load_recipe({str(path)!r}))"
+    code = ("from finetune.recipe import load_recipe; from finetune.train import train; "
+            f"train(load_recipe({str(path)!r}))")
     child = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -150,7 +152,8 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_bert, tiny_data, tm
     out = tmp_path / "run"
     raw = recipe_dict(tiny_bert, tiny_data, out, **settings)
     path = write_recipe(tmp_path / "recipe.yaml", raw)
-    code = f"from finetune.recipe import load_recipe; from finetune.train import train; train(load_recipe({str(path)!r}))"
+    code = ("from finetune.recipe import load_recipe; from finetune.train import train; "
+            f"train(load_recipe({str(path)!r}))")
     child = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -187,7 +190,8 @@ def test_auto_class_weights_lift_the_minority_class(tiny_bert, tmp_path):
     results = {}
     for weights in (None, "auto"):
         out = tmp_path / f"run-{weights}"
-        results[weights] = train(to_recipe(recipe_dict(tiny_bert, data, out, **settings, **{"train.class_weights": weights})))
+        results[weights] = train(to_recipe(recipe_dict(tiny_bert, data, out, **settings,
+                                                       **{"train.class_weights": weights})))
     # a short run on a 10:1 set: unweighted, the model leans to the majority; weighted, it must not
     def minority_predictions(metrics):  # test predictions of sports or tech (columns 1, 2 of the confusion matrix)
         return sum(row[1] + row[2] for row in metrics["confusion"]["matrix"])
@@ -243,7 +247,8 @@ def test_two_process_resume_equals_the_uninterrupted_two_process_run(tiny_bert, 
     )
     settings = RESUMABLE | {"train.batch_size": 2, "train.keep_checkpoints": 10}  # 2 x 2 per step: 4 steps/epoch
     whole, out = tmp_path / "whole", tmp_path / "run"
-    _torchrun(script, write_recipe(tmp_path / "whole.yaml", recipe_dict(tiny_bert, tiny_data, whole, **settings)), False)
+    _torchrun(script, write_recipe(tmp_path / "whole.yaml", recipe_dict(tiny_bert, tiny_data, whole, **settings)),
+              False)
     recipe = write_recipe(tmp_path / "run.yaml", recipe_dict(tiny_bert, tiny_data, out, **settings))
     _torchrun(script, recipe, False)
     _cut_after_first_checkpoint(out)
@@ -294,10 +299,12 @@ def test_balanced_sampler_draws_the_minority_classes(tiny_bert, tmp_path):
     assert min(drawn.count(x) for x in "abc") > 10  # about 20 each, not 50/5/5
     skewed = {"food": 40, "sports": 4, "tech": 4}
     header = ["sentence", "topic"]
-    data = {split: write_csv(tmp_path / f"{split}.csv", header, _rows(skewed if split == "train" else {k: 6 for k in skewed}, seed=i))
+    data = {split: write_csv(tmp_path / f"{split}.csv", header,
+                             _rows(skewed if split == "train" else {k: 6 for k in skewed}, seed=i))
             for i, split in enumerate(["train", "validation", "test"])}
-    metrics = train(to_recipe(recipe_dict(tiny_bert, data, tmp_path / "run", **{"train.sampler": "balanced", "train.epochs": 3,
-                                                                                  "train.batch_size": 8, "train.lr": 3e-3})))
+    metrics = train(to_recipe(recipe_dict(tiny_bert, data, tmp_path / "run",
+                                          **{"train.sampler": "balanced", "train.epochs": 3,
+                                             "train.batch_size": 8, "train.lr": 3e-3})))
     assert sum(row[1] + row[2] for row in metrics["confusion"]["matrix"]) > 2  # it predicts minority classes
 
 

@@ -37,7 +37,8 @@ def text_flops(recipe, texts: list[str]) -> dict:
                         if isinstance(m, torch.nn.Linear) and not any(name.startswith(p) for p in pooler))
     layers, hidden = config.num_hidden_layers, config.hidden_size
     tokenizer = AutoTokenizer.from_pretrained(source)
-    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=recipe.data.max_length)["input_ids"]]
+    lengths = [len(ids)
+               for ids in tokenizer(list(texts), truncation=True, max_length=recipe.data.max_length)["input_ids"]]
     tokens = sum(lengths)
     effective = sum(n * n for n in lengths) / tokens  # attention grows with each row's own length
     per_token = {

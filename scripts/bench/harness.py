@@ -66,8 +66,8 @@ What is measured, per side:
                         frozen backbone    2 N +  4 n d L_eff   (forward only)
                     Embedding lookups, norms, softmax and the per-row pooler/classifier are left out (cross-checked
                     against torch.utils.flop_counter on one row: within 0.1%). Images: 3 x the forward FLOPs of one
-                    image, counted by torch's FlopCounterMode. Achieved GFLOP/s = FLOPs per token x real tokens per second of the
-                    training loop; its fraction of the matmul peak is printed beside it.
+                    image, counted by torch's FlopCounterMode. Achieved GFLOP/s = FLOPs per token x real tokens per
+                    second of the training loop; its fraction of the matmul peak is printed beside it.
 
 --repeat N runs every side N times, alternating the order, and keeps each side's best speed (the least disturbed
 run). Timings on a shared machine swing with other processes' load: each table says how busy it was.
@@ -697,9 +697,11 @@ def main(argv: list[str]) -> int:
     if args.compare == "probe" and "kit-probe" in results and "trainer" in results:
         notes.append(f"whole-run wall time: the cached probe took {results['kit-probe']['wall_seconds']:.0f} s, the "
                      f"Trainer {results['trainer']['wall_seconds']:.0f} s "
-                     f"(the Trainer's is {results['trainer']['wall_seconds'] / results['kit-probe']['wall_seconds']:.1f}x the "
+                     "(the Trainer's is "
+                     f"{results['trainer']['wall_seconds'] / results['kit-probe']['wall_seconds']:.1f}x the "
                      "probe's); train "
-                     f"time {results['kit-probe']['train_seconds']:.1f} s vs {results['trainer']['train_seconds']:.1f} s")
+                     f"time {results['kit-probe']['train_seconds']:.1f} s vs "
+                     f"{results['trainer']['train_seconds']:.1f} s")
     name = args.name or "-".join([args.compare, Path(recipe_arg).stem] + [
         Path(o.split("=", 1)[1]).parent.name or Path(o.split("=", 1)[1]).stem
         for o in overrides if o.startswith("data.train=")])
