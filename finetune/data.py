@@ -581,16 +581,9 @@ def load_splits(recipe) -> Splits:
     return assemble_splits(recipe, read_split, "text", check_texts, skipped_as="empty_texts")
 
 
-def assemble_splits(recipe, read, input_name: str, check_inputs, skipped_as: str = "skipped") -> Splits:
-    """The split rules shared by every modality.
-
-    `read(spec, recipe, key)` gives the split(s) a data.* value names; `check_inputs(split, key)` checks (or drops,
-    returning what it skipped, recorded in split.json under `skipped_as`) the inputs that will be used. The label
-    space comes from all of train (sorted); a validation/test label unseen in train is an error; data.validation null
-    holds a stratified data.val_fraction of train out (seeded by train.seed); data.max_samples caps each split; tables
-    are {input_name, "label", "row"}.
-    """
-    d, problem = recipe.data, recipe.head.problem
+def read_parts(recipe, read) -> dict[str, RawSplit | None]:
+    """The train, validation and test parts as data.* names them: a set's own splits, replaced by the files given."""
+    d = recipe.data
     given = read(d.train, recipe, "data.train")
     train = given.get("train") or given.get("file")
     if train is None:
@@ -603,6 +596,21 @@ def assemble_splits(recipe, read, input_name: str, check_inputs, skipped_as: str
         if spec is not None:
             found = read(spec, recipe, f"data.{key}")
             parts[key] = found.get(key) or found.get("file") or found.get("train")
+    return parts
+
+
+def assemble_splits(recipe, read, input_name: str, check_inputs, skipped_as: str = "skipped") -> Splits:
+    """The split rules shared by every modality.
+
+    `read(spec, recipe, key)` gives the split(s) a data.* value names; `check_inputs(split, key)` checks (or drops,
+    returning what it skipped, recorded in split.json under `skipped_as`) the inputs that will be used. The label
+    space comes from all of train (sorted); a validation/test label unseen in train is an error; data.validation null
+    holds a stratified data.val_fraction of train out (seeded by train.seed); data.max_samples caps each split; tables
+    are {input_name, "label", "row"}.
+    """
+    d, problem = recipe.data, recipe.head.problem
+    parts = read_parts(recipe, read)
+    train = parts["train"]
     for key, split in parts.items():  # train whole, before a validation part is held out of it
         if split is not None:
             _check_labels(split, f"data.{key}", problem)

@@ -215,21 +215,11 @@ def load_splits(recipe) -> Splits:
     split), a validation/test tag unseen in train is an error naming its line, empty sentences are dropped and
     listed. Tables are {"tokens": word lists, "label": tag id lists, "row": rows}; split.json's info adds "scheme".
     """
-    from finetune.data import SPLITS, _cap, stratified_split
+    from finetune.data import SPLITS, _cap, read_parts, stratified_split
 
     d = recipe.data
-    given = read_split(d.train, recipe, "data.train")
-    train = given.get("train") or given.get("file")
-    if train is None:
-        raise FinetuneError(f"data.train: '{d.train}' has no 'train' split (it has: {', '.join(given)})")
-    parts: dict[str, RawSplit | None] = {
-        "train": train, "validation": given.get("validation"), "test": given.get("test")
-    }
-    for key in ("validation", "test"):
-        spec = getattr(d, key)
-        if spec is not None:
-            found = read_split(spec, recipe, f"data.{key}")
-            parts[key] = found.get(key) or found.get("file") or found.get("train")
+    parts = read_parts(recipe, read_split)
+    train = parts["train"]
     held_out_from_train = parts["validation"] is None
     if held_out_from_train:
         kept, held = stratified_split([0] * len(train.texts), d.val_fraction, recipe.train.seed)
