@@ -70,6 +70,8 @@ def write_images(root: Path) -> dict:
     return folders
 
 
+# slow (27 s): the text side keeps the shared harness, files and report from rotting in the default suite
+@pytest.mark.slow
 def test_image_benchmark_runs_the_kit_and_the_timm_loop_on_the_same_images(tmp_path):
     folders = write_images(tmp_path / "images")
     raw = {

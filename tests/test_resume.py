@@ -239,6 +239,8 @@ def _torchrun(script: Path, recipe: Path, resume: bool) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+# slow (40 s): two torchrun launches and a resume; 2 processes == 1 stays in the default suite (test_train)
+@pytest.mark.slow
 def test_two_process_resume_equals_the_uninterrupted_two_process_run(tiny_bert, tiny_data, tmp_path):
     script = tmp_path / "launch.py"
     script.write_text(
