@@ -480,6 +480,10 @@ def sweep(recipe_path: str, overrides: list[str] = (), trials: int | None = None
           storage: str | None = None, study: str | None = None, space: str | None = None) -> dict:
     """Run (or join, or resume) a study until it holds `trials` finished trials; write the sweep folder; return
     sweep.json's content."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise FinetuneError('sweep: Optuna is not installed; pip install "finetune[sweep]"') from None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise FinetuneError(
             "sweep: one process per worker; start several `finetune sweep` workers with the same --storage instead "
