@@ -1,9 +1,12 @@
-"""Evaluation metrics that work offline (scikit-learn and SciPy), by problem type, with their direction."""
+"""Evaluation metrics that work offline (scikit-learn and SciPy), by problem type, with their direction; and Hugging
+Face `evaluate` modules a recipe names as `evaluate:<folder or hub id>[#key]` (their code runs only when the recipe
+sets `eval.trust_metric_code: true`)."""
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from scipy import stats
@@ -87,7 +90,11 @@ def metrics_for(problem: str) -> list[str]:
 
 
 def higher_is_better(name: str) -> bool:
-    return False if name == "loss" else METRICS[name][1]
+    if name == "loss":
+        return False
+    if is_evaluate(name):
+        return _DECLARED.get(name, {}).get("higher", True)
+    return METRICS[name][1]
 
 
 def is_improvement(name: str, value: float, best: float | None) -> bool:
@@ -104,4 +111,94 @@ def predictions_from_logits(logits: np.ndarray, problem: str, threshold: float =
 
 
 def compute_metrics(names: list[str], y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    return {name: float(METRICS[name][2](y_true, y_pred)) for name in names}
+    return {name: evaluate_value(name, y_true, y_pred) if is_evaluate(name) else float(METRICS[name][2](y_true, y_pred))
+            for name in names}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face evaluate modules: `evaluate:<ref>` or `evaluate:<ref>#<key>` (a key of what compute() returns; nested
+# keys joined by "/"). An entry without a key needs a module that returns one number. The value is stored under the
+# entry as written, so eval.select_best, early stopping and a sweep name it the same way.
+
+EVALUATE = "evaluate:"
+# entry -> {"args": compute() keyword arguments, "config": config_name, "higher": direction}, from the recipe's eval
+_DECLARED: dict[str, dict] = {}
+
+
+def is_evaluate(name: str) -> bool:
+    return isinstance(name, str) and name.startswith(EVALUATE)
+
+
+def evaluate_parts(name: str) -> tuple[str, str | None]:
+    """('accuracy', None) for 'evaluate:accuracy'; ('./seqeval', 'overall_f1') for 'evaluate:./seqeval#overall_f1'."""
+    ref, _, key = name[len(EVALUATE):].partition("#")
+    return ref.strip(), (key.strip() or None) if "#" in name else None
+
+
+def declare(name: str, args: dict | None = None, higher: bool = True) -> None:
+    """What the recipe says of an evaluate entry: compute()'s arguments (`config_name` goes to evaluate.load) and
+    whether a larger value wins."""
+    args = dict(args or {})
+    _DECLARED[name] = {"config": args.pop("config_name", None), "args": args, "higher": higher}
+
+
+@functools.lru_cache(maxsize=None)
+def load_module(ref: str, config: str | None = None):
+    """evaluate.load of a local folder or .py file (works offline) or a hub id (needs the hub or its cache)."""
+    from finetune.errors import FinetuneError
+
+    try:
+        import evaluate
+    except ImportError:
+        raise FinetuneError(f"eval.metrics: 'evaluate:{ref}' needs the evaluate package; "
+                            "pip install 'finetune[evaluate]'") from None
+    try:
+        # in memory: no cache files, so processes of one run (or two runs) never share a lock file
+        return evaluate.load(ref, config_name=config, keep_in_memory=True)
+    except Exception as error:  # evaluate raises FileNotFoundError, ConnectionError, ImportError, ... by cause
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FinetuneError(f"eval.metrics: evaluate could not load 'evaluate:{ref}' ({reason}); name a local folder "
+                            f"holding its script (works offline), or a hub id where the hub or its cache is "
+                            f"reachable") from None
+
+
+def _numbers(output: Any, prefix: str = "") -> dict[str, float]:
+    """The numbers in what compute() returned, nested keys joined by '/' (lists and strings left out)."""
+    found: dict[str, float] = {}
+    for key, value in (output or {}).items():
+        if isinstance(value, dict):
+            found.update(_numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+            found[f"{prefix}{key}"] = float(value)
+        elif isinstance(value, np.ndarray) and value.size == 1:
+            found[f"{prefix}{key}"] = float(value.reshape(-1)[0])
+    return found
+
+
+def _plain(values) -> list:
+    return values.tolist() if isinstance(values, np.ndarray) else list(values)
+
+
+def evaluate_value(name: str, y_true, y_pred) -> float:
+    """The entry's number for these references and predictions (as the built-in metrics of the problem take them)."""
+    from finetune.errors import FinetuneError
+
+    ref, key = evaluate_parts(name)
+    declared = _DECLARED.get(name, {})
+    module = load_module(ref, declared.get("config"))
+    try:
+        output = module.compute(predictions=_plain(y_pred), references=_plain(y_true), **declared.get("args", {}))
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FinetuneError(f"eval.metrics: '{name}' failed in compute() ({reason}); check the module's expected "
+                            "inputs and eval.metric_args") from None
+    numbers = _numbers(output)
+    if key is None:
+        if len(numbers) != 1:
+            what = ", ".join(numbers) or "no number"
+            raise FinetuneError(f"eval.metrics: '{name}' returned {what}; name one as '{name}#<key>'")
+        return next(iter(numbers.values()))
+    if key not in numbers:
+        returned = ", ".join(numbers) or "no number"
+        raise FinetuneError(f"eval.metrics: '{name}' returned no '{key}'; it returned {returned}")
+    return numbers[key]

@@ -170,6 +170,7 @@ class Tags(Problem):
         import torch
         import torch.nn.functional as F
 
+        from finetune.metrics import evaluate_value, is_evaluate
         from finetune.tasks import token_classification as tc
 
         loss_sum, counted, true_rows, predicted_rows = 0.0, 0, [], []
@@ -182,7 +183,10 @@ class Tags(Problem):
             predicted_rows += predicted
         names = splits.label_names
         scores = tc.tag_metrics(true_rows, predicted_rows, names)
-        results = {"loss": loss_sum / max(counted, 1), **{name: scores[name] for name in metric_names}}
+        results = {"loss": loss_sum / max(counted, 1)}
+        for name in metric_names:  # built-ins from one seqeval pass; evaluate modules get the rows of tag names
+            results[name] = evaluate_value(name, tc.tag_rows(true_rows, names), tc.tag_rows(predicted_rows, names)) \
+                if is_evaluate(name) else scores[name]
         if details is not None:
             details.update(tc.tag_details(true_rows, predicted_rows, names))
         return results

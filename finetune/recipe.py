@@ -160,6 +160,11 @@ class Lora:
 class Eval:
     metrics: Optional[list[str]] = None  # null: the usual ones for head.problem (see DEFAULT_METRICS)
     select_best: Optional[str] = None  # the metric that picks the kept checkpoint; null: the first of eval.metrics
+    # eval.metrics may name Hugging Face evaluate modules, 'evaluate:<folder or hub id>[#key]'; evaluate.load runs
+    # their Python code, so they load only with trust_metric_code: true (as transformers' trust_remote_code)
+    trust_metric_code: bool = False
+    metric_args: dict[str, Any] = field(default_factory=dict)  # 'evaluate:...' entry -> compute() args, config_name
+    lower_is_better: list[str] = field(default_factory=list)  # 'evaluate:...' entries where a smaller value wins
 
 
 @dataclass
@@ -464,8 +469,44 @@ def _resolve(recipe: Recipe) -> None:
         recipe.sweep.metric = recipe.eval.select_best
 
 
+def _check_evaluate_modules(e: Eval, problems: list[str]) -> None:
+    """The evaluate entries of eval: trusted, well formed, loadable now (not after an epoch of training); their
+    arguments and directions declared to finetune.metrics."""
+    from finetune.metrics import declare, evaluate_parts, is_evaluate, load_module
+
+    entries = [name for name in e.metrics if is_evaluate(name)]
+    for key, names in (("eval.metric_args", list(e.metric_args)), ("eval.lower_is_better", e.lower_is_better)):
+        for name in names:
+            if name not in entries:
+                what = "an evaluate entry" if is_evaluate(name) else "for evaluate entries only ('evaluate:...')"
+                problems.append(f"{key}: '{name}' is not {what} of eval.metrics; list it there first"
+                                if is_evaluate(name) else f"{key}: '{name}' is {what}; built-in metrics know "
+                                                          "their direction and take no arguments")
+    for name, args in e.metric_args.items():
+        if not isinstance(args, dict):
+            problems.append(f"eval.metric_args.{name}: must be a mapping of compute() arguments, got {args!r}")
+    if not entries:
+        return
+    if not e.trust_metric_code:
+        problems.append(f"eval.metrics: '{entries[0]}' runs the module's own Python code through evaluate.load; "
+                        "set eval.trust_metric_code=true if you trust it")
+        return
+    for name in entries:
+        ref, key = evaluate_parts(name)
+        if not ref or (key is None and "#" in name):
+            problems.append(f"eval.metrics: '{name}' should be 'evaluate:<folder or hub id>' or "
+                            "'evaluate:<folder or hub id>#<key>'")
+            continue
+        args = e.metric_args.get(name) if isinstance(e.metric_args.get(name), dict) else {}
+        declare(name, args, higher=name not in e.lower_is_better)
+        try:
+            load_module(ref, args.get("config_name"))
+        except FinetuneError as error:
+            problems.append(str(error))
+
+
 def _check(recipe: Recipe, problems: list[str]) -> None:
-    from finetune.metrics import METRICS, metrics_for  # metrics owns the names; recipe only checks them
+    from finetune.metrics import METRICS, is_evaluate, metrics_for  # metrics owns the names; recipe checks them
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -549,7 +590,10 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
                                           f"not {h.problem}")
         task.check_recipe(recipe, need)
     allowed = metrics_for(h.problem)
+    _check_evaluate_modules(recipe.eval, problems)
     for name in recipe.eval.metrics:
+        if is_evaluate(name):
+            continue
         if name not in allowed:
             close = difflib.get_close_matches(name, allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""

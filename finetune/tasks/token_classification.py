@@ -706,11 +706,6 @@ def tag_details(true_ids: Sequence[Sequence[int]], predicted_ids: Sequence[Seque
     return {"per_entity": columns}
 
 
-# name -> (higher is better, fn(true_ids, predicted_ids, names) -> float), as finetune.metrics names its metrics
-METRICS: dict[str, tuple[bool, Callable]] = {
-    name: (True, lambda t, p, names, _name=name: tag_metrics(t, p, names)[_name])
-    for name in ("f1", "precision", "recall", "token_accuracy")
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------
