@@ -356,7 +356,8 @@ def expand_inputs(items: list[str], task: str, column: str, pair_column: str | N
 def default_column(predictor: Predictor) -> str:
     from finetune.recipe import Data
 
+    from finetune.tasks import get_task
+
     d = predictor.recipe.data if predictor.recipe is not None else Data(train="")
-    return {"image-classification": d.image_column, "token-classification": d.tokens_column}.get(
-        predictor.task, d.text_column)
+    return getattr(d, get_task(predictor.task).column_key)
 

@@ -53,6 +53,12 @@ def _duration(seconds) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def _inputs(task) -> str | None:
+    from finetune.tasks import TASKS, inputs_of
+
+    return inputs_of(task) if task in TASKS else None  # an old or hand-edited config may name no known task
+
+
 def _settings(config: dict, metrics: dict) -> str:
     train, data, head = config.get("train") or {}, config.get("data") or {}, config.get("head") or {}
     epochs = train.get("epochs")
@@ -63,7 +69,7 @@ def _settings(config: dict, metrics: dict) -> str:
     )
     if isinstance(train.get("lr"), (int, float)):
         parts.append(f"lr {train['lr']:g}")
-    if config.get("task") == "image-classification":
+    if _inputs(config.get("task")) == "image":
         parts.append(f"{data['image_size']}px" if data.get("image_size") else "native px")
     elif data.get("max_length"):
         parts.append(f"len {data['max_length']}")

@@ -38,6 +38,7 @@ class Task(Protocol):
     problems: tuple[str, ...]  # the head.problem values it takes; the first is the default
     inputs: str  # "text" or "image": what a row's input is (tokenised, or decoded and transformed)
     library: str  # whose folder a native model/ is: "transformers" or "timm"
+    column_key: str  # the data.* key that names a table's input column ("text_column", "image_column", ...)
 
     def check_recipe(self, recipe, need) -> None:
         """The recipe keys this task constrains: need(ok, "<dotted key>: <what>; <how to fix>")."""

@@ -16,6 +16,7 @@ class ImageClassification:
     problems = ("single_label", "multi_label", "regression")
     inputs = "image"
     library = "timm"
+    column_key = "image_column"  # the data.* key naming the input column (predict --column's default)
 
     def check_recipe(self, recipe, need) -> None:
         need(not recipe.train.group_by_length, "train.group_by_length: text only")

@@ -14,6 +14,7 @@ class TextClassification:
     problems = ("single_label", "multi_label", "regression")
     inputs = "text"
     library = "transformers"
+    column_key = "text_column"  # the data.* key naming the input column (predict --column's default)
 
     def check_recipe(self, recipe, need) -> None:
         pass  # every text key applies

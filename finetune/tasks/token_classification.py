@@ -901,6 +901,7 @@ class TokenClassification:
     problems = ("tags",)
     inputs = "text"
     library = "transformers"
+    column_key = "tokens_column"  # the data.* key naming the input column (predict --column's default)
 
     def check_recipe(self, recipe, need) -> None:
         h = recipe.head
