@@ -90,3 +90,37 @@ def test_image_benchmark_runs_the_kit_and_the_timm_loop_on_the_same_images(tmp_p
     assert kit["rows"] == timm_loop["rows"] == {"train": 16, "validation": 8, "test": 8}
     assert kit["labels"] == timm_loop["labels"] == ["blue", "red"]
     assert kit["epochs_run"] == timm_loop["epochs_run"] == 1 and timm_loop["train_samples_per_second"] > 0
+
+
+def _bench_ner():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench_ner
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    return bench_ner
+
+
+def test_the_ner_benchmark_tags_real_sentences_by_its_rules():
+    bench_ner = _bench_ner()
+    words = "Mr Tony Blair told the BBC on Monday that London and New York said".split()
+    assert bench_ner.tag_sentence(words) == ["O", "B-PER", "I-PER", "O", "O", "B-ORG", "O", "O", "O", "B-LOC", "O",
+                                             "B-LOC", "I-LOC", "O"]
+    assert "finetune" not in bench_ner.TRAINER_WORKER  # the Trainer side imports nothing from the kit
+    sentences = [s for article in ("Headline\nShares in Vodafone Group rose on Friday, Mr Smith said. Too short.",)
+                 for s in bench_ner.sentences_of(article)]
+    assert sentences == [["Shares", "in", "Vodafone", "Group", "rose", "on", "Friday", ",", "Mr", "Smith", "said", "."]]
+
+
+# slow (20 s): both sides of scripts/bench_ner.py on a tiny BERT, so the script cannot rot
+@pytest.mark.slow
+def test_the_ner_benchmark_runs_both_sides_on_the_same_files(tiny_bert, tmp_path):
+    out = tmp_path / "ner.json"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_ner.py"), "--sentences", "200", "--epochs",
+                           "1", "--batch-size", "32", "--precision", "fp32", "--backbone", tiny_bert, "--out", out],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["sentences"] == {"train": 200, "validation": 40, "test": 40}
+    for side in ("kit", "Trainer (run_ner alignment)"):
+        assert 0.0 <= result[side]["test_f1"] <= 1.0 and result[side]["samples_per_second"] > 0
