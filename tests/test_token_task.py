@@ -188,3 +188,55 @@ def test_bad_token_files_are_one_line_naming_the_file_and_line(tagger_backbone, 
         line = one_error_line(result)
         assert name in line and named in line, line
     assert not out.exists()
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {name.removeprefix("bert."): tensor for name, tensor in load_file(folder / "model.safetensors").items()}
+
+
+def test_a_frozen_backbone_keeps_the_pretrained_weights_and_the_tagging_layer_learns(tagger_backbone, conll,
+                                                                                     tmp_path):
+    from conftest import to_recipe
+
+    from finetune.train import train
+
+    raw = token_raw(tagger_backbone, conll, tmp_path / "run")
+    raw["train"].update(freeze="backbone", epochs=3, lr=3e-2)
+    train(to_recipe(raw))
+    pretrained, trained = _weights(tagger_backbone), _weights(tmp_path / "run" / "model")
+    assert {name for name in trained if name.startswith("classifier.")} == {"classifier.weight", "classifier.bias"}
+    shared = [name for name in pretrained if name in trained]
+    assert set(pretrained) - set(shared) == {"pooler.dense.weight", "pooler.dense.bias"}  # a tagger has no pooler
+    assert all(torch_equal(pretrained[n], trained[n]) for n in shared)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["epochs"][-1]["loss"] < metrics["epochs"][0]["loss"]  # the tagging layer alone learned
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_layer_decay_slows_the_lower_layers_of_a_tagger(tagger_backbone, conll, tmp_path):
+    """Adam's step is about the lr whatever the gradient: with decay 0.01 the embeddings (depth 0 of a 2-layer
+    tagger, which has no pooler) train at 0.01 ** 3 of the lr, the top layer at 0.01 of it."""
+    from conftest import to_recipe
+
+    from finetune.train import train
+
+    pretrained = _weights(tagger_backbone)
+    moved = {}
+    for decay in (None, 0.01):
+        raw = token_raw(tagger_backbone, conll, tmp_path / f"run-{decay}")
+        raw["train"].update(epochs=1, layer_decay=decay, head_lr=None)
+        train(to_recipe(raw))
+        trained = _weights(tmp_path / f"run-{decay}" / "model")
+        moved[decay] = {part: float((trained[name] - pretrained[name]).abs().max()) for part, name in (
+            ("embeddings", "embeddings.word_embeddings.weight"),
+            ("top layer", "encoder.layer.1.output.dense.weight"))}
+    assert moved[None]["embeddings"] > 0 and moved[0.01]["embeddings"] < 1e-3 * moved[None]["embeddings"]
+    assert moved[0.01]["top layer"] < 0.1 * moved[None]["top layer"]  # the layer just below the head: 0.01 x lr
+    assert moved[0.01]["embeddings"] < moved[0.01]["top layer"]
