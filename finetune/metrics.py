@@ -1,6 +1,6 @@
-"""Evaluation metrics that work offline (scikit-learn and SciPy), by problem type, with their direction; and Hugging
-Face `evaluate` modules a recipe names as `evaluate:<folder or hub id>[#key]` (their code runs only when the recipe
-sets `eval.trust_metric_code: true`)."""
+"""Evaluation metrics that work offline (scikit-learn and SciPy, imported at the first score), by problem type,
+with their direction; and Hugging Face `evaluate` modules a recipe names as `evaluate:<folder or hub id>[#key]`
+(their code runs only when the recipe sets `eval.trust_metric_code: true`)."""
 
 from __future__ import annotations
 
@@ -9,38 +9,49 @@ import math
 from typing import Any, Callable
 
 import numpy as np
-from scipy import stats
-from sklearn import metrics as skm
 
 # name -> (problems it applies to, higher is better, fn(y_true, y_pred) -> float)
 # Classification metrics get label indices (single_label) or 0/1 indicator matrices (multi_label).
 _CLASSIFICATION = ("single_label", "multi_label")
 
 
+def _sk(name: str, **options) -> Callable:
+    """sklearn.metrics.<name>, imported at the first score: scikit-learn and SciPy cost seconds of every start-up."""
+
+    def compute(y, p):
+        from sklearn import metrics
+
+        return getattr(metrics, name)(y, p, **options)
+
+    return compute
+
+
 def _f1(average: str) -> Callable:
-    return lambda y, p: skm.f1_score(y, p, average=average, zero_division=0)
+    return _sk("f1_score", average=average, zero_division=0)
 
 
 def _precision(average: str) -> Callable:
-    return lambda y, p: skm.precision_score(y, p, average=average, zero_division=0)
+    return _sk("precision_score", average=average, zero_division=0)
 
 
 def _recall(average: str) -> Callable:
-    return lambda y, p: skm.recall_score(y, p, average=average, zero_division=0)
+    return _sk("recall_score", average=average, zero_division=0)
 
 
-def _correlation(fn: Callable) -> Callable:
+def _correlation(name: str) -> Callable:
     def compute(y, p):
         if len(y) < 2 or np.std(y) == 0 or np.std(p) == 0:
             return 0.0  # undefined for constant inputs; 0 says "no linear/rank relation seen"
-        return fn(y, p)[0]
+        from scipy import stats
+
+        return getattr(stats, name)(y, p)[0]
 
     return compute
 
 
 METRICS: dict[str, tuple[tuple[str, ...], bool, Callable]] = {
     # accuracy is exact-match (subset) accuracy for multi_label
-    "accuracy": (_CLASSIFICATION, True, skm.accuracy_score),
+    "accuracy": (_CLASSIFICATION, True, _sk("accuracy_score")),
     "f1_macro": (_CLASSIFICATION, True, _f1("macro")),
     "f1_micro": (_CLASSIFICATION, True, _f1("micro")),
     "f1_weighted": (_CLASSIFICATION, True, _f1("weighted")),
@@ -50,13 +61,13 @@ METRICS: dict[str, tuple[tuple[str, ...], bool, Callable]] = {
     "recall_macro": (_CLASSIFICATION, True, _recall("macro")),
     "recall_micro": (_CLASSIFICATION, True, _recall("micro")),
     "recall_weighted": (_CLASSIFICATION, True, _recall("weighted")),
-    "matthews": (("single_label",), True, skm.matthews_corrcoef),
-    "mse": (("regression",), False, skm.mean_squared_error),
-    "rmse": (("regression",), False, lambda y, p: math.sqrt(skm.mean_squared_error(y, p))),
-    "mae": (("regression",), False, skm.mean_absolute_error),
-    "r2": (("regression",), True, skm.r2_score),
-    "pearson": (("regression",), True, _correlation(stats.pearsonr)),
-    "spearman": (("regression",), True, _correlation(stats.spearmanr)),
+    "matthews": (("single_label",), True, _sk("matthews_corrcoef")),
+    "mse": (("regression",), False, _sk("mean_squared_error")),
+    "rmse": (("regression",), False, lambda y, p: math.sqrt(_sk("mean_squared_error")(y, p))),
+    "mae": (("regression",), False, _sk("mean_absolute_error")),
+    "r2": (("regression",), True, _sk("r2_score")),
+    "pearson": (("regression",), True, _correlation("pearsonr")),
+    "spearman": (("regression",), True, _correlation("spearmanr")),
 }
 
 
