@@ -15,6 +15,9 @@ import yaml
 
 from finetune.errors import FinetuneError
 from finetune.problems import PROBLEMS
+from finetune.tasks import TASKS
+
+TaskName = Literal[tuple(TASKS)]  # a new task is its module and its line in finetune.tasks.TASKS
 
 # ---------------------------------------------------------------------------------------------------------------
 # The schema. Field comments are the documentation; `finetune cp` gives a commented example.
@@ -194,7 +197,7 @@ class Sweep:
 
 @dataclass(kw_only=True)
 class Recipe:
-    task: Literal["text-classification", "image-classification", "token-classification"]
+    task: TaskName
     backbone: Backbone
     head: Head = field(default_factory=Head)
     data: Data
