@@ -10,7 +10,8 @@ of the zoo, cut into sentences, with entities found by rules on the original cas
 PER after a title, ORG or LOC when it holds a word of a short list, PER again when two or more words come before
 "said", and MISC otherwise; days and months are not entities. The backbone's tokenizer lowercases, so a model cannot
 read the casing the rules used: it has to learn the names and their contexts. Both sides read the same files; the
-Trainer side runs in its own process and imports nothing from finetune. F1 is on the test file; seconds are
+Trainer side runs in its own process and imports nothing from finetune; so does a third process that scores the
+kit's exported model/ with AutoModelForTokenClassification and seqeval alone. F1 is on the test file; seconds are
 whole-process wall time. Report the CPU flags beside the numbers (printed first): figures from different CPUs differ.
 """
 
@@ -85,6 +86,43 @@ print(json.dumps({"test_f1": test["test_f1"], "test_precision": test["test_preci
                   "test_recall": test["test_recall"], "seconds": time.perf_counter() - start,
                   "train_seconds": trained.metrics["train_runtime"],
                   "samples_per_second": trained.metrics["train_samples_per_second"]}))
+'''
+
+NATIVE_WORKER = r'''
+# the kit's exported model/ in plain transformers (the kit not importable): tags of each word's first sub-token,
+# scored with seqeval as run_ner.py scores them
+import json, sys
+import torch
+from seqeval.metrics import f1_score
+from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+model_dir, conll, max_length = sys.argv[1:4]
+model = AutoModelForTokenClassification.from_pretrained(model_dir).eval()
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+sentences, words, tags = [], [], []
+for line in list(open(conll, encoding="utf-8")) + [""]:
+    parts = line.split()
+    if not parts:
+        if words:
+            sentences.append((words, tags))
+        words, tags = [], []
+        continue
+    words.append(parts[0]); tags.append(parts[-1])
+true, predicted = [], []
+with torch.inference_mode():
+    for words, tags in sentences:
+        encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=int(max_length),
+                            return_tensors="pt")
+        ids = model(**encoded).logits[0].argmax(-1).tolist()
+        first, previous = {}, None
+        for position, word in enumerate(encoded.word_ids()):
+            if word is not None and word != previous:
+                first[word] = position
+            previous = word
+        kept = sorted(first)
+        true.append([tags[w] for w in kept])
+        predicted.append([model.config.id2label[ids[first[w]]] for w in kept])
+print(json.dumps({"test_f1": f1_score(true, predicted)}))
 '''
 
 TITLES = {"Mr", "Mrs", "Ms", "Dr", "Prof", "Sir", "Lord", "Lady", "President", "Chancellor", "Minister"}
@@ -192,10 +230,16 @@ def kit(folder: Path, out: Path, settings: list[str]) -> dict:
         raise SystemExit(f"the kit's run failed: {done.stderr.strip()[-2000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     test = metrics["test"]
+    native = subprocess.run([sys.executable, "-c", NATIVE_WORKER, str(out / "model"), str(folder / "test.conll"),
+                             next(s.split("=")[1] for s in settings if s.startswith("data.max_length="))],
+                            check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""},
+                            cwd=folder)
     return {"test_f1": test["f1"], "test_precision": test["precision"], "test_recall": test["recall"],
             "seconds": time.perf_counter() - start, "train_seconds": metrics["train"]["seconds"],
             "samples_per_second": metrics["train"]["samples_per_second"],
-            "precision_used": metrics["train"].get("precision")}
+            "precision_used": metrics["train"].get("precision"),
+            "test_f1_of_model_folder_in_plain_transformers":
+                json.loads(native.stdout.strip().splitlines()[-1])["test_f1"]}
 
 
 def main(argv: list[str]) -> int:

@@ -115,6 +115,7 @@ def test_the_ner_benchmark_tags_real_sentences_by_its_rules():
 # slow (20 s): both sides of scripts/bench_ner.py on a tiny BERT, so the script cannot rot
 @pytest.mark.slow
 def test_the_ner_benchmark_runs_both_sides_on_the_same_files(tiny_bert, tmp_path):
+    bench_ner = _bench_ner()
     out = tmp_path / "ner.json"
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_ner.py"), "--sentences", "200", "--epochs",
                            "1", "--batch-size", "32", "--precision", "fp32", "--backbone", tiny_bert, "--out", out],
@@ -124,3 +125,6 @@ def test_the_ner_benchmark_runs_both_sides_on_the_same_files(tiny_bert, tmp_path
     assert result["sentences"] == {"train": 200, "validation": 40, "test": 40}
     for side in ("kit", "Trainer (run_ner alignment)"):
         assert 0.0 <= result[side]["test_f1"] <= 1.0 and result[side]["samples_per_second"] > 0
+    # the kit's model/ scored in plain transformers gives the kit's own test F1 (first sub-tokens, seqeval)
+    assert result["kit"]["test_f1_of_model_folder_in_plain_transformers"] == pytest.approx(result["kit"]["test_f1"])
+    assert "finetune" not in bench_ner.NATIVE_WORKER
