@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import subprocess_env
+from conftest import subprocess_env
 
 WORKER = textwrap.dedent('''
     import json, os, sys
