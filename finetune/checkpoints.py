@@ -161,3 +161,89 @@ def flat_config(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sharded models (FSDP, DeepSpeed ZeRO-3): whole-model state dicts gathered and loaded collectively
+
+
+def is_sharded(model) -> bool:
+    """True when no process holds the whole model: FSDP2 (DTensor parameters), FSDP1's wrapper, DeepSpeed ZeRO-3
+    (partitioned parameters carry a ds_id). DDP and one process hold it whole."""
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():
+        if type(module).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine"):
+            return True
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def full_state_dict(model, accelerator=None) -> dict:
+    """The whole model's state dict on the main process (CPU tensors; other processes may get an empty dict).
+
+    Every process must call it: under sharding it is a collective. accelerate's get_state_dict when there is an
+    accelerator and it shards (FSDP, DeepSpeed), torch's own gather for DTensor parameters otherwise (the same call
+    accelerate makes under FSDP2), the plain state dict when nothing is sharded."""
+    from torch.distributed.tensor import DTensor
+
+    if accelerator is not None and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        return accelerator.get_state_dict(model)
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if accelerator is not None:
+        return accelerator.get_state_dict(model)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def load_full_state_dict(model, state: dict, strict: bool = True, main_process: bool = True) -> None:
+    """Load a whole-model state dict into `model`, sharded or not; every process must call it.
+
+    Sharded (DTensor parameters, FSDP1): the main process's `state` is broadcast and each process keeps its own
+    shard of it (the others may pass {}); DeepSpeed ZeRO-3: the parameters are gathered, the main process loads,
+    the shards are written back. Not sharded: each process loads its own `state`."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 (untested here: no GPU)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            if main_process:
+                model.load_state_dict(state, strict=strict)
+        return
+    if is_sharded(model) or any(isinstance(p, DTensor) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
+        with torch.no_grad():  # a copy of `state`: torch replaces its entries with the shards
+            set_model_state_dict(model, dict(state) if main_process else {}, options=options)
+        return
+    model.load_state_dict(state, strict=strict)
+
+
+def skeleton(model):
+    """A copy of `model` with no storage (meta tensors), taken before it is sharded: plain_model fills it in."""
+    import copy
+
+    return copy.deepcopy(model).to("meta")
+
+
+def plain_model(template, live, state: dict):
+    """An unsharded model (on the CPU) with the weights of `state` (full_state_dict of the sharded `live` model),
+    built from its skeleton: what the export writes with the ecosystem's own save functions. Buffers that a state
+    dict leaves out (non-persistent ones, e.g. BERT's position_ids) come from the live model, which keeps them whole.
+    """
+    model = template
+    model.load_state_dict(state, strict=False, assign=True)
+    live_buffers = dict(live.named_buffers())
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            module._buffers[leaf] = live_buffers[name].detach().cpu().clone()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise FinetuneError(f"export: the gathered weights lack {', '.join(missing[:3])}; report this as a bug")
+    return model

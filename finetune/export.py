@@ -32,10 +32,25 @@ def export_model(save, model, directory: Path, recipe, splits, metrics: dict) ->
 
     directory = Path(directory)
     save(model, directory)
+    _keep_threshold(directory, recipe)
     _keep_max_length(directory, recipe.data.max_length)  # a tokenizer's folder (text tasks)
     plots = _write_plots(metrics, directory / PLOTS_DIR, Path(recipe.output.dir) / PLOTS_DIR)
     card = model_card(recipe, splits, metrics, native=not is_kit_model(model), plots=plots)
     (directory / "README.md").write_text(card)
+
+
+def _keep_threshold(directory: Path, recipe) -> None:
+    """A native transformers multi-label folder: the trained head.threshold in config.json's `finetune` block
+    (transformers keeps unknown keys), where finetune.load reads it back; timm's and the kit's folders hold it
+    already."""
+    path = directory / "config.json"
+    if recipe.head.problem != "multi_label" or not path.is_file() or (directory / "finetune.json").is_file():
+        return
+    config = json.loads(path.read_text())
+    if "architecture" in config:  # timm's config: its own finetune block already holds the threshold
+        return
+    config["finetune"] = {"problem": recipe.head.problem, "threshold": recipe.head.threshold}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _keep_max_length(directory: Path, max_length: int) -> None:

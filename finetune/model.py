@@ -312,7 +312,11 @@ def _load_text(directory: Path, spec: dict | None):
         config = model.config
         problem = {v: k for k, v in NATIVE_PROBLEM_TYPES.items()}.get(config.problem_type, "single_label")
         labels = None if problem == "regression" else [config.id2label[i] for i in range(config.num_labels)]
-        return model.eval(), tokenizer, {"format": "transformers", "problem": problem, "labels": labels}
+        spec = {"format": "transformers", "problem": problem, "labels": labels}
+        kept = getattr(config, TIMM_CONFIG_KEY, None)  # the trained head.threshold (finetune.export._keep_threshold)
+        if problem == "multi_label" and isinstance(kept, dict) and kept.get("threshold") is not None:
+            spec["threshold"] = float(kept["threshold"])
+        return model.eval(), tokenizer, spec
     config = AutoConfig.from_pretrained(directory)
     head = spec["head"]
     model = TextClassifier(

@@ -326,7 +326,14 @@ def expand_inputs(items: list[str], task: str, column: str, pair_column: str | N
                     if not words and (not isinstance(text, str) or not text.strip()):
                         raise FinetuneError(f"{path} row {i + 1}: empty text in column '{column}'")
                     expanded.append((" ".join(text) if words else text, text))  # words: token classification
-            else:
+            elif path.is_dir() or (is_file and suffix in _image_extensions()):
+                # an existing image or folder: surely not meant as the words of its name
+                kind = "a folder" if path.is_dir() else "an image file"
+                raise FinetuneError(
+                    f"{item}: {kind}, but this is a text model; give texts, .txt files (one text per line) or "
+                    f"{'/'.join(ext.lstrip('.') for ext in FILE_BUILDERS)} files with a text column (--column)"
+                )
+            else:  # a text (a name that is no file or folder here is a text too)
                 expanded.append((item, item))
             continue
         from finetune.images import IMAGE_EXTENSIONS, _resolve_path
@@ -351,6 +358,12 @@ def expand_inputs(items: list[str], task: str, column: str, pair_column: str | N
                 f"{'/'.join(ext.lstrip('.') for ext in FILE_BUILDERS)} file with an image column (--column)"
             )
     return expanded
+
+
+def _image_extensions() -> set:
+    from finetune.images import IMAGE_EXTENSIONS
+
+    return set(IMAGE_EXTENSIONS)
 
 
 def default_column(predictor: Predictor) -> str:

@@ -19,10 +19,14 @@ from finetune.checkpoints import (
     atomic_save,
     check_same_recipe,
     flat_config,
+    full_state_dict,
     keep_only,
     latest_checkpoint,
     load_checkpoint,
+    load_full_state_dict,
+    plain_model,
     prepare_output_dir,
+    skeleton,
 )
 from finetune.dropout import use_fast_dropout
 from finetune.errors import FinetuneError
@@ -67,6 +71,13 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         # all registered and the frozen ones skipped step by step
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if dynamic_freeze else None,
     )
+    sharding = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")  # no process holds the whole model
+    if sharding and t.ema is not None:
+        raise FinetuneError(
+            f"train.ema: not supported under {accelerator.distributed_type.value} (the average is a whole copy of the "
+            "model on each process); set train.ema=null, or train with DDP (torchrun / accelerate launch without "
+            "an FSDP or DeepSpeed config)"
+        )
     set_seed(t.seed)
     # data and model first: bad input fails here, before any run folder is made or removed
     job = get_task(recipe.task).job(recipe, accelerator)
@@ -108,6 +119,9 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     warmup = warmup_steps(t.warmup, total_steps) * (1 if isinstance(t.warmup, float) else accelerator.num_processes)
     scheduler = build_scheduler(optimizer, t.scheduler, warmup, total_steps, t.scheduler_args,
                                 accelerator.num_processes)
+    # sharded, the export needs a whole model on the main process: its skeleton (no storage) taken now, filled in
+    # with the gathered weights at the end
+    template = skeleton(model) if sharding and accelerator.is_main_process else None
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loaders = {key: accelerator.prepare(loader) for key, loader in loaders.items()}
     config = flat_config(recipe_module.to_dict(recipe))  # the recipe as each tracker's run config
@@ -160,8 +174,12 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     from safetensors.torch import load_file
 
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.load_state_dict(load_file(out / "checkpoints" / "best" / "model.safetensors"),
-                              strict=job.saved_names is None)
+    sharded = sharding
+    best_file = out / "checkpoints" / "best" / "model.safetensors"
+    # sharded: the main process reads the file and every process takes its shard of it (a collective)
+    best = load_file(best_file) if accelerator.is_main_process or not sharded else {}
+    load_full_state_dict(unwrapped, best, strict=job.saved_names is None, main_process=accelerator.is_main_process)
+    del best
     details: dict = {}
     if "test" in loaders:
         metrics["test"] = evaluate(accelerator, model, loaders["test"], splits, recipe, details)
@@ -171,8 +189,14 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     for value in details.values():
         value["split"] = "test" if "test" in loaders else "validation"
     metrics.update(details)
-    final = unwrapped.model if isinstance(unwrapped, transfer.CachedHead) else unwrapped
-    if recipe.head.problem == "regression":
+    final = unwrapped
+    if sharded:  # the whole weights gathered (every process takes part), a plain model built on the main process
+        state = full_state_dict(model, accelerator)
+        final = plain_model(template, unwrapped, state) if accelerator.is_main_process else None
+        del state
+    if accelerator.is_main_process and isinstance(final, transfer.CachedHead):
+        final = final.model
+    if accelerator.is_main_process and recipe.head.problem == "regression":
         fold_target_scaling(transfer.plain_model(final), splits.target_mean, splits.target_std)
     if accelerator.is_main_process:
         if transfer.is_lora(final):  # the small file: adapters and head, for peft users

@@ -164,6 +164,22 @@ def test_cli_bad_input_is_one_line(runs, tiny_data, capfd, argv, culprit):
     assert len(result.stderr.strip().splitlines()) == 1 and culprit in result.stderr, result.stderr
 
 
+def test_cli_text_model_given_an_image_file_says_so_and_a_missing_one_is_text(runs, tmp_path, capfd, monkeypatch):
+    """The cheat sheet's `predict runs/my "great phone" img.png` on a text model: an image that exists is a mistake
+    (one line naming it); "img.png" when no such file exists is a text, as any other word."""
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    result = call_main(capfd, "predict", runs["single"], "great phone", "img.png")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "img.png: an image file, but this is a text model" in one_error_line(result)
+    result = call_main(capfd, "predict", runs["single"], "great phone", tmp_path)  # a folder: same
+    assert result.returncode == 2 and "a folder, but this is a text model" in result.stderr
+    (tmp_path / "img.png").unlink()
+    result = call_main(capfd, "predict", runs["single"], "great phone", "img.png", "--json")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == ["great phone", "img.png"]
+
+
 @pytest.mark.slow
 def test_a_real_process_prints_predictions(runs):
     result = run_cli("predict", runs["single"], *TEXTS[:2])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import math
 import subprocess
 import sys
@@ -307,7 +308,7 @@ def test_multi_label_trains_and_exports(tiny_bert, multi_label_data, tmp_path):
         tiny_bert,
         {"train": multi_label_data, "validation": multi_label_data, "test": multi_label_data},
         out,
-        **{"head.problem": "multi_label", "train.epochs": 10, "train.batch_size": 4},
+        **{"head.problem": "multi_label", "head.threshold": 0.4, "train.epochs": 10, "train.batch_size": 4},
     )
     metrics = run(raw)
     assert set(metrics["best"]) >= {"epoch", "f1_micro", "f1_macro", "accuracy"}
@@ -318,10 +319,14 @@ def test_multi_label_trains_and_exports(tiny_bert, multi_label_data, tmp_path):
     assert [config["id2label"][str(i)] for i in range(3)] == LABELS
     assert json.loads((out / "split.json").read_text())["labels"] == LABELS
 
+    assert config["finetune"]["threshold"] == 0.4  # the trained threshold travels with the native folder ...
+
     texts, labels = read_csv(multi_label_data)
-    logits, spec = logits_of_loaded(out / "model", texts)
-    assert spec["problem"] == "multi_label"
-    predicted = (torch.sigmoid(logits) > 0.5).long()
+    alone = shutil.copytree(out / "model", tmp_path / "alone")  # ... and is read back without the run folder
+    logits, spec = logits_of_loaded(alone, texts)
+    assert spec["problem"] == "multi_label" and spec["threshold"] == 0.4
+    assert finetune.load(alone).threshold == 0.4
+    predicted = (torch.sigmoid(logits) > 0.4).long()
     truth = torch.tensor([[int(name in label.split("|")) for name in LABELS] for label in labels])
     assert (predicted == truth).all(-1).float().mean().item() == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)
 
