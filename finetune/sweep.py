@@ -254,7 +254,8 @@ def open_storage(text: str):
             if not journal.parent.is_dir():
                 raise FinetuneError(f"--storage: '{text}': the folder {journal.parent} does not exist; create it first")
             return optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
-        return optuna.storages.RDBStorage(text, heartbeat_interval=30, grace_period=120,
+        interval, grace = heartbeat_settings()
+        return optuna.storages.RDBStorage(text, heartbeat_interval=interval, grace_period=grace,
                                           engine_kwargs={"pool_pre_ping": True})
     except FinetuneError:
         raise
@@ -264,6 +265,77 @@ def open_storage(text: str):
             f"--storage: cannot open '{text}' ({error.__class__.__name__}: {first}); give journal:<file> or a "
             "reachable database URL (sqlite:///file.db, postgresql://user@host/db)"
         ) from None
+
+
+HEARTBEAT_ENV = "FINETUNE_SWEEP_HEARTBEAT"
+HEARTBEAT = (30, 120)  # seconds: a database storage's heartbeat interval and grace period
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """A database storage's heartbeat: every interval seconds a running trial's worker records that it is alive;
+    a trial silent for the grace period is failed by the next worker that starts a trial. $FINETUNE_SWEEP_HEARTBEAT
+    ("INTERVAL[,GRACE]", whole seconds) changes the default 30,120."""
+    text = os.environ.get(HEARTBEAT_ENV, "").strip()
+    if not text:
+        return HEARTBEAT
+    try:
+        parts = [int(part) for part in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts.append(4 * parts[0])
+    if len(parts) != 2 or parts[0] < 1 or parts[1] <= parts[0]:
+        raise FinetuneError(f"${HEARTBEAT_ENV}: '{text}' is not INTERVAL[,GRACE] in whole seconds with GRACE above "
+                            f"INTERVAL, e.g. {HEARTBEAT[0]},{HEARTBEAT[1]}")
+    return parts[0], parts[1]
+
+
+@contextlib.contextmanager
+def heartbeat(study, trial):
+    """While the trial runs, record its heartbeat in a storage that keeps them (a database); else nothing."""
+    import threading
+
+    storage = study._storage
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+    if not interval or not hasattr(storage, "record_heartbeat"):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a database hiccup must not end the trial; the next beat retries
+                storage.record_heartbeat(trial._trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"sweep-heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def fail_stale_trials(study) -> list[int]:
+    """Running trials whose heartbeat stopped for the grace period (a worker on any machine killed) end failed."""
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    if not (hasattr(storage, "get_heartbeat_interval") and storage.get_heartbeat_interval()):
+        return []
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    if not running:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna marks fail_stale_trials experimental
+        optuna.storages.fail_stale_trials(study)
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    return [number for number in running if states.get(number) == TrialState.FAIL]
 
 
 def _space_signature(setup: Setup) -> dict:
@@ -424,31 +496,92 @@ def _write_json(path: Path, content: dict) -> None:
     os.replace(temporary, path)
 
 
-def run_trial(setup: Setup, study, trial, values: dict, say) -> None:
-    """One trial: an ordinary run in trials/<number>/, reporting each epoch's validation value to the pruner."""
+class Ranks:
+    """The processes of one worker: one, or a torchrun/accelerate launch group. Rank 0 alone talks to the storage,
+    asks for trials, reports to the pruner and writes the sweep folder; it broadcasts what the others need (an error,
+    the next trial's number and values, each epoch's prune decision), so every rank runs the same trial as one
+    multi-process run."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = 0
+        self._state = None
+        if self.world > 1:
+            import torch
+            from accelerate import PartialState
+
+            # the group train()'s Accelerator joins (gloo on a CPU, as there)
+            self._state = PartialState(cpu=not torch.accelerator.is_available())
+            self.rank = self._state.process_index
+            # every trial's train() ends with end_training(), which destroys the process group; accelerate keeps it
+            # for fork-launched processes, which also run one training after another in one group
+            self._kept = self._state.fork_launched
+            self._state.fork_launched = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, value=None):
+        """Rank 0's value, on every rank."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self._state is not None:
+            import torch.distributed as dist
+
+            self._state.fork_launched = self._kept
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+            self._state = None
+
+
+def run_trial(setup: Setup, study, trial, values: dict, say, ranks: Ranks | None = None) -> None:
+    """One trial: an ordinary run in trials/<number>/, reporting each epoch's validation value to the pruner. On the
+    ranks other than 0 of a multi-process worker, study and trial are None: they run the trial and follow rank 0's
+    prune decisions."""
     import optuna
     from optuna.trial import TrialState
 
     from finetune.train import train
 
+    ranks = ranks or Ranks()
     metric = setup.recipe.sweep.metric
-    run_dir = setup.out / "trials" / str(trial.number)
+    number = trial.number if ranks.main else values.pop("__number__")
+    run_dir = setup.out / "trials" / str(number)
     seen: list[float] = []
     started = time.perf_counter()
 
     def report(epoch: int, validation: dict) -> None:
         seen.append(validation[metric])
-        trial.report(validation[metric], epoch)
-        if trial.should_prune():
+        prune = None
+        if ranks.main:
+            trial.report(validation[metric], epoch)
+            prune = trial.should_prune()
+        if ranks.share(prune):
             raise optuna.TrialPruned(f"epoch {epoch}: validation {metric} {validation[metric]:.4f}")
+
+    if not ranks.main:
+        with contextlib.suppress(optuna.TrialPruned, Exception):  # rank 0 records how the trial ended
+            recipe = recipe_module.from_dict(trial_recipe_dict(setup.base, values, run_dir), source=f"trial {number}")
+            train(recipe, on_epoch=report, evaluate_test=False)
+        return
 
     shown = ", ".join(f"{k}={_flow(v)}" for k, v in values.items())
     say(f"trial {trial.number}: {shown} -> {run_dir}")
-    record = {"number": trial.number, "params": values, "run_dir": str(run_dir)}
+    record = {"number": number, "params": values, "run_dir": str(run_dir)}
     state, value, why = TrialState.FAIL, None, None
     try:
-        recipe = recipe_module.from_dict(trial_recipe_dict(setup.base, values, run_dir), source=f"trial {trial.number}")
-        metrics = train(recipe, on_epoch=report, evaluate_test=False)
+        recipe = recipe_module.from_dict(trial_recipe_dict(setup.base, values, run_dir), source=f"trial {number}")
+        with heartbeat(study, trial):
+            metrics = train(recipe, on_epoch=report, evaluate_test=False)
         state, value = TrialState.COMPLETE, best_of(metrics["epochs"], metric)
     except optuna.TrialPruned as pruned:
         state, value, why = TrialState.PRUNED, best_of([{"validation": {metric: v}} for v in seen], metric), str(pruned)
@@ -479,16 +612,11 @@ def run_trial(setup: Setup, study, trial, values: dict, say) -> None:
 def sweep(recipe_path: str, overrides: list[str] = (), trials: int | None = None, timeout: float | None = None,
           storage: str | None = None, study: str | None = None, space: str | None = None) -> dict:
     """Run (or join, or resume) a study until it holds `trials` finished trials; write the sweep folder; return
-    sweep.json's content."""
+    sweep.json's content (on rank 0 of a multi-process worker; the other ranks return {})."""
     try:
         import optuna  # noqa: F401
     except ImportError:
         raise FinetuneError('sweep: Optuna is not installed; pip install "finetune[sweep]"') from None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise FinetuneError(
-            "sweep: one process per worker; start several `finetune sweep` workers with the same --storage instead "
-            "of torchrun/accelerate launch"
-        )
     setup = load_setup(recipe_path, list(overrides), space)
     target = trials if trials is not None else setup.recipe.sweep.trials
     if target < 1:
@@ -501,30 +629,59 @@ def sweep(recipe_path: str, overrides: list[str] = (), trials: int | None = None
         raise FinetuneError(f"output.dir: '{setup.out}' is a file; choose a folder path")
     setup.storage_text = storage or f"journal:{setup.out / DEFAULT_JOURNAL}"
     setup.study_name = study or setup.out.name
-    opened = None
-    if storage is not None or (setup.out / DEFAULT_JOURNAL).is_file():
-        opened = open_storage(setup.storage_text)
-    check_study(setup, opened)
-    # everything is checked: from here on the sweep folder (and a new study) is written
-    setup.out.mkdir(parents=True, exist_ok=True)
-    (setup.out / "trials").mkdir(exist_ok=True)
-    the_study = open_study(setup, opened or open_storage(setup.storage_text))
-    say = _say(setup.out)
-    say(f"sweep: study '{setup.study_name}' in {setup.storage_text}; {target} finished trials wanted; "
-        f"{setup.recipe.sweep.sampler} sampler, {setup.recipe.sweep.pruner} pruner, validation "
-        f"{setup.recipe.sweep.metric} ({setup.direction})")
-    _optimize(setup, the_study, target, timeout, say)
-    return write_report(setup, the_study, target, say)
+    ranks = Ranks()
+    try:
+        if not ranks.main:
+            error = ranks.share()  # rank 0's checks of the storage and the study
+            if error is not None:
+                raise FinetuneError(error)
+            _follow(setup, ranks)
+            return {}
+        try:
+            opened = None
+            if storage is not None or (setup.out / DEFAULT_JOURNAL).is_file():
+                opened = open_storage(setup.storage_text)
+            check_study(setup, opened)
+            # everything is checked: from here on the sweep folder (and a new study) is written
+            setup.out.mkdir(parents=True, exist_ok=True)
+            (setup.out / "trials").mkdir(exist_ok=True)
+            the_study = open_study(setup, opened or open_storage(setup.storage_text))
+        except BaseException as error:
+            ranks.share(str(error) if isinstance(error, FinetuneError) else f"sweep: {error.__class__.__name__} "
+                        f"on rank 0: {error}")
+            raise
+        ranks.share(None)
+        say = _say(setup.out)
+        processes = f"; {ranks.world} processes per trial" if ranks.world > 1 else ""
+        say(f"sweep: study '{setup.study_name}' in {setup.storage_text}; {target} finished trials wanted; "
+            f"{setup.recipe.sweep.sampler} sampler, {setup.recipe.sweep.pruner} pruner, validation "
+            f"{setup.recipe.sweep.metric} ({setup.direction}){processes}")
+        try:
+            _optimize(setup, the_study, target, timeout, say, ranks)
+        finally:
+            ranks.share(None)  # the other ranks stop (also when rank 0 failed)
+        return write_report(setup, the_study, target, say)
+    finally:
+        ranks.close()
 
 
-def _optimize(setup: Setup, study, target: int, timeout: float | None, say) -> None:
+def _follow(setup: Setup, ranks: Ranks) -> None:
+    """A rank other than 0: run each trial rank 0 sends, until it sends None."""
+    while (values := ranks.share()) is not None:
+        run_trial(setup, None, None, values, lambda message: None, ranks)
+
+
+def _optimize(setup: Setup, study, target: int, timeout: float | None, say, ranks: Ranks | None = None) -> None:
     from optuna.trial import TrialState
 
+    ranks = ranks or Ranks()
     deadline = None if timeout is None else time.monotonic() + timeout
     while deadline is None or time.monotonic() < deadline:
         with _sweep_lock(setup.out):
             for number in fail_dead_trials(study):
                 say(f"trial {number}: failed (its worker died)")
+            for number in fail_stale_trials(study):
+                say(f"trial {number}: failed (no heartbeat from its worker for {heartbeat_settings()[1]} s)")
             counts = count_states(study)
             finished = sum(counts.get(state, 0) for state in FINISHED)
             if finished + counts.get("RUNNING", 0) >= target:
@@ -536,7 +693,9 @@ def _optimize(setup: Setup, study, target: int, timeout: float | None, say) -> N
             except Exception:
                 study.tell(trial, state=TrialState.FAIL)
                 raise
-        run_trial(setup, study, trial, values, say)
+        if ranks.world > 1:
+            ranks.share(values | {"__number__": trial.number})
+        run_trial(setup, study, trial, values, say, ranks)
 
 
 def _say(out: Path):
@@ -567,9 +726,15 @@ def _trial_row(setup: Setup, trial) -> dict:
         "run_dir": str(setup.out / "trials" / str(trial.number)),
         "epochs": len(trial.intermediate_values),
         "seconds": trial.user_attrs.get("seconds"),
-        **({"reason": trial.user_attrs.get("error") or trial.user_attrs.get("pruned")}
-           if trial.user_attrs.get("error") or trial.user_attrs.get("pruned") else {}),
+        **({"reason": _reason(trial)} if _reason(trial) else {}),
     }
+
+
+def _reason(trial) -> str | None:
+    reason = trial.user_attrs.get("error") or trial.user_attrs.get("pruned")
+    if reason is None and trial.state.name == "FAIL" and "seconds" not in trial.user_attrs:
+        reason = "its worker stopped mid-trial (its heartbeat ran out)"  # failed by fail_stale_trials
+    return reason
 
 
 def write_report(setup: Setup, study, target: int, say) -> dict:

@@ -1,0 +1,62 @@
+"""scripts/bench_sweep.py on a tiny model, one trial a side: the kit's sweep and the Trainer's hyperparameter_search
+both run on the same rows and the same sampled learning rate, and the report is written."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import LABELS, REPO, _rows, subprocess_env, write_csv
+
+SCRIPT = REPO / "scripts" / "bench_sweep.py"
+
+pytest.importorskip("optuna")
+
+
+def test_the_benchmark_script_imports_nothing_from_the_kit():
+    tree = ast.parse(SCRIPT.read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not {name for name in imported if name.split(".")[0] == "finetune"}  # the kit runs as `finetune sweep`
+
+
+def text_label_csvs(root):
+    sizes = {"train": ({"food": 6, "sports": 5, "tech": 5}, 0), "validation": ({k: 3 for k in LABELS}, 1),
+             "test": ({k: 3 for k in LABELS}, 2)}
+    for name, (counts, seed) in sizes.items():
+        write_csv(root / f"{name}.csv", ["text", "label"], _rows(counts, seed))
+    return root
+
+
+@pytest.mark.parametrize("compare", ["full", pytest.param("probe", marks=pytest.mark.slow)])
+def test_both_sides_of_the_sweep_benchmark_run_one_trial(tiny_bert, tmp_path, compare):
+    data = text_label_csvs(tmp_path / "data")
+    out, markdown = tmp_path / "sweep.json", tmp_path / "sweep.md"
+    markdown.write_text("# Sweeps\n\n<!-- bench:sweep -->\nold\n<!-- /bench:sweep -->\n\nafter\n")
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--data", data, "--model", tiny_bert, "--trials", "1", "--epochs", "1",
+         "--max-length", "16", "--batch-size", "8", "--threads", "1", "--precision", "fp32", "--compare", compare,
+         "--out", out, "--markdown", markdown, "--workdir", tmp_path / "work"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    result = json.loads(out.read_text())
+    entry = result["comparisons"][compare]
+    kit, trainer = entry["kit"], entry["trainer"]
+    assert trainer["rows"] == {"train": 16, "validation": 9, "test": 9} and result["rows"] == "16/9/9"
+    assert kit["precision"] == trainer["precision"] == "fp32"
+    assert len(kit["trials"]) == len(trainer["trials"]) == 1
+    # the same TPE seed draws the same first learning rate on both sides
+    assert kit["best"]["params"]["train.lr"] == pytest.approx(trainer["best"]["params"]["learning_rate"], rel=1e-9)
+    assert 0 <= kit["best"]["value"] <= 1 and 0 <= trainer["best"]["value"] <= 1
+    assert 0 <= kit["test"]["accuracy"] <= 1 and 0 <= trainer["test"]["accuracy"] <= 1
+    assert kit["wall_seconds"] > 0 and trainer["wall_seconds"] > trainer["retrain_seconds"] > 0
+    assert kit["cached_features"] == (compare == "probe")
+    assert entry["ratios"]["speedup_to_tested_model"] == pytest.approx(trainer["wall_seconds"] / kit["wall_seconds"])
+    text = markdown.read_text()
+    assert "old" not in text and text.endswith("after\n") and "AVX" in text and "kit / Trainer" in text
+    job = json.loads((tmp_path / "work" / f"trainer-{compare}.job.json").read_text())
+    assert job["files"]["train"] == str((data / "train.csv").resolve())
+    assert job["freeze_backbone"] == (compare == "probe")
