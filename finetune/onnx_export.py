@@ -72,12 +72,12 @@ def export(source: str | Path, output: str | Path | None = None, quantize: str |
             raise FinetuneError(f"--output: '{out}' exists and is not an earlier export; choose an empty folder")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    image = predictor.task == "image-classification"
+    image = _is_image(predictor)
     sample = _sample_inputs(predictor)
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = Path(scratch) / ONNX_FILE
         names = _export_image(predictor, fp32) if image else _export_text(predictor, fp32)
-        torch_logits = predictor.logits(sample)
+        torch_logits = sample_logits(predictor, sample)
         method = None
         if quantize is None:
             shutil.copy(fp32, out / ONNX_FILE)
@@ -99,6 +99,38 @@ def export(source: str | Path, output: str | Path | None = None, quantize: str |
     return {**info, "path": str(out)}
 
 
+def _is_image(predictor) -> bool:
+    from finetune.tasks import inputs_of
+
+    return inputs_of(predictor.task) == "image"
+
+
+def _per_token(predictor) -> bool:
+    """Tasks whose outputs are not one row of logits per input (a tag per sub-token) predict through the task."""
+    from finetune.tasks import get_task
+
+    return hasattr(get_task(predictor.task), "predict")
+
+
+class SampleLogits(np.ndarray):
+    """Logits of the parity sample; for a per-token task [inputs, sub-tokens, tags] with `mask` of the real ones."""
+
+    mask = None
+
+
+def sample_logits(predictor, sample: list) -> np.ndarray:
+    """The model's logits on the parity sample, encoded one way for torch and ONNX alike (one padded batch for
+    token classification, so that the sub-token positions line up)."""
+    if not _per_token(predictor):
+        return predictor.logits(sample)
+    from finetune.tasks.token_classification import encode_inputs
+
+    batch = encode_inputs(sample, predictor.preprocess, predictor.max_length).model_inputs()
+    logits = predictor._forward(dict(batch)).view(SampleLogits)
+    logits.mask = batch["attention_mask"].numpy().astype(bool)
+    return logits
+
+
 def _default_output(predictor, source, quantize) -> Path:
     base = predictor.run_dir if predictor.run_dir is not None else Path(source)
     return base / "export" / ("onnx-int8" if quantize else "onnx")
@@ -117,8 +149,10 @@ def _sample_inputs(predictor) -> list:
                     raw = read_labelled(recipe, spec, split)
                 except FinetuneError:
                     continue
+                if getattr(raw, "pairs", None) is not None:  # sentence pairs, encoded as the tokenizer's pair
+                    return [{"text": a, "text_pair": b} for a, b in zip(raw.texts[:PARITY_SAMPLES], raw.pairs)]
                 return list(raw.texts[:PARITY_SAMPLES])
-    if predictor.task == "image-classification":
+    if _is_image(predictor):
         size = _image_config(predictor)["input_size"]
         rng = np.random.default_rng(0)
         return [rng.integers(0, 255, (size[1], size[2], 3), dtype=np.uint8) for _ in range(8)]
@@ -227,12 +261,16 @@ def _write_preprocessing(predictor, out: Path, names: list[str]) -> None:
     """config.json (and tokenizer files) as the contract fixes them: enough for onnxruntime alone."""
     source = Path(predictor.model_dir)
     config = json.loads((source / "config.json").read_text())
-    if predictor.task == "image-classification":
+    if _is_image(predictor):
         config["label_names"] = predictor.labels
         config.setdefault("pretrained_cfg", {}).update(_image_config(predictor))
     else:
         predictor.preprocess.save_pretrained(out)
-        if predictor.problem == "regression":
+        if _per_token(predictor):  # one tag per token: the config's id2label is the tag set
+            labels = predictor.labels or []
+            config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+            config["label2id"] = {name: i for i, name in enumerate(labels)}
+        elif predictor.problem == "regression":
             config.update(num_labels=1, problem_type="regression")
         else:
             labels = predictor.labels or []
@@ -255,7 +293,7 @@ def _quantize(predictor, fp32: Path, int8: Path, scratch: str, sample: list, tor
     quantize_dynamic(str(fp32), str(dynamic), weight_type=QuantType.QInt8, per_channel=False,
                      reduce_range=reduce_range)
     chosen = {"method": "dynamic", "weights": "int8", "reduce_range": reduce_range}
-    if predictor.task != "image-classification":
+    if not _is_image(predictor):
         shutil.copy(dynamic, int8)
         return chosen
     static = Path(scratch) / "static.onnx"
@@ -321,9 +359,16 @@ def _onnx_predictor(predictor, path: Path):
 
 
 def _parity(predictor, out: Path, sample: list, torch_logits, quantize) -> dict:
-    logits = _onnx_predictor(predictor, out / ONNX_FILE).logits(sample)
+    logits = np.asarray(sample_logits(_onnx_predictor(predictor, out / ONNX_FILE), sample))
+    mask = getattr(torch_logits, "mask", None)
+    torch_logits = np.asarray(torch_logits)
+    if mask is not None:  # per token: the real sub-tokens of each input (padding is not compared)
+        logits, torch_logits = logits[mask], torch_logits[mask]
     parity = {"max_abs_logit_diff": float(np.max(np.abs(logits - torch_logits))), "samples": len(sample)}
-    if predictor.problem == "single_label":
+    if mask is not None:
+        parity["agreement"] = float(np.mean(logits.argmax(-1) == torch_logits.argmax(-1)))
+        parity["agreement_of"] = "sub-tokens"
+    elif predictor.problem == "single_label":
         parity["agreement"] = float(np.mean(logits.argmax(-1) == torch_logits.argmax(-1)))
     elif predictor.problem == "multi_label":
         threshold = predictor.threshold
@@ -344,7 +389,8 @@ def _test_metrics(predictor, out: Path) -> dict | None:
     source = str(predictor.run_dir)
     torch_metrics = evaluate(source, recipe.data.test, split="test", progress=False)["metrics"]
     d = recipe.data
-    columns = {"text_column": d.text_column, "label_column": d.label_column, "image_column": d.image_column}
+    columns = {"text_column": d.text_column, "label_column": d.label_column, "image_column": d.image_column,
+               "pair_column": d.text_pair_column}
     onnx_metrics = evaluate(str(out), d.test, split="test", progress=False, **columns)["metrics"]
     return {"torch": torch_metrics, "onnx": onnx_metrics}
 
