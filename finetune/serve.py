@@ -166,19 +166,30 @@ class Batcher:
 PAGE = """<!doctype html><meta charset="utf-8"><title>finetune serve</title>
 <h1>finetune serve</h1><p id="info"></p>
 <textarea id="text" rows="4" cols="60" placeholder="a text to label"></textarea><br>
-<input type="file" id="image" accept="image/*"> <button id="go">predict</button><pre id="out"></pre>
+<input type="file" id="image" accept="image/*"> <button id="go">predict</button>
+<p>label: <b id="label"></b></p><pre id="out"></pre>
 <script>
-const out = document.getElementById("out");
+const out = document.getElementById("out"), shown = document.getElementById("label");
 fetch("info").then(r => r.json()).then(i => document.getElementById("info").textContent = i.task + ": " +
   (i.labels || []).join(", "));
+function summary(p) {  // the label, the labels over the threshold, the value, or the entities
+  if (p.label !== undefined) return p.label;
+  if (p.labels !== undefined) return p.labels.join(", ") || "(none)";
+  if (p.value !== undefined) return String(p.value);
+  if (p.entities !== undefined) return p.entities.map(e => e.word + ": " + e.label).join(", ") || "(no entities)";
+  return "";
+}
 document.getElementById("go").onclick = async () => {
   const file = document.getElementById("image").files[0];
   let input = document.getElementById("text").value;
   if (file) input = await new Promise(ok => { const r = new FileReader();
     r.onload = () => ok(r.result.split(",")[1]); r.readAsDataURL(file); });
+  shown.textContent = "";
   const r = await fetch("predict", {method: "POST", headers: {"Content-Type": "application/json"},
     body: JSON.stringify({inputs: [input], top_k: 3})});
-  out.textContent = JSON.stringify(await r.json(), null, 1);
+  const answer = await r.json();
+  out.textContent = JSON.stringify(answer, null, 1);
+  shown.textContent = answer.predictions ? summary(answer.predictions[0]) : "error: " + answer.error;
 };
 </script>
 """
