@@ -68,6 +68,9 @@ def export(source: str | Path, output: str | Path | None = None, quantize: str |
         raise FinetuneError(f"{source}: is already an ONNX export; export the run or model folder it came from")
     predictor = load(source, device="cpu")
     predictor.model_dir, _ = resolve(source)
+    # the graph computes in fp32: parity is against the torch model in fp32, not under a bf16 run's autocast
+    # (a bf16 run's own predictions round logits to ~3 significant digits; its test metric is still compared)
+    trained_precision, predictor.precision = predictor.precision, "fp32"
     out = Path(output) if output else _default_output(predictor, source, quantize)
     if out.exists() and any(out.iterdir()):
         if not (out / EXPORT_FILE).is_file():
@@ -91,6 +94,7 @@ def export(source: str | Path, output: str | Path | None = None, quantize: str |
         "source": str(source), "inputs": names, "quantization": method,
         "task": predictor.task, "problem": predictor.problem, "labels": predictor.labels,
         "threshold": predictor.threshold, "max_length": None if image else predictor.max_length,
+        "parity_reference": "torch fp32", "torch_predict_precision": trained_precision,
     }
     (out / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
     info["parity"] = _parity(predictor, out, sample, torch_logits, quantize)
