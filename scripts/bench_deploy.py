@@ -160,7 +160,8 @@ def bench_image(args, work: Path) -> dict:
     labels = predictor.labels
     images = [load_image(entry) for entry in raw.texts]
     truth = [labels[i] if isinstance(i, int) else i for i in raw.labels]
-    model = timm.create_model(f"local-dir:{run / 'model'}").eval()  # the plain timm model, as a user loads it
+    # the plain timm model as a user loads it (pretrained=True: the folder's weights, not a fresh init)
+    model = timm.create_model(f"local-dir:{run / 'model'}", pretrained=True).eval()
     transform = create_transform(**resolve_model_data_config(model), is_training=False)
     names = model.pretrained_cfg.get("label_names") or labels
 
@@ -274,6 +275,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency", type=int, default=48, help="batch-1 calls per runner per round")
     parser.add_argument("--serve", type=int, default=512, help="requests per serve load")
+    parser.add_argument("--serve-export", choices=("int8", "fp32"), default="int8",
+                        help="which text export serve runs (int8's activation scales depend on the batch)")
     parser.add_argument("--text-backbone", default=None, help="tiny mode: a local backbone folder")
     parser.add_argument("--text-override", action="append", default=[])
     parser.add_argument("--image-backbone", default=None, help="tiny mode: a timm model name (random init)")
@@ -298,7 +301,8 @@ def main() -> None:
     report["text"], int8 = bench_text(args, work)
     import pandas as pd
 
-    report["serve"] = bench_serve(args, int8, list(pd.read_csv(Path(args.short) / "test.csv")["text"]))
+    served = int8 if args.serve_export == "int8" else int8.parent / "onnx"
+    report["serve"] = bench_serve(args, served, list(pd.read_csv(Path(args.short) / "test.csv")["text"]))
     if not args.skip_image:
         report["image"] = bench_image(args, work)
     report["seconds"] = time.time() - started
