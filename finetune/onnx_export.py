@@ -20,6 +20,8 @@ FP32_TOLERANCE = 1e-3  # max abs logit difference an fp32 export may show agains
 INT8_WARN_POINTS = 2.0  # an int8 test metric this many points below the torch model's prints a warning
 PARITY_SAMPLES = 64  # inputs compared between torch and ONNX when no test split is known
 CALIBRATION_IMAGES = 64
+FUSABLE = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet")  # what the "bert" fusions match
+FUSION_TOLERANCE = 1e-4  # the fused fp32 graph against the exported one, before int8
 ONNX_EXTRA = 'pip install "finetune[onnx]"'
 
 
@@ -66,18 +68,21 @@ def export(source: str | Path, output: str | Path | None = None, quantize: str |
         raise FinetuneError(f"{source}: is already an ONNX export; export the run or model folder it came from")
     predictor = load(source, device="cpu")
     predictor.model_dir, _ = resolve(source)
+    # the graph computes in fp32: parity is against the torch model in fp32, not under a bf16 run's autocast
+    # (a bf16 run's own predictions round logits to ~3 significant digits; its test metric is still compared)
+    trained_precision, predictor.precision = predictor.precision, "fp32"
     out = Path(output) if output else _default_output(predictor, source, quantize)
     if out.exists() and any(out.iterdir()):
         if not (out / EXPORT_FILE).is_file():
             raise FinetuneError(f"--output: '{out}' exists and is not an earlier export; choose an empty folder")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    image = predictor.task == "image-classification"
+    image = _is_image(predictor)
     sample = _sample_inputs(predictor)
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = Path(scratch) / ONNX_FILE
         names = _export_image(predictor, fp32) if image else _export_text(predictor, fp32)
-        torch_logits = predictor.logits(sample)
+        torch_logits = sample_logits(predictor, sample)
         method = None
         if quantize is None:
             shutil.copy(fp32, out / ONNX_FILE)
@@ -89,6 +94,7 @@ def export(source: str | Path, output: str | Path | None = None, quantize: str |
         "source": str(source), "inputs": names, "quantization": method,
         "task": predictor.task, "problem": predictor.problem, "labels": predictor.labels,
         "threshold": predictor.threshold, "max_length": None if image else predictor.max_length,
+        "parity_reference": "torch fp32", "torch_predict_precision": trained_precision,
     }
     (out / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
     info["parity"] = _parity(predictor, out, sample, torch_logits, quantize)
@@ -97,6 +103,38 @@ def export(source: str | Path, output: str | Path | None = None, quantize: str |
     (out / "README.md").write_text(export_card(info))
     _check(info, out)
     return {**info, "path": str(out)}
+
+
+def _is_image(predictor) -> bool:
+    from finetune.tasks import inputs_of
+
+    return inputs_of(predictor.task) == "image"
+
+
+def _per_token(predictor) -> bool:
+    """Tasks whose outputs are not one row of logits per input (a tag per sub-token) predict through the task."""
+    from finetune.tasks import get_task
+
+    return hasattr(get_task(predictor.task), "predict")
+
+
+class SampleLogits(np.ndarray):
+    """Logits of the parity sample; for a per-token task [inputs, sub-tokens, tags] with `mask` of the real ones."""
+
+    mask = None
+
+
+def sample_logits(predictor, sample: list) -> np.ndarray:
+    """The model's logits on the parity sample, encoded one way for torch and ONNX alike (one padded batch for
+    token classification, so that the sub-token positions line up)."""
+    if not _per_token(predictor):
+        return predictor.logits(sample)
+    from finetune.tasks.token_classification import encode_inputs
+
+    batch = encode_inputs(sample, predictor.preprocess, predictor.max_length).model_inputs()
+    logits = predictor._forward(dict(batch)).view(SampleLogits)
+    logits.mask = batch["attention_mask"].numpy().astype(bool)
+    return logits
 
 
 def _default_output(predictor, source, quantize) -> Path:
@@ -117,8 +155,10 @@ def _sample_inputs(predictor) -> list:
                     raw = read_labelled(recipe, spec, split)
                 except FinetuneError:
                     continue
+                if getattr(raw, "pairs", None) is not None:  # sentence pairs, encoded as the tokenizer's pair
+                    return [{"text": a, "text_pair": b} for a, b in zip(raw.texts[:PARITY_SAMPLES], raw.pairs)]
                 return list(raw.texts[:PARITY_SAMPLES])
-    if predictor.task == "image-classification":
+    if _is_image(predictor):
         size = _image_config(predictor)["input_size"]
         rng = np.random.default_rng(0)
         return [rng.integers(0, 255, (size[1], size[2], 3), dtype=np.uint8) for _ in range(8)]
@@ -227,12 +267,16 @@ def _write_preprocessing(predictor, out: Path, names: list[str]) -> None:
     """config.json (and tokenizer files) as the contract fixes them: enough for onnxruntime alone."""
     source = Path(predictor.model_dir)
     config = json.loads((source / "config.json").read_text())
-    if predictor.task == "image-classification":
+    if _is_image(predictor):
         config["label_names"] = predictor.labels
         config.setdefault("pretrained_cfg", {}).update(_image_config(predictor))
     else:
         predictor.preprocess.save_pretrained(out)
-        if predictor.problem == "regression":
+        if _per_token(predictor):  # one tag per token: the config's id2label is the tag set
+            labels = predictor.labels or []
+            config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+            config["label2id"] = {name: i for i, name in enumerate(labels)}
+        elif predictor.problem == "regression":
             config.update(num_labels=1, problem_type="regression")
         else:
             labels = predictor.labels or []
@@ -246,18 +290,73 @@ def _write_preprocessing(predictor, out: Path, names: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _fuse_transformer(predictor, fp32: Path, out: Path) -> dict | None:
+    """onnxruntime's transformer optimizer on the fp32 graph (LayerNorm + residual, bias + GELU fused into its
+    contrib ops) before int8: fewer, larger kernels. {fused op: count}, or None where the architecture is not one
+    it knows or the fused graph is not the same function (checked on a batch, max abs logit diff FUSION_TOLERANCE)."""
+    import contextlib
+    import io
+    import logging
+
+    config = _text_config(predictor)
+    if config is None or getattr(config, "model_type", None) not in FUSABLE:
+        return None
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    quiet = logging.getLogger("onnxruntime.transformers")
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            # opt_level 1: graph fusions only; the session applies the rest at load time (all levels)
+            fused = optimize_model(str(fp32), model_type="bert", num_heads=config.num_attention_heads,
+                                   hidden_size=config.hidden_size, opt_level=1, use_gpu=False)
+            fused.save_model_to_file(str(out))
+            counts = {name: n for name, n in fused.get_fused_operator_statistics().items() if n}
+    except Exception as error:  # an unfamiliar graph: int8 without fusion still works
+        warnings.warn(f"transformer fusion skipped ({error.__class__.__name__}); int8 without it")
+        return None
+    finally:
+        quiet.level = level
+    from finetune.onnx_runtime import make_session
+
+    encoded = predictor.preprocess(["a b c d e f g", "a b", "c d e"], padding=True, return_tensors="pt")
+    batch = {key: value.numpy() for key, value in encoded.items()}
+    results = []
+    for path in (fp32, out):
+        session = make_session(path)
+        results.append(session.run(None, {i.name: batch[i.name].astype(np.int64) for i in session.get_inputs()})[0])
+    if float(np.max(np.abs(results[0] - results[1]))) > FUSION_TOLERANCE:
+        return None
+    return counts
+
+
+def _text_config(predictor):
+    model = predictor.model
+    return getattr(model, "config", None) or getattr(getattr(model, "backbone", None), "config", None)
+
+
 def _quantize(predictor, fp32: Path, int8: Path, scratch: str, sample: list, torch_logits) -> dict:
-    """int8 weights: dynamic for transformers; static QDQ for conv nets unless it agrees less than dynamic."""
+    """int8 weights: dynamic for transformers (after fusion, per output channel); static QDQ for conv nets unless
+    it agrees less than dynamic."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     reduce_range = not vnni_cpu()
     dynamic = Path(scratch) / "dynamic.onnx"
+    if not _is_image(predictor):
+        fused_path = Path(scratch) / "fused.onnx"
+        fusion = _fuse_transformer(predictor, fp32, fused_path)
+        # the fused graph's contrib ops carry no inferred types: the quantiser then takes their outputs as float
+        quantize_dynamic(str(fused_path if fusion else fp32), str(dynamic), weight_type=QuantType.QInt8,
+                         per_channel=True, reduce_range=reduce_range,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        shutil.copy(dynamic, int8)
+        return {"method": "dynamic", "weights": "int8", "per_channel": True, "reduce_range": reduce_range,
+                "fusion": fusion}
     quantize_dynamic(str(fp32), str(dynamic), weight_type=QuantType.QInt8, per_channel=False,
                      reduce_range=reduce_range)
     chosen = {"method": "dynamic", "weights": "int8", "reduce_range": reduce_range}
-    if predictor.task != "image-classification":
-        shutil.copy(dynamic, int8)
-        return chosen
     static = Path(scratch) / "static.onnx"
     try:
         _quantize_static(predictor, fp32, static, reduce_range)
@@ -321,9 +420,16 @@ def _onnx_predictor(predictor, path: Path):
 
 
 def _parity(predictor, out: Path, sample: list, torch_logits, quantize) -> dict:
-    logits = _onnx_predictor(predictor, out / ONNX_FILE).logits(sample)
+    logits = np.asarray(sample_logits(_onnx_predictor(predictor, out / ONNX_FILE), sample))
+    mask = getattr(torch_logits, "mask", None)
+    torch_logits = np.asarray(torch_logits)
+    if mask is not None:  # per token: the real sub-tokens of each input (padding is not compared)
+        logits, torch_logits = logits[mask], torch_logits[mask]
     parity = {"max_abs_logit_diff": float(np.max(np.abs(logits - torch_logits))), "samples": len(sample)}
-    if predictor.problem == "single_label":
+    if mask is not None:
+        parity["agreement"] = float(np.mean(logits.argmax(-1) == torch_logits.argmax(-1)))
+        parity["agreement_of"] = "sub-tokens"
+    elif predictor.problem == "single_label":
         parity["agreement"] = float(np.mean(logits.argmax(-1) == torch_logits.argmax(-1)))
     elif predictor.problem == "multi_label":
         threshold = predictor.threshold
@@ -344,7 +450,8 @@ def _test_metrics(predictor, out: Path) -> dict | None:
     source = str(predictor.run_dir)
     torch_metrics = evaluate(source, recipe.data.test, split="test", progress=False)["metrics"]
     d = recipe.data
-    columns = {"text_column": d.text_column, "label_column": d.label_column, "image_column": d.image_column}
+    columns = {"text_column": d.text_column, "label_column": d.label_column, "image_column": d.image_column,
+               "pair_column": d.text_pair_column}
     onnx_metrics = evaluate(str(out), d.test, split="test", progress=False, **columns)["metrics"]
     return {"torch": torch_metrics, "onnx": onnx_metrics}
 

@@ -24,8 +24,34 @@ class BadRequest(Exception):
 
 
 def _text_input(value, i: int):
+    if isinstance(value, dict):  # a sentence pair
+        if set(value) != {"text", "text_pair"}:
+            raise BadRequest(f"inputs[{i}]: a pair is {{\"text\": ..., \"text_pair\": ...}}, got keys "
+                             f"{', '.join(sorted(map(str, value))) or 'none'}")
+        for key in ("text", "text_pair"):
+            if not isinstance(value[key], str) or not value[key].strip():
+                raise BadRequest(f"inputs[{i}].{key}: must be a non-empty string")
+        return f"{value['text']} | {value['text_pair']}", {"text": value["text"], "text_pair": value["text_pair"]}
     if not isinstance(value, str):
-        raise BadRequest(f"inputs[{i}]: a text model takes strings, got {type(value).__name__}")
+        raise BadRequest(f"inputs[{i}]: a text model takes strings or {{\"text\", \"text_pair\"}} objects, "
+                         f"got {type(value).__name__}")
+    if not value.strip():
+        raise BadRequest(f"inputs[{i}]: empty text")
+    return value, value
+
+
+def _words_input(value, i: int):
+    """Token classification: a raw text, or a list of words (one tag each)."""
+    if isinstance(value, list):
+        if not value:
+            raise BadRequest(f"inputs[{i}]: an empty list of words")
+        for j, word in enumerate(value):
+            if not isinstance(word, str) or not word.strip():
+                raise BadRequest(f"inputs[{i}][{j}]: a word must be a non-empty string")
+        return " ".join(value), list(value)
+    if not isinstance(value, str):
+        raise BadRequest(f"inputs[{i}]: a token classifier takes a text or a list of words, got "
+                         f"{type(value).__name__}")
     if not value.strip():
         raise BadRequest(f"inputs[{i}]: empty text")
     return value, value
@@ -47,7 +73,8 @@ def _image_input(value, i: int):
 
 # One parser per input kind, chosen by task: sentence pairs ({"text", "text_pair"}) and word lists (token
 # classification) arrive as rows here, without touching the request handling.
-INPUT_PARSERS = {"text-classification": _text_input, "image-classification": _image_input}
+INPUT_PARSERS = {"text-classification": _text_input, "image-classification": _image_input,
+                 "token-classification": _words_input}
 
 
 def parse_request(body: bytes, task: str, max_inputs: int) -> tuple[list, list, int | None]:
@@ -82,7 +109,11 @@ class Batcher:
     """Requests queued here run together: up to max_batch inputs, waiting at most max_wait_ms for more."""
 
     def __init__(self, predictor, max_batch: int, max_wait_ms: float):
+        from finetune.tasks import get_task
+
         self.predictor = predictor
+        # tasks whose outputs are not a row of logits per input (a tag per word) decode through the task
+        self.per_input = hasattr(get_task(predictor.task), "predict")
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -109,8 +140,9 @@ class Batcher:
                 jobs.append(job)
                 size += len(job[0])
             inputs = [entry for job in jobs for entry in job[0]]
+            run = self._predict if self.per_input else self._logits
             try:  # the model runs in a thread: the event loop keeps accepting requests meanwhile
-                logits = await loop.run_in_executor(None, self.predictor.logits, inputs, self.max_batch, False)
+                logits = await loop.run_in_executor(None, run, inputs)
             except Exception as error:  # a bad input the parsers let through fails its batch, not the server
                 for *_, future in jobs:
                     if not future.done():
@@ -121,25 +153,43 @@ class Batcher:
                 rows = logits[start:start + len(batch_inputs)]
                 start += len(batch_inputs)
                 if not future.done():
-                    future.set_result((self.predictor.decode(rows, top_k), len(inputs)))
+                    decoded = rows if self.per_input else self.predictor.decode(rows, top_k)
+                    future.set_result((decoded, len(inputs)))
+
+    def _logits(self, inputs: list):
+        return self.predictor.logits(inputs, self.max_batch, False)
+
+    def _predict(self, inputs: list):
+        return self.predictor.predict(inputs, batch_size=self.max_batch)
 
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>finetune serve</title>
 <h1>finetune serve</h1><p id="info"></p>
 <textarea id="text" rows="4" cols="60" placeholder="a text to label"></textarea><br>
-<input type="file" id="image" accept="image/*"> <button id="go">predict</button><pre id="out"></pre>
+<input type="file" id="image" accept="image/*"> <button id="go">predict</button>
+<p>label: <b id="label"></b></p><pre id="out"></pre>
 <script>
-const out = document.getElementById("out");
+const out = document.getElementById("out"), shown = document.getElementById("label");
 fetch("info").then(r => r.json()).then(i => document.getElementById("info").textContent = i.task + ": " +
   (i.labels || []).join(", "));
+function summary(p) {  // the label, the labels over the threshold, the value, or the entities
+  if (p.label !== undefined) return p.label;
+  if (p.labels !== undefined) return p.labels.join(", ") || "(none)";
+  if (p.value !== undefined) return String(p.value);
+  if (p.entities !== undefined) return p.entities.map(e => e.word + ": " + e.label).join(", ") || "(no entities)";
+  return "";
+}
 document.getElementById("go").onclick = async () => {
   const file = document.getElementById("image").files[0];
   let input = document.getElementById("text").value;
   if (file) input = await new Promise(ok => { const r = new FileReader();
     r.onload = () => ok(r.result.split(",")[1]); r.readAsDataURL(file); });
+  shown.textContent = "";
   const r = await fetch("predict", {method: "POST", headers: {"Content-Type": "application/json"},
     body: JSON.stringify({inputs: [input], top_k: 3})});
-  out.textContent = JSON.stringify(await r.json(), null, 1);
+  const answer = await r.json();
+  out.textContent = JSON.stringify(answer, null, 1);
+  shown.textContent = answer.predictions ? summary(answer.predictions[0]) : "error: " + answer.error;
 };
 </script>
 """

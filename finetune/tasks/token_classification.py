@@ -856,19 +856,31 @@ def _group(parts: list[list], names: list[str]) -> list[tuple[str, int, int, flo
 
 
 def predict(model, tokenizer, inputs: Sequence[str | Sequence[str]], names: list[str], max_length: int | None,
-            aggregation: str = "first", batch_size: int = 32, device: str | None = None) -> list[dict]:
-    """`decode` over a model's logits for raw texts or word lists, batched (what predict/serve print per input)."""
-    import torch
-
-    device = device or next(model.parameters()).device
+            aggregation: str = "first", batch_size: int = 32, device: str | None = None, forward=None) -> list[dict]:
+    """`decode` over a model's logits for raw texts or word lists, batched (what predict/serve print per input).
+    forward: a function of the encoded batch giving numpy logits in place of `model` (an ONNX session's)."""
+    if forward is None:
+        forward = torch_forward(model, device)
     results = []
     for start in range(0, len(inputs), batch_size):
         encoded = encode_inputs(inputs[start:start + batch_size], tokenizer, max_length)
-        with torch.inference_mode():
-            output = model(**{k: v.to(device) for k, v in encoded.model_inputs().items()})
-        logits = output.logits if hasattr(output, "logits") else output
-        results.extend(decode(logits.float().cpu().numpy(), encoded, names, aggregation))
+        results.extend(decode(forward(encoded.model_inputs()), encoded, names, aggregation))
     return results
+
+
+def torch_forward(model, device=None):
+    """The torch model as a function of a batch of tensors giving numpy logits [inputs, sub-tokens, tags]."""
+    import torch
+
+    device = device or next(model.parameters()).device
+
+    def forward(batch: dict) -> np.ndarray:
+        with torch.inference_mode():
+            output = model(**{k: v.to(device) for k, v in batch.items()})
+        logits = output.logits if hasattr(output, "logits") else output
+        return logits.float().cpu().numpy()
+
+    return forward
 
 
 def _snippet(value: Any) -> str:
@@ -1034,9 +1046,9 @@ class TokenClassification:
             if not (isinstance(item, str) or words):
                 raise FinetuneError(f"input {i + 1}: a token-classification model takes a text or a list of words, "
                                     f"got {type(item).__name__}")
-        predictor.model.to(predictor.device)
-        return predict(predictor.model, predictor.preprocess, list(inputs), predictor.labels, predictor.max_length,
-                       batch_size=batch_size, device=predictor.device)
+        # the predictor's own forward pass: the torch model, or an ONNX export's onnxruntime session
+        return predict(None, predictor.preprocess, list(inputs), predictor.labels, predictor.max_length,
+                       batch_size=batch_size, forward=predictor._forward)
 
     def evaluate(self, predictor, raw: RawSplit, recipe, batch_size: int = 32) -> dict:
         """`finetune eval`: the run's metrics on labelled sentences, each word scored on its first sub-token (as
@@ -1050,14 +1062,10 @@ class TokenClassification:
         names, tokenizer = predictor.labels, predictor.preprocess
         encoded = encode_tags(raw, names, "--data")
         dataset = tokenize({"tokens": raw.texts, "label": encoded}, tokenizer, predictor.max_length, names)
-        predictor.model.to(predictor.device)
         batches = []
-        with torch.inference_mode():
-            for batch in make_loader(dataset, tokenizer, batch_size, False, 0):
-                labels = batch.pop("labels")
-                output = predictor.model(**{k: v.to(predictor.device) for k, v in batch.items()})
-                logits = output.logits if hasattr(output, "logits") else output
-                batches.append((logits.float().cpu(), labels))
+        for batch in make_loader(dataset, tokenizer, batch_size, False, 0):
+            labels = batch.pop("labels")  # the predictor's forward: torch, or an ONNX export's session
+            batches.append((torch.from_numpy(predictor._forward(dict(batch))), labels))
         details: dict = {}
         metrics = get("tags").score(batches, recipe.eval.metrics, types.SimpleNamespace(label_names=names),
                                     details=details)
