@@ -808,38 +808,45 @@ def _write_best_yaml(setup: Setup, number: int, value: float) -> None:
 
 
 def _test_once(setup: Setup, run_dir: Path, say) -> dict | None:
-    """The best trial's kept model on the test split its recipe defines (the first and only look at it)."""
+    """The best trial's kept model on the test split its recipe defines (the first and only look at it), read and
+    scored as `finetune eval` scores a run: by the task (texts, pairs, images, a tag per word)."""
     import numpy as np
 
-    from finetune.data import load_splits
     from finetune.metrics import compute_metrics, predictions_from_logits
     from finetune.predict import load
+    from finetune.tasks import get_task
 
     recipe = recipe_module.from_dict(
         recipe_module.parse_yaml((run_dir / "config.yaml").read_text(), str(run_dir / "config.yaml"))
     )
-    if recipe.task == "image-classification":
-        from finetune.images import load_image_splits as load_splits
-    splits = load_splits(recipe)
+    task = get_task(recipe.task)
+    splits = task.load_splits(recipe)
     if splits.test is None:
         return None
     predictor = load(run_dir)
     raw = splits.parts["test"]
-    logits = predictor.logits(raw.texts, recipe.train.eval_batch_size or 2 * recipe.train.batch_size, False)
-    problem = recipe.head.problem
-    predictions = predictions_from_logits(logits, problem, recipe.head.threshold)
-    truth = np.asarray(splits.test["label"])
-    if problem == "regression":  # the exported model predicts in the targets' own units
-        truth = truth.reshape(-1) * splits.target_std + splits.target_mean
+    batch_size = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
+    if hasattr(task, "evaluate"):  # outputs that are not one row of logits per input (a tag per word)
+        scored = task.evaluate(predictor, raw, recipe, batch_size)["metrics"]
+        metrics, rows = {name: scored[name] for name in recipe.eval.metrics}, len(raw.texts)
     else:
-        truth = truth.astype(np.int64)
-    metrics = compute_metrics(recipe.eval.metrics, truth, predictions)
+        pairs = getattr(raw, "pairs", None)
+        inputs = raw.texts if pairs is None else [{"text": a, "text_pair": b} for a, b in zip(raw.texts, pairs)]
+        logits = predictor.logits(inputs, batch_size, False)
+        problem = recipe.head.problem
+        predictions = predictions_from_logits(logits, problem, recipe.head.threshold)
+        truth = np.asarray(splits.test["label"])
+        if problem == "regression":  # the exported model predicts in the targets' own units
+            truth = truth.reshape(-1) * splits.target_std + splits.target_mean
+        else:
+            truth = truth.astype(np.int64)
+        metrics, rows = compute_metrics(recipe.eval.metrics, truth, predictions), len(truth)
     metrics_path = run_dir / "metrics.json"
     run_metrics = _read_json(metrics_path)
     if run_metrics:
         _write_json(metrics_path, run_metrics | {"test": metrics})
     say("best trial on the test split: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    return {"trial": int(run_dir.name), "rows": len(truth), **metrics}
+    return {"trial": int(run_dir.name), "rows": rows, **metrics}
 
 
 def write_plots(study, setup: Setup, directory: Path) -> list[Path]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import call_main, one_error_line, recipe_dict, subprocess_env, to_recipe, write_recipe
+from conftest import call_main, one_error_line, recipe_dict, subprocess_env, to_recipe, write_csv, write_recipe
 
 from finetune.sweep import sweep
 from finetune.train import train
@@ -264,3 +264,23 @@ def test_a_study_name_reused_with_another_space_or_direction_is_refused(tiny_ber
     line = one_error_line(call_main(capfd, "sweep", path, "--storage", f"journal:{journal}", "--study", "search"))
     assert "--study: 'search'" in line and ("direction" if change == "direction" else "space") in line
     assert journal.read_bytes() == before and not (tmp_path / "sw").exists()
+
+
+def test_the_best_pair_trials_test_score_reads_both_texts(tiny_bert, tmp_path, capfd):
+    """The test look at the best trial scores pairs as pairs: it equals the trial's own run's test metric, which a
+    model reading the first text alone could not reach."""
+    from test_pairs import pair_rows
+
+    header = ["premise", "hypothesis", "relation"]
+    data = {key: write_csv(tmp_path / f"{key}.csv", header, pair_rows(count, seed))
+            for seed, (key, count) in enumerate((("train", 96), ("validation", 24), ("test", 24)))}
+    raw = recipe_dict(tiny_bert, data, tmp_path / "sw", **{
+        "data.text_column": "premise", "data.text_pair_column": "hypothesis", "data.label_column": "relation",
+        "train.epochs": 8, "sweep.sampler": "grid", "sweep.pruner": "none"})
+    raw["sweep"]["space"] = {"train.lr": {"choice": [3e-3]}}
+    done = call_main(capfd, "sweep", write_recipe(tmp_path / "pairs.yaml", raw), "--trials", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    best = read_json(tmp_path / "sw" / "sweep.json")["best"]
+    again = train(to_recipe(yaml.safe_load((tmp_path / "sw" / "best.yaml").read_text())))
+    assert best["test"]["accuracy"] == pytest.approx(again["test"]["accuracy"], abs=1e-9)
+    assert best["test"]["accuracy"] >= 0.8  # the first text alone is at chance (1/3)
