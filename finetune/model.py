@@ -241,11 +241,17 @@ def load(directory: str | Path):
     directory = Path(directory)
     spec_path = directory / KIT_FORMAT_FILE
     spec = json.loads(spec_path.read_text()) if spec_path.is_file() else None
-    if spec is not None and spec.get("task") == "image-classification":
+    if spec is not None and _inputs(spec.get("task")) == "image":
         return _load_vision_kit(directory, spec)
     if spec is None and _is_timm_folder(directory):
         return _load_timm(directory)
     return _load_text(directory, spec)
+
+
+def _inputs(task) -> str | None:
+    from finetune.tasks import TASKS, inputs_of
+
+    return inputs_of(task) if task in TASKS else None
 
 
 def _is_token_classifier(directory: Path) -> bool:

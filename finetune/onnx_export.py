@@ -474,6 +474,12 @@ def _check(info: dict, out: Path) -> None:
                       f"({test['onnx'][name]:.4f} vs {value:.4f}); use the fp32 export if that matters")
 
 
+def _image_task(info: dict) -> bool:
+    from finetune.tasks import inputs_of
+
+    return inputs_of(info["task"]) == "image"
+
+
 def export_card(info: dict) -> str:
     """The export's README: what it is, how it matches the torch model, and the ten lines that run it."""
     parity = info["parity"]
@@ -491,8 +497,8 @@ def export_card(info: dict) -> str:
     if info.get("test"):
         for name, value in info["test"]["torch"].items():
             lines.append(f"- test {name}: torch {value:.4f}, onnx {info['test']['onnx'].get(name, float('nan')):.4f}")
-    lines += ["", "## Run it with onnxruntime alone", "", "```python", *(_usage_text if info["task"] !=
-              "image-classification" else _usage_image).strip("\n").splitlines(), "```", ""]
+    lines += ["", "## Run it with onnxruntime alone", "", "```python", *(_usage_image if _image_task(info) else
+              _usage_text).strip("\n").splitlines(), "```", ""]
     return "\n".join(lines)
 
 

@@ -62,7 +62,9 @@ class OnnxPredictor(Predictor):
         spec = {key: info.get(key) for key in ("task", "problem", "labels", "threshold")}
         spec["format"] = "onnx"
         spec["backbone"] = info.get("backbone")
-        if spec["task"] == "image-classification":
+        from finetune.tasks import inputs_of
+
+        if inputs_of(spec["task"]) == "image":
             preprocess = _image_transform(folder)
         else:
             from transformers import AutoTokenizer

@@ -71,10 +71,10 @@ def _image_input(value, i: int):
     return f"input {i + 1}", data
 
 
-# One parser per input kind, chosen by task: sentence pairs ({"text", "text_pair"}) and word lists (token
-# classification) arrive as rows here, without touching the request handling.
-INPUT_PARSERS = {"text-classification": _text_input, "image-classification": _image_input,
-                 "token-classification": _words_input}
+# One parser per kind of input a task's predict takes (finetune.tasks' `serve_input`): sentence pairs
+# ({"text", "text_pair"}) and word lists (token classification) arrive as rows here, without touching the request
+# handling.
+INPUT_PARSERS = {"text": _text_input, "image": _image_input, "words": _words_input}
 
 
 def parse_request(body: bytes, task: str, max_inputs: int) -> tuple[list, list, int | None]:
@@ -98,7 +98,9 @@ def parse_request(body: bytes, task: str, max_inputs: int) -> tuple[list, list, 
     top_k = payload.get("top_k")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise BadRequest("top_k: must be a positive integer")
-    parse = INPUT_PARSERS.get(task)
+    from finetune.tasks import TASKS, get_task
+
+    parse = INPUT_PARSERS.get(getattr(get_task(task), "serve_input", None)) if task in TASKS else None
     if parse is None:
         raise BadRequest(f"task {task}: not served yet", status=501)
     parsed = [parse(value, i) for i, value in enumerate(inputs)]

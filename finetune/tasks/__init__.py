@@ -39,6 +39,7 @@ class Task(Protocol):
     inputs: str  # "text" or "image": what a row's input is (tokenised, or decoded and transformed)
     library: str  # whose folder a native model/ is: "transformers" or "timm"
     column_key: str  # the data.* key that names a table's input column ("text_column", "image_column", ...)
+    serve_input: str  # what one /predict input of `finetune serve` is: "text" (or a pair), "image", "words"
 
     def check_recipe(self, recipe, need) -> None:
         """The recipe keys this task constrains: need(ok, "<dotted key>: <what>; <how to fix>")."""

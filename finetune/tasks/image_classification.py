@@ -17,6 +17,7 @@ class ImageClassification:
     inputs = "image"
     library = "timm"
     column_key = "image_column"  # the data.* key naming the input column (predict --column's default)
+    serve_input = "image"  # what one /predict input is (finetune.serve.INPUT_PARSERS)
 
     def check_recipe(self, recipe, need) -> None:
         need(not recipe.train.group_by_length, "train.group_by_length: text only")

@@ -15,6 +15,7 @@ class TextClassification:
     inputs = "text"
     library = "transformers"
     column_key = "text_column"  # the data.* key naming the input column (predict --column's default)
+    serve_input = "text"  # what one /predict input is (finetune.serve.INPUT_PARSERS)
 
     def check_recipe(self, recipe, need) -> None:
         pass  # every text key applies

@@ -914,6 +914,7 @@ class TokenClassification:
     inputs = "text"
     library = "transformers"
     column_key = "tokens_column"  # the data.* key naming the input column (predict --column's default)
+    serve_input = "words"  # what one /predict input is (finetune.serve.INPUT_PARSERS)
 
     def check_recipe(self, recipe, need) -> None:
         h = recipe.head
