@@ -80,7 +80,8 @@ def test_a_torchrun_worker_reports_bad_storage_once_on_every_rank(tiny_bert, tin
     done = subprocess.run(command, check=False, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert (done.stdout + done.stderr).count("--storage: 'journal:/no/such/folder/x.journal'") == 2  # both ranks
-    assert "Traceback" not in done.stderr.split("ChildFailedError")[0]
+    # what the ranks wrote comes before torchrun's own report of the failed child (which has a traceback of its own)
+    assert "Traceback" not in done.stderr.split("torch/distributed/elastic")[0]
     assert not (tmp_path / "sw").exists()
 
 
