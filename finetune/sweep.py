@@ -514,8 +514,10 @@ class Ranks:
             self._state = PartialState(cpu=not torch.accelerator.is_available())
             self.rank = self._state.process_index
             # every trial's train() ends with end_training(), which destroys the process group; accelerate keeps it
-            # for fork-launched processes, which also run one training after another in one group
-            self._kept = self._state.fork_launched
+            # for fork-launched processes, which also run one training after another in one group. PartialState()
+            # rereads the flag from FORK_LAUNCHED at each call, so the environment says it
+            self._kept = os.environ.get("FORK_LAUNCHED")
+            os.environ["FORK_LAUNCHED"] = "1"
             self._state.fork_launched = True
 
     @property
@@ -536,7 +538,11 @@ class Ranks:
         if self._state is not None:
             import torch.distributed as dist
 
-            self._state.fork_launched = self._kept
+            if self._kept is None:
+                os.environ.pop("FORK_LAUNCHED", None)
+            else:
+                os.environ["FORK_LAUNCHED"] = self._kept
+            self._state.fork_launched = self._kept not in (None, "", "0")
             if dist.is_initialized():
                 dist.barrier()
                 dist.destroy_process_group()
