@@ -101,7 +101,7 @@ def test_a_killed_worker_on_a_database_fails_by_heartbeat_and_a_rerun_completes(
     while not (log.is_file() and "epoch 2/40" in log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert worker.poll() is None, worker.communicate()[0][-2000:]
-    storage = optuna.storages.RDBStorage(url)
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=3)  # as the worker opened it
     study = optuna.load_study(study_name="sw", storage=storage)
     (running,) = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
     beats = [storage._get_stale_trial_ids(study._study_id)]  # recorded and fresh: not stale while it runs
