@@ -549,7 +549,7 @@ class Ranks:
             self._state = None
 
 
-def run_trial(setup: Setup, study, trial, values: dict, say, ranks: Ranks | None = None) -> None:
+def run_trial(setup: Setup, study, trial, values: dict, say, ranks: Ranks | None = None) -> str | None:
     """One trial: an ordinary run in trials/<number>/, reporting each epoch's validation value to the pruner. On the
     ranks other than 0 of a multi-process worker, study and trial are None: they run the trial and follow rank 0's
     prune decisions."""
@@ -613,6 +613,7 @@ def run_trial(setup: Setup, study, trial, values: dict, say, ranks: Ranks | None
                                                         "seconds": seconds, "reason": why})
     say(f"trial {trial.number}: {STATE_NAMES[state.name]}" + (f" {metric} {value:.4f}" if value is not None else "")
         + (f" ({why})" if why else ""))
+    return why if state == TrialState.FAIL else None
 
 
 def sweep(recipe_path: str, overrides: list[str] = (), trials: int | None = None, timeout: float | None = None,
@@ -677,11 +678,15 @@ def _follow(setup: Setup, ranks: Ranks) -> None:
         run_trial(setup, None, None, values, lambda message: None, ranks)
 
 
+FAILURES_IN_A_ROW = 3  # a sampled value can break one trial; three in a row is the recipe or the data
+
+
 def _optimize(setup: Setup, study, target: int, timeout: float | None, say, ranks: Ranks | None = None) -> None:
     from optuna.trial import TrialState
 
     ranks = ranks or Ranks()
     deadline = None if timeout is None else time.monotonic() + timeout
+    failures: list[str] = []  # this worker's trials that failed in a row
     while deadline is None or time.monotonic() < deadline:
         with _sweep_lock(setup.out):
             for number in fail_dead_trials(study):
@@ -701,7 +706,11 @@ def _optimize(setup: Setup, study, target: int, timeout: float | None, say, rank
                 raise
         if ranks.world > 1:
             ranks.share(values | {"__number__": trial.number})
-        run_trial(setup, study, trial, values, say, ranks)
+        why = run_trial(setup, study, trial, values, say, ranks)
+        failures = failures + [why] if why else []
+        if len(failures) >= FAILURES_IN_A_ROW:  # failed trials are not finished ones: the study would never fill up
+            raise FinetuneError(f"sweep: {len(failures)} trials in a row failed, the last with {failures[-1]}; fix "
+                                "the recipe or data and rerun the same command (the study resumes)")
 
 
 def _say(out: Path):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import call_main, one_error_line, recipe_dict, subprocess_env, to_recipe, write_csv, write_recipe
+from conftest import call_main, one_error_line, recipe_dict, run_cli, subprocess_env, to_recipe, write_csv, \
+    write_recipe
 
 from finetune.sweep import sweep
 from finetune.train import train
@@ -284,3 +285,16 @@ def test_the_best_pair_trials_test_score_reads_both_texts(tiny_bert, tmp_path, c
     again = train(to_recipe(yaml.safe_load((tmp_path / "sw" / "best.yaml").read_text())))
     assert best["test"]["accuracy"] == pytest.approx(again["test"]["accuracy"], abs=1e-9)
     assert best["test"]["accuracy"] >= 0.8  # the first text alone is at chance (1/3)
+
+
+def test_trials_that_keep_failing_stop_the_sweep_with_one_line(tiny_bert, tiny_data, tmp_path):
+    """Failed trials are not finished ones: a sweep whose every trial fails (data of one label) would run forever."""
+    one_label = write_csv(tmp_path / "one.csv", ["sentence", "topic"], [("the soup was fine", "food")] * 12)
+    space = {"train.lr": {"loguniform": [1e-4, 1e-2]}}
+    path = sweep_recipe(tiny_bert, {**tiny_data, "train": one_label}, tmp_path, space)
+    done = run_cli("sweep", path, "--trials", "5")  # a real process: its stderr is the user's
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]  # optuna logs "A new study created" before it
+    assert line.startswith("finetune: error: sweep:") and "3 trials in a row failed" in line
+    assert "only 1 label" in line and "rerun the same command" in line
+    assert [n for n in range(5) if f"trial {n}: failed" in done.stdout] == [0, 1, 2]  # then it stopped
