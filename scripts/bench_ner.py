@@ -27,7 +27,24 @@ import tempfile
 import time
 from pathlib import Path
 
-TRAINER_WORKER = r'''
+from bench_pairs import cpu_flags  # this script's folder is on sys.path when it runs
+
+READ_CONLL = r'''
+def read_conll(path):
+    """[(words, tags)] of a CoNLL file: a word per line, its tag in the last column, a blank line between sentences."""
+    sentences, words, tags = [], [], []
+    for line in list(open(path, encoding="utf-8")) + [""]:
+        parts = line.split()
+        if not parts:
+            if words:
+                sentences.append((words, tags))
+            words, tags = [], []
+            continue
+        words.append(parts[0]); tags.append(parts[-1])
+    return sentences
+'''
+
+TRAINER_WORKER = READ_CONLL + r'''
 import json, sys, time
 import numpy as np
 from datasets import Dataset
@@ -37,20 +54,7 @@ from transformers import (AutoModelForTokenClassification, AutoTokenizer, DataCo
 
 folder, model_dir, epochs, batch, lr, max_length, out = sys.argv[1:8]
 start = time.perf_counter()
-def read(name):
-    sentences, words, tags = [], [], []
-    for line in open(f"{folder}/{name}.conll", encoding="utf-8"):
-        parts = line.split()
-        if not parts:
-            if words:
-                sentences.append((words, tags))
-            words, tags = [], []
-            continue
-        words.append(parts[0]); tags.append(parts[-1])
-    if words:
-        sentences.append((words, tags))
-    return sentences
-rows = {k: read(k) for k in ("train", "validation", "test")}
+rows = {k: read_conll(f"{folder}/{k}.conll") for k in ("train", "validation", "test")}
 labels = sorted({t for _, tags in rows["train"] for t in tags})
 label_to_id = {l: i for i, l in enumerate(labels)}
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -88,7 +92,7 @@ print(json.dumps({"test_f1": test["test_f1"], "test_precision": test["test_preci
                   "samples_per_second": trained.metrics["train_samples_per_second"]}))
 '''
 
-NATIVE_WORKER = r'''
+NATIVE_WORKER = READ_CONLL + r'''
 # the kit's exported model/ in plain transformers (the kit not importable): tags of each word's first sub-token,
 # scored with seqeval as run_ner.py scores them
 import json, sys
@@ -99,15 +103,7 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 model_dir, conll, max_length = sys.argv[1:4]
 model = AutoModelForTokenClassification.from_pretrained(model_dir).eval()
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
-sentences, words, tags = [], [], []
-for line in list(open(conll, encoding="utf-8")) + [""]:
-    parts = line.split()
-    if not parts:
-        if words:
-            sentences.append((words, tags))
-        words, tags = [], []
-        continue
-    words.append(parts[0]); tags.append(parts[-1])
+sentences = read_conll(conll)
 true, predicted = [], []
 with torch.inference_mode():
     for words, tags in sentences:
@@ -210,15 +206,6 @@ def write_conll(folder: Path, sentences_per_split: dict[str, int]) -> dict[str, 
                 f.write("\n")
         written[name] = len(sentences)
     return written
-
-
-def cpu_flags() -> str:
-    try:
-        flags = set(open("/proc/cpuinfo").read().split())
-    except OSError:
-        return "unknown"
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return " ".join(shown) or "no avx2"
 
 
 def kit(folder: Path, out: Path, settings: list[str]) -> dict:
