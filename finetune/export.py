@@ -459,12 +459,14 @@ def model_card(recipe, splits, metrics: dict, native: bool, plots: list | None =
     if best:
         ema = " (EMA weights)" if best.get("ema") else ""
         sections += [
-            f"Best epoch {best.get('epoch')}{ema} of {len(metrics.get('epochs', []))}, selected on validation "
-            f"`{recipe.eval.select_best}`.",
+            (f"Best evaluation at step {best['step']} (epoch {best.get('epoch')}){ema} of "
+             f"{len(metrics.get('epochs', []))} (every {recipe.train.eval_every} steps), " if "step" in best else
+             f"Best epoch {best.get('epoch')}{ema} of {len(metrics.get('epochs', []))}, ")
+            + f"selected on validation `{recipe.eval.select_best}`.",
             "",
             "Validation:",
             "",
-            _table({k: v for k, v in best.items() if k not in ("epoch", "ema")}),
+            _table({k: v for k, v in best.items() if k not in ("epoch", "step", "ema")}),
             "",
         ]
     if metrics.get("test"):

@@ -1,8 +1,9 @@
-"""The training loop: epochs of steps, validation after each, the best epoch kept, early stopping, checkpoints
-on the way, and a stop on Ctrl-C or SIGTERM at a step boundary."""
+"""The training loop: epochs of steps, validation after each (or every train.eval_every steps), the best evaluation
+kept, early stopping, train.max_steps, checkpoints on the way, and a stop on Ctrl-C or SIGTERM at a step boundary."""
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from finetune import problems, transfer
 from finetune.checkpoints import Progress, latest_checkpoint, save_best, save_checkpoint
 from finetune.errors import FinetuneError
 from finetune.metrics import is_improvement
+from finetune.optim import METRIC_DRIVEN
 from finetune.progress import epoch_progress
 
 
@@ -83,15 +85,60 @@ class _Interrupt:
 INTERRUPT = _Interrupt()
 
 
+def planned_epochs(t, batches_per_epoch: int) -> int:
+    """Epochs to run: train.epochs, or with train.max_steps as many as its steps need (the last one cut short)."""
+    if t.max_steps is None:
+        return t.epochs
+    return math.ceil(t.max_steps / max(1, math.ceil(batches_per_epoch / t.grad_accum)))
+
+
 def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress: Progress, ema,
         on_epoch=None) -> dict:
-    """Train and validate epoch by epoch, keep the best checkpoint (raw or EMA weights), stop early if asked."""
+    """Train and validate (after each epoch, or every train.eval_every steps), keep the best evaluation's weights
+    (raw or EMA), step a metric-driven lr schedule, stop early if asked, stop at train.max_steps."""
     t, out, select = recipe.train, Path(recipe.output.dir), recipe.eval.select_best
     p = progress
+    epochs = planned_epochs(t, len(loaders["train"]))
     schedule = transfer.has_freeze_schedule(recipe)
     depths, top = transfer.layer_ids(accelerator.unwrap_model(model)) if schedule else ({}, 0)
     depth = "unset"
-    while p.epoch <= t.epochs:
+
+    def validate(epoch: int) -> bool:
+        """One evaluation at step p.step: recorded, the best kept, the lr schedule told; True: stop early."""
+        loss = (torch.tensor(p.epoch_loss) / max(p.batch, 1)).mean().item()  # the epoch's mean so far
+        validation = evaluate(accelerator, model, loaders["validation"], job.splits, recipe)
+        entry = {"epoch": epoch, "step": p.step, "loss": loss, "validation": validation}
+        shown = " ".join(f"{k} {v:.4f}" for k, v in validation.items())
+        if ema is not None:
+            entry["validation_ema"] = evaluate(accelerator, ema.module, loaders["validation"], job.splits, recipe)
+            shown += " | ema " + " ".join(f"{k} {v:.4f}" for k, v in entry["validation_ema"].items())
+        p.history.append(entry)
+        accelerator.log({f"validation/{k}": v for k, v in validation.items()} | {"train/epoch_loss": loss}, step=p.step)
+        if t.eval_every is None:
+            seconds = p.epoch_seconds
+            say(f"epoch {epoch}/{epochs}: train loss {loss:.4f} | validation {shown} | "
+                f"{p.epoch_samples / max(seconds, 1e-9):.1f} samples/s")
+        else:
+            say(f"step {p.step} (epoch {epoch}/{epochs}): train loss {loss:.4f} | validation {shown}")
+        for use_ema, scores in ((False, validation), (True, entry.get("validation_ema"))):
+            if scores is not None and (p.best is None or is_improvement(select, scores[select], p.best[select])):
+                where = {"epoch": epoch} | ({"step": p.step} if t.eval_every is not None else {})
+                p.best = {**where, "ema": use_ema, **scores}
+                save_best(accelerator, ema.module if use_ema else model, out, job.saved_names)
+        if t.scheduler in METRIC_DRIVEN:  # once per evaluation, not once per process as accelerate's wrapper would
+            getattr(scheduler, "scheduler", scheduler).step(validation[select])
+        stop = t.early_stopping
+        if stop is None:
+            return False
+        improved = is_improvement(stop.metric, validation[stop.metric], _best_of(p.history[:-1], stop.metric))
+        p.stale = 0 if improved else p.stale + 1
+        if p.stale >= stop.patience:
+            unit = "epoch(s)" if t.eval_every is None else f"evaluation(s) (every {t.eval_every} steps)"
+            say(f"early stopping: validation {stop.metric} has not improved for {p.stale} {unit}")
+            return True
+        return False
+
+    while p.epoch <= epochs:
         epoch = p.epoch
         if schedule and transfer.trainable_depth(recipe, epoch, top) != depth:
             depth = transfer.trainable_depth(recipe, epoch, top)
@@ -100,40 +147,24 @@ def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pro
                 "everything" if depth is None else "the head" + (f" and layers {depth}-{top}" if depth <= top else "")
             )
             say(f"epoch {epoch}: training {part} ({count / 1e6:.2f}M parameters)")
-        train_epoch(accelerator, model, optimizer, scheduler, loaders["train"], job, recipe, p, ema)
-        loss = (torch.tensor(p.epoch_loss) / max(p.batch, 1)).mean().item()
+        stopping = train_epoch(accelerator, model, optimizer, scheduler, loaders["train"], job, recipe, p, ema,
+                               validate if t.eval_every is not None else None, epochs)
         seconds, samples = p.epoch_seconds, p.epoch_samples
         p.train_seconds += seconds
         p.train_samples += samples
-        validation = evaluate(accelerator, model, loaders["validation"], job.splits, recipe)
-        entry = {"epoch": epoch, "loss": loss, "validation": validation}
-        shown = " ".join(f"{k} {v:.4f}" for k, v in validation.items())
-        if ema is not None:
-            entry["validation_ema"] = evaluate(accelerator, ema.module, loaders["validation"], job.splits, recipe)
-            shown += " | ema " + " ".join(f"{k} {v:.4f}" for k, v in entry["validation_ema"].items())
-        p.history.append(entry)
-        accelerator.log({f"validation/{k}": v for k, v in validation.items()} | {"train/epoch_loss": loss}, step=p.step)
-        say(
-            f"epoch {epoch}/{t.epochs}: train loss {loss:.4f} | validation {shown} | "
-            f"{samples / max(seconds, 1e-9):.1f} samples/s"
-        )
-        for use_ema, scores in ((False, validation), (True, entry.get("validation_ema"))):
-            if scores is not None and (p.best is None or is_improvement(select, scores[select], p.best[select])):
-                p.best = {"epoch": epoch, "ema": use_ema, **scores}
-                save_best(accelerator, ema.module if use_ema else model, out, job.saved_names)
-        stop = t.early_stopping
-        stopping = False
-        if stop is not None:
-            improved = is_improvement(stop.metric, validation[stop.metric], _best_of(p.history[:-1], stop.metric))
-            p.stale = 0 if improved else p.stale + 1
-            stopping = p.stale >= stop.patience
+        finished = stopping or epoch >= epochs or (t.max_steps is not None and p.step >= t.max_steps)
+        just_evaluated = bool(p.history) and p.history[-1].get("step") == p.step
+        if t.eval_every is None or (finished and not just_evaluated):
+            stopping = validate(epoch) or stopping  # eval_every: the last step's weights are evaluated too
+        if t.eval_every is not None:
+            loss = (torch.tensor(p.epoch_loss) / max(p.batch, 1)).mean().item()
+            say(f"epoch {epoch}/{epochs}: train loss {loss:.4f} | {samples / max(seconds, 1e-9):.1f} samples/s")
         p.epoch, p.batch, p.epoch_loss, p.epoch_samples, p.epoch_seconds = epoch + 1, 0, [], 0, 0.0
-        if stopping:
-            say(f"early stopping: validation {stop.metric} has not improved for {p.stale} epoch(s)")
-            p.epoch = t.epochs + 1  # a resumed run must not train on
+        if stopping or finished:
+            p.epoch = epochs + 1  # a resumed run must not train on
         save_checkpoint(accelerator, out, p, t.keep_checkpoints)
-        if on_epoch is not None:  # a sweep's report to its pruner, which may end the run here
-            on_epoch(epoch, validation)
+        if on_epoch is not None and p.history and p.history[-1]["epoch"] == epoch:
+            on_epoch(epoch, p.history[-1]["validation"])  # a sweep's report to its pruner, which may end the run
         if stopping:
             break
     best = dict(p.best)
@@ -153,13 +184,17 @@ def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pro
     }
 
 
-def train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p: Progress, ema=None) -> None:
-    """Train the rest of epoch p.epoch (all of it, or what follows p.batch after a resume), updating p.
+def train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p: Progress, ema=None,
+                validate=None, epochs: int | None = None) -> bool:
+    """Train the rest of epoch p.epoch (all of it, or what follows p.batch after a resume; at train.max_steps it
+    ends there), updating p. validate(epoch), when given, runs every train.eval_every steps; it returns True to stop
+    early, and so does this.
 
     Data order is a function of (seed, epoch) alone, so a resumed epoch sees the same batches; the loss is checked
     for non-finite values without a host sync per step (at logging and checkpoint steps, and at the end).
     """
     t = recipe.train
+    epochs = epochs or t.epochs
     model.train()
     transfer.freeze_modes(model)  # frozen layers keep their pretrained BatchNorm statistics and no dropout
     seed_epoch(loader, t.seed, p.epoch)
@@ -169,9 +204,10 @@ def train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p
         p.epoch_loss[accelerator.process_index] if p.epoch_loss else 0.0, device=accelerator.device
     )
     first_bad = torch.tensor(-1, device=accelerator.device)  # the first step whose loss was not finite
-    bar = epoch_progress(batches, f"epoch {p.epoch}/{t.epochs}", not accelerator.is_local_main_process, p.batch,
+    bar = epoch_progress(batches, f"epoch {p.epoch}/{epochs}", not accelerator.is_local_main_process, p.batch,
                          len(loader))  # a bar at a terminal, a plain line every 30 s in a log
     start, seconds_before = time.perf_counter(), p.epoch_seconds
+    stopping = False
     for batch in bar:
         loss, size = train_step(accelerator, model, optimizer, scheduler, batch, job, recipe)
         total_loss += loss.detach()
@@ -184,24 +220,38 @@ def train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p
         if ema is not None:
             ema.update(accelerator.unwrap_model(model), step=p.step)
         logging = p.step % 10 == 0
+        evaluating = validate is not None and p.step % t.eval_every == 0
+        reached = t.max_steps is not None and p.step >= t.max_steps
         checkpointing = t.checkpoint_every is not None and p.step % t.checkpoint_every == 0 and p.batch < len(loader)
-        if logging or checkpointing:  # .item() is a device sync point: not every step
+        if logging or checkpointing or evaluating:  # .item() is a device sync point: not every step
             _stop_if_not_finite(first_bad, p, Path(recipe.output.dir))
         if logging:
             point = {"step": p.step, "loss": loss.item(), "lr": max(scheduler.get_last_lr())}
             accelerator.log({"train/loss": point["loss"], "train/lr": point["lr"]}, step=p.step)
             p.steps.append(point)
             bar.set_postfix(loss=f"{total_loss.item() / p.batch:.4f}")
+        if evaluating:
+            p.epoch_loss = accelerator.gather(total_loss.reshape(1)).tolist()
+            p.epoch_seconds = seconds_before + time.perf_counter() - start
+            evaluation_start = time.perf_counter()
+            stopping = validate(p.epoch)
+            start += time.perf_counter() - evaluation_start  # training time only
+            model.train()
+            transfer.freeze_modes(model)
         interrupted = INTERRUPT.requested and accelerator.num_processes == 1
+        checkpointing = checkpointing and not (stopping or reached)  # then the epoch's end checkpoints at once
         if checkpointing or interrupted:
             p.epoch_loss = accelerator.gather(total_loss.reshape(1)).tolist()  # each process its own
             p.epoch_seconds = seconds_before + time.perf_counter() - start
             save_checkpoint(accelerator, Path(recipe.output.dir), p, t.keep_checkpoints)
         if interrupted:  # at a step boundary, after a checkpoint of exactly this point
             raise KeyboardInterrupt
+        if stopping or reached:
+            break
     _stop_if_not_finite(first_bad, p, Path(recipe.output.dir))
     p.epoch_loss = accelerator.gather(total_loss.reshape(1)).tolist()
     p.epoch_seconds = seconds_before + time.perf_counter() - start
+    return stopping
 
 
 def train_step(accelerator, model, optimizer, scheduler, batch: dict, job, recipe, on_phase=None):
@@ -229,7 +279,8 @@ def train_step(accelerator, model, optimizer, scheduler, batch: dict, job, recip
         if accelerator.sync_gradients and t.max_grad_norm is not None:
             accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         optimizer.step()
-        scheduler.step()
+        if t.scheduler not in METRIC_DRIVEN:  # those step on the validation metric, after each evaluation
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return loss, len(labels)
 

@@ -75,7 +75,8 @@ def warmup_steps(warmup: int | float, total_steps: int) -> int:
     return math.ceil(warmup * total_steps) if isinstance(warmup, float) else int(warmup)
 
 
-# Schedules whose lr follows a metric fed to step(metric): the loop steps schedules once per optimizer step, bare.
+# Schedules whose lr follows a metric fed to step(metric): the loop steps them after each evaluation with the
+# validation's eval.select_best (as the transformers Trainer does with metric_for_best_model), not once per step.
 METRIC_DRIVEN = {"reduce_lr_on_plateau", "greedy"}
 # Arguments counted in optimizer steps: an int is steps, a float below 1 a fraction of all steps (as train.warmup).
 STEP_ARGUMENTS = {"num_decay_steps", "num_stable_steps", "timescale"}
@@ -91,7 +92,12 @@ def scheduler_arguments(name: str) -> dict[str, object]:
     from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
 
     function = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(ALIASES.get(name, name))]
-    given = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
+    if name in METRIC_DRIVEN:  # transformers passes **kwargs on to the class: its own arguments are the ones
+        from torch.optim.lr_scheduler import ReduceLROnPlateau
+        from transformers.optimization import GreedyLR
+
+        function = {"reduce_lr_on_plateau": ReduceLROnPlateau, "greedy": GreedyLR}[name].__init__
+    given = {"self", "optimizer", "num_warmup_steps", "num_training_steps", "last_epoch", "verbose"}
     return {
         key: (None if p.default is inspect.Parameter.empty else p.default)
         for key, p in inspect.signature(function).parameters.items()
@@ -100,15 +106,18 @@ def scheduler_arguments(name: str) -> dict[str, object]:
 
 
 def build_scheduler(optimizer, name: str, warmup: int, total_steps: int, args: dict | None = None,
-                    step_scale: int = 1):
+                    step_scale: int = 1, mode: str = "min"):
     """transformers' `get_scheduler(name)` with train.scheduler_args; step_scale: how many times the scheduler is
-    stepped per optimizer step (accelerate steps it once per process), applied to the arguments counted in steps."""
+    stepped per optimizer step (accelerate steps it once per process), applied to the arguments counted in steps.
+    mode: a metric-driven schedule's direction (max for a metric where higher is better) unless the args say."""
     from transformers import get_scheduler
 
     from finetune.errors import FinetuneError
 
     args = dict(args or {})
     check_scheduler(name, args)
+    if name in METRIC_DRIVEN:
+        args.setdefault("mode", mode)
     for key in STEP_ARGUMENTS & set(args):
         value = args[key]
         args[key] = math.ceil(value * total_steps) if isinstance(value, float) else value * step_scale
@@ -123,11 +132,6 @@ def check_scheduler(name: str, args: dict) -> None:
     """train.scheduler and train.scheduler_args, as far as they can be checked without an optimizer."""
     from finetune.errors import FinetuneError
 
-    if name in METRIC_DRIVEN:
-        raise FinetuneError(
-            f"train.scheduler: {name} follows a metric passed to each step, which the training loop does not feed; "
-            "use cosine_with_min_lr, warmup_stable_decay, polynomial, linear, cosine, ..."
-        )
     known = scheduler_arguments(name)
     for key in args:
         if key not in known:

@@ -65,14 +65,15 @@ def _loss(metrics: dict):
         axis.grid(alpha=0.3)
     if epochs:
         axis = axes.pop(0)
-        x = [e["epoch"] for e in epochs]
-        axis.plot(x, [e["loss"] for e in epochs], "o-", color="tab:blue", label="train (epoch mean)")
-        validation = [(e["epoch"], e["validation"]["loss"]) for e in epochs if "loss" in e.get("validation", {})]
+        x, unit = _evaluated_at(epochs, metrics.get("best") or {})
+        axis.plot(x, [e["loss"] for e in epochs], "o-", color="tab:blue", label="train (epoch mean so far)"
+                  if unit == "step" else "train (epoch mean)")
+        validation = [(at, e["validation"]["loss"]) for at, e in zip(x, epochs) if "loss" in e.get("validation", {})]
         if validation:
             axis.plot(*zip(*validation), "s-", color="tab:orange", label="validation")
-        axis.set_xlabel("epoch")
+        axis.set_xlabel(_AXIS[unit])
         axis.set_ylabel("loss")
-        axis.set_xticks(x)
+        _ticks(axis, x, unit)
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
@@ -86,20 +87,37 @@ def _metric_curves(metrics: dict):
         return None
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 4))
-    x = [e["epoch"] for e in epochs]
+    x, unit = _evaluated_at(epochs, metrics.get("best") or {})
     for name in names:
         axis.plot(x, [e["validation"].get(name, np.nan) for e in epochs], "o-", label=name)
         if any("validation_ema" in e for e in epochs):
             axis.plot(x, [e.get("validation_ema", {}).get(name, np.nan) for e in epochs], "x--", label=f"{name} (EMA)")
-    best = metrics.get("best", {}).get("epoch")
+    best = metrics.get("best", {}).get(unit)
     if best is not None:
-        axis.axvline(best, color="gray", linestyle=":", label=f"kept (epoch {best})")
-    axis.set_xlabel("epoch")
+        axis.axvline(best, color="gray", linestyle=":", label=f"kept ({unit} {best})")
+    axis.set_xlabel(_AXIS[unit])
     axis.set_ylabel("validation")
-    axis.set_xticks(x)
+    _ticks(axis, x, unit)
     axis.grid(alpha=0.3)
     axis.legend()
     return figure
+
+
+_AXIS = {"epoch": "epoch", "step": "optimizer step"}
+
+
+def _evaluated_at(epochs: list[dict], best: dict) -> tuple[list[int], str]:
+    """Where each evaluation was: its epoch, or its optimizer step for a run that validated every
+    train.eval_every steps (its best names a step; several evaluations may share an epoch)."""
+    by_step = "step" in best or len({e["epoch"] for e in epochs}) < len(epochs)
+    if by_step and all("step" in e for e in epochs):
+        return [e["step"] for e in epochs], "step"
+    return [e["epoch"] for e in epochs], "epoch"
+
+
+def _ticks(axis, x: list[int], unit: str) -> None:
+    if unit == "epoch" or len(x) <= 12:
+        axis.set_xticks(x)
 
 
 def _learning_rate(metrics: dict):

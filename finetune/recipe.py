@@ -83,7 +83,7 @@ class Ema:
 @dataclass
 class EarlyStopping:
     metric: Optional[str] = None  # null: eval.select_best
-    patience: int = 2  # epochs without improvement before stopping
+    patience: int = 2  # evaluations without improvement before stopping (epochs, or train.eval_every steps)
 
 
 @dataclass
@@ -97,6 +97,9 @@ class Freeze:
 @dataclass
 class Train:
     epochs: int = 3
+    max_steps: Optional[int] = None  # stop after this many optimizer steps, whatever train.epochs says (the schedule
+    # spans them, as in the transformers Trainer); null: train.epochs
+    eval_every: Optional[int] = None  # validate every N optimizer steps (and at the last); null: after each epoch
     batch_size: int = 32  # per process; the global batch is batch_size x processes x grad_accum
     eval_batch_size: Optional[int] = None  # null: 2 x batch_size
     lr: float = 5.0e-5
@@ -104,7 +107,8 @@ class Train:
     weight_decay: float = 0.01  # never on biases and norm weights
     # transformers' schedules (SchedulerType): cosine | linear | constant (with warmup) | cosine_with_min_lr |
     # cosine_warmup_with_min_lr | warmup_stable_decay | polynomial | cosine_with_restarts | inverse_sqrt |
-    # constant_with_warmup; each takes its own train.scheduler_args
+    # constant_with_warmup; each takes its own train.scheduler_args. reduce_lr_on_plateau | greedy: the lr follows
+    # eval.select_best after each validation (mode max/min from the metric; no warmup), as the Trainer steps them
     scheduler: Literal[
         "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt",
         "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "reduce_lr_on_plateau", "greedy",
@@ -565,6 +569,10 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
             not (t.freeze.head_warmup and t.freeze.unfreeze_every),
             "train.freeze: head_warmup and unfreeze_every are two schedules; pick one",
         )
+    need(t.max_steps is None or t.max_steps >= 1,
+         f"train.max_steps: must be at least 1 step, or null; got {t.max_steps}")
+    need(t.eval_every is None or t.eval_every >= 1,
+         f"train.eval_every: must be at least 1 step, or null (after each epoch); got {t.eval_every}")
     need(t.checkpoint_every is None or t.checkpoint_every >= 1,
          "train.checkpoint_every: must be at least 1 step, or null")
     need(t.keep_checkpoints >= 1, f"train.keep_checkpoints: must be at least 1, got {t.keep_checkpoints}")

@@ -108,6 +108,7 @@ def run_summary(run_dir: Path, root: Path) -> dict:
         "metric": select,
         "best": best.get(select),
         "best_epoch": best.get("epoch"),
+        "best_step": best.get("step"),  # train.eval_every: the evaluation's optimizer step
         "test": test.get(select),
         "seconds": (metrics.get("train") or {}).get("seconds"),
         "finished": finished,
@@ -135,7 +136,8 @@ def format_runs(rows: list[dict]) -> str:
         if row["status"] != "done":
             best = test = row["status"]
         else:
-            best = f"{row['metric']} {row['best']:.4f} @{row['best_epoch']}" if isinstance(row["best"], float) else "-"
+            at = f"step {row['best_step']}" if row.get("best_step") is not None else row["best_epoch"]
+            best = f"{row['metric']} {row['best']:.4f} @{at}" if isinstance(row["best"], float) else "-"
             test = f"{row['test']:.4f}" if isinstance(row["test"], float) else "-"
         table.append((
             _short(row["run"], 32), _short(row["backbone"], 24), _short(row["data"], 24), row["settings"], best, test,

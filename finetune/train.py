@@ -31,6 +31,7 @@ from finetune.checkpoints import (
 from finetune.dropout import use_fast_dropout
 from finetune.errors import FinetuneError
 from finetune.loop import INTERRUPT, evaluate, fit, logits_of, loss_fn  # noqa: F401 — logits_of, loss_fn: re-exported
+from finetune.metrics import higher_is_better
 from finetune.model import fold_target_scaling, head_parameter_names
 from finetune.optim import build_param_groups, build_scheduler, warmup_steps
 from finetune.precision import choose_precision  # noqa: F401  (its old home: scripts import it from here)
@@ -115,14 +116,19 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     groups = build_param_groups(model, t.lr, t.head_lr, t.weight_decay, _head_names(model), depths, t.layer_decay)
     optimizer = torch.optim.AdamW(groups, fused=True)  # one kernel for all tensors: ~10x faster steps than the loop
     # Steps as one process would count them: accelerate steps the scheduler once per process per optimizer step.
-    total_steps = math.ceil(len(loaders["train"]) / t.grad_accum) * t.epochs
+    # train.max_steps counts optimizer steps: the schedule spans them, as in the transformers Trainer
+    total_steps = (math.ceil(len(loaders["train"]) / t.grad_accum) * t.epochs if t.max_steps is None
+                   else t.max_steps * accelerator.num_processes)
     warmup = warmup_steps(t.warmup, total_steps) * (1 if isinstance(t.warmup, float) else accelerator.num_processes)
+    direction = "max" if higher_is_better(recipe.eval.select_best) else "min"  # for a metric-driven schedule
     scheduler = build_scheduler(optimizer, t.scheduler, warmup, total_steps, t.scheduler_args,
-                                accelerator.num_processes)
+                                accelerator.num_processes, direction)
     # sharded, the export needs a whole model on the main process: its skeleton (no storage) taken now, filled in
     # with the gathered weights at the end
     template = skeleton(model) if sharding and accelerator.is_main_process else None
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if not hasattr(scheduler, "scheduler"):  # not a torch LRScheduler (transformers' GreedyLR): accelerate left it
+        accelerator.register_for_checkpointing(scheduler)  # as it was, and a resumed run needs its state too
     loaders = {key: accelerator.prepare(loader) for key, loader in loaders.items()}
     config = flat_config(recipe_module.to_dict(recipe))  # the recipe as each tracker's run config
     accelerator.init_trackers(t.log_project, config=config, init_kwargs=tracking.init_kwargs(out))

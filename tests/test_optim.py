@@ -176,8 +176,23 @@ def test_bad_scheduler_arguments_name_the_key():
         curve_of("warmup_stable_decay", 4)
     with pytest.raises(FinetuneError, match=r"train.scheduler_args: cosine_with_min_lr"):
         curve_of("cosine_with_min_lr", 4)  # neither min_lr nor min_lr_rate: transformers' own message, one line
-    with pytest.raises(FinetuneError, match=r"train.scheduler: reduce_lr_on_plateau follows a metric"):
-        curve_of("reduce_lr_on_plateau", 4)
+    with pytest.raises(FinetuneError, match=r"train.scheduler_args.num_cycles: not an argument of the reduce_lr_on"):
+        curve_of("reduce_lr_on_plateau", 4, args={"num_cycles": 2})  # its own arguments are ReduceLROnPlateau's
+
+
+@pytest.mark.parametrize("name", ["reduce_lr_on_plateau", "greedy"])
+def test_metric_driven_schedules_lower_the_lr_when_the_metric_stops_improving(name):
+    """Stepped with the validation metric (max: accuracy), the lr holds while it improves and drops on a plateau."""
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    args = {"patience": 1, "factor": 0.5} | ({"min_lr": 0.0} if name == "greedy" else {})
+    scheduler = build_scheduler(optimizer, name, 0, 10, args, mode="max")
+    lrs = []
+    for accuracy in [0.5, 0.6, 0.7, 0.7, 0.7, 0.7]:
+        scheduler.step(accuracy)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[:3] == [1.0, 1.0, 1.0]  # improving: held (mode max from the metric; min would have cut it)
+    assert lrs[-1] < 1.0, lrs
 
 
 def test_timm_no_weight_decay_names_get_no_decay_inside_the_kits_model(tmp_path):
