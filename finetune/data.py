@@ -679,7 +679,8 @@ def tokenize(table: dict, tokenizer, max_length: int):
 
     datasets.disable_progress_bars()
     pairs = table.get("text_pair")
-    parts = [table["text"], table["label"], tokenizer, max_length] + ([pairs] if pairs is not None else [])
+    parts = [table["text"], table["label"], _tokenizer_identity(tokenizer), max_length]
+    parts += [pairs] if pairs is not None else []
     fingerprint = Hasher.hash(parts)
     cache_dir = token_cache_dir()  # `finetune cache ls|clear` owns the path
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -694,6 +695,25 @@ def tokenize(table: dict, tokenizer, max_length: int):
         cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
         new_fingerprint=fingerprint,
     )
+
+
+def _tokenizer_identity(tokenizer):
+    """What a fast tokenizer's output depends on, cheap to hash: its pipeline as JSON (normalizer, pre-tokenizer,
+    vocabulary, special tokens, post-processor) without the truncation and padding state that each call sets, and
+    the Python side's truncation side and output names. datasets' own hash of the tokenizer object pickles all of
+    it through dill: ~0.1-0.4 s per split at every start. A slow tokenizer is hashed whole."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer
+    import hashlib
+    import json
+
+    pipeline = json.loads(backend.to_str())
+    pipeline.pop("truncation", None)
+    pipeline.pop("padding", None)
+    identity = [type(tokenizer).__name__, pipeline, tokenizer.truncation_side, list(tokenizer.model_input_names),
+                getattr(tokenizer, "add_prefix_space", None)]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int, sampler=None):

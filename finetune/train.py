@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from finetune import export, recipe as recipe_module
-from finetune import precision, tracking, transfer
+from finetune import phases, precision, tracking, transfer
 from finetune.checkpoints import (
     Progress,
     atomic_save,
@@ -52,6 +52,8 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
+    timer = phases.Phases.for_run()
+    timer.mark("imports and checks")
     t = recipe.train
     out = Path(recipe.output.dir)
     prepare_output_dir(out, overwrite, resume)
@@ -93,6 +95,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         (out / "split.json").write_text(json.dumps(splits.info, indent=1) + "\n")
     for warning in job.warnings:
         say(f"warning: {warning}")
+    timer.mark("data and model")
     eval_batch = t.eval_batch_size or 2 * t.batch_size
     depths, top = transfer.layer_ids(job.model)
     first_depth = transfer.trainable_depth(recipe, 1, top)
@@ -106,6 +109,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     if accelerator.device.type == "cpu" and t.fast_dropout:
         use_fast_dropout(job.model)  # torch's CPU dropout masks cost ~40% of a text forward pass
     _use_cached_features(job, recipe, accelerator, eval_batch, say)
+    timer.mark("cached features")
     if t.compile:
         job.model.compile()  # in place: parameter names (checkpoints, export) stay those of the plain model
     model = job.model
@@ -161,9 +165,10 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         progress = load_checkpoint(accelerator, checkpoint, strict=job.saved_names is None)
         say(f"resumed from {checkpoint}: epoch {progress.epoch}, {progress.batch} batches in, step {progress.step}")
     progress.precision = accelerator.mixed_precision
+    timer.mark("preparing")
     try:
         INTERRUPT.immediate = accelerator.num_processes > 1
-        with INTERRUPT:
+        with INTERRUPT, transfer.threads_for_step(accelerator.unwrap_model(model), t.batch_size):
             metrics = fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress, ema, on_epoch)
     except KeyboardInterrupt:
         kept = latest_checkpoint(out)
@@ -175,6 +180,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
             accelerator.end_training()
         raise
     metrics["train"]["precision"] = precision.name(accelerator.mixed_precision)  # predict runs at it too
+    timer.mark("training")
 
     # the kept model: the best epoch's weights (raw or EMA), tested, then predicting in the targets' own units
     from safetensors.torch import load_file
@@ -195,6 +201,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     for value in details.values():
         value["split"] = "test" if "test" in loaders else "validation"
     metrics.update(details)
+    timer.mark("test")
     final = unwrapped
     if sharded:  # the whole weights gathered (every process takes part), a plain model built on the main process
         state = full_state_dict(model, accelerator)
@@ -210,8 +217,11 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
             say(f"LoRA adapter saved to {out / 'adapter'}")
         final = transfer.merged(final)
         atomic_save(out / "model", lambda d: export.export_model(job.save, final, d, recipe, splits, metrics))
+        timer.mark("saving")
+        metrics["train"].update(timer.report())
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         say(f"model saved to {out / 'model'}; metrics in {out / 'metrics.json'}")
+        say(timer.line())
         if recipe.hub.repo_id:
             _push(out, recipe, say)
     accelerator.wait_for_everyone()
