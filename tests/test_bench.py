@@ -43,6 +43,9 @@ def test_text_benchmark_runs_the_kit_and_the_trainer_on_the_same_rows(tiny_bert,
     assert kit["labels"] == trainer["labels"] == ["food", "sports", "tech"]
     assert kit["epochs_run"] == trainer["epochs_run"] == 1 and kit["train_samples_per_second"] > 0
     assert kit["test_rescored"]["accuracy"] == pytest.approx(kit["test"]["accuracy"])
+    for side in (kit, trainer):  # process start to the training loop, inside the process's whole life
+        assert 0 < side["start_up_seconds"] < side["wall_seconds"]
+    assert "start-up seconds" in markdown.read_text()
     assert not [n for n in result["notes"] if "NOT the same job" in n]
     job = json.loads((tmp_path / "work" / "trainer" / "job.json").read_text())
     assert job["files"]["train"].endswith("train.csv")  # the Trainer read the plain files the harness wrote
@@ -90,6 +93,8 @@ def test_image_benchmark_runs_the_kit_and_the_timm_loop_on_the_same_images(tmp_p
     assert kit["rows"] == timm_loop["rows"] == {"train": 16, "validation": 8, "test": 8}
     assert kit["labels"] == timm_loop["labels"] == ["blue", "red"]
     assert kit["epochs_run"] == timm_loop["epochs_run"] == 1 and timm_loop["train_samples_per_second"] > 0
+    for side in (kit, timm_loop):
+        assert 0 < side["start_up_seconds"] < side["wall_seconds"]
 
 
 def _bench_ner():

@@ -31,6 +31,7 @@ def main(result_path: str, threads: str, options: str, recipe_arg: str, *overrid
         "test": {k: test[k] for k in ("accuracy", "f1_macro") if k in test} or None,
         "train_samples_per_second": metrics["train"]["samples_per_second"],
         "train_seconds": metrics["train"]["seconds"],
+        "start_up_seconds": metrics["train"].get("start_up_seconds"),  # process start to the training loop
         "train_samples": metrics["train"]["samples"],
         "epochs_run": len(metrics["epochs"]),
         "best_epoch": metrics["best"]["epoch"],

@@ -25,6 +25,7 @@ ROWS = [  # label, getter, format, ratio kind: "x" (a / b), "diff" (a - b in poi
     ("train samples/s (loop only)", lambda s: s["train_samples_per_second"], ".1f", "x"),
     ("real tokens/s (loop only)", lambda s: s.get("tokens_per_second"), ".0f", "x"),
     ("train loop seconds", lambda s: s["train_seconds"], ".1f", "x"),
+    ("start-up seconds (process start to loop)", lambda s: s.get("start_up_seconds"), ".1f", "x"),
     ("wall seconds (whole process)", lambda s: s["wall_seconds"], ".1f", "x"),
     ("CPU seconds (whole process)", lambda s: s["cpu_seconds"], ".1f", "x"),
     ("peak RSS MB (worker)", lambda s: s["peak_rss_mb"], ".0f", "x"),

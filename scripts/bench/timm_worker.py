@@ -16,6 +16,13 @@ import time
 from pathlib import Path
 
 
+def _since_process_start() -> float:
+    """Seconds since this worker process was created (psutil), as the kit's metrics.json counts its start-up."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def main(job_path: str, result_path: str) -> None:
     import timm
     import torch
@@ -122,6 +129,7 @@ def main(job_path: str, result_path: str) -> None:
     grad_accum, max_steps = job["grad_accum"], job.get("max_steps")
     history, best, stale, step = [], None, 0, 0
     train_seconds, train_samples = 0.0, 0
+    start_up = _since_process_start()  # process start to the training loop
     for epoch in range(1, job["epochs"] + 1):
         model.train()
         total_loss, batches, samples = torch.zeros((), device=device), 0, 0
@@ -198,6 +206,7 @@ def main(job_path: str, result_path: str) -> None:
         notes.append(f"the baseline's optimizer is timm's default AdamW (fused={optimizer.defaults.get('fused')}); "
                      "the kit builds it with fused=True; --baseline-fused gives both the fused kernel")
     result = {
+        "start_up_seconds": start_up,
         "rows": {k: len(list(Path(v).rglob("*.png"))) if v else None for k, v in job["folders"].items()},
         "labels": names,
         "test": test,

@@ -16,6 +16,13 @@ import time
 from pathlib import Path
 
 
+def _since_process_start() -> float:
+    """Seconds since this worker process was created (psutil), as the kit's metrics.json counts its start-up."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def main(job_path: str, result_path: str) -> None:
     import numpy as np
     import torch
@@ -76,7 +83,10 @@ def main(job_path: str, result_path: str) -> None:
         """Time in the training loop only: each epoch's steps, without the evaluation and saving that follow."""
 
         def __init__(self):
-            self.seconds, self.epochs, self._start = 0.0, 0, None
+            self.seconds, self.epochs, self._start, self.start_up = 0.0, 0, None, None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_up = _since_process_start()  # process start to the training loop
 
         def on_epoch_begin(self, args, state, control, **kwargs):
             if torch.cuda.is_available():
@@ -155,6 +165,7 @@ def main(job_path: str, result_path: str) -> None:
         "test": test,
         "train_samples_per_second": samples / timer.seconds if timer.seconds else 0.0,
         "train_seconds": timer.seconds,
+        "start_up_seconds": timer.start_up,
         "train_samples": samples,
         "trainer_train_samples_per_second": train_output.metrics.get("train_samples_per_second"),
         "epochs_run": timer.epochs,
