@@ -36,9 +36,11 @@ def test_text_benchmark_runs_the_kit_and_the_trainer_on_the_same_rows(tiny_bert,
                                                               **{"train.epochs": 1, "train.batch_size": 16}))
     out, markdown = tmp_path / "text.json", tmp_path / "bench.md"
     bench(recipe, "--threads", 1, "--out", out, "--markdown", markdown, "--name", "tiny-text", "--workdir",
-          tmp_path / "work", "--keep")
+          tmp_path / "work", "--keep", "--baseline-precision", "both")
     result = json.loads(out.read_text())
     kit, trainer = result["results"]["kit"], result["results"]["trainer"]
+    assert trainer["precision"] == "fp32" and result["results"]["trainer-bf16"]["precision"] == "bf16"
+    assert result["results"]["trainer-bf16"]["rows"] == kit["rows"]
     assert kit["rows"] == trainer["rows"] == {"train": 16, "validation": 9, "test": 9}
     assert kit["labels"] == trainer["labels"] == ["food", "sports", "tech"]
     assert kit["epochs_run"] == trainer["epochs_run"] == 1 and kit["train_samples_per_second"] > 0

@@ -260,7 +260,8 @@ def trainer_job(recipe, splits, files: dict, threads: int, options: dict) -> dic
         "scheduler": {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler],
         "warmup_steps": warmup, "total_steps": total, "grad_accum": t.grad_accum,
         "max_grad_norm": t.max_grad_norm if t.max_grad_norm is not None else 0.0, "seed": t.seed,
-        "precision": precision_name(choose_precision(t.precision)), "select_best": recipe.eval.select_best,
+        "precision": options.get("precision") or precision_name(choose_precision(t.precision)),
+        "select_best": recipe.eval.select_best,
         "early_stopping_patience": t.early_stopping.patience if t.early_stopping else None,
         "optim": options.get("optim"), "threads": threads,
         "notes": [f"the kit trains the head at train.head_lr={t.head_lr} and the backbone at {t.lr}; the Trainer has "
@@ -314,7 +315,8 @@ def timm_job(recipe, splits, files: dict, threads: int, options: dict, folder: P
         "lr": t.lr, "weight_decay": t.weight_decay, "scheduler": t.scheduler, "warmup_steps": warmup,
         "total_steps": total, "grad_accum": t.grad_accum, "max_grad_norm": t.max_grad_norm, "seed": t.seed,
         "ema_decay": t.ema.decay if t.ema is not None else None, "channels_last": bool(channels_last),
-        "precision": precision_name(choose_precision(t.precision)), "select_best": recipe.eval.select_best,
+        "precision": options.get("precision") or precision_name(choose_precision(t.precision)),
+        "select_best": recipe.eval.select_best,
         "early_stopping_patience": t.early_stopping.patience if t.early_stopping else None,
         "fused": bool(options.get("fused")), "threads": threads,
     }
@@ -462,6 +464,14 @@ def make_plan(args, recipe_arg: str, overrides: list[str], task: str) -> Plan:
         "fused": args.baseline_fused, "scheduler": args.baseline_scheduler}
     if args.compare in ("lora", "probe") and task != "text-classification":
         raise SystemExit(f"bench: --compare {args.compare} is for text recipes")
+    if args.compare == "baseline" and args.baseline_precision == "both":  # the baseline at its default and in bf16
+        key, label = reference
+        sides = [Side("kit", "kit", "kit", recipe_arg, overrides),
+                 Side(key, f"{label} fp32", key, recipe_arg, overrides, base | {"precision": "fp32"}),
+                 Side(f"{key}-bf16", f"{label} bf16", key, recipe_arg, overrides, base | {"precision": "bf16"})]
+        return Plan(f"kit vs {label} (fp32, its default, and bf16)", sides, [("kit", key), ("kit", f"{key}-bf16")])
+    if args.baseline_precision in ("fp32", "bf16"):
+        base["precision"] = args.baseline_precision
     if args.compare == "baseline":
         sides = [Side("kit", "kit", "kit", recipe_arg, overrides),
                  Side(reference[0], reference[1], reference[0], recipe_arg, overrides, base)]
@@ -626,6 +636,9 @@ def main(argv: list[str]) -> int:
                         "each side's best speed (default 1)")
     parser.add_argument("--trainer-optim", default=None, help="TrainingArguments.optim (default: the Trainer's own)")
     parser.add_argument("--baseline-fused", action="store_true", help="timm loop: AdamW with fused=True, as the kit")
+    parser.add_argument("--baseline-precision", choices=("same", "fp32", "bf16", "both"), default="same",
+                        help="the Trainer's or timm loop's precision: the kit's resolved train.precision (default), "
+                             "fp32 (the Trainer's default), bf16 (bf16=True / autocast), or both as two sides")
     parser.add_argument("--baseline-scheduler", choices=("timm", "transformers"), default="timm",
                         help="timm loop: timm.scheduler (default) or transformers' get_scheduler (the kit's)")
     parser.add_argument("--markdown", default=None, help="write the table into this Markdown file")

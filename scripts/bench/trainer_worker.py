@@ -114,6 +114,7 @@ def main(job_path: str, result_path: str) -> None:
         max_grad_norm=job["max_grad_norm"],
         seed=job["seed"],
         bf16=job["precision"] == "bf16",
+        use_cpu=not torch.cuda.is_available(),  # the Trainer refuses bf16 without a GPU unless told it is on the CPU
         fp16=job["precision"] == "fp16",
         eval_strategy="epoch",
         save_strategy="epoch",
