@@ -109,7 +109,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     if accelerator.device.type == "cpu" and t.fast_dropout:
         use_fast_dropout(job.model)  # torch's CPU dropout masks cost ~40% of a text forward pass
     _use_cached_features(job, recipe, accelerator, eval_batch, say)
-    timer.mark("cached features")
+    timer.mark("feature pass")  # the frozen backbone over every split, when features are cached
     if t.compile:
         job.model.compile()  # in place: parameter names (checkpoints, export) stay those of the plain model
     model = job.model

@@ -57,11 +57,11 @@ def test_phases_add_up_to_the_run_and_the_log_says_them(make_recipe):
     out = Path(raw["output"]["dir"])
     info = json.loads((out / "metrics.json").read_text())["train"]
     phases = info["phases"]
-    assert list(phases) == ["imports and checks", "data and model", "cached features", "preparing", "training",
+    assert list(phases) == ["imports and checks", "data and model", "feature pass", "preparing", "training",
                             "test", "saving"]
     assert all(seconds >= 0 for seconds in phases.values())
     assert sum(phases.values()) == pytest.approx(info["wall_seconds"], abs=1e-6)
-    start_up = sum(phases[k] for k in ("imports and checks", "data and model", "cached features", "preparing"))
+    start_up = sum(phases[k] for k in ("imports and checks", "data and model", "feature pass", "preparing"))
     assert info["start_up_seconds"] == pytest.approx(start_up)
     assert phases["training"] >= info["seconds"]  # the loop's own training time is inside it
     last = (out / "train.log").read_text().strip().splitlines()[-1]
