@@ -72,8 +72,10 @@ class OnnxPredictor(Predictor):
             preprocess = AutoTokenizer.from_pretrained(folder)
             if info.get("max_length"):
                 preprocess.model_max_length = int(info["max_length"])
-        return cls(make_session(folder / ONNX_FILE), preprocess, spec, recipe=_source_recipe(folder, info),
-                   source=str(folder))
+        recipe = _source_recipe(folder, info)
+        if not spec["backbone"] and recipe is not None:  # /info names what was fine-tuned, not the export folder
+            spec["backbone"] = recipe.backbone.name
+        return cls(make_session(folder / ONNX_FILE), preprocess, spec, recipe=recipe, source=str(folder))
 
     @classmethod
     def from_parts(cls, path: str | Path, predictor: Predictor) -> OnnxPredictor:

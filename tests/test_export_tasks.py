@@ -194,6 +194,7 @@ def test_predict_and_eval_on_an_export_read_tables_with_the_runs_columns(table_t
         key = "label" if run is pair_run else "tags"
         assert [line[key] for line in lines[0]] == [line[key] for line in lines[1]]
         assert [line["input"] for line in lines[0]] == [line["input"] for line in lines[1]]
+        assert finetune.load(moved).spec["backbone"] == info["recipe"]["backbone"]["name"]  # what serve's /info names
 
 
 def test_the_cards_of_pair_and_token_exports_run_with_onnxruntime_alone(pair_run, token_run):
