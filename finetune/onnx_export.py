@@ -20,7 +20,6 @@ FP32_TOLERANCE = 1e-3  # max abs logit difference an fp32 export may show agains
 INT8_WARN_POINTS = 2.0  # an int8 test metric this many points below the torch model's prints a warning
 PARITY_SAMPLES = 64  # inputs compared between torch and ONNX when no test split is known
 CALIBRATION_IMAGES = 64
-FUSABLE = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet")  # what the "bert" fusions match
 FUSION_TOLERANCE = 1e-4  # the fused fp32 graph against the exported one, before int8
 ONNX_EXTRA = 'pip install "finetune[onnx]"'
 
@@ -82,19 +81,24 @@ def export(source: str | Path, output: str | Path | None = None, quantize: str |
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = Path(scratch) / ONNX_FILE
         names = _export_image(predictor, fp32) if image else _export_text(predictor, fp32)
+        fused = Path(scratch) / "fused.onnx"
+        fusion = None if image else _fuse_transformer(predictor, fp32, fused)
+        graph = fused if fusion else fp32
         torch_logits = sample_logits(predictor, sample)
         method = None
         if quantize is None:
-            shutil.copy(fp32, out / ONNX_FILE)
+            shutil.copy(graph, out / ONNX_FILE)
         else:
-            method = _quantize(predictor, fp32, out / ONNX_FILE, scratch, sample, torch_logits)
+            method = _quantize(predictor, graph, out / ONNX_FILE, scratch, sample, torch_logits)
     _write_preprocessing(predictor, out, names)
     info = {
         "format": "onnx", "quantize": quantize, "opset": OPSET, "bytes": (out / ONNX_FILE).stat().st_size,
-        "source": str(source), "inputs": names, "quantization": method,
+        "source": str(source), "inputs": names, "fusion": fusion, "quantization": method,
         "task": predictor.task, "problem": predictor.problem, "labels": predictor.labels,
         "threshold": predictor.threshold, "max_length": None if image else predictor.max_length,
         "parity_reference": "torch fp32", "torch_predict_precision": trained_precision,
+        # the run's resolved recipe: predict and eval read tables with the run's columns (pairs, tokens, tags)
+        "recipe": _recipe_dict(predictor.recipe),
     }
     (out / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
     info["parity"] = _parity(predictor, out, sample, torch_logits, quantize)
@@ -103,6 +107,12 @@ def export(source: str | Path, output: str | Path | None = None, quantize: str |
     (out / "README.md").write_text(export_card(info))
     _check(info, out)
     return {**info, "path": str(out)}
+
+
+def _recipe_dict(recipe) -> dict | None:
+    from finetune.recipe import to_dict
+
+    return None if recipe is None else to_dict(recipe)
 
 
 def _is_image(predictor) -> bool:
@@ -291,33 +301,45 @@ def _write_preprocessing(predictor, out: Path, names: list[str]) -> None:
 
 
 def _fuse_transformer(predictor, fp32: Path, out: Path) -> dict | None:
-    """onnxruntime's transformer optimizer on the fp32 graph (LayerNorm + residual, bias + GELU fused into its
-    contrib ops) before int8: fewer, larger kernels. {fused op: count}, or None where the architecture is not one
-    it knows or the fused graph is not the same function (checked on a batch, max abs logit diff FUSION_TOLERANCE)."""
+    """onnxscript's onnxruntime fusions on the exported graph: attention (the packed-QKV `Attention` contrib op),
+    LayerNorm + residual, bias + GELU. Fewer, larger kernels for fp32, and an attention int8 can quantise too.
+    {fused op: count}, or None where nothing fused, the rewriter is missing or failed, or the fused graph is not the
+    same function (checked on a padded batch, max abs logit diff FUSION_TOLERANCE)."""
+    import collections
     import contextlib
     import io
     import logging
 
-    config = _text_config(predictor)
-    if config is None or getattr(config, "model_type", None) not in FUSABLE:
-        return None
-    from onnxruntime.transformers.optimizer import optimize_model
+    import onnx
 
-    quiet = logging.getLogger("onnxruntime.transformers")
+    try:
+        import onnx_ir as ir
+        import onnxscript.optimizer
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    except ImportError:  # an onnxscript without its onnxruntime fusions: the graph as exported still works
+        return None
+    quiet = logging.getLogger("onnxscript")
     level, quiet.level = quiet.level, logging.ERROR
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            # opt_level 1: graph fusions only; the session applies the rest at load time (all levels)
-            fused = optimize_model(str(fp32), model_type="bert", num_heads=config.num_attention_heads,
-                                   hidden_size=config.hidden_size, opt_level=1, use_gpu=False)
-            fused.save_model_to_file(str(out))
-            counts = {name: n for name, n in fused.get_fused_operator_statistics().items() if n}
-    except Exception as error:  # an unfamiliar graph: int8 without fusion still works
-        warnings.warn(f"transformer fusion skipped ({error.__class__.__name__}); int8 without it")
+            model = ir.load(str(fp32))
+            model, _ = optimize_for_ort(model)
+            # the packed QKV weight is a Concat of three initialisers: fold it, whatever its size, so that the
+            # quantiser sees a constant weight
+            onnxscript.optimizer.optimize(model, input_size_limit=1 << 31, output_size_limit=1 << 31)
+            graph = ir.to_proto(model)
+        _padding_mask_as_mask_index(graph)
+        onnx.save(graph, str(out))
+    except Exception as error:  # an unfamiliar graph: the unfused one still works
+        warnings.warn(f"transformer fusion skipped ({error.__class__.__name__}); the graph is kept as exported")
         return None
     finally:
         quiet.level = level
+    fused = ("Attention", "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu")
+    counts = collections.Counter(node.op_type for node in graph.graph.node if node.op_type in fused)
+    if not counts:
+        return None
     from finetune.onnx_runtime import make_session
 
     encoded = predictor.preprocess(["a b c d e f g", "a b", "c d e"], padding=True, return_tensors="pt")
@@ -328,32 +350,69 @@ def _fuse_transformer(predictor, fp32: Path, out: Path) -> dict | None:
         results.append(session.run(None, {i.name: batch[i.name].astype(np.int64) for i in session.get_inputs()})[0])
     if float(np.max(np.abs(results[0] - results[1]))) > FUSION_TOLERANCE:
         return None
-    return counts
+    return dict(counts)
 
 
-def _text_config(predictor):
-    model = predictor.model
-    return getattr(model, "config", None) or getattr(getattr(model, "backbone", None), "config", None)
+def _padding_mask_as_mask_index(graph) -> None:
+    """Give each fused `Attention` the padding mask as `mask_index` (the 0/1 attention_mask as int32) in place of
+    the additive attention bias the exported graph computes from it. The same function (the fusion parity check
+    holds it to that), but onnxruntime's int8 `QAttention` takes a mask_index and has no attention-bias input: the
+    quantiser would drop the bias, and padded tokens would be attended to. Also drops `qkv_hidden_sizes` when Q, K
+    and V are one size, which QAttention does not take."""
+    from onnx import TensorProto, helper
+
+    if "attention_mask" not in {item.name for item in graph.graph.input}:
+        return
+    attentions = [node for node in graph.graph.node if node.op_type == "Attention"]
+    cast = "attention_mask_int32"
+    for node in attentions:
+        inputs = [*node.input, *[""] * (6 - len(node.input))]
+        if inputs[3] or not inputs[5] or any(inputs[6:]):  # a mask_index already, no bias, or past state: leave it
+            continue
+        inputs[3], inputs[5] = cast, ""
+        while inputs[-1] == "":
+            inputs.pop()
+        del node.input[:]
+        node.input.extend(inputs)
+        for attribute in list(node.attribute):
+            if attribute.name == "qkv_hidden_sizes" and len(set(attribute.ints)) == 1:
+                node.attribute.remove(attribute)
+    if any(cast in node.input for node in attentions):
+        graph.graph.node.insert(0, helper.make_node("Cast", ["attention_mask"], [cast], to=TensorProto.INT32,
+                                                    name="attention_mask_to_int32"))
+    _drop_unused_nodes(graph)
+
+
+def _drop_unused_nodes(graph) -> None:
+    """Nodes whose outputs nothing reads (the attention bias's computation, once no Attention takes it)."""
+    if any(attribute.type in (attribute.GRAPH, attribute.GRAPHS) for node in graph.graph.node
+           for attribute in node.attribute):
+        return  # a subgraph may read outer names: leave the unused nodes to the session's own pruning
+    needed = {item.name for item in graph.graph.output}
+    kept = []
+    for node in reversed(graph.graph.node):
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+    del graph.graph.node[:]
+    graph.graph.node.extend(reversed(kept))
 
 
 def _quantize(predictor, fp32: Path, int8: Path, scratch: str, sample: list, torch_logits) -> dict:
-    """int8 weights: dynamic for transformers (after fusion, per output channel); static QDQ for conv nets unless
-    it agrees less than dynamic."""
+    """int8 weights: dynamic for transformers (per output channel, on the fused graph); static QDQ for conv nets
+    unless it agrees less than dynamic."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     reduce_range = not vnni_cpu()
     dynamic = Path(scratch) / "dynamic.onnx"
     if not _is_image(predictor):
-        fused_path = Path(scratch) / "fused.onnx"
-        fusion = _fuse_transformer(predictor, fp32, fused_path)
         # the fused graph's contrib ops carry no inferred types: the quantiser then takes their outputs as float
-        quantize_dynamic(str(fused_path if fusion else fp32), str(dynamic), weight_type=QuantType.QInt8,
-                         per_channel=True, reduce_range=reduce_range,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantize_dynamic(str(fp32), str(dynamic), weight_type=QuantType.QInt8, per_channel=True,
+                         reduce_range=reduce_range, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         shutil.copy(dynamic, int8)
         return {"method": "dynamic", "weights": "int8", "per_channel": True, "reduce_range": reduce_range,
-                "fusion": fusion}
+                "quantized_ops": _quantized_ops(int8)}
     quantize_dynamic(str(fp32), str(dynamic), weight_type=QuantType.QInt8, per_channel=False,
                      reduce_range=reduce_range)
     chosen = {"method": "dynamic", "weights": "int8", "reduce_range": reduce_range}
@@ -375,6 +434,16 @@ def _quantize(predictor, fp32: Path, int8: Path, scratch: str, sample: list, tor
     else:
         shutil.copy(dynamic, int8)
     return chosen
+
+
+def _quantized_ops(path: Path) -> dict:
+    """{int8 op: count} in the quantised graph (QAttention present: the attention runs in int8 too)."""
+    import collections
+
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return dict(collections.Counter(n.op_type for n in graph.node if n.op_type in ("MatMulInteger", "QAttention")))
 
 
 def _quantize_static(predictor, fp32: Path, out: Path, reduce_range: bool) -> None:
@@ -474,14 +543,10 @@ def _check(info: dict, out: Path) -> None:
                       f"({test['onnx'][name]:.4f} vs {value:.4f}); use the fp32 export if that matters")
 
 
-def _image_task(info: dict) -> bool:
-    from finetune.tasks import inputs_of
-
-    return inputs_of(info["task"]) == "image"
-
-
 def export_card(info: dict) -> str:
     """The export's README: what it is, how it matches the torch model, and the ten lines that run it."""
+    from finetune.tasks import get_task
+
     parity = info["parity"]
     lines = [
         f"# ONNX export ({info['quantize'] or 'fp32'})", "",
@@ -497,33 +562,6 @@ def export_card(info: dict) -> str:
     if info.get("test"):
         for name, value in info["test"]["torch"].items():
             lines.append(f"- test {name}: torch {value:.4f}, onnx {info['test']['onnx'].get(name, float('nan')):.4f}")
-    lines += ["", "## Run it with onnxruntime alone", "", "```python", *(_usage_image if _image_task(info) else
-              _usage_text).strip("\n").splitlines(), "```", ""]
+    usage = get_task(info["task"]).onnx_usage(info)  # each task knows what its inputs are and what comes out
+    lines += ["", "## Run it with onnxruntime alone", "", "```python", *usage.strip("\n").splitlines(), "```", ""]
     return "\n".join(lines)
-
-
-_usage_text = """
-import json, numpy as np, onnxruntime as ort
-from tokenizers import Tokenizer
-info = json.load(open("export.json"))
-tokenizer = Tokenizer.from_file("tokenizer.json")
-tokenizer.enable_padding(); tokenizer.enable_truncation(info["max_length"] or 512)
-session = ort.InferenceSession("model.onnx")
-batch = tokenizer.encode_batch(["a text to label", "another one"])
-feeds = {"input_ids": [e.ids for e in batch], "attention_mask": [e.attention_mask for e in batch],
-         "token_type_ids": [e.type_ids for e in batch]}
-logits = session.run(None, {k: np.array(feeds[k], dtype=np.int64) for k in info["inputs"]})[0]
-print([info["labels"][i] for i in logits.argmax(-1)])
-"""
-
-_usage_image = """
-import json, numpy as np, onnxruntime as ort
-from PIL import Image
-info, config = json.load(open("export.json")), json.load(open("config.json"))["pretrained_cfg"]
-_, height, width = config["input_size"]
-image = Image.open("photo.jpg").convert("RGB").resize((width, height), Image.BICUBIC)
-pixels = (np.asarray(image, dtype=np.float32) / 255 - config["mean"]) / config["std"]
-session = ort.InferenceSession("model.onnx")
-logits = session.run(None, {"pixel_values": pixels.transpose(2, 0, 1)[None].astype(np.float32)})[0]
-print(info["labels"][int(logits.argmax())])
-"""

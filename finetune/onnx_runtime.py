@@ -72,7 +72,10 @@ class OnnxPredictor(Predictor):
             preprocess = AutoTokenizer.from_pretrained(folder)
             if info.get("max_length"):
                 preprocess.model_max_length = int(info["max_length"])
-        return cls(make_session(folder / ONNX_FILE), preprocess, spec, source=str(folder))
+        recipe = _source_recipe(folder, info)
+        if not spec["backbone"] and recipe is not None:  # /info names what was fine-tuned, not the export folder
+            spec["backbone"] = recipe.backbone.name
+        return cls(make_session(folder / ONNX_FILE), preprocess, spec, recipe=recipe, source=str(folder))
 
     @classmethod
     def from_parts(cls, path: str | Path, predictor: Predictor) -> OnnxPredictor:
@@ -94,6 +97,20 @@ class OnnxPredictor(Predictor):
             value = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
             feeds[name] = value.astype(np.float32 if name == "pixel_values" else np.int64, copy=False)
         return self.session.run(None, feeds)[0].astype(np.float32, copy=False)
+
+
+def _source_recipe(folder: Path, info: dict):
+    """The trained run's recipe, so that predict and eval read tables with its columns as they do for the run: the
+    copy in export.json, else (an export written before it held one) the source run's config.yaml when it is there."""
+    from finetune.predict import RUN_CONFIG, read_run_recipe
+    from finetune.recipe import from_dict
+
+    if isinstance(info.get("recipe"), dict):
+        return from_dict(info["recipe"], source=str(folder / "export.json"))
+    source = Path(info.get("source") or "")
+    if info.get("source") and (source / RUN_CONFIG).is_file() and (source / "model").is_dir():
+        return read_run_recipe(source)
+    return None
 
 
 def _image_transform(folder: Path):

@@ -16,6 +16,8 @@ class Problem:
     name: str
     native_type: str | None = None  # transformers' config.problem_type for it
     default_metrics: tuple[str, ...] = ()
+    # the export card's last line: numpy that prints what `finetune predict` names, from `logits` and export.json
+    onnx_decode: str = 'print([info["labels"][i] for i in logits.argmax(-1)])'
 
     def num_outputs(self, label_names: Sequence[str] | None) -> int:
         return len(label_names)
@@ -91,6 +93,8 @@ class MultiLabel(Problem):
     name = "multi_label"
     native_type = "multi_label_classification"
     default_metrics = ("f1_micro", "f1_macro", "accuracy")
+    onnx_decode = ('print([[name for name, x in zip(info["labels"], row) if 1 / (1 + np.exp(-x)) > info["threshold"]]'
+                   ' for row in logits])')
 
     def loss(self, logits, labels, label_smoothing: float = 0.0, class_weights=None):
         import torch.nn.functional as F
@@ -120,6 +124,7 @@ class Regression(Problem):
     name = "regression"
     native_type = "regression"
     default_metrics = ("rmse", "mae", "r2", "pearson", "spearman")
+    onnx_decode = "print(logits[:, 0].tolist())"  # the value in the targets' units, as predict prints it
 
     def num_outputs(self, label_names) -> int:
         return 1

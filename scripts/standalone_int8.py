@@ -3,24 +3,23 @@ accuracy on a labelled CSV, and throughput against transformers.pipeline on the 
 
     python -I scripts/standalone_int8.py EXPORT_DIR MODEL_DIR test.csv [--text-column text --label-column label]
 
-Run with `python -I` (isolated: no PYTHONPATH, no current folder on sys.path), so the kit cannot be imported.
+Run with `python -I` (isolated: no PYTHONPATH, no current folder on sys.path); the script also makes finetune
+unimportable, in case the environment has it installed.
 """
 
 import argparse
 import csv
 import json
+import sys
 import time
 
-import numpy as np
-import onnxruntime as ort
-from tokenizers import Tokenizer
+# finetune may be installed in this environment (pip install -e): make it unimportable, so that nothing below can
+# lean on it, directly or through a library
+sys.modules["finetune"] = None
 
-try:
-    import finetune  # noqa: F401
-except ImportError:
-    pass
-else:
-    raise SystemExit("finetune is importable here; run with python -I from outside the checkout")
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("export")

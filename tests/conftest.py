@@ -260,3 +260,23 @@ def call_main(capfd, *argv) -> subprocess.CompletedProcess:
         code = exit.code
     out, err = capfd.readouterr()
     return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def run_export_card(folder, *files) -> tuple[object, list]:
+    """The python block of an export's README.md run with `python -I` in the export folder (files copied in beside
+    it), with finetune and torch made unimportable: (the example `inputs` it names or None, each printed line read
+    as a Python literal)."""
+    import ast
+    import re
+    import shutil
+
+    code = re.search(r"```python\n(.*?)```", (Path(folder) / "README.md").read_text(), re.S).group(1)
+    for file in files:
+        shutil.copy(file, folder)
+    guard = 'import sys\nsys.modules["finetune"] = None\nsys.modules["torch"] = None\n'
+    done = subprocess.run([sys.executable, "-I", "-c", guard + code], cwd=folder, capture_output=True, text=True,
+                          timeout=180, check=False, env=subprocess_env(PYTHONPATH=""))
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next((line for line in code.splitlines() if line.startswith("inputs = ")), None)
+    inputs = None if line is None else ast.literal_eval(line.split("=", 1)[1].split("  #")[0].strip())
+    return inputs, [ast.literal_eval(printed) for printed in done.stdout.strip().splitlines()]

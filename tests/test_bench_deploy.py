@@ -27,6 +27,7 @@ def test_the_deploy_benchmark_runs_end_to_end_on_a_tiny_model(tiny_bert, tmp_pat
     assert set(runners) == {"pipeline_fp32_torch", "onnx_fp32", "onnx_int8"}
     for row in runners.values():
         assert row["p95_ms"] >= row["p50_ms"] > 0 and row["per_s_batch32"] > 0 and 0 <= row["test_accuracy"] <= 1
+        assert row["per_s_list_batch32"] > 0 and row["test_accuracy_list"] == row["test_accuracy"]  # order restored
     # fp32 ONNX labels the test texts as the torch pipeline does: the same accuracy from the same predictions
     assert runners["onnx_fp32"]["test_accuracy"] == pytest.approx(runners["pipeline_fp32_torch"]["test_accuracy"])
     assert runners["onnx_int8"]["bytes"] < runners["onnx_fp32"]["bytes"]

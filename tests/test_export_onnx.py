@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import call_main, recipe_dict, run_without_finetune, to_recipe
+from conftest import call_main, recipe_dict, run_export_card, run_without_finetune, to_recipe
 from test_predict import COLOURS, colour_image  # the same toy images
 
 import finetune
@@ -125,6 +125,10 @@ def test_an_image_export_matches_and_quantises(tmp_path):
     images = [str(p) for p in sorted((root / "test").rglob("*.png"))]
     np.testing.assert_allclose(finetune.load(root / "run" / "export" / "onnx").logits(images),
                                finetune.load(root / "run").logits(images), atol=1e-4)
+    for colour in COLOURS:  # the card's lines on a photo: the label finetune predicts for it
+        colour_image(colour, rng).save(root / "photo.jpg")
+        _, printed = run_export_card(root / "run" / "export" / "onnx", root / "photo.jpg")
+        assert printed == [[finetune.load(root / "run").predict([str(root / "photo.jpg")])[0]["label"]]]
 
 
 def test_exporting_an_export_is_one_line(runs, capfd):
@@ -154,3 +158,31 @@ def test_a_missing_extra_is_one_line_naming_the_pip_install(runs, tmp_path):
     (tmp_path / "sitecustomize.py").write_text('import sys\nsys.modules["onnxruntime"] = None\n')
     line = one_error_line(run_cli("export", runs["single"], PYTHONPATH=f"{tmp_path}:{REPO}"))
     assert 'pip install "finetune[onnx]"' in line and "onnxruntime" in line
+
+
+def test_text_exports_run_fused_attention_that_masks_the_padding(runs):
+    """onnxscript's fusions give `Attention` (fp32) and `QAttention` (int8) fed the padding mask: a short text scores
+    the same alone as beside a long one, so padded positions are not attended to."""
+    short, long = TEXTS[4], " ".join(TEXTS)
+    # int8 quantises activations with one scale per batch, so a neighbour moves the logits a little (0.04 here);
+    # a QAttention that attends to the padding moved them by 3
+    for quantize, tolerance in ((None, 1e-4), ("int8", 0.5)):
+        info = export(runs["single"], quantize=quantize)
+        assert info["fusion"]["Attention"] == 2 and info["fusion"]["SkipLayerNormalization"] >= 2  # 2 layers
+        model = finetune.load(info["path"])
+        alone, padded = model.logits([short]), model.logits([short, long])[:1]
+        assert np.max(np.abs(alone - padded)) < tolerance
+    assert info["quantization"]["quantized_ops"]["QAttention"] == 2
+
+
+@pytest.mark.parametrize("name", ["single", "multi", "regression"])
+def test_the_cards_lines_run_with_onnxruntime_alone_and_print_what_predict_gives(runs, name):
+    export(runs[name])
+    inputs, printed = run_export_card(runs[name] / "export" / "onnx")
+    results = finetune.load(runs[name]).predict(inputs)
+    if name == "single":
+        assert printed == [[r["label"] for r in results]]
+    elif name == "multi":
+        assert printed == [[r["labels"] for r in results]]
+    else:
+        assert printed[0] == pytest.approx([r["value"] for r in results], abs=1e-4)

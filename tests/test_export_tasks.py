@@ -4,10 +4,11 @@ export give what the torch model gives (labels, entities with their spans, score
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
-from conftest import call_main, to_recipe
+from conftest import call_main, run_export_card, to_recipe
 from test_pairs import pair_data, pair_raw  # noqa: F401  (fixtures)
 from test_token_task import conll, tagger_backbone, token_raw  # noqa: F401  (fixtures)
 
@@ -140,3 +141,71 @@ def test_serve_tags_words_and_scores_pairs_from_an_export(token_run, pair_run):
             assert bad.status_code == 400 and "inputs[0]" in bad.json()["error"]
             assert client.post("/predict", json={"inputs": [{"text": "a", "text_pair": 3}]}).status_code == 400
     assert labels[0] == labels[1]
+
+
+def _conll_as_jsonl(conll_path, out):
+    """The CoNLL file as a JSONL table with its own column names (words, ner), one sentence a row."""
+    rows, words, tags = [], [], []
+    for line in [*conll_path.read_text().splitlines(), ""]:
+        if line.startswith("-DOCSTART-"):
+            continue
+        if line.strip():
+            *word, tag = line.split()
+            words.append(word[0])
+            tags.append(tag)
+        elif words:
+            rows.append({"words": words, "ner": tags})
+            words, tags = [], []
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
+
+
+@pytest.fixture(scope="module")
+def table_token_run(tagger_backbone, conll, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("token-table")
+    data = {key: _conll_as_jsonl(path, root / f"{key}.jsonl") for key, path in conll.items()}
+    out = root / "run"
+    train(to_recipe(token_raw(tagger_backbone, data, out, tokens_column="words", tags_column="ner")))
+    return out, data
+
+
+def test_predict_and_eval_on_an_export_read_tables_with_the_runs_columns(table_token_run, pair_run, pair_data,  # noqa: F811
+                                                                         capfd, tmp_path):
+    """A pair run (premise, hypothesis, relation) and a token run on a table (words, ner): `finetune eval EXPORT`
+    and `finetune predict EXPORT` take the run's columns as they do for the run folder, with no column options,
+    also once the export is copied away from its run."""
+    token_run, token_data = table_token_run
+    for run, test_file, rows in ((pair_run, pair_data["test"], 24), (token_run, token_data["test"], 16)):
+        export(run)
+        moved = tmp_path / run.parent.name
+        shutil.copytree(run / "export" / "onnx", moved)
+        info = json.loads((moved / "export.json").read_text())
+        assert info["recipe"]["data"]["text_column" if run is pair_run else "tokens_column"] in ("premise", "words")
+        info["source"] = str(tmp_path / "gone")  # the run is not where the export says it came from
+        (moved / "export.json").write_text(json.dumps(info))
+        evals = [call_main(capfd, "eval", source, "--data", test_file, "--json") for source in (run, moved)]
+        assert evals[1].returncode == 0, evals[1].stderr
+        a, b = (json.loads(e.stdout)["metrics"] for e in evals)
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
+        predicted = [call_main(capfd, "predict", source, test_file, "--json") for source in (run, moved)]
+        assert predicted[1].returncode == 0, predicted[1].stderr
+        lines = [[json.loads(line) for line in p.stdout.splitlines()] for p in predicted]
+        assert len(lines[0]) == len(lines[1]) == rows
+        key = "label" if run is pair_run else "tags"
+        assert [line[key] for line in lines[0]] == [line[key] for line in lines[1]]
+        assert [line["input"] for line in lines[0]] == [line["input"] for line in lines[1]]
+        assert finetune.load(moved).spec["backbone"] == info["recipe"]["backbone"]["name"]  # what serve's /info names
+
+
+def test_the_cards_of_pair_and_token_exports_run_with_onnxruntime_alone(pair_run, token_run):
+    """Each task's card encodes its own inputs: pairs as the tokenizer's pair, word lists with a tag per word."""
+    for run in (pair_run, token_run):
+        if not (run / "export" / "onnx" / "export.json").is_file():
+            export(run)
+    inputs, printed = run_export_card(pair_run / "export" / "onnx")
+    assert all(isinstance(pair, tuple) and len(pair) == 2 for pair in inputs)
+    assert printed == [[r["label"] for r in finetune.load(pair_run).predict(inputs)]]
+    inputs, printed = run_export_card(token_run / "export" / "onnx")
+    assert all(isinstance(words, list) for words in inputs)
+    expected = [list(zip(r["words"], r["tags"])) for r in finetune.load(token_run).predict(inputs)]
+    assert printed == expected and len(printed) == len(inputs)

@@ -60,6 +60,10 @@ class Task(Protocol):
     def job(self, recipe, accelerator) -> Job:
         """Data (checked and reported), model and loaders for the training loop."""
 
+    def onnx_usage(self, info: dict) -> str:
+        """The ONNX export card's ten lines: onnxruntime alone (no finetune, no torch) on example inputs, printing
+        what `finetune predict` names; `info` is export.json's content."""
+
 
 def get_task(name: str) -> Task:
     return importlib.import_module(TASKS[name]).TASK
@@ -68,3 +72,22 @@ def get_task(name: str) -> Task:
 def inputs_of(task: str) -> str:
     """"text" or "image" for a task name (a bare model folder's spec names its task too)."""
     return get_task(task).inputs
+
+
+def onnx_text_usage(inputs: str, encode: str, decode: str) -> str:
+    """The export card's lines for tokenised inputs: the exported tokenizer (the tokenizers library alone), the
+    session, then `decode` (numpy on `logits`, `batch` and `inputs`)."""
+    return f"""
+import json, numpy as np, onnxruntime as ort
+from tokenizers import Tokenizer
+info = json.load(open("export.json"))
+tokenizer = Tokenizer.from_file("tokenizer.json")
+tokenizer.enable_padding(); tokenizer.enable_truncation(info["max_length"] or 512)
+session = ort.InferenceSession("model.onnx")
+inputs = {inputs}
+batch = tokenizer.encode_batch(inputs{encode})
+feeds = {{"input_ids": [e.ids for e in batch], "attention_mask": [e.attention_mask for e in batch],
+         "token_type_ids": [e.type_ids for e in batch]}}
+logits = session.run(None, {{k: np.array(feeds[k], dtype=np.int64) for k in info["inputs"]}})[0]
+{decode.strip()}
+"""

@@ -29,6 +29,25 @@ class ImageClassification:
 
         return read_image_split(spec, recipe, key)
 
+    def onnx_usage(self, info: dict) -> str:
+        from finetune.problems import get
+
+        return f"""
+import json, numpy as np, onnxruntime as ort
+from PIL import Image
+info, config = json.load(open("export.json")), json.load(open("config.json"))["pretrained_cfg"]
+_, height, width = config["input_size"]
+image = Image.open("photo.jpg").convert("RGB")
+scale = int(height / (config.get("crop_pct") or 1)) / min(image.size)  # timm's eval: shorter side to size / crop_pct,
+image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+left, top = round((image.width - width) / 2), round((image.height - height) / 2)  # then the centre crop
+image = image.crop((left, top, left + width, top + height))
+pixels = (np.asarray(image, dtype=np.float32) / 255 - config["mean"]) / config["std"]
+session = ort.InferenceSession("model.onnx")
+logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].astype(np.float32)}})[0]
+{get(info["problem"]).onnx_decode}
+"""
+
     def check_eval_inputs(self, raw, recipe):
         from finetune.images import _check_images
 

@@ -23,6 +23,15 @@ class TextClassification:
     def read(self, spec: str, recipe, key: str) -> dict:
         return data_module.read_split(spec, recipe, key)
 
+    def onnx_usage(self, info: dict) -> str:
+        from finetune.problems import get
+        from finetune.tasks import onnx_text_usage
+
+        pairs = ((info.get("recipe") or {}).get("data") or {}).get("text_pair_column")
+        inputs = ('[("a first text", "the text paired with it"), ("another", "pair")]  # encoded as the pair'
+                  if pairs else '["a text to label", "another one"]')
+        return onnx_text_usage(inputs, "", get(info["problem"]).onnx_decode)
+
     def check_eval_inputs(self, raw, recipe):
         for i, text in enumerate(raw.texts):
             if not isinstance(text, str) or not text.strip():

@@ -926,6 +926,17 @@ class TokenClassification:
     def read(self, spec: str, recipe, key: str) -> dict:
         return read_split(spec, recipe, key)
 
+    def onnx_usage(self, info: dict) -> str:
+        from finetune.tasks import onnx_text_usage
+
+        decode = """
+for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its first sub-token's
+    first = {w: i for i, w in reversed(list(enumerate(encoding.word_ids))) if w is not None}
+    print([(words[w], info["labels"][int(row[i].argmax())]) for w, i in sorted(first.items())])
+"""
+        return onnx_text_usage('[["John", "lives", "in", "Paris"], ["Mary", "sings"]]', ", is_pretokenized=True",
+                               decode)
+
     def check_eval_inputs(self, raw, recipe):
         split, _ = check_sentences(raw, "--data")
         return split
