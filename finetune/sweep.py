@@ -414,14 +414,24 @@ def build_sampler(setup: Setup):
     return optuna.samplers.TPESampler(n_startup_trials=s.startup_trials, seed=s.seed, constant_liar=True)
 
 
+def first_prunable_epoch(recipe) -> int:
+    """The first epoch after which the pruner may stop a trial: sweep.min_epochs, by default the first past half of
+    train.epochs. Under a decaying lr schedule a high-lr trial is still noisy in its first epochs and often ends best
+    (pruned after epoch 1 of 2, such trials lost the kit's benchmark sweep its best lr)."""
+    s = recipe.sweep
+    return s.min_epochs if s.min_epochs is not None else recipe.train.epochs // 2 + 1
+
+
 def build_pruner(setup: Setup):
     import optuna
 
     s = setup.recipe.sweep
+    first = first_prunable_epoch(setup.recipe)  # epochs are the pruner's steps, counted from 1
     if s.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=s.startup_trials, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=s.startup_trials, n_warmup_steps=first)
     if s.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=setup.recipe.train.epochs)
+        epochs = setup.recipe.train.epochs
+        return optuna.pruners.HyperbandPruner(min_resource=min(first, epochs), max_resource=epochs)
     return optuna.pruners.NopPruner()
 
 
@@ -569,8 +579,8 @@ def run_trial(setup: Setup, study, trial, values: dict, say, ranks: Ranks | None
         seen.append(validation[metric])
         prune = None
         if ranks.main:
-            trial.report(validation[metric], epoch)
-            prune = trial.should_prune()
+            trial.report(validation[metric], epoch)  # the last epoch too: later trials are compared with it
+            prune = epoch < setup.recipe.train.epochs and trial.should_prune()  # a trial that ran all is complete
         if ranks.share(prune):
             raise optuna.TrialPruned(f"epoch {epoch}: validation {metric} {validation[metric]:.4f}")
 

@@ -10,11 +10,14 @@ Two comparisons, each an N-trial learning-rate search (a log-uniform range) on t
 text,label; by default a subset of the short texts of scripts/bench/short_texts.py), the same epochs, batch size,
 max length, scheduler, warmup, weight decay, seed and threads:
 
-  full   full fine-tuning. Kit: `finetune sweep` (TPE, median pruning, 3 startup trials, seed 0) on a recipe with
-         `sweep.space: {train.lr: {loguniform: [LO, HI]}}`. Trainer: what its docs write, `model_init` +
-         `trainer.hyperparameter_search(direction="maximize", backend="optuna", hp_space=..., n_trials=N,
-         compute_objective=eval accuracy, sampler=TPESampler(seed=0, n_startup_trials=3),
-         pruner=MedianPruner(n_startup_trials=3))` with evaluation every epoch: the same sampler, pruner and space.
+  full   full fine-tuning. Kit: `finetune sweep` (TPE, median pruning, 3 startup trials, seed 0, the pruner's
+         default warm-up) on a recipe with `sweep.space: {train.lr: {loguniform: [LO, HI]}}`. Trainer: what its docs
+         write, `model_init` + `trainer.hyperparameter_search(direction="maximize", backend="optuna", hp_space=...,
+         n_trials=N, compute_objective=eval accuracy, sampler=TPESampler(seed=0, n_startup_trials=3),
+         pruner=MedianPruner(n_startup_trials=3, n_warmup_steps=...))` with evaluation every epoch: the same sampler,
+         space and pruning policy. The kit's pruner first judges a trial after epoch epochs // 2 + 1 (never after its
+         last); the Trainer reports optimizer steps, so its warm-up is that many epochs of steps, and where that
+         epoch is the last one (2 epochs) it gets no pruner, as the kit then prunes nothing.
   probe  the same search with the backbone frozen. Kit: `train.freeze: backbone`, mean pooling (features cached once
          for the whole sweep). Trainer: model_init freezes every base-model weight (requires_grad=False); it cannot
          mean-pool, its head reads the standard pooled output.
@@ -149,7 +152,7 @@ def trainer_side(job_path: str, result_path: str) -> None:
         direction="maximize", backend="optuna", hp_space=hp_space, n_trials=job["trials"],
         compute_objective=lambda metrics: metrics["eval_accuracy"],
         sampler=optuna.samplers.TPESampler(seed=SEED, n_startup_trials=STARTUP),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=STARTUP, n_warmup_steps=0),
+        pruner=trainer_pruner(job, steps_per_epoch),
     )
     search_seconds = time.perf_counter() - search_start
     # the search kept no model: train the best parameters again (seeded: the same run) and test that
@@ -178,6 +181,21 @@ def trainer_side(job_path: str, result_path: str) -> None:
         "threads": torch.get_num_threads(),
     }
     Path(result_path).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def first_prunable_epoch(epochs: int) -> int:
+    """The kit's default pruner warm-up (finetune.sweep.first_prunable_epoch with sweep.min_epochs null)."""
+    return epochs // 2 + 1
+
+
+def trainer_pruner(job: dict, steps_per_epoch: int):
+    """The kit's pruning policy in the Trainer's units: it reports the global step at each epoch's evaluation."""
+    import optuna
+
+    first = first_prunable_epoch(job["epochs"])
+    if first >= job["epochs"]:  # the kit never prunes after a trial's last epoch: nothing is left to prune
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=STARTUP, n_warmup_steps=first * steps_per_epoch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,7 +333,8 @@ def markdown(result: dict) -> str:
         "",
         f"{result['trials']} trials, {result['epochs']} epochs, batch {result['batch_size']}, max length "
         f"{result['max_length']}, rows train/validation/test {result['rows']}; TPE (seed {SEED}, {STARTUP} startup "
-        f"trials) and median pruning on both sides.",
+        f"trials) and median pruning on both sides, first judged after epoch {first_prunable_epoch(result['epochs'])} "
+        f"(the kit's default; never after the last epoch: with 2 epochs nothing is pruned).",
         "",
         "| search | side | precision | wall s (to a tested model) | best validation acc | test acc (best trial) "
         "| trials complete/pruned |",
