@@ -226,15 +226,23 @@ def env_for(threads: int, work: Path, name: str) -> dict:
     return env
 
 
-def run_side(command: list[str], env: dict, log: Path) -> float:
+def run_side(command: list[str], env: dict, log: Path) -> dict:
+    """The side's wall seconds, its CPU seconds (user + system, all its threads) and the machine's 1-minute load
+    average before and after: on a shared machine other people's jobs stretch the wall time, and the load says so."""
+    import resource
+
+    load_before = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with open(log, "w") as handle:
         done = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         tail = log.read_text()[-3000:]
         raise SystemExit(f"bench_sweep: {' '.join(command[:4])} ... failed ({done.returncode}); its log {log}:\n{tail}")
-    return seconds
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_seconds": seconds, "cpu_seconds": cpu, "load": [load_before, os.getloadavg()[0]]}
 
 
 def labels_of(path: Path) -> list[str]:
@@ -278,13 +286,12 @@ def run_kit(args, files: dict, compare: str, work: Path) -> dict:
     recipe = work / f"kit-{compare}.yaml"
     recipe.write_text(yaml.safe_dump(kit_recipe(args, files, compare, out), sort_keys=False))
     command = [sys.executable, "-m", "finetune", "sweep", str(recipe), "--trials", str(args.trials)]
-    wall = run_side(command, env_for(args.threads, work, f"kit-{compare}"), work / f"kit-{compare}.log")
+    timing = run_side(command, env_for(args.threads, work, f"kit-{compare}"), work / f"kit-{compare}.log")
     report = json.loads((out / "sweep.json").read_text())
     best = report["best"]
     metrics = json.loads((Path(best["run_dir"]) / "metrics.json").read_text())
     log = (Path(best["run_dir"]) / "train.log").read_text()
-    return {
-        "wall_seconds": wall,
+    return timing | {
         "best": {"number": best["number"], "params": best["params"], "value": best["value"]},
         "test": {"accuracy": best["test"]["accuracy"]},
         "trials": [{"number": t["number"], "params": t["params"], "value": t["value"], "state": t["state"],
@@ -308,8 +315,8 @@ def run_trainer(args, files: dict, compare: str, work: Path, precision: str) -> 
     job_path, result_path = work / f"trainer-{compare}.job.json", work / f"trainer-{compare}.result.json"
     job_path.write_text(json.dumps(job, indent=1))
     command = [sys.executable, str(Path(__file__).resolve()), "--side", "trainer", str(job_path), str(result_path)]
-    wall = run_side(command, env_for(args.threads, work, f"trainer-{compare}"), work / f"trainer-{compare}.log")
-    return json.loads(result_path.read_text()) | {"wall_seconds": wall}
+    timing = run_side(command, env_for(args.threads, work, f"trainer-{compare}"), work / f"trainer-{compare}.log")
+    return json.loads(result_path.read_text()) | timing
 
 
 def compare_sides(kit: dict, trainer: dict) -> dict:
@@ -317,6 +324,7 @@ def compare_sides(kit: dict, trainer: dict) -> dict:
     return {
         "speedup_to_tested_model": trainer["wall_seconds"] / kit["wall_seconds"],
         "speedup_search_only": search_only / kit["wall_seconds"],
+        "cpu_ratio": trainer["cpu_seconds"] / kit["cpu_seconds"],
         "best_value_difference": kit["best"]["value"] - trainer["best"]["value"],
         "test_difference": kit["test"]["accuracy"] - trainer["test"]["accuracy"],
     }
@@ -336,9 +344,9 @@ def markdown(result: dict) -> str:
         f"trials) and median pruning on both sides, first judged after epoch {first_prunable_epoch(result['epochs'])} "
         f"(the kit's default; never after the last epoch: with 2 epochs nothing is pruned).",
         "",
-        "| search | side | precision | wall s (to a tested model) | best validation acc | test acc (best trial) "
-        "| trials complete/pruned |",
-        "|---|---|---|---|---|---|---|",
+        "| search | side | precision | wall s (to a tested model) | CPU s | load avg before/after "
+        "| best validation acc | test acc (best trial) | trials complete/pruned |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for compare, entry in result["comparisons"].items():
         kit, trainer, ratios = entry["kit"], entry["trainer"], entry["ratios"]
@@ -351,11 +359,14 @@ def markdown(result: dict) -> str:
             value = f"{row['best']['value']:.4f}"
             if "best_epoch_value_seen" in row:
                 value += f" (last epoch; best epoch seen {row['best_epoch_value_seen']:.4f})"
-            lines.append(f"| {TITLES[compare]} | {side} | {row['precision']} | {wall} | {value} | "
+            cpu, load = row.get("cpu_seconds"), row.get("load") or []
+            cpu = f"{cpu:.0f}" if cpu is not None else "-"
+            load = "/".join(f"{x:.1f}" for x in load) or "-"
+            lines.append(f"| {TITLES[compare]} | {side} | {row['precision']} | {wall} | {cpu} | {load} | {value} | "
                          f"{row['test']['accuracy']:.4f} | {states.count('complete')}/{states.count('pruned')} |")
         lines.append(f"| {TITLES[compare]} | **kit / Trainer** | | **{ratios['speedup_to_tested_model']:.1f}x faster** "
-                     f"({ratios['speedup_search_only']:.1f}x search only) | {ratios['best_value_difference']:+.4f} | "
-                     f"{ratios['test_difference']:+.4f} | |")
+                     f"({ratios['speedup_search_only']:.1f}x search only) | {ratios.get('cpu_ratio', 0):.1f}x less | | "
+                     f"{ratios['best_value_difference']:+.4f} | {ratios['test_difference']:+.4f} | |")
     return "\n".join(lines) + "\n"
 
 

@@ -53,6 +53,9 @@ def test_both_sides_of_the_sweep_benchmark_run_one_trial(tiny_bert, tmp_path, co
     assert 0 <= kit["best"]["value"] <= 1 and 0 <= trainer["best"]["value"] <= 1
     assert 0 <= kit["test"]["accuracy"] <= 1 and 0 <= trainer["test"]["accuracy"] <= 1
     assert kit["wall_seconds"] > 0 and trainer["wall_seconds"] > trainer["retrain_seconds"] > 0
+    for side in (kit, trainer):  # the child's own CPU time, and the machine's load around it
+        assert 0 < side["cpu_seconds"] and len(side["load"]) == 2
+    assert entry["ratios"]["cpu_ratio"] == pytest.approx(trainer["cpu_seconds"] / kit["cpu_seconds"])
     assert kit["cached_features"] == (compare == "probe")
     assert entry["ratios"]["speedup_to_tested_model"] == pytest.approx(trainer["wall_seconds"] / kit["wall_seconds"])
     text = markdown.read_text()
