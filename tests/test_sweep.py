@@ -314,3 +314,37 @@ def test_trials_that_keep_failing_stop_the_sweep_with_one_line(tiny_bert, tiny_d
     assert line.startswith("finetune: error: sweep:") and "3 trials in a row failed" in line
     assert "only 1 label" in line and "rerun the same command" in line
     assert [n for n in range(5) if f"trial {n}: failed" in done.stdout] == [0, 1, 2]  # then it stopped
+
+
+def test_workers_on_one_machine_share_its_cores(tmp_path, monkeypatch):
+    """A worker that sees another live worker's running trial on this machine takes half the cores; OMP_NUM_THREADS
+    set by the user wins. (Two workers at all cores each trained 20x slower than one.)"""
+    import socket
+
+    import optuna
+    import torch
+
+    from finetune.sweep import Ranks, share_cores
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j.journal")))
+    study = optuna.create_study(storage=storage, study_name="s")
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(cores)
+        assert share_cores(study, Ranks()) is None  # alone: all cores, as torch had them
+        other = study.ask()  # a trial of another live process on this machine (pytest's parent)
+        other.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getppid()})
+        line = share_cores(study, Ranks())
+        assert torch.get_num_threads() == max(1, cores // 2)
+        assert (line is None) == (cores == 1) and (line is None or "2 workers on this machine" in line)
+        gone = study.ask()  # a dead worker's trial does not count
+        gone.set_user_attr("worker", {"host": socket.gethostname(), "pid": 2 ** 22 + 1})
+        share_cores(study, Ranks())
+        assert torch.get_num_threads() == max(1, cores // 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(cores)
+        assert share_cores(study, Ranks()) is None and torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(before)
