@@ -364,8 +364,9 @@ def markdown(result: dict) -> str:
             load = "/".join(f"{x:.1f}" for x in load) or "-"
             lines.append(f"| {TITLES[compare]} | {side} | {row['precision']} | {wall} | {cpu} | {load} | {value} | "
                          f"{row['test']['accuracy']:.4f} | {states.count('complete')}/{states.count('pruned')} |")
-        lines.append(f"| {TITLES[compare]} | **kit / Trainer** | | **{ratios['speedup_to_tested_model']:.1f}x faster** "
-                     f"({ratios['speedup_search_only']:.1f}x search only) | {ratios.get('cpu_ratio', 0):.1f}x less | | "
+        speedup = f"**{ratios['speedup_to_tested_model']:.2f}x**"
+        lines.append(f"| {TITLES[compare]} | **Trainer time / kit time** | | {speedup} "
+                     f"({ratios['speedup_search_only']:.2f}x search only) | {ratios.get('cpu_ratio', 0):.2f}x | | "
                      f"{ratios['best_value_difference']:+.4f} | {ratios['test_difference']:+.4f} | |")
     return "\n".join(lines) + "\n"
 

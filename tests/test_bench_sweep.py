@@ -59,7 +59,7 @@ def test_both_sides_of_the_sweep_benchmark_run_one_trial(tiny_bert, tmp_path, co
     assert kit["cached_features"] == (compare == "probe")
     assert entry["ratios"]["speedup_to_tested_model"] == pytest.approx(trainer["wall_seconds"] / kit["wall_seconds"])
     text = markdown.read_text()
-    assert "old" not in text and text.endswith("after\n") and "AVX" in text and "kit / Trainer" in text
+    assert "old" not in text and text.endswith("after\n") and "AVX" in text and "Trainer time / kit time" in text
     job = json.loads((tmp_path / "work" / f"trainer-{compare}.job.json").read_text())
     assert job["files"]["train"] == str((data / "train.csv").resolve())
     assert job["freeze_backbone"] == (compare == "probe")
