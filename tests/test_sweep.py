@@ -237,6 +237,7 @@ def test_a_bad_space_is_one_line_and_writes_nothing(tiny_bert, tiny_data, tmp_pa
     ("sweep.sampler=tpee", "sweep.sampler: 'tpee' is not one of tpe, random, grid (did you mean 'tpe'?)"),
     ("sweep.pruner=medain", "sweep.pruner: 'medain' is not one of median, hyperband, none (did you mean 'median'?)"),
     ("sweep.metric=f1", "sweep.metric: 'f1' is not in eval.metrics"),
+    ("sweep.min_epochs=0", "sweep.min_epochs: must be >= 1 or null, got 0"),
 ])
 def test_an_unknown_sampler_pruner_or_metric_is_one_line(tiny_bert, tiny_data, tmp_path, capfd, override, message):
     path = sweep_recipe(tiny_bert, tiny_data, tmp_path, {"train.lr": {"loguniform": [1e-5, 1e-3]}})
