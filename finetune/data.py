@@ -666,6 +666,32 @@ def assemble_splits(recipe, read, input_name: str, check_inputs, skipped_as: str
 # Tokenisation and loaders.
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What a tokenizer's output depends on, hashed in milliseconds: a fast tokenizer's whole pipeline (its
+    tokenizer.json: vocabulary, normaliser, special-token template) and its Python-side settings. datasets' Hasher
+    pickles the whole object instead (~0.1 s a call, three calls a run: a third of a cached probe trial); it stays
+    the key of a tokenizer without a Rust backend."""
+    import hashlib
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        from datasets.fingerprint import Hasher
+
+        return Hasher.hash(tokenizer)
+    # the truncation and padding the last call left in the backend are not part of it: every call sets its own
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    digest = hashlib.sha256()
+    for part in (f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}", repr(tokenizer),
+                 json.dumps(tokenizer.init_kwargs, sort_keys=True, default=str), backend.to_str()):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def tokenize(table: dict, tokenizer, max_length: int):
     """A `datasets.Dataset` of token ids and labels (unpadded: batches are padded to their own longest row).
 
@@ -679,7 +705,7 @@ def tokenize(table: dict, tokenizer, max_length: int):
 
     datasets.disable_progress_bars()
     pairs = table.get("text_pair")
-    parts = [table["text"], table["label"], _tokenizer_identity(tokenizer), max_length]
+    parts = [table["text"], table["label"], tokenizer_fingerprint(tokenizer), max_length]
     parts += [pairs] if pairs is not None else []
     fingerprint = Hasher.hash(parts)
     cache_dir = token_cache_dir()  # `finetune cache ls|clear` owns the path
@@ -695,25 +721,6 @@ def tokenize(table: dict, tokenizer, max_length: int):
         cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
         new_fingerprint=fingerprint,
     )
-
-
-def _tokenizer_identity(tokenizer):
-    """What a fast tokenizer's output depends on, cheap to hash: its pipeline as JSON (normalizer, pre-tokenizer,
-    vocabulary, special tokens, post-processor) without the truncation and padding state that each call sets, and
-    the Python side's truncation side and output names. datasets' own hash of the tokenizer object pickles all of
-    it through dill: ~0.1-0.4 s per split at every start. A slow tokenizer is hashed whole."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return tokenizer
-    import hashlib
-    import json
-
-    pipeline = json.loads(backend.to_str())
-    pipeline.pop("truncation", None)
-    pipeline.pop("padding", None)
-    identity = [type(tokenizer).__name__, pipeline, tokenizer.truncation_side, list(tokenizer.model_input_names),
-                getattr(tokenizer, "add_prefix_space", None)]
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int, sampler=None):

@@ -196,6 +196,8 @@ class Sweep:
     pruner: Literal["median", "hyperband", "none"] = "median"  # judged on each epoch's validation value
     trials: int = 10  # finished (complete or pruned) trials the study should hold; --trials overrides
     startup_trials: int = 3  # trials drawn at random and never pruned before the sampler and pruner use the rest
+    min_epochs: Optional[int] = None  # epochs a trial runs before the pruner may stop it; null: train.epochs // 2 + 1
+    # (past the middle of a decaying lr schedule, which ranks high-lr trials unfairly early); never after the last
     seed: Optional[int] = None  # sampler seed; null: every worker draws differently
 
 
@@ -631,3 +633,4 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
         )
         need(s.trials >= 1, f"sweep.trials: must be at least 1, got {s.trials}")
         need(s.startup_trials >= 0, f"sweep.startup_trials: must be >= 0, got {s.startup_trials}")
+        need(s.min_epochs is None or s.min_epochs >= 1, f"sweep.min_epochs: must be >= 1 or null, got {s.min_epochs}")

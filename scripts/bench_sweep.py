@@ -10,11 +10,14 @@ Two comparisons, each an N-trial learning-rate search (a log-uniform range) on t
 text,label; by default a subset of the short texts of scripts/bench/short_texts.py), the same epochs, batch size,
 max length, scheduler, warmup, weight decay, seed and threads:
 
-  full   full fine-tuning. Kit: `finetune sweep` (TPE, median pruning, 3 startup trials, seed 0) on a recipe with
-         `sweep.space: {train.lr: {loguniform: [LO, HI]}}`. Trainer: what its docs write, `model_init` +
-         `trainer.hyperparameter_search(direction="maximize", backend="optuna", hp_space=..., n_trials=N,
-         compute_objective=eval accuracy, sampler=TPESampler(seed=0, n_startup_trials=3),
-         pruner=MedianPruner(n_startup_trials=3))` with evaluation every epoch: the same sampler, pruner and space.
+  full   full fine-tuning. Kit: `finetune sweep` (TPE, median pruning, 3 startup trials, seed 0, the pruner's
+         default warm-up) on a recipe with `sweep.space: {train.lr: {loguniform: [LO, HI]}}`. Trainer: what its docs
+         write, `model_init` + `trainer.hyperparameter_search(direction="maximize", backend="optuna", hp_space=...,
+         n_trials=N, compute_objective=eval accuracy, sampler=TPESampler(seed=0, n_startup_trials=3),
+         pruner=MedianPruner(n_startup_trials=3, n_warmup_steps=...))` with evaluation every epoch: the same sampler,
+         space and pruning policy. The kit's pruner first judges a trial after epoch epochs // 2 + 1 (never after its
+         last); the Trainer reports optimizer steps, so its warm-up is that many epochs of steps, and where that
+         epoch is the last one (2 epochs) it gets no pruner, as the kit then prunes nothing.
   probe  the same search with the backbone frozen. Kit: `train.freeze: backbone`, mean pooling (features cached once
          for the whole sweep). Trainer: model_init freezes every base-model weight (requires_grad=False); it cannot
          mean-pool, its head reads the standard pooled output.
@@ -149,7 +152,7 @@ def trainer_side(job_path: str, result_path: str) -> None:
         direction="maximize", backend="optuna", hp_space=hp_space, n_trials=job["trials"],
         compute_objective=lambda metrics: metrics["eval_accuracy"],
         sampler=optuna.samplers.TPESampler(seed=SEED, n_startup_trials=STARTUP),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=STARTUP, n_warmup_steps=0),
+        pruner=trainer_pruner(job, steps_per_epoch),
     )
     search_seconds = time.perf_counter() - search_start
     # the search kept no model: train the best parameters again (seeded: the same run) and test that
@@ -180,6 +183,21 @@ def trainer_side(job_path: str, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(result, indent=1) + "\n")
 
 
+def first_prunable_epoch(epochs: int) -> int:
+    """The kit's default pruner warm-up (finetune.sweep.first_prunable_epoch with sweep.min_epochs null)."""
+    return epochs // 2 + 1
+
+
+def trainer_pruner(job: dict, steps_per_epoch: int):
+    """The kit's pruning policy in the Trainer's units: it reports the global step at each epoch's evaluation."""
+    import optuna
+
+    first = first_prunable_epoch(job["epochs"])
+    if first >= job["epochs"]:  # the kit never prunes after a trial's last epoch: nothing is left to prune
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=STARTUP, n_warmup_steps=first * steps_per_epoch)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The parent: the data, the two sides of each comparison, the report
 
@@ -208,15 +226,23 @@ def env_for(threads: int, work: Path, name: str) -> dict:
     return env
 
 
-def run_side(command: list[str], env: dict, log: Path) -> float:
+def run_side(command: list[str], env: dict, log: Path) -> dict:
+    """The side's wall seconds, its CPU seconds (user + system, all its threads) and the machine's 1-minute load
+    average before and after: on a shared machine other people's jobs stretch the wall time, and the load says so."""
+    import resource
+
+    load_before = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with open(log, "w") as handle:
         done = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         tail = log.read_text()[-3000:]
         raise SystemExit(f"bench_sweep: {' '.join(command[:4])} ... failed ({done.returncode}); its log {log}:\n{tail}")
-    return seconds
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_seconds": seconds, "cpu_seconds": cpu, "load": [load_before, os.getloadavg()[0]]}
 
 
 def labels_of(path: Path) -> list[str]:
@@ -260,13 +286,12 @@ def run_kit(args, files: dict, compare: str, work: Path) -> dict:
     recipe = work / f"kit-{compare}.yaml"
     recipe.write_text(yaml.safe_dump(kit_recipe(args, files, compare, out), sort_keys=False))
     command = [sys.executable, "-m", "finetune", "sweep", str(recipe), "--trials", str(args.trials)]
-    wall = run_side(command, env_for(args.threads, work, f"kit-{compare}"), work / f"kit-{compare}.log")
+    timing = run_side(command, env_for(args.threads, work, f"kit-{compare}"), work / f"kit-{compare}.log")
     report = json.loads((out / "sweep.json").read_text())
     best = report["best"]
     metrics = json.loads((Path(best["run_dir"]) / "metrics.json").read_text())
     log = (Path(best["run_dir"]) / "train.log").read_text()
-    return {
-        "wall_seconds": wall,
+    return timing | {
         "best": {"number": best["number"], "params": best["params"], "value": best["value"]},
         "test": {"accuracy": best["test"]["accuracy"]},
         "trials": [{"number": t["number"], "params": t["params"], "value": t["value"], "state": t["state"],
@@ -290,8 +315,8 @@ def run_trainer(args, files: dict, compare: str, work: Path, precision: str) -> 
     job_path, result_path = work / f"trainer-{compare}.job.json", work / f"trainer-{compare}.result.json"
     job_path.write_text(json.dumps(job, indent=1))
     command = [sys.executable, str(Path(__file__).resolve()), "--side", "trainer", str(job_path), str(result_path)]
-    wall = run_side(command, env_for(args.threads, work, f"trainer-{compare}"), work / f"trainer-{compare}.log")
-    return json.loads(result_path.read_text()) | {"wall_seconds": wall}
+    timing = run_side(command, env_for(args.threads, work, f"trainer-{compare}"), work / f"trainer-{compare}.log")
+    return json.loads(result_path.read_text()) | timing
 
 
 def compare_sides(kit: dict, trainer: dict) -> dict:
@@ -299,6 +324,7 @@ def compare_sides(kit: dict, trainer: dict) -> dict:
     return {
         "speedup_to_tested_model": trainer["wall_seconds"] / kit["wall_seconds"],
         "speedup_search_only": search_only / kit["wall_seconds"],
+        "cpu_ratio": trainer["cpu_seconds"] / kit["cpu_seconds"],
         "best_value_difference": kit["best"]["value"] - trainer["best"]["value"],
         "test_difference": kit["test"]["accuracy"] - trainer["test"]["accuracy"],
     }
@@ -315,11 +341,12 @@ def markdown(result: dict) -> str:
         "",
         f"{result['trials']} trials, {result['epochs']} epochs, batch {result['batch_size']}, max length "
         f"{result['max_length']}, rows train/validation/test {result['rows']}; TPE (seed {SEED}, {STARTUP} startup "
-        f"trials) and median pruning on both sides.",
+        f"trials) and median pruning on both sides, first judged after epoch {first_prunable_epoch(result['epochs'])} "
+        f"(the kit's default; never after the last epoch: with 2 epochs nothing is pruned).",
         "",
-        "| search | side | precision | wall s (to a tested model) | best validation acc | test acc (best trial) "
-        "| trials complete/pruned |",
-        "|---|---|---|---|---|---|---|",
+        "| search | side | precision | wall s (to a tested model) | CPU s | load avg before/after "
+        "| best validation acc | test acc (best trial) | trials complete/pruned |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for compare, entry in result["comparisons"].items():
         kit, trainer, ratios = entry["kit"], entry["trainer"], entry["ratios"]
@@ -332,11 +359,15 @@ def markdown(result: dict) -> str:
             value = f"{row['best']['value']:.4f}"
             if "best_epoch_value_seen" in row:
                 value += f" (last epoch; best epoch seen {row['best_epoch_value_seen']:.4f})"
-            lines.append(f"| {TITLES[compare]} | {side} | {row['precision']} | {wall} | {value} | "
+            cpu, load = row.get("cpu_seconds"), row.get("load") or []
+            cpu = f"{cpu:.0f}" if cpu is not None else "-"
+            load = "/".join(f"{x:.1f}" for x in load) or "-"
+            lines.append(f"| {TITLES[compare]} | {side} | {row['precision']} | {wall} | {cpu} | {load} | {value} | "
                          f"{row['test']['accuracy']:.4f} | {states.count('complete')}/{states.count('pruned')} |")
-        lines.append(f"| {TITLES[compare]} | **kit / Trainer** | | **{ratios['speedup_to_tested_model']:.1f}x faster** "
-                     f"({ratios['speedup_search_only']:.1f}x search only) | {ratios['best_value_difference']:+.4f} | "
-                     f"{ratios['test_difference']:+.4f} | |")
+        speedup = f"**{ratios['speedup_to_tested_model']:.2f}x**"
+        lines.append(f"| {TITLES[compare]} | **Trainer time / kit time** | | {speedup} "
+                     f"({ratios['speedup_search_only']:.2f}x search only) | {ratios.get('cpu_ratio', 0):.2f}x | | "
+                     f"{ratios['best_value_difference']:+.4f} | {ratios['test_difference']:+.4f} | |")
     return "\n".join(lines) + "\n"
 
 

@@ -53,10 +53,36 @@ def test_both_sides_of_the_sweep_benchmark_run_one_trial(tiny_bert, tmp_path, co
     assert 0 <= kit["best"]["value"] <= 1 and 0 <= trainer["best"]["value"] <= 1
     assert 0 <= kit["test"]["accuracy"] <= 1 and 0 <= trainer["test"]["accuracy"] <= 1
     assert kit["wall_seconds"] > 0 and trainer["wall_seconds"] > trainer["retrain_seconds"] > 0
+    for side in (kit, trainer):  # the child's own CPU time, and the machine's load around it
+        assert 0 < side["cpu_seconds"] and len(side["load"]) == 2
+    assert entry["ratios"]["cpu_ratio"] == pytest.approx(trainer["cpu_seconds"] / kit["cpu_seconds"])
     assert kit["cached_features"] == (compare == "probe")
     assert entry["ratios"]["speedup_to_tested_model"] == pytest.approx(trainer["wall_seconds"] / kit["wall_seconds"])
     text = markdown.read_text()
-    assert "old" not in text and text.endswith("after\n") and "AVX" in text and "kit / Trainer" in text
+    assert "old" not in text and text.endswith("after\n") and "AVX" in text and "Trainer time / kit time" in text
     job = json.loads((tmp_path / "work" / f"trainer-{compare}.job.json").read_text())
     assert job["files"]["train"] == str((data / "train.csv").resolve())
     assert job["freeze_backbone"] == (compare == "probe")
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 4, 10])
+def test_the_trainer_side_gets_the_kits_pruning_policy_in_its_own_steps(tiny_bert, tiny_data, tmp_path, epochs):
+    import importlib.util
+
+    import optuna
+    from conftest import recipe_dict, to_recipe
+
+    from finetune.sweep import first_prunable_epoch
+
+    spec = importlib.util.spec_from_file_location("bench_sweep", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    raw = recipe_dict(tiny_bert, tiny_data, tmp_path / "sw", **{"train.epochs": epochs})
+    raw["sweep"] = {"space": {"train.lr": {"loguniform": [1e-5, 1e-3]}}}
+    first = first_prunable_epoch(to_recipe(raw))
+    assert first == bench.first_prunable_epoch(epochs) and 1 <= first and first > epochs / 2
+    pruner = bench.trainer_pruner({"epochs": epochs}, steps_per_epoch=25)
+    if first >= epochs:  # the kit prunes nothing then
+        assert isinstance(pruner, optuna.pruners.NopPruner)
+    else:
+        assert isinstance(pruner, optuna.pruners.MedianPruner) and pruner._n_warmup_steps == first * 25

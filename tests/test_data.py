@@ -679,6 +679,24 @@ def test_tokenize_second_call_hits_the_cache(tokenizer, monkeypatch):
     assert relabelled["label"] == [1, 0]
 
 
+def test_the_token_cache_key_is_the_tokenizers_content_not_the_object(tokenizer):
+    """A sweep loads the tokenizer again for every trial: the same folder is the same key (so the cache answers),
+    whatever the last call left in the backend; another tokenizer setting is another key and other ids."""
+    from transformers import AutoTokenizer
+
+    from finetune.backbones import load_tokenizer, resolve_text_source
+    from finetune.data import tokenizer_fingerprint
+
+    again = load_tokenizer(resolve_text_source("minilm-l6"))
+    tokenizer(["warm up: a call sets the backend's truncation and padding"], truncation=True, max_length=8,
+              padding="max_length")
+    assert tokenizer_fingerprint(again) == tokenizer_fingerprint(tokenizer)
+    cased = AutoTokenizer.from_pretrained(again.name_or_path, do_lower_case=False)
+    assert tokenizer_fingerprint(cased) != tokenizer_fingerprint(tokenizer)
+    table = {"text": ["Great Phone"], "label": [1]}
+    assert tokenize(table, cased, 16)["input_ids"] != tokenize(table, tokenizer, 16)["input_ids"]
+
+
 def test_tokenize_the_splits_read_from_files(tmp_path, tokenizer):
     train, validation = write_csv(tmp_path / "t.csv", TRAIN_ROWS), write_csv(tmp_path / "v.csv", VALIDATION_ROWS)
     splits = load(train=train, validation=validation)

@@ -89,8 +89,9 @@ def test_rerunning_a_finished_sweep_runs_no_more_trials(tiny_bert, tiny_data, tm
     assert again["best"]["test"] == more["best"]["test"] or again["best"]["number"] != more["best"]["number"]
 
 
-def test_a_hopeless_trial_is_pruned_and_its_folder_says_so(tiny_bert, tiny_data, tmp_path):
-    # grid order is fixed by its seed: the good lr first, then one that cannot learn, pruned after its first epoch
+def test_a_hopeless_trial_is_pruned_past_half_its_epochs_and_its_folder_says_so(tiny_bert, tiny_data, tmp_path):
+    # grid order is fixed by its seed: the good lr first, then one that cannot learn, pruned after epoch 2 of 3 (by
+    # default the pruner waits past half of train.epochs)
     space = {"train.lr": {"choice": [3e-3, 1e-7]}}
     path = sweep_recipe(tiny_bert, tiny_data, tmp_path, space, **{
         "train.epochs": 3, "sweep.sampler": "grid", "sweep.seed": 1, "sweep.pruner": "median",
@@ -99,16 +100,31 @@ def test_a_hopeless_trial_is_pruned_and_its_folder_says_so(tiny_bert, tiny_data,
     rows = {t["params"]["train.lr"]: t for t in report["trials"]}
     assert rows[3e-3]["number"] == 0, "the grid's order changed; pick the seed that runs 3e-3 first"
     pruned = rows[1e-7]
-    assert pruned["state"] == "pruned" and pruned["epochs"] == 1
+    assert pruned["state"] == "pruned" and pruned["epochs"] == 2
     folder = Path(pruned["run_dir"])
     assert read_json(folder / "trial.json")["state"] == "pruned"
-    assert "pruned by the median pruner" in (folder / "train.log").read_text()
+    assert "pruned by the median pruner after epoch 2" in (folder / "train.log").read_text()
     assert not (folder / "metrics.json").exists() and not (folder / "checkpoints").exists()
     assert rows[3e-3]["state"] == "complete" and report["best"]["number"] == 0
     from finetune.runs import find_runs, run_summary
 
     states = {run.name: run_summary(run, tmp_path / "sw")["status"] for run in find_runs(tmp_path / "sw")}
     assert states == {"0": "done", "1": "pruned"}
+
+
+@pytest.mark.parametrize(("min_epochs", "state", "epochs"), [(None, "complete", 2), (1, "pruned", 1)])
+def test_the_pruner_waits_min_epochs_and_never_stops_a_trial_after_its_last(tiny_bert, tiny_data, tmp_path,
+                                                                             min_epochs, state, epochs):
+    """Two epochs: by default (2 // 2 + 1 = 2) the hopeless trial runs both, since pruning after the last epoch saves
+    nothing and would throw away a finished trial; sweep.min_epochs=1 prunes it after its first, as before."""
+    space = {"train.lr": {"choice": [3e-3, 1e-7]}}
+    path = sweep_recipe(tiny_bert, tiny_data, tmp_path, space, **{
+        "train.epochs": 2, "sweep.sampler": "grid", "sweep.seed": 1, "sweep.pruner": "median",
+        "sweep.startup_trials": 1, "sweep.min_epochs": min_epochs})
+    rows = {t["params"]["train.lr"]: t for t in sweep(str(path))["trials"]}
+    assert rows[3e-3]["number"] == 0 and rows[3e-3]["state"] == "complete"
+    assert (rows[1e-7]["state"], rows[1e-7]["epochs"]) == (state, epochs)
+    assert rows[1e-7]["value"] < rows[3e-3]["value"]  # below the median: the pruner would have stopped it
 
 
 def test_a_probe_sweep_computes_the_backbone_features_once(tiny_bert, tiny_data, tmp_path, feature_cache):
@@ -221,6 +237,7 @@ def test_a_bad_space_is_one_line_and_writes_nothing(tiny_bert, tiny_data, tmp_pa
     ("sweep.sampler=tpee", "sweep.sampler: 'tpee' is not one of tpe, random, grid (did you mean 'tpe'?)"),
     ("sweep.pruner=medain", "sweep.pruner: 'medain' is not one of median, hyperband, none (did you mean 'median'?)"),
     ("sweep.metric=f1", "sweep.metric: 'f1' is not in eval.metrics"),
+    ("sweep.min_epochs=0", "sweep.min_epochs: must be >= 1 or null, got 0"),
 ])
 def test_an_unknown_sampler_pruner_or_metric_is_one_line(tiny_bert, tiny_data, tmp_path, capfd, override, message):
     path = sweep_recipe(tiny_bert, tiny_data, tmp_path, {"train.lr": {"loguniform": [1e-5, 1e-3]}})
@@ -298,3 +315,37 @@ def test_trials_that_keep_failing_stop_the_sweep_with_one_line(tiny_bert, tiny_d
     assert line.startswith("finetune: error: sweep:") and "3 trials in a row failed" in line
     assert "only 1 label" in line and "rerun the same command" in line
     assert [n for n in range(5) if f"trial {n}: failed" in done.stdout] == [0, 1, 2]  # then it stopped
+
+
+def test_workers_on_one_machine_share_its_cores(tmp_path, monkeypatch):
+    """A worker that sees another live worker's running trial on this machine takes half the cores; OMP_NUM_THREADS
+    set by the user wins. (Two workers at all cores each trained 20x slower than one.)"""
+    import socket
+
+    import optuna
+    import torch
+
+    from finetune.sweep import Ranks, share_cores
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j.journal")))
+    study = optuna.create_study(storage=storage, study_name="s")
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(cores)
+        assert share_cores(study, Ranks()) is None  # alone: all cores, as torch had them
+        other = study.ask()  # a trial of another live process on this machine (pytest's parent)
+        other.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getppid()})
+        line = share_cores(study, Ranks())
+        assert torch.get_num_threads() == max(1, cores // 2)
+        assert (line is None) == (cores == 1) and (line is None or "2 workers on this machine" in line)
+        gone = study.ask()  # a dead worker's trial does not count
+        gone.set_user_attr("worker", {"host": socket.gethostname(), "pid": 2 ** 22 + 1})
+        share_cores(study, Ranks())
+        assert torch.get_num_threads() == max(1, cores // 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(cores)
+        assert share_cores(study, Ranks()) is None and torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(before)

@@ -588,7 +588,10 @@ def tokenize(table: dict, tokenizer, max_length: int, names: list[str], label_al
     from datasets.fingerprint import Hasher
 
     datasets.disable_progress_bars()
-    fingerprint = Hasher.hash([table["tokens"], table["label"], tokenizer, max_length, names, label_all_tokens])
+    from finetune.data import tokenizer_fingerprint
+
+    fingerprint = Hasher.hash([table["tokens"], table["label"], tokenizer_fingerprint(tokenizer), max_length, names,
+                               label_all_tokens])
     from finetune.caches import token_cache_dir
 
     cache_dir = token_cache_dir()  # beside the texts' (fingerprints differ): `finetune cache clear tokens` clears both
