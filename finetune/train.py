@@ -216,6 +216,9 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
             atomic_save(out / "adapter", lambda d: final.save_pretrained(d))
             say(f"LoRA adapter saved to {out / 'adapter'}")
         final = transfer.merged(final)
+        # a channels_last model (train.channels_last; the default for convolutions on a GPU) has non-contiguous
+        # weights, which safetensors refuses to write: the exported model is in the default layout
+        final = final.to(memory_format=torch.contiguous_format)
         atomic_save(out / "model", lambda d: export.export_model(job.save, final, d, recipe, splits, metrics))
         timer.mark("saving")
         metrics["train"].update(timer.report())

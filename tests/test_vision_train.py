@@ -533,3 +533,15 @@ def test_validate_checks_an_image_recipe_and_its_folder(image_data, tmp_path):
     assert yaml.safe_load(result.stdout)["task"] == "image-classification"
     assert "train 60, validation 18, test 18" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_channels_last_run_trains_the_same_and_exports(image_data, tmp_path):
+    """train.channels_last (the default for convolutions on a GPU) on this CPU: the same numbers as the default
+    layout to float rounding, and an export in the default layout (safetensors refuses non-contiguous weights)."""
+    plain = train(to_recipe(vision_raw(image_data, tmp_path / "plain", **{"train.epochs": 1})))
+    last = train(to_recipe(vision_raw(image_data, tmp_path / "last", **{"train.epochs": 1,
+                                                                        "train.channels_last": True})))
+    assert last["test"]["loss"] == pytest.approx(plain["test"]["loss"], abs=2e-3)  # other kernels, 7 Adam steps
+    exported = load_file(tmp_path / "last" / "model" / "model.safetensors")
+    assert_same_state(exported, without_prefix(load_file(tmp_path / "last" / "checkpoints" / "best"
+                                                         / "model.safetensors")))  # the kept weights, bit for bit
