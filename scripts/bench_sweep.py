@@ -262,6 +262,8 @@ def kit_recipe(args, files: dict, compare: str, out: Path) -> dict:
                  "text_column": "text", "label_column": "label", "max_length": args.max_length},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": low, "weight_decay": 0.01,
                   "scheduler": "cosine", "warmup": 0.1, "seed": 42, "precision": args.precision,
+                  # as the kit's text recipes train (the Trainer keeps its default, random batches)
+                  "group_by_length": True,
                   **({"freeze": "backbone"} if compare == "probe" else {})},
         "eval": {"metrics": ["accuracy"], "select_best": "accuracy"},
         "output": {"dir": str(out)},
