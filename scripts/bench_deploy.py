@@ -212,23 +212,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(model, *flags: str, **env: str) -> tuple[subprocess.Popen, str]:
+    """`finetune serve MODEL` of this checkout on a free loopback port (micro-batches of up to 32, 5 ms wait), with
+    `env` added to its environment; returns the process and its URL once /health answers (or after 60 s)."""
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env)
+    server = subprocess.Popen([sys.executable, "-m", "finetune", "serve", str(model), "--port", str(port),
+                               "--max-batch", "32", "--max-wait-ms", "5", *flags], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return server, url
+
+
 def bench_serve(args, model: Path, texts: list[str]) -> dict:
     """One client one by one vs 16 concurrent clients on the same texts; then a mixed load with malformed ones."""
     import httpx
 
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    server = subprocess.Popen([sys.executable, "-m", "finetune", "serve", str(model), "--port", str(port),
-                               "--max-batch", "32", "--max-wait-ms", "5"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_server(model)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         texts = texts[:args.serve]
         limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
         with httpx.Client(base_url=url, timeout=60, limits=limits) as client:

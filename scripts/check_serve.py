@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+from bench_deploy import start_server  # scripts/ is this script's folder: on sys.path
 
 KEY = "check-serve-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -38,20 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     with open(args.data, newline="", encoding="utf-8") as handle:
         texts = [row[args.column] for row in csv.DictReader(handle)][:args.texts]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "finetune", "serve", args.model, "--port", str(port), "--api-key-env", "CHECK_KEY",
-         "--max-batch", "32", "--max-wait-ms", "5"],
-        env=dict(os.environ, CHECK_KEY=KEY), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    server, url = start_server(args.model, "--api-key-env", "CHECK_KEY", CHECK_KEY=KEY)
     try:
         with httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=32)) as client:
             def send(i: int):
