@@ -5,14 +5,13 @@ epoch."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import LABELS, recipe_dict, to_recipe
-from test_resume import assert_identical
+from test_resume import _cut_after_first_checkpoint, assert_identical
 from test_train import (
     assert_same_tensors,
     latest_checkpoint,
@@ -125,19 +124,24 @@ def test_resume_with_eval_every_equals_the_uninterrupted_run(tiny_bert, tiny_dat
     settings = {**STEPS, "backbone.dropout": 0.1, "head.dropout": 0.1, "train.epochs": 3, "train.eval_every": 2,
                 "train.checkpoint_every": 3, "train.keep_checkpoints": 10, "train.scheduler": "cosine",
                 "train.warmup": 2}
+    out, whole = _cut_and_resume(tiny_bert, tiny_data, tmp_path, settings, kept=1)
+    # kept step 3: mid-epoch, after the evaluation at step 2, before the one at 4
+    assert sorted(p.name for p in (whole / "checkpoints").glob("step-*"))[:2] == ["step-00000003", "step-00000004"]
+    assert_identical(out, whole)
+
+
+def _cut_and_resume(tiny_bert, tiny_data, tmp_path: Path, settings: dict, kept: int) -> tuple[Path, Path]:
+    """The run whole, then again cut after its `kept`-th checkpoint (as a kill leaves it) and resumed."""
     whole = tmp_path / "whole"
     run(recipe_dict(tiny_bert, tiny_data, whole, **settings))
     out = tmp_path / "run"
     raw = recipe_dict(tiny_bert, tiny_data, out, **settings)
     run(raw)
-    steps = sorted((out / "checkpoints").glob("step-*"))
-    assert [s.name for s in steps][:2] == ["step-00000003", "step-00000004"]
-    for later in steps[1:]:  # keep step 3: mid-epoch, after the evaluation at step 2, before the one at 4
-        subprocess.run(["rm", "-rf", str(later)], check=True)
-    for name in ("model", "metrics.json"):
-        subprocess.run(["rm", "-rf", str(out / name)], check=True)
+    _cut_after_first_checkpoint(out, kept)
+    assert latest_checkpoint(out) == out / "checkpoints" / sorted(p.name for p in
+                                                                  (whole / "checkpoints").glob("step-*"))[kept - 1]
     run(raw, resume=True)
-    assert_identical(out, whole)
+    return out, whole
 
 
 def _lr_of(out: Path) -> float:
@@ -170,18 +174,9 @@ def test_a_metric_driven_schedule_resumes_exactly(tiny_bert, tiny_data, tmp_path
     settings = {**STEPS, "train.epochs": 3, "train.eval_every": 2, "train.lr": 3e-3, "train.checkpoint_every": 3,
                 "train.keep_checkpoints": 10, "train.scheduler": "greedy",
                 "train.scheduler_args": {"patience": 0, "min_lr": 1e-5}}
-    whole = tmp_path / "whole"
-    run(recipe_dict(tiny_bert, tiny_data, whole, **settings))
-    out = tmp_path / "run"
-    raw = recipe_dict(tiny_bert, tiny_data, out, **settings)
-    run(raw)
-    steps = sorted((out / "checkpoints").glob("step-*"))
-    for later in steps[3:]:  # step 6: after three evaluations, so the schedule has a history to come back
-        subprocess.run(["rm", "-rf", str(later)], check=True)
-    for name in ("model", "metrics.json"):
-        subprocess.run(["rm", "-rf", str(out / name)], check=True)
-    assert latest_checkpoint(out).name == "step-00000006"
-    run(raw, resume=True)
+    # kept: step 6, after three evaluations, so the schedule has a history to come back
+    out, whole = _cut_and_resume(tiny_bert, tiny_data, tmp_path, settings, kept=3)
+    assert sorted(p.name for p in (whole / "checkpoints").glob("step-*"))[2] == "step-00000006"
     assert_identical(out, whole)
     assert _lr_of(out) == _lr_of(whole)
 

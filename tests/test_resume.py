@@ -224,9 +224,9 @@ def test_lora_resume_equals_the_uninterrupted_run(tiny_bert, tiny_data, tmp_path
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[1])
 
 
-def _cut_after_first_checkpoint(out: Path) -> None:
-    """What a kill after the first checkpoint leaves behind."""
-    for later in sorted((out / "checkpoints").glob("step-*"))[1:]:
+def _cut_after_first_checkpoint(out: Path, kept: int = 1) -> None:
+    """What a kill after the first (or the `kept`-th) checkpoint leaves behind."""
+    for later in sorted((out / "checkpoints").glob("step-*"))[kept:]:
         subprocess.run(["rm", "-rf", str(later)], check=True)
     for name in ("model", "adapter", "metrics.json"):
         subprocess.run(["rm", "-rf", str(out / name)], check=True)
