@@ -103,9 +103,12 @@ def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pro
     depths, top = transfer.layer_ids(accelerator.unwrap_model(model)) if schedule else ({}, 0)
     depth = "unset"
 
+    def epoch_loss() -> float:
+        return (torch.tensor(p.epoch_loss) / max(p.batch, 1)).mean().item()  # the epoch's mean so far
+
     def validate(epoch: int) -> bool:
         """One evaluation at step p.step: recorded, the best kept, the lr schedule told; True: stop early."""
-        loss = (torch.tensor(p.epoch_loss) / max(p.batch, 1)).mean().item()  # the epoch's mean so far
+        loss = epoch_loss()
         validation = evaluate(accelerator, model, loaders["validation"], job.splits, recipe)
         entry = {"epoch": epoch, "step": p.step, "loss": loss, "validation": validation}
         shown = " ".join(f"{k} {v:.4f}" for k, v in validation.items())
@@ -157,8 +160,7 @@ def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pro
         if t.eval_every is None or (finished and not just_evaluated):
             stopping = validate(epoch) or stopping  # eval_every: the last step's weights are evaluated too
         if t.eval_every is not None:
-            loss = (torch.tensor(p.epoch_loss) / max(p.batch, 1)).mean().item()
-            say(f"epoch {epoch}/{epochs}: train loss {loss:.4f} | {samples / max(seconds, 1e-9):.1f} samples/s")
+            say(f"epoch {epoch}/{epochs}: train loss {epoch_loss():.4f} | {samples / max(seconds, 1e-9):.1f} samples/s")
         p.epoch, p.batch, p.epoch_loss, p.epoch_samples, p.epoch_seconds = epoch + 1, 0, [], 0, 0.0
         if stopping or finished:
             p.epoch = epochs + 1  # a resumed run must not train on
@@ -208,6 +210,11 @@ def train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p
                          len(loader))  # a bar at a terminal, a plain line every 30 s in a log
     start, seconds_before = time.perf_counter(), p.epoch_seconds
     stopping = False
+
+    def record() -> None:  # the epoch so far into p: each process's loss sum, the training seconds
+        p.epoch_loss = accelerator.gather(total_loss.reshape(1)).tolist()
+        p.epoch_seconds = seconds_before + time.perf_counter() - start
+
     for batch in bar:
         loss, size = train_step(accelerator, model, optimizer, scheduler, batch, job, recipe)
         total_loss += loss.detach()
@@ -231,8 +238,7 @@ def train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p
             p.steps.append(point)
             bar.set_postfix(loss=f"{total_loss.item() / p.batch:.4f}")
         if evaluating:
-            p.epoch_loss = accelerator.gather(total_loss.reshape(1)).tolist()
-            p.epoch_seconds = seconds_before + time.perf_counter() - start
+            record()
             evaluation_start = time.perf_counter()
             stopping = validate(p.epoch)
             start += time.perf_counter() - evaluation_start  # training time only
@@ -241,16 +247,14 @@ def train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p
         interrupted = INTERRUPT.requested and accelerator.num_processes == 1
         checkpointing = checkpointing and not (stopping or reached)  # then the epoch's end checkpoints at once
         if checkpointing or interrupted:
-            p.epoch_loss = accelerator.gather(total_loss.reshape(1)).tolist()  # each process its own
-            p.epoch_seconds = seconds_before + time.perf_counter() - start
+            record()
             save_checkpoint(accelerator, Path(recipe.output.dir), p, t.keep_checkpoints)
         if interrupted:  # at a step boundary, after a checkpoint of exactly this point
             raise KeyboardInterrupt
         if stopping or reached:
             break
     _stop_if_not_finite(first_bad, p, Path(recipe.output.dir))
-    p.epoch_loss = accelerator.gather(total_loss.reshape(1)).tolist()
-    p.epoch_seconds = seconds_before + time.perf_counter() - start
+    record()
     return stopping
 
 
