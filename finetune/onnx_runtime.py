@@ -33,6 +33,9 @@ def make_session(path: str | Path):
     options.intra_op_num_threads = session_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # its warnings about unused initialisers are not the user's business
+    # denormal floats as zero: they arise in softmax and int8 dequantisation, and each one takes the CPU's slow
+    # path (the int8 MiniLM: 10% more texts/s)
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
