@@ -542,19 +542,32 @@ def _parity(predictor, out: Path, sample: list, torch_logits, quantize) -> dict:
 
 
 def _test_metrics(predictor, out: Path) -> dict | None:
-    """{"torch": metrics, "onnx": metrics} on the run's test split (data.test), None when the run names none."""
+    """{"torch": metrics, "onnx": metrics} on the run's test split: data.test, or the test split of the data set
+    data.train names (the zoo's, a hub set's, a split folder's) when the run tested on it; None when it had none."""
     from finetune.evaluate import evaluate
 
     recipe = predictor.recipe
-    if recipe is None or not recipe.data.test:
+    if recipe is None:
         return None
-    source = str(predictor.run_dir)
-    torch_metrics = evaluate(source, recipe.data.test, split="test", progress=False)["metrics"]
+    data = recipe.data.test
+    if not data and _run_had_test_split(predictor.run_dir):
+        data = recipe.data.train
+    if not data:
+        return None
+    torch_metrics = evaluate(str(predictor.run_dir), data, split="test", progress=False)["metrics"]
     d = recipe.data
     columns = {"text_column": d.text_column, "label_column": d.label_column, "image_column": d.image_column,
                "pair_column": d.text_pair_column}
-    onnx_metrics = evaluate(str(out), d.test, split="test", progress=False, **columns)["metrics"]
-    return {"torch": torch_metrics, "onnx": onnx_metrics}
+    onnx_metrics = evaluate(str(out), data, split="test", progress=False, **columns)["metrics"]
+    return {"torch": torch_metrics, "onnx": onnx_metrics, "data": data}
+
+
+def _run_had_test_split(run_dir: Path | None) -> bool:
+    """Whether the run's split.json records a test split (data.test null: the data set's own)."""
+    try:
+        return "test" in json.loads((Path(run_dir) / "split.json").read_text()).get("splits", {})
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
 
 
 def _check(info: dict, out: Path) -> None:

@@ -102,30 +102,33 @@ def test_onnxruntime_alone_runs_the_export(runs, tmp_path):
 
 
 def test_an_image_export_matches_and_quantises(tmp_path):
+    """On a folder of split folders (data.test null, the test split the data set's own): the export scores it too."""
     root = tmp_path
     rng = np.random.RandomState(0)
-    for split, count in (("train", 8), ("test", 4)):
+    for split, count in (("train", 8), ("val", 4), ("test", 4)):
         for colour in COLOURS:
-            (root / split / colour).mkdir(parents=True)
+            (root / "data" / split / colour).mkdir(parents=True)
             for i in range(count):
-                colour_image(colour, rng).save(root / split / colour / f"{i}.png")
+                colour_image(colour, rng).save(root / "data" / split / colour / f"{i}.png")
     raw = {
         "task": "image-classification",
         "backbone": {"name": "test_efficientnet", "pretrained": False, "dropout": 0.0},
         "head": {"type": "linear", "dropout": 0.0},
-        "data": {"train": str(root / "train"), "validation": str(root / "test"), "test": str(root / "test"),
-                 "image_size": 32, "num_workers": 0},
+        "data": {"train": str(root / "data"), "image_size": 32, "num_workers": 0},
         "augment": {"scale": [1.0, 1.0], "hflip": 0.0},
         "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup": 0, "scheduler": "constant",
                   "precision": "fp32", "seed": 0},
         "output": {"dir": str(root / "run")},
     }
-    train(to_recipe(raw))
+    metrics = train(to_recipe(raw))
     info = export(root / "run")
     assert info["parity"]["max_abs_logit_diff"] < 1e-4
+    assert info["test"]["data"] == str(root / "data")  # its test split, as the run tested on it
+    assert info["test"]["torch"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert info["test"]["onnx"]["accuracy"] == pytest.approx(info["test"]["torch"]["accuracy"])
     info8 = export(root / "run", quantize="int8")
     assert info8["quantization"]["method"] in ("static-qdq", "dynamic") and info8["parity"]["agreement"] >= 0.75
-    images = [str(p) for p in sorted((root / "test").rglob("*.png"))]
+    images = [str(p) for p in sorted((root / "data" / "test").rglob("*.png"))]
     np.testing.assert_allclose(finetune.load(root / "run" / "export" / "onnx").logits(images),
                                finetune.load(root / "run").logits(images), atol=1e-4)
     for colour in COLOURS:  # the card's lines on a photo: the label finetune predicts for it
