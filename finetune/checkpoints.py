@@ -88,6 +88,7 @@ class Progress:
     best: dict | None = None
     stale: int = 0
     precision: str = ""  # accelerate's mixed_precision value: a resumed `auto` run keeps it
+    channels_last: bool | None = None  # the model's memory format: a resumed run whose layout was measured keeps it
 
 
 def keep_only(state: dict, names: set) -> None:

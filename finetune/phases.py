@@ -40,7 +40,7 @@ class Phases:
         self.seconds[name] = self.seconds.get(name, 0.0) + max(0.0, now - self.last)
         self.last = now
 
-    START_UP = ("imports and checks", "data and model", "feature pass", "preparing")
+    START_UP = ("imports and checks", "choosing the step", "data and model", "feature pass", "preparing")
 
     def report(self) -> dict:
         """{"start_up_seconds": to the first training step, "phases": {name: seconds}, "wall_seconds": all of it}"""

@@ -76,14 +76,16 @@ def choose_precision(requested: str, cuda: bool | None = None, native_bf16: bool
     return "bf16"
 
 
-def of_checkpoint(checkpoint: Path | None) -> str | None:
-    """The mixed_precision value a run's checkpoint was trained at (None: no checkpoint, or one that predates it)."""
+def of_checkpoint(checkpoint: Path | None, key: str = "precision"):
+    """What a run's checkpoint says it trained at: `key` of its progress.json (precision: the mixed_precision
+    value; channels_last: the memory format). None: no checkpoint, or one that predates the key."""
     if checkpoint is None:
         return None
     try:
-        return json.loads((Path(checkpoint) / "progress.json").read_text()).get("precision") or None
+        value = json.loads((Path(checkpoint) / "progress.json").read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
+    return None if value == "" else value
 
 
 def describe(mixed_precision: str, requested: str) -> str:

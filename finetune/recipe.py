@@ -126,7 +126,8 @@ class Train:
     early_stopping: Optional[EarlyStopping] = None  # {metric: accuracy, patience: 2}
     label_smoothing: float = 0.0  # single_label cross-entropy (and mixup/cutmix targets)
     ema: Optional[Ema] = None  # {decay: 0.9998}: keep an exponential moving average of the weights
-    channels_last: Optional[bool] = None  # vision memory format; null: on for convolutional backbones on GPUs
+    # vision memory format; null: on for convolutional backbones on GPUs, measured on CPUs (finetune.step_choice)
+    channels_last: Optional[bool] = None
     # none | backbone (linear probe: the head alone) | {head_warmup: N} | {unfreeze_every: K}
     freeze: Union[Literal["none", "backbone"], Freeze] = "none"
     layer_decay: Optional[float] = None  # e.g. 0.75: each layer below the head gets this times the lr of the one above

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from finetune import export, recipe as recipe_module
-from finetune import phases, precision, tracking, transfer
+from finetune import phases, precision, step_choice, tracking, transfer
 from finetune.checkpoints import (
     Progress,
     atomic_save,
@@ -60,8 +60,12 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
 
     dynamic_freeze = transfer.has_freeze_schedule(recipe)
     # auto resumes at the precision the run started at (a checkpoint says which): resume stays exact
-    resumed = precision.of_checkpoint(latest_checkpoint(out) if resume else None)
-    mixed = precision.choose_precision(t.precision, resumed=resumed)
+    kept = latest_checkpoint(out) if resume else None
+    resumed = precision.of_checkpoint(kept)
+    choice = _step_choice(recipe, kept)  # a convolutional model on a CPU: its fastest layout and precision
+    if choice is not None and choice.how == "measured":
+        timer.mark("choosing the step")
+    mixed = choice.precision if choice is not None else precision.choose_precision(t.precision, resumed=resumed)
     precision.allow_accelerator_at(mixed)
     accelerator = Accelerator(
         # without a GPU, accelerate only runs multi-process (torchrun, gloo) when told it is on the CPU
@@ -84,6 +88,8 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     set_seed(t.seed)
     # data and model first: bad input fails here, before any run folder is made or removed
     job = get_task(recipe.task).job(recipe, accelerator)
+    if choice is not None and choice.channels_last and not step_choice.is_channels_last(job.model):
+        job.model = job.model.to(memory_format=torch.channels_last)
     if not evaluate_test:
         job.datasets.pop("test", None)
     if recipe.lora is not None:
@@ -144,6 +150,8 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         f"({100 * trainable / total:.2f}%); {accelerator.num_processes} process(es) on {accelerator.device}"
     )
     say(precision.describe(accelerator.mixed_precision, t.precision))
+    if choice is not None:
+        say(choice.describe())
 
     if transfer.is_frozen_backbone(recipe) or recipe.lora is not None:
         # the frozen weights never change: checkpoints hold only what trains (a LoRA or probe checkpoint is small,
@@ -165,6 +173,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         progress = load_checkpoint(accelerator, checkpoint, strict=job.saved_names is None)
         say(f"resumed from {checkpoint}: epoch {progress.epoch}, {progress.batch} batches in, step {progress.step}")
     progress.precision = accelerator.mixed_precision
+    progress.channels_last = step_choice.is_channels_last(accelerator.unwrap_model(model))
     timer.mark("preparing")
     try:
         INTERRUPT.immediate = accelerator.num_processes > 1
@@ -180,6 +189,8 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
             accelerator.end_training()
         raise
     metrics["train"]["precision"] = precision.name(accelerator.mixed_precision)  # predict runs at it too
+    if choice is not None:
+        metrics["train"]["step_choice"] = choice.record()
     timer.mark("training")
 
     # the kept model: the best epoch's weights (raw or EMA), tested, then predicting in the targets' own units
@@ -242,6 +253,24 @@ def _push(out: Path, recipe, say) -> None:
         visibility = "--private" if recipe.hub.private else "--public"
         say(f"warning: the run is saved, but the push failed: {error}; retry with: "
             f"finetune push {out} --repo-id {recipe.hub.repo_id} {visibility}")
+
+
+def _step_choice(recipe, checkpoint: Path | None):
+    """The measured layout and precision (finetune.step_choice) of a one-process CPU run whose task offers one; a
+    resumed run keeps the checkpoint's. None where the recipe's own settings and rules decide."""
+    import os
+
+    task = get_task(recipe.task)
+    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if not hasattr(task, "step_choice") or torch.accelerator.is_available() or not one_process:
+        return None
+    native = precision.cpu_has_native_bf16()
+    if len(step_choice.candidates(recipe, native)) < 2:
+        return None
+    layout = precision.of_checkpoint(checkpoint, "channels_last")
+    if layout is not None:
+        return step_choice.StepChoice(precision.of_checkpoint(checkpoint) or "no", bool(layout), "resumed")
+    return task.step_choice(recipe, native)
 
 
 def _class_weights(recipe, splits, device) -> torch.Tensor | None:

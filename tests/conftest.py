@@ -26,6 +26,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spin-waits make them 100x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(_HF_HOME, "datasets"))
+# the kit's own caches (frozen-backbone features, measured step choices) too
+os.environ.setdefault("FINETUNE_CACHE", os.path.join(_HF_HOME, "finetune"))
 
 REPO = Path(__file__).resolve().parent.parent
 

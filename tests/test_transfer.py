@@ -343,7 +343,9 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_bert, tiny_data, tm
 
 def test_gradient_checkpointing_on_timm_recomputes_the_blocks(image_data, tmp_path):  # noqa: F811 — the fixture
     def make_raw(out, on):
-        return vision_raw(image_data, out, **{"train.epochs": 1, "train.gradient_checkpointing": on})
+        # one memory format for both (a CPU run would otherwise time its layouts first, with forwards of its own)
+        return vision_raw(image_data, out, **{"train.epochs": 1, "train.gradient_checkpointing": on,
+                                              "train.channels_last": False})
 
     runs = checkpointed_runs(make_raw, tmp_path, "InvertedResidual")
     assert runs[0]["epochs"][0]["loss"] == pytest.approx(runs[1]["epochs"][0]["loss"], abs=1e-5)

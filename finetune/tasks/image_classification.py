@@ -108,6 +108,27 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
         )
 
 
+    def step_choice(self, recipe, native_bf16: bool):
+        """A CPU run's fastest memory format and precision for a convolutional model that trains (finetune.step_choice),
+        or None: nothing left open, nothing convolutional, or the backbone frozen (its features or the head's steps
+        dominate, not its training step)."""
+        from finetune import step_choice
+        from finetune.model import build_vision_model
+
+        t = recipe.train
+        if (recipe.lora is not None or t.freeze == "backbone" or t.gradient_checkpointing
+                or len(step_choice.candidates(recipe, native_bf16)) < 2):
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, data_config = build_vision_model(recipe, ["0", "1"])  # the classes barely count: two
+        if not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+            return None
+        key = {"task": self.name, "backbone": recipe.backbone.name, "head": [recipe.head.type, recipe.head.hidden],
+               "freeze": str(t.freeze), "drop_path": recipe.backbone.drop_path}
+        return step_choice.choose(recipe, model, (t.batch_size, *data_config["input_size"]), key, native_bf16)
+
+
 def augmentation_off(recipe) -> bool:
     """No random change to training images: they are then preprocessed exactly like evaluation ones."""
     a = recipe.augment
@@ -116,7 +137,8 @@ def augmentation_off(recipe) -> bool:
 
 
 def _use_channels_last(recipe, model, accelerator) -> bool:
-    """channels_last speeds up convolutions on GPUs; on CPUs and for transformers it is not worth the copies."""
+    """channels_last speeds up convolutions on GPUs; on CPUs it depends on the CPU and the model, so train measures
+    it there (finetune.step_choice) unless the recipe says; for transformers it is not worth the copies."""
     if recipe.train.channels_last is not None:
         return recipe.train.channels_last
     has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
