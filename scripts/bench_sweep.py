@@ -3,7 +3,8 @@
 
     python scripts/bench_sweep.py [--data DIR | --sizes 400,200,400] [--model DIR] [--trials 8] [--epochs 2]
                                   [--max-length 64] [--batch-size 16] [--threads N] [--precision auto|fp32|bf16]
-                                  [--compare full,probe] [--out docs/bench/sweep.json] [--markdown docs/sweep.md]
+                                  [--trainer-precision same|fp32|bf16|both] [--compare full,probe]
+                                  [--out docs/bench/sweep.json] [--markdown docs/sweep.md] [--block sweep]
                                   [--workdir DIR] [--keep]
 
 Two comparisons, each an N-trial learning-rate search (a log-uniform range) on the same CSV files (columns
@@ -33,7 +34,9 @@ parameters again and evaluates that on test; that retrain is timed apart (`retra
 both without it (search only) and with it (search to a tested model).
 
 Precision: `auto` runs the kit with `train.precision: auto` (bf16 on a CPU with native bf16, AVX512_BF16/AMX) and
-the Trainer with the precision the kit's trials ran at (bf16=True); `fp32`/`bf16` sets both.
+the Trainer with the precision the kit's trials ran at (bf16=True); `fp32`/`bf16` sets both. `--trainer-precision`
+runs the Trainer side at `same` (that), `fp32` (the Trainer's default, TrainingArguments without bf16), `bf16`, or
+`both` (the kit's precision, then fp32 as well when that differs): each Trainer run is its own row and ratio.
 
 Results go to --out (JSON) and, with --markdown, a table between `<!-- bench:sweep -->` markers in that file.
 """
@@ -304,21 +307,32 @@ def run_kit(args, files: dict, compare: str, work: Path) -> dict:
     }
 
 
-def run_trainer(args, files: dict, compare: str, work: Path, precision: str) -> dict:
+def run_trainer(args, files: dict, compare: str, work: Path, precision: str, name: str = "") -> dict:
+    name = name or f"trainer-{compare}"
     job = {
         "files": files, "labels": labels_of(Path(files["train"])), "model": model_folder(args.model),
         "config": {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "classifier_dropout": 0.1},
         "max_length": args.max_length, "batch_size": args.batch_size, "epochs": args.epochs,
         "weight_decay": 0.01, "scheduler": "cosine", "warmup": 0.1, "seed": 42, "precision": precision,
         "threads": args.threads, "trials": args.trials, "lr_range": list(LR_RANGES[compare]),
-        "freeze_backbone": compare == "probe", "output_dir": str(work / f"trainer-{compare}"),
+        "freeze_backbone": compare == "probe", "output_dir": str(work / name),
     }
     shutil.rmtree(job["output_dir"], ignore_errors=True)
-    job_path, result_path = work / f"trainer-{compare}.job.json", work / f"trainer-{compare}.result.json"
+    job_path, result_path = work / f"{name}.job.json", work / f"{name}.result.json"
     job_path.write_text(json.dumps(job, indent=1))
     command = [sys.executable, str(Path(__file__).resolve()), "--side", "trainer", str(job_path), str(result_path)]
-    timing = run_side(command, env_for(args.threads, work, f"trainer-{compare}"), work / f"trainer-{compare}.log")
+    timing = run_side(command, env_for(args.threads, work, name), work / f"{name}.log")
     return json.loads(result_path.read_text()) | timing
+
+
+def trainer_precisions(args, kit_precision: str) -> list[str]:
+    """The precisions the Trainer side runs at, in order (--trainer-precision)."""
+    same = kit_precision if args.precision == "auto" else args.precision
+    if args.trainer_precision == "same":
+        return [same]
+    if args.trainer_precision == "both":
+        return [same, *(["fp32"] if same != "fp32" else [])]
+    return [args.trainer_precision]
 
 
 def compare_sides(kit: dict, trainer: dict) -> dict:
@@ -351,8 +365,11 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for compare, entry in result["comparisons"].items():
-        kit, trainer, ratios = entry["kit"], entry["trainer"], entry["ratios"]
-        for side, row in (("kit `finetune sweep`", kit), ("Trainer `hyperparameter_search`", trainer)):
+        kit = entry["kit"]
+        baselines = entry.get("baselines") or [{"trainer": entry["trainer"], "ratios": entry["ratios"]}]
+        rows = [("kit `finetune sweep`", kit, None)]
+        rows += [("Trainer `hyperparameter_search`", b["trainer"], b["ratios"]) for b in baselines]
+        for side, row, ratios in rows:
             states = [t["state"] for t in row["trials"]]
             wall = f"{row['wall_seconds']:.0f}"
             if "retrain_seconds" in row:
@@ -366,15 +383,17 @@ def markdown(result: dict) -> str:
             load = "/".join(f"{x:.1f}" for x in load) or "-"
             lines.append(f"| {TITLES[compare]} | {side} | {row['precision']} | {wall} | {cpu} | {load} | {value} | "
                          f"{row['test']['accuracy']:.4f} | {states.count('complete')}/{states.count('pruned')} |")
-        speedup = f"**{ratios['speedup_to_tested_model']:.2f}x**"
-        lines.append(f"| {TITLES[compare]} | **Trainer time / kit time** | | {speedup} "
-                     f"({ratios['speedup_search_only']:.2f}x search only) | {ratios.get('cpu_ratio', 0):.2f}x | | "
-                     f"{ratios['best_value_difference']:+.4f} | {ratios['test_difference']:+.4f} | |")
+            if ratios is None:
+                continue
+            speedup = f"**{ratios['speedup_to_tested_model']:.2f}x**"
+            lines.append(f"| {TITLES[compare]} | **Trainer ({row['precision']}) time / kit time** | | {speedup} "
+                         f"({ratios['speedup_search_only']:.2f}x search only) | {ratios.get('cpu_ratio', 0):.2f}x | "
+                         f"| {ratios['best_value_difference']:+.4f} | {ratios['test_difference']:+.4f} | |")
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: Path, text: str) -> None:
-    begin, end = "<!-- bench:sweep -->", "<!-- /bench:sweep -->"
+def write_markdown(path: Path, text: str, block: str = "sweep") -> None:
+    begin, end = f"<!-- bench:{block} -->", f"<!-- /bench:{block} -->"
     block = f"{begin}\n{text}{end}\n"
     old = path.read_text() if path.is_file() else ""
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
@@ -405,7 +424,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--trainer-precision", default="same", choices=("same", "fp32", "bf16", "both"),
+                        help="the Trainer side's precision: the kit's, fp32 (its default), bf16, or the kit's and fp32")
     parser.add_argument("--compare", default="full,probe")
+    parser.add_argument("--block", default="sweep", help="the <!-- bench:BLOCK --> markers --markdown writes between")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--workdir", type=Path)
@@ -433,6 +455,7 @@ def main(argv: list[str]) -> int:
         "commit": commit(),
         "threads": args.threads, "trials": args.trials, "epochs": args.epochs, "batch_size": args.batch_size,
         "max_length": args.max_length, "model": args.model, "precision_asked": args.precision,
+        "trainer_precision_asked": args.trainer_precision,
         "rows": "/".join(str(sum(1 for _ in open(files[k])) - 1) for k in ("train", "validation", "test")),
         "comparisons": {},
         "notes": [
@@ -448,21 +471,25 @@ def main(argv: list[str]) -> int:
     for compare in compares:
         print(f"bench_sweep: {compare}: kit ...", flush=True)
         kit = run_kit(args, files, compare, work)
-        precision = kit["precision"] if args.precision == "auto" else args.precision
-        print(f"bench_sweep: {compare}: kit {kit['wall_seconds']:.1f}s best {kit['best']['value']:.4f}; "
-              f"Trainer ({precision}) ...", flush=True)
-        trainer = run_trainer(args, files, compare, work, precision)
-        entry = {"kit": kit, "trainer": trainer, "ratios": compare_sides(kit, trainer)}
-        result["comparisons"][compare] = entry
-        print(f"bench_sweep: {compare}: Trainer {trainer['wall_seconds']:.1f}s best {trainer['best']['value']:.4f}; "
-              f"{entry['ratios']['speedup_to_tested_model']:.2f}x", flush=True)
+        baselines = []
+        for precision in trainer_precisions(args, kit["precision"]):
+            print(f"bench_sweep: {compare}: kit {kit['wall_seconds']:.1f}s best {kit['best']['value']:.4f}; "
+                  f"Trainer ({precision}) ...", flush=True)
+            name = f"trainer-{compare}" if not baselines else f"trainer-{compare}-{precision}"
+            trainer = run_trainer(args, files, compare, work, precision, name)
+            baselines.append({"trainer": trainer, "ratios": compare_sides(kit, trainer)})
+            print(f"bench_sweep: {compare}: Trainer ({precision}) {trainer['wall_seconds']:.1f}s best "
+                  f"{trainer['best']['value']:.4f}; {baselines[-1]['ratios']['speedup_to_tested_model']:.2f}x",
+                  flush=True)
+        # the first baseline also under its old keys: the Trainer at the kit's precision unless asked otherwise
+        result["comparisons"][compare] = {"kit": kit, **baselines[0], "baselines": baselines}
     text = markdown(result)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.markdown:
-        write_markdown(args.markdown, text)
+        write_markdown(args.markdown, text, args.block)
     if not args.keep and not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))

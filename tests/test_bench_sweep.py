@@ -59,7 +59,8 @@ def test_both_sides_of_the_sweep_benchmark_run_one_trial(tiny_bert, tmp_path, co
     assert kit["cached_features"] == (compare == "probe")
     assert entry["ratios"]["speedup_to_tested_model"] == pytest.approx(trainer["wall_seconds"] / kit["wall_seconds"])
     text = markdown.read_text()
-    assert "old" not in text and text.endswith("after\n") and "AVX" in text and "Trainer time / kit time" in text
+    assert "old" not in text and text.endswith("after\n") and "AVX" in text and "Trainer (fp32) time / kit time" in text
+    assert [b["trainer"]["precision"] for b in entry["baselines"]] == ["fp32"]
     job = json.loads((tmp_path / "work" / f"trainer-{compare}.job.json").read_text())
     assert job["files"]["train"] == str((data / "train.csv").resolve())
     assert job["freeze_backbone"] == (compare == "probe")
@@ -86,3 +87,21 @@ def test_the_trainer_side_gets_the_kits_pruning_policy_in_its_own_steps(tiny_ber
         assert isinstance(pruner, optuna.pruners.NopPruner)
     else:
         assert isinstance(pruner, optuna.pruners.MedianPruner) and pruner._n_warmup_steps == first * 25
+
+
+def test_trainer_precision_both_adds_the_trainers_default_beside_the_kits_precision():
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_sweep", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def asked(precision, trainer):
+        return argparse.Namespace(precision=precision, trainer_precision=trainer)
+
+    assert bench.trainer_precisions(asked("auto", "same"), "bf16") == ["bf16"]
+    assert bench.trainer_precisions(asked("auto", "both"), "bf16") == ["bf16", "fp32"]
+    assert bench.trainer_precisions(asked("auto", "both"), "fp32") == ["fp32"]  # a CPU without bf16: one run
+    assert bench.trainer_precisions(asked("fp32", "same"), "fp32") == ["fp32"]
+    assert bench.trainer_precisions(asked("auto", "fp32"), "bf16") == ["fp32"]
