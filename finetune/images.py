@@ -275,13 +275,19 @@ def _open(entry: Any):
     raise ValueError(f"not an image path, image bytes or array (got {type(entry).__name__})")
 
 
-def load_image(entry: Any):
+def load_image(entry: Any, min_side: int | None = None):
     """An RGB PIL image from a path, bytes, a {"bytes", "path"} dict, a uint8 array or a PIL image.
 
     Grayscale and palette images are expanded to RGB and an alpha channel is dropped, as timm's and torchvision's own
     loaders do, so a model exported for timm sees the same pixels in anyone's pipeline.
+
+    min_side: a JPEG is decoded at the smallest of libjpeg's scales (1/2, 1/4, 1/8) that keeps both sides at least
+    this long (PIL's Image.draft: the scaling happens inside the inverse DCT, so most of the decoding is skipped);
+    other formats are decoded whole. For training crops that are resized down anyway (finetune.images.draft_side).
     """
     image = _open(entry)
+    if min_side is not None and image is not entry and image.format == "JPEG":
+        image.draft("RGB", (min_side, min_side))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
     rgb = image.convert("RGB")  # convert decodes, so the file is read here, once
@@ -380,6 +386,16 @@ def auto_augment_policy(name: str | None) -> str | None:
     return AUTO_AUGMENT_ALIASES.get(name.strip().lower(), name)
 
 
+def draft_side(data_config: dict, recipe) -> int:
+    """The shortest image side training needs so that its random-resized crops are resized down, never up: the
+    smallest crop (augment.scale's lower bound, aspect up to 4/3 as timm draws it) still spans the input size."""
+    _, height, width = data_config["input_size"]
+    size = max(height, width) if recipe.data.image_size is None else recipe.data.image_size
+    low = float(recipe.augment.scale[0])
+    widest = 1.0 if list(recipe.augment.scale) == [1.0, 1.0] else 4 / 3  # build_transforms fixes the ratio then
+    return math.ceil(size / math.sqrt(low / widest))
+
+
 def build_transforms(data_config: dict, recipe, training: bool):
     """timm's transform for a PIL image: deterministic resize/center-crop/normalize, or the recipe's augmentation.
 
@@ -465,18 +481,19 @@ class ImageDataset(Dataset):
     A table without a "label" list (prediction) gives items without "labels".
     """
 
-    def __init__(self, table: dict, transform):
+    def __init__(self, table: dict, transform, min_side: int | None = None):
         self.images = table["image"]
         self.labels = table.get("label")
         self.rows = table.get("row") or list(range(len(self.images)))
         self.transform = transform
+        self.min_side = min_side  # load_image's: JPEGs decoded at a reduced scale that keeps this many pixels
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
         try:
-            image = load_image(self.images[index])
+            image = load_image(self.images[index], self.min_side)
         except Exception as error:  # checked when the splits were built, so the file changed since then
             raise BadImageError(
                 f"{_describe_entry(self.images[index], self.rows[index])} cannot be read any more "

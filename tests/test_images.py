@@ -497,3 +497,21 @@ def test_posterize_at_extreme_magnitudes_does_not_crash_pillow(photo, policy):
         op.prob = 1.0
         out = op(image)
         assert len(set(np.asarray(out).reshape(-1).tolist())) <= len(set(np.asarray(image).reshape(-1).tolist()))
+
+
+def test_training_decodes_a_large_jpeg_at_a_reduced_scale_that_still_covers_its_smallest_crop(tmp_path):
+    smooth = np.linspace(0, 255, 800, dtype=np.float32)[None, :, None] * np.ones((600, 1, 3), np.float32)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(smooth.astype(np.uint8)).save(path, quality=95)
+    recipe = make_recipe({"train": tmp_path, "image_size": 96}, augment={"scale": [0.6, 1.0]})
+    config = {"input_size": (3, 224, 224)}
+    side = images.draft_side(config, recipe)
+    assert side == 144  # the smallest crop (60% of the area, aspect 4/3) of a 144-pixel side is 96 pixels tall
+    assert images.load_image(str(path)).size == (800, 600)
+    reduced = images.load_image(str(path), side)
+    assert reduced.size == (200, 150)  # libjpeg's 1/4 scale; 1/8 (100 x 75) would be under 144
+    whole = np.asarray(images.load_image(str(path)).resize(reduced.size, Image.BILINEAR), dtype=np.float32)
+    assert np.abs(np.asarray(reduced, dtype=np.float32) - whole).mean() < 3  # the same picture, decoded smaller
+    png = save_image(tmp_path / "photo.png", size=(800, 600))
+    assert images.load_image(str(png), side).size == (800, 600)  # only JPEG decodes at a scale
+    assert images.draft_side(config, make_recipe({"train": tmp_path}, augment={"scale": [1.0, 1.0]})) == 224

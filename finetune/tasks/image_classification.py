@@ -79,9 +79,13 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
             model = model.to(memory_format=torch.channels_last)
         mixup = images.build_mixup(recipe, len(splits.label_names or []))
         augmenting = not augmentation_off(recipe)
+        # training crops are resized down to the input size: a large JPEG needs no full decode for them (evaluation
+        # decodes whole, as timm and every exported model's users do)
+        draft = images.draft_side(data_config, recipe) if augmenting else None
         datasets = {
             key: images.ImageDataset(table, images.build_transforms(data_config, recipe, training=key == "train"
-                                                                      and augmenting))
+                                                                      and augmenting),
+                                     draft if key == "train" else None)
             for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
             if table is not None
         }
