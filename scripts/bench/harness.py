@@ -22,9 +22,10 @@ peak memory are its own; the key=value overrides apply to every side):
 
 The sides:
 The harness (this package's harness.py) reads the recipe's rows once with the kit's loaders and writes them as plain
-files in the work folder: text as train/validation/test.csv (columns text,label), images as PNG folders
-(split/<label>/<n>.png). Every side reads those files, so all train on the same rows; the baseline workers
-(trainer_worker.py, timm_worker.py) import nothing from finetune and get their settings as a JSON job file.
+files in the work folder: text as train/validation/test.csv (columns text,label), images as folders
+(split/<label>/<n>.<ext>: image files copied as they are, other images as PNG). Every side reads those files, so
+all train on the same rows; the baseline workers (trainer_worker.py, timm_worker.py) import nothing from finetune
+and get their settings as a JSON job file.
 
   kit      kit_worker.py: torch.set_num_threads, then `finetune run RECIPE key=value ... data.train=<file> ...`
            through finetune.cli.main (finetune.train.train); metrics.json and split.json are read back, and the exported
@@ -195,7 +196,8 @@ def precision_name(precision: str) -> str:
 
 
 def write_rows(splits, task: str, folder: Path) -> dict:
-    """The splits as plain files once per job (CSV text,label or PNG folders split/<label>/<n>.png); their paths."""
+    """The splits as plain files once per job (CSV text,label, or folders split/<label>/<n>.<ext> of the image files
+    as they are, PNG for images that are not files); their paths."""
     if (folder / "files.json").is_file():
         return json.loads((folder / "files.json").read_text())
     import csv
@@ -215,7 +217,13 @@ def write_rows(splits, task: str, folder: Path) -> dict:
             root = folder / key
             for i, (entry, label) in enumerate(zip(table["image"], labels)):
                 (root / label).mkdir(parents=True, exist_ok=True)
-                load_image(entry).save(root / label / f"{i:06d}.png")
+                source = entry.get("path") if isinstance(entry, dict) and not entry.get("bytes") else entry
+                if isinstance(source, (str, Path)) and Path(source).suffix.lower() in (".png", ".jpg", ".jpeg") \
+                        and Path(source).is_file():  # the formats timm's folder reader takes
+                    # an image file stays the file it is (a JPEG decodes as a JPEG on every side)
+                    shutil.copyfile(source, root / label / f"{i:06d}{Path(source).suffix.lower()}")
+                else:  # bytes, arrays, the zoo's pixels
+                    load_image(entry).save(root / label / f"{i:06d}.png")
             files[key] = str(root)
         else:
             path = folder / f"{key}.csv"
@@ -315,7 +323,10 @@ def timm_job(recipe, splits, files: dict, threads: int, options: dict, folder: P
         "lr": t.lr, "weight_decay": t.weight_decay, "scheduler": t.scheduler, "warmup_steps": warmup,
         "total_steps": total, "grad_accum": t.grad_accum, "max_grad_norm": t.max_grad_norm, "seed": t.seed,
         "ema_decay": t.ema.decay if t.ema is not None else None, "channels_last": bool(channels_last),
-        "precision": options.get("precision") or precision_name(choose_precision(t.precision)),
+        # on a CPU the kit measures its fastest precision for a conv net (finetune.step_choice), which the harness
+        # cannot know before it runs: the timm loop then keeps its own default, fp32, unless told
+        "precision": options.get("precision") or (precision_name(choose_precision(t.precision))
+                                                  if torch.cuda.is_available() or t.precision != "auto" else "fp32"),
         "select_best": recipe.eval.select_best,
         "early_stopping_patience": t.early_stopping.patience if t.early_stopping else None,
         "fused": bool(options.get("fused")), "threads": threads,
@@ -637,8 +648,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--trainer-optim", default=None, help="TrainingArguments.optim (default: the Trainer's own)")
     parser.add_argument("--baseline-fused", action="store_true", help="timm loop: AdamW with fused=True, as the kit")
     parser.add_argument("--baseline-precision", choices=("same", "fp32", "bf16", "both"), default="same",
-                        help="the Trainer's or timm loop's precision: the kit's resolved train.precision (default), "
-                             "fp32 (the Trainer's default), bf16 (bf16=True / autocast), or both as two sides")
+                        help="the Trainer's or timm loop's precision: the kit's resolved train.precision (default; "
+                             "on a CPU the timm loop's fp32, as the kit measures its own there), fp32 (the Trainer's "
+                             "and timm's default), bf16 (bf16=True / autocast), or both as two sides")
     parser.add_argument("--baseline-scheduler", choices=("timm", "transformers"), default="timm",
                         help="timm loop: timm.scheduler (default) or transformers' get_scheduler (the kit's)")
     parser.add_argument("--markdown", default=None, help="write the table into this Markdown file")

@@ -2,9 +2,9 @@
 
     python timm_worker.py JOB.json RESULT.json
 
-JOB.json (written by the harness) names image folders (split/<label>/<n>.png), the label names, a timm model folder
-(the same pretrained backbone, saved with save_for_hf) and the settings. What a timm user writes: create_model
-("local-dir:..."), create_dataset over the folders, create_transform, create_loader-style DataLoaders,
+JOB.json (written by the harness) names image folders (split/<label>/<n>.png or .jpg), the label names, a timm
+model folder (the same pretrained backbone, saved with save_for_hf) and the settings. What a timm user writes:
+create_model("local-dir:..."), create_dataset over the folders, create_transform, create_loader-style DataLoaders,
 create_optimizer_v2, timm's schedulers, losses, Mixup and ModelEmaV3, evaluation every epoch keeping the best.
 """
 
@@ -29,6 +29,7 @@ def main(job_path: str, result_path: str) -> None:
     from safetensors.torch import load_file, save_file
     from sklearn.metrics import accuracy_score, f1_score
     from timm.data import Mixup, create_dataset, create_transform
+    from timm.data.readers.img_extensions import get_img_extensions
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.models import save_for_hf
     from timm.optim import create_optimizer_v2
@@ -207,7 +208,8 @@ def main(job_path: str, result_path: str) -> None:
                      "the kit builds it with fused=True; --baseline-fused gives both the fused kernel")
     result = {
         "start_up_seconds": start_up,
-        "rows": {k: len(list(Path(v).rglob("*.png"))) if v else None for k, v in job["folders"].items()},
+        "rows": {k: sum(1 for f in Path(v).rglob("*") if f.suffix.lower() in get_img_extensions()) if v else None
+                 for k, v in job["folders"].items()},
         "labels": names,
         "test": test,
         "train_samples_per_second": train_samples / train_seconds if train_seconds else 0.0,
