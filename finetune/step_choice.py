@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 CACHE_FILE = "step-choices.json"
-TIMED_STEPS = 1  # after one warm-up step (oneDNN builds its kernels on the first); the gaps that matter are 20%+
-SLOW_STEP_SECONDS = 3.0  # a warm-up step this slow: one timed step is enough to rank the candidates
+TIMED_ROUNDS = 2  # timed steps per option, taken in turns after every option's warm-up step
+SLOW_STEP_SECONDS = 3.0  # a warm-up step this slow: one round is enough to rank the candidates
 
 
 @dataclass
@@ -92,12 +92,14 @@ def choose(recipe, model: torch.nn.Module, batch_shape: tuple, key: dict, native
 
 
 def measure(model: torch.nn.Module, batch_shape: tuple, options: list[tuple[str, bool]]) -> dict:
-    """{"fp32 contiguous": images/s, ...}: forward, loss and backward of a copy of the model (its weights are not
-    touched: no optimizer step) on a random batch, the best of TIMED_STEPS after a warm-up step, per option."""
+    """{"fp32 contiguous": images/s, ...}: forward, loss and backward of a copy of the model per option (its weights
+    are not touched: no optimizer step) on a random batch. Every option first takes a warm-up step (oneDNN builds
+    its kernels then), then the options are timed in turns, TIMED_ROUNDS times, and each keeps its fastest step:
+    a change in the machine's load, or the process's first steps, then hit every option alike."""
     rng = torch.random.get_rng_state()  # dropout here must not move the run's random stream
     torch.manual_seed(0)
     inputs = torch.randn(*batch_shape)
-    rates = {}
+    trials = []
     try:
         for precision, channels_last in options:
             trial = copy.deepcopy(model).train()
@@ -105,14 +107,18 @@ def measure(model: torch.nn.Module, batch_shape: tuple, options: list[tuple[str,
             if channels_last:
                 trial = trial.to(memory_format=torch.channels_last)
                 x = inputs.contiguous(memory_format=torch.channels_last)
-            times = [_step_seconds(trial, x, precision)]  # the warm-up
-            timed = 1 if times[0] > SLOW_STEP_SECONDS else TIMED_STEPS
-            times += [_step_seconds(trial, x, precision) for _ in range(timed)]
-            del trial
-            rates[_label(precision, channels_last)] = round(batch_shape[0] / min(times[1:]), 1)
+            slow = _step_seconds(trial, x, precision) > SLOW_STEP_SECONDS  # the warm-up
+            trials.append((precision, channels_last, trial, x, slow))
+        best: dict = {}
+        rounds = 1 if any(t[4] for t in trials) else TIMED_ROUNDS
+        for _ in range(rounds):
+            for precision, channels_last, trial, x, _slow in trials:
+                seconds = _step_seconds(trial, x, precision)
+                label = _label(precision, channels_last)
+                best[label] = min(best.get(label, seconds), seconds)
     finally:
         torch.random.set_rng_state(rng)
-    return rates
+    return {label: round(batch_shape[0] / seconds, 1) for label, seconds in best.items()}
 
 
 def _step_seconds(model: torch.nn.Module, x: torch.Tensor, precision: str) -> float:
