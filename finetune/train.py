@@ -62,7 +62,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     # auto resumes at the precision the run started at (a checkpoint says which): resume stays exact
     kept = latest_checkpoint(out) if resume else None
     resumed = precision.of_checkpoint(kept)
-    choice = _step_choice(recipe, kept)  # a convolutional model on a CPU: its fastest layout and precision
+    choice = _step_choice(recipe, kept, resumed)  # a convolutional model on a CPU: its fastest layout, precision
     if choice is not None and choice.how == "measured":
         timer.mark("choosing the step")
     mixed = choice.precision if choice is not None else precision.choose_precision(t.precision, resumed=resumed)
@@ -255,9 +255,10 @@ def _push(out: Path, recipe, say) -> None:
             f"finetune push {out} --repo-id {recipe.hub.repo_id} {visibility}")
 
 
-def _step_choice(recipe, checkpoint: Path | None):
+def _step_choice(recipe, checkpoint: Path | None, resumed: str | None):
     """The measured layout and precision (finetune.step_choice) of a one-process CPU run whose task offers one; a
-    resumed run keeps the checkpoint's. None where the recipe's own settings and rules decide."""
+    resumed run keeps the checkpoint's (`resumed`: its precision). None where the recipe's own settings and rules
+    decide."""
     import os
 
     task = get_task(recipe.task)
@@ -269,7 +270,7 @@ def _step_choice(recipe, checkpoint: Path | None):
         return None
     layout = precision.of_checkpoint(checkpoint, "channels_last")
     if layout is not None:
-        return step_choice.StepChoice(precision.of_checkpoint(checkpoint) or "no", bool(layout), "resumed")
+        return step_choice.StepChoice(resumed or "no", bool(layout), "resumed")
     return task.step_choice(recipe, native)
 
 

@@ -114,14 +114,13 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
 
     def step_choice(self, recipe, native_bf16: bool):
         """A CPU run's fastest memory format and precision for a convolutional model that trains (finetune.step_choice),
-        or None: nothing left open, nothing convolutional, or the backbone frozen (its features or the head's steps
-        dominate, not its training step)."""
+        or None: nothing left open (step_choice.choose), nothing convolutional, or the backbone frozen (its features
+        or the head's steps dominate, not its training step)."""
         from finetune import step_choice
         from finetune.model import build_vision_model
 
         t = recipe.train
-        if (recipe.lora is not None or t.freeze == "backbone" or t.gradient_checkpointing
-                or len(step_choice.candidates(recipe, native_bf16)) < 2):
+        if recipe.lora is not None or t.freeze == "backbone" or t.gradient_checkpointing:
             return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
