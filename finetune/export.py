@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import warnings
@@ -23,10 +24,11 @@ _MODEL_LINE = re.compile(r'^MODEL = "(local-dir:)?[^"\n]*"$', re.M)
 _MAX_TABLE_LABELS = 20  # wider tables are unreadable in a card; the plots still show every label
 
 
-def export_model(save, model, directory: Path, recipe, splits, metrics: dict) -> None:
+def export_model(save, model, directory: Path, recipe, splits, metrics: dict, plots: bool = True) -> None:
     """`save(model, directory)` writes the weights and configs; the plots and the model card are written here.
 
-    The plots go to `directory/plots` (the card embeds them, on the hub too) and to the run folder's `plots/`.
+    The plots go to `directory/plots` (the card embeds them, on the hub too) and to the run folder's `plots/`;
+    plots=False leaves them out (a sweep's trial: the sweep draws them for its best trial, `write_card`).
     """
     from finetune.model import is_kit_model  # here: pushing a card must not import torch
 
@@ -34,9 +36,18 @@ def export_model(save, model, directory: Path, recipe, splits, metrics: dict) ->
     save(model, directory)
     _keep_threshold(directory, recipe)
     _keep_max_length(directory, recipe.data.max_length)  # a tokenizer's folder (text tasks)
-    plots = _write_plots(metrics, directory / PLOTS_DIR, Path(recipe.output.dir) / PLOTS_DIR)
-    card = model_card(recipe, splits, metrics, native=not is_kit_model(model), plots=plots)
-    (directory / "README.md").write_text(card)
+    write_card(directory, recipe, splits, metrics, native=not is_kit_model(model), plots=plots)
+
+
+def write_card(directory: Path, recipe, splits, metrics: dict, native: bool, plots: bool = True) -> None:
+    """The model folder's README.md (and, with plots, the plots it embeds) from the run's metrics: at export, and
+    again when a later step adds to metrics.json (a sweep's test of its best trial)."""
+    directory = Path(directory)
+    drawn = _write_plots(metrics, directory / PLOTS_DIR, Path(recipe.output.dir) / PLOTS_DIR) if plots else []
+    card = model_card(recipe, splits, metrics, native=native, plots=drawn)
+    partial = directory / "README.md.partial"
+    partial.write_text(card)
+    os.replace(partial, directory / "README.md")
 
 
 def _keep_threshold(directory: Path, recipe) -> None:

@@ -613,7 +613,7 @@ def run_trial(setup: Setup, study, trial, values: dict, say, ranks: Ranks | None
     if not ranks.main:
         with contextlib.suppress(optuna.TrialPruned, Exception):  # rank 0 records how the trial ended
             recipe = recipe_module.from_dict(trial_recipe_dict(setup.base, values, run_dir), source=f"trial {number}")
-            train(recipe, on_epoch=report, evaluate_test=False)
+            train(recipe, on_epoch=report, evaluate_test=False, plots=False)
         return
 
     shown = ", ".join(f"{k}={_flow(v)}" for k, v in values.items())
@@ -623,7 +623,7 @@ def run_trial(setup: Setup, study, trial, values: dict, say, ranks: Ranks | None
     try:
         recipe = recipe_module.from_dict(trial_recipe_dict(setup.base, values, run_dir), source=f"trial {number}")
         with heartbeat(study, trial):
-            metrics = train(recipe, on_epoch=report, evaluate_test=False)
+            metrics = train(recipe, on_epoch=report, evaluate_test=False, plots=False)
         state, value = TrialState.COMPLETE, best_of(metrics["epochs"], metric)
     except optuna.TrialPruned as pruned:
         state, value, why = TrialState.PRUNED, best_of([{"validation": {metric: v}} for v in seen], metric), str(pruned)
@@ -823,10 +823,13 @@ def write_report(setup: Setup, study, target: int, say) -> dict:
             report["best"]["recipe"] = str(setup.out / "best.yaml")
             _write_best_yaml(setup, best.number, row["value"])
             old_test = (previous.get("best") or {}).get("test")
+            run_dir = Path(row["run_dir"])
+            recipe, splits = _trial_data(run_dir)
             if old_test is not None and old_test.get("trial") == best.number:
                 report["best"]["test"] = old_test
             elif done:
-                report["best"]["test"] = _test_once(setup, Path(row["run_dir"]), say)
+                report["best"]["test"] = _test_once(run_dir, recipe, splits, say)
+            _card_for_best(run_dir, recipe, splits)
             report["test_note"] = (
                 "the search saw validation values only; the test split is evaluated once, for the best trial only, "
                 "when the study has finished" + ("" if done else " (not yet: trials are still to run)")
@@ -861,7 +864,17 @@ def _write_best_yaml(setup: Setup, number: int, value: float) -> None:
     (setup.out / "best.yaml").write_text(header + recipe_module.to_yaml(recipe))
 
 
-def _test_once(setup: Setup, run_dir: Path, say) -> dict | None:
+def _trial_data(run_dir: Path):
+    """A trial's recipe (its config.yaml) and the splits it defines, test included."""
+    from finetune.tasks import get_task
+
+    recipe = recipe_module.from_dict(
+        recipe_module.parse_yaml((run_dir / "config.yaml").read_text(), str(run_dir / "config.yaml"))
+    )
+    return recipe, get_task(recipe.task).load_splits(recipe)
+
+
+def _test_once(run_dir: Path, recipe, splits, say) -> dict | None:
     """The best trial's kept model on the test split its recipe defines (the first and only look at it), read and
     scored as `finetune eval` scores a run: by the task (texts, pairs, images, a tag per word)."""
     import numpy as np
@@ -870,11 +883,7 @@ def _test_once(setup: Setup, run_dir: Path, say) -> dict | None:
     from finetune.predict import load
     from finetune.tasks import get_task
 
-    recipe = recipe_module.from_dict(
-        recipe_module.parse_yaml((run_dir / "config.yaml").read_text(), str(run_dir / "config.yaml"))
-    )
     task = get_task(recipe.task)
-    splits = task.load_splits(recipe)
     if splits.test is None:
         return None
     predictor = load(run_dir)
@@ -901,6 +910,20 @@ def _test_once(setup: Setup, run_dir: Path, say) -> dict | None:
         _write_json(metrics_path, run_metrics | {"test": metrics})
     say("best trial on the test split: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return {"trial": int(run_dir.name), "rows": rows, **metrics}
+
+
+def _card_for_best(run_dir: Path, recipe, splits) -> None:
+    """The best trial's plots and model card, with its test metrics once it has them. Trials train without plots
+    (drawing them took a third of a cached probe trial); the best one gets what any run folder has. Each report
+    redraws them for the best trial so far, so a sweep stopped early still leaves a complete best model."""
+    from finetune import export
+    from finetune.model import KIT_FORMAT_FILE
+
+    model_dir = run_dir / "model"
+    metrics = _read_json(run_dir / "metrics.json")
+    if not metrics or not (model_dir / "README.md").is_file():
+        return
+    export.write_card(model_dir, recipe, splits, metrics, native=not (model_dir / KIT_FORMAT_FILE).is_file())
 
 
 def write_plots(study, setup: Setup, directory: Path) -> list[Path]:

@@ -39,12 +39,13 @@ from finetune.tasks import Job, get_task
 
 
 def train(recipe, overwrite: bool = False, resume: bool = False,
-          on_epoch: Callable[[int, dict], None] | None = None, evaluate_test: bool = True) -> dict:
+          on_epoch: Callable[[int, dict], None] | None = None, evaluate_test: bool = True, plots: bool = True) -> dict:
     """Fine-tune as the recipe says, write the run folder, return metrics.json's content.
 
     on_epoch(epoch, validation metrics): called after each epoch's checkpoint (a sweep reports to its pruner; an
     exception it raises, e.g. a pruned trial, leaves the run folder as that checkpoint and ends this run).
     evaluate_test: false leaves the test split unread (a sweep's trials must not see it).
+    plots: false leaves the plots out of the run and model folders (a sweep draws them for its best trial only).
 
     resume: continue the unfinished run in output.dir from its newest checkpoint (exactly: same weights and metrics
     as a run never interrupted); with no checkpoint yet, start it again.
@@ -230,7 +231,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         # a channels_last model (train.channels_last; the default for convolutions on a GPU) has non-contiguous
         # weights, which safetensors refuses to write: the exported model is in the default layout
         final = final.to(memory_format=torch.contiguous_format)
-        atomic_save(out / "model", lambda d: export.export_model(job.save, final, d, recipe, splits, metrics))
+        atomic_save(out / "model", lambda d: export.export_model(job.save, final, d, recipe, splits, metrics, plots))
         timer.mark("saving")
         metrics["train"].update(timer.report())
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

@@ -65,6 +65,12 @@ def test_a_sweep_writes_its_folder_and_best_yaml_reproduces_the_best_value(tiny_
         has_test = "test" in read_json(out / "trials" / str(number) / "metrics.json")
         assert has_test == (number == best["number"])
     assert "test split is evaluated once, for the best trial only" in report["test_note"]
+    # trials train without plots; the best one gets them, and a card that shows its test result
+    for number in trials:
+        model_dir = out / "trials" / str(number) / "model"
+        assert (model_dir / "plots" / "loss.png").is_file() == (number == best["number"])
+        assert ("Test:" in (model_dir / "README.md").read_text()) == (number == best["number"])
+    assert (out / "trials" / str(best["number"]) / "plots" / "loss.png").is_file()
     assert {p.name for p in (out / "plots").iterdir()} >= {"history.png", "slice-train.lr.png"}
     assert f"{best['number']}*" in done.stdout and "complete" in done.stdout  # the table
 
