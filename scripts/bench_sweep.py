@@ -3,7 +3,7 @@
 
     python scripts/bench_sweep.py [--data DIR | --sizes 400,200,400] [--model DIR] [--trials 8] [--epochs 2]
                                   [--max-length 64] [--batch-size 16] [--threads N] [--precision auto|fp32|bf16]
-                                  [--trainer-precision same|fp32|bf16|both] [--compare full,probe]
+                                  [--trainer-precision same|fp32|bf16|both] [--compare full,probe] [--seeds 42]
                                   [--out docs/bench/sweep.json] [--markdown docs/sweep.md] [--block sweep]
                                   [--workdir DIR] [--keep]
 
@@ -37,6 +37,11 @@ Precision: `auto` runs the kit with `train.precision: auto` (bf16 on a CPU with 
 the Trainer with the precision the kit's trials ran at (bf16=True); `fp32`/`bf16` sets both. `--trainer-precision`
 runs the Trainer side at `same` (that), `fp32` (the Trainer's default, TrainingArguments without bf16), `bf16`, or
 `both` (the kit's precision, then fp32 as well when that differs): each Trainer run is its own row and ratio.
+
+Seeds: `--seeds 42,1,2` runs each comparison once per training seed (the kit's train.seed, the Trainer's seed; the
+samplers keep seed 0) and adds, per Trainer precision, both sides' mean best value and mean test value and the ratio
+of their summed wall times (`over_seeds`): on 200 validation rows one seed's best value moves by about 0.015, so a
+single run cannot tell a gap of that size from noise.
 
 Results go to --out (JSON) and, with --markdown, a table between `<!-- bench:sweep -->` markers in that file.
 """
@@ -255,7 +260,7 @@ def labels_of(path: Path) -> list[str]:
         return sorted({row["label"] for row in csv.DictReader(handle)})
 
 
-def kit_recipe(args, files: dict, compare: str, out: Path) -> dict:
+def kit_recipe(args, files: dict, compare: str, out: Path, seed: int = 42) -> dict:
     low, high = LR_RANGES[compare]
     return {
         "task": "text-classification",
@@ -264,7 +269,7 @@ def kit_recipe(args, files: dict, compare: str, out: Path) -> dict:
         "data": {"train": files["train"], "validation": files["validation"], "test": files["test"],
                  "text_column": "text", "label_column": "label", "max_length": args.max_length},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": low, "weight_decay": 0.01,
-                  "scheduler": "cosine", "warmup": 0.1, "seed": 42, "precision": args.precision,
+                  "scheduler": "cosine", "warmup": 0.1, "seed": seed, "precision": args.precision,
                   # as the kit's text recipes train (the Trainer keeps its default, random batches)
                   "group_by_length": True,
                   **({"freeze": "backbone"} if compare == "probe" else {})},
@@ -283,15 +288,16 @@ def model_folder(name: str) -> str:
     return name
 
 
-def run_kit(args, files: dict, compare: str, work: Path) -> dict:
+def run_kit(args, files: dict, compare: str, work: Path, seed: int = 42, suffix: str = "") -> dict:
     import yaml
 
-    out = work / f"kit-{compare}"
+    name = f"kit-{compare}{suffix}"
+    out = work / name
     shutil.rmtree(out, ignore_errors=True)  # a new study every time (a finished one would run no trial)
-    recipe = work / f"kit-{compare}.yaml"
-    recipe.write_text(yaml.safe_dump(kit_recipe(args, files, compare, out), sort_keys=False))
+    recipe = work / f"{name}.yaml"
+    recipe.write_text(yaml.safe_dump(kit_recipe(args, files, compare, out, seed), sort_keys=False))
     command = [sys.executable, "-m", "finetune", "sweep", str(recipe), "--trials", str(args.trials)]
-    timing = run_side(command, env_for(args.threads, work, f"kit-{compare}"), work / f"kit-{compare}.log")
+    timing = run_side(command, env_for(args.threads, work, name), work / f"{name}.log")
     report = json.loads((out / "sweep.json").read_text())
     best = report["best"]
     metrics = json.loads((Path(best["run_dir"]) / "metrics.json").read_text())
@@ -307,13 +313,13 @@ def run_kit(args, files: dict, compare: str, work: Path) -> dict:
     }
 
 
-def run_trainer(args, files: dict, compare: str, work: Path, precision: str, name: str = "") -> dict:
+def run_trainer(args, files: dict, compare: str, work: Path, precision: str, name: str = "", seed: int = 42) -> dict:
     name = name or f"trainer-{compare}"
     job = {
         "files": files, "labels": labels_of(Path(files["train"])), "model": model_folder(args.model),
         "config": {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "classifier_dropout": 0.1},
         "max_length": args.max_length, "batch_size": args.batch_size, "epochs": args.epochs,
-        "weight_decay": 0.01, "scheduler": "cosine", "warmup": 0.1, "seed": 42, "precision": precision,
+        "weight_decay": 0.01, "scheduler": "cosine", "warmup": 0.1, "seed": seed, "precision": precision,
         "threads": args.threads, "trials": args.trials, "lr_range": list(LR_RANGES[compare]),
         "freeze_backbone": compare == "probe", "output_dir": str(work / name),
     }
@@ -346,6 +352,38 @@ def compare_sides(kit: dict, trainer: dict) -> dict:
     }
 
 
+def over_seeds(runs: list[dict]) -> list[dict]:
+    """Per Trainer precision: both sides' mean best validation value and mean test value over the seeds, and the
+    ratio of their summed wall times (the same searches, one after the other)."""
+    def mean(values):
+        return sum(values) / len(values)
+
+    summaries = []
+    for index, first in enumerate(runs[0]["baselines"]):
+        kits, trainers = [run["kit"] for run in runs], [run["baselines"][index]["trainer"] for run in runs]
+        summaries.append({
+            "trainer_precision": first["trainer"]["precision"],
+            "seeds": [run["seed"] for run in runs],
+            "kit": {"best_value_mean": mean([k["best"]["value"] for k in kits]),
+                    "test_mean": mean([k["test"]["accuracy"] for k in kits]),
+                    "wall_seconds": sum(k["wall_seconds"] for k in kits)},
+            "trainer": {"best_value_mean": mean([t["best"]["value"] for t in trainers]),
+                        "best_epoch_value_seen_mean": mean([t["best_epoch_value_seen"] for t in trainers]),
+                        "test_mean": mean([t["test"]["accuracy"] for t in trainers]),
+                        "wall_seconds": sum(t["wall_seconds"] for t in trainers),
+                        "retrain_seconds": sum(t["retrain_seconds"] for t in trainers)},
+            "best_value_differences": [k["best"]["value"] - t["best"]["value"] for k, t in zip(kits, trainers)],
+        })
+        kit, trainer = summaries[-1]["kit"], summaries[-1]["trainer"]
+        summaries[-1]["ratios"] = {
+            "speedup_to_tested_model": trainer["wall_seconds"] / kit["wall_seconds"],
+            "speedup_search_only": (trainer["wall_seconds"] - trainer["retrain_seconds"]) / kit["wall_seconds"],
+            "best_value_difference": kit["best_value_mean"] - trainer["best_value_mean"],
+            "test_difference": kit["test_mean"] - trainer["test_mean"],
+        }
+    return summaries
+
+
 TITLES = {"full": "full fine-tuning", "probe": "probe (frozen backbone)"}
 
 
@@ -365,31 +403,50 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for compare, entry in result["comparisons"].items():
-        kit = entry["kit"]
-        baselines = entry.get("baselines") or [{"trainer": entry["trainer"], "ratios": entry["ratios"]}]
-        rows = [("kit `finetune sweep`", kit, None)]
-        rows += [("Trainer `hyperparameter_search`", b["trainer"], b["ratios"]) for b in baselines]
-        for side, row, ratios in rows:
-            states = [t["state"] for t in row["trials"]]
-            wall = f"{row['wall_seconds']:.0f}"
-            if "retrain_seconds" in row:
-                wall += f" (search {row['wall_seconds'] - row['retrain_seconds']:.0f} + retrain best "
-                wall += f"{row['retrain_seconds']:.0f})"
-            value = f"{row['best']['value']:.4f}"
-            if "best_epoch_value_seen" in row:
-                value += f" (last epoch; best epoch seen {row['best_epoch_value_seen']:.4f})"
-            cpu, load = row.get("cpu_seconds"), row.get("load") or []
-            cpu = f"{cpu:.0f}" if cpu is not None else "-"
-            load = "/".join(f"{x:.1f}" for x in load) or "-"
-            lines.append(f"| {TITLES[compare]} | {side} | {row['precision']} | {wall} | {cpu} | {load} | {value} | "
-                         f"{row['test']['accuracy']:.4f} | {states.count('complete')}/{states.count('pruned')} |")
-            if ratios is None:
-                continue
-            speedup = f"**{ratios['speedup_to_tested_model']:.2f}x**"
-            lines.append(f"| {TITLES[compare]} | **Trainer ({row['precision']}) time / kit time** | | {speedup} "
-                         f"({ratios['speedup_search_only']:.2f}x search only) | {ratios.get('cpu_ratio', 0):.2f}x | "
-                         f"| {ratios['best_value_difference']:+.4f} | {ratios['test_difference']:+.4f} | |")
+        for run in entry.get("seeds") or [entry]:
+            title = TITLES[compare] + (f", seed {run['seed']}" if "seeds" in entry else "")
+            lines += _rows_of(title, run)
+        for summary in entry.get("over_seeds") or []:
+            kit, trainer, ratios = summary["kit"], summary["trainer"], summary["ratios"]
+            seeds = ", ".join(str(s) for s in summary["seeds"])
+            lines.append(
+                f"| {TITLES[compare]}, mean of seeds {seeds} | **Trainer ({summary['trainer_precision']}) time / kit "
+                f"time, summed** | | **{ratios['speedup_to_tested_model']:.2f}x** ({kit['wall_seconds']:.0f} vs "
+                f"{trainer['wall_seconds']:.0f} s; {ratios['speedup_search_only']:.2f}x search only) | | | "
+                f"{kit['best_value_mean']:.4f} vs {trainer['best_value_mean']:.4f}: "
+                f"**{ratios['best_value_difference']:+.4f}** | {kit['test_mean']:.4f} vs {trainer['test_mean']:.4f}: "
+                f"{ratios['test_difference']:+.4f} | |")
     return "\n".join(lines) + "\n"
+
+
+def _rows_of(title: str, entry: dict) -> list[str]:
+    """The table rows of one comparison run: the kit, then each Trainer run and its ratios to the kit."""
+    lines = []
+    kit = entry["kit"]
+    baselines = entry.get("baselines") or [{"trainer": entry["trainer"], "ratios": entry["ratios"]}]
+    rows = [("kit `finetune sweep`", kit, None)]
+    rows += [("Trainer `hyperparameter_search`", b["trainer"], b["ratios"]) for b in baselines]
+    for side, row, ratios in rows:
+        states = [t["state"] for t in row["trials"]]
+        wall = f"{row['wall_seconds']:.0f}"
+        if "retrain_seconds" in row:
+            wall += f" (search {row['wall_seconds'] - row['retrain_seconds']:.0f} + retrain best "
+            wall += f"{row['retrain_seconds']:.0f})"
+        value = f"{row['best']['value']:.4f}"
+        if "best_epoch_value_seen" in row:
+            value += f" (last epoch; best epoch seen {row['best_epoch_value_seen']:.4f})"
+        cpu, load = row.get("cpu_seconds"), row.get("load") or []
+        cpu = f"{cpu:.0f}" if cpu is not None else "-"
+        load = "/".join(f"{x:.1f}" for x in load) or "-"
+        lines.append(f"| {title} | {side} | {row['precision']} | {wall} | {cpu} | {load} | {value} | "
+                     f"{row['test']['accuracy']:.4f} | {states.count('complete')}/{states.count('pruned')} |")
+        if ratios is None:
+            continue
+        speedup = f"**{ratios['speedup_to_tested_model']:.2f}x**"
+        lines.append(f"| {title} | **Trainer ({row['precision']}) time / kit time** | | {speedup} "
+                     f"({ratios['speedup_search_only']:.2f}x search only) | {ratios.get('cpu_ratio', 0):.2f}x | "
+                     f"| {ratios['best_value_difference']:+.4f} | {ratios['test_difference']:+.4f} | |")
+    return lines
 
 
 def write_markdown(path: Path, text: str, block: str = "sweep") -> None:
@@ -427,6 +484,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--trainer-precision", default="same", choices=("same", "fp32", "bf16", "both"),
                         help="the Trainer side's precision: the kit's, fp32 (its default), bf16, or the kit's and fp32")
     parser.add_argument("--compare", default="full,probe")
+    parser.add_argument("--seeds", default="42",
+                        help="training seeds (train.seed / TrainingArguments.seed), e.g. 42,1,2: each comparison runs "
+                             "once per seed, and the report adds means over them (one seed's best value moves by "
+                             "about 0.015 on 200 validation rows)")
     parser.add_argument("--block", default="sweep", help="the <!-- bench:BLOCK --> markers --markdown writes between")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--markdown", type=Path)
@@ -434,6 +495,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     compares = [c.strip() for c in args.compare.split(",") if c.strip()]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--seeds: whole numbers separated by commas, got {args.seeds!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds: one or more different seeds, got {args.seeds!r}")
     if not compares or any(c not in LR_RANGES for c in compares):
         parser.error(f"--compare: give one or both of {', '.join(LR_RANGES)}, got {args.compare!r}")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-sweep-"))
@@ -469,20 +536,25 @@ def main(argv: list[str]) -> int:
         ],
     }
     for compare in compares:
-        print(f"bench_sweep: {compare}: kit ...", flush=True)
-        kit = run_kit(args, files, compare, work)
-        baselines = []
-        for precision in trainer_precisions(args, kit["precision"]):
-            print(f"bench_sweep: {compare}: kit {kit['wall_seconds']:.1f}s best {kit['best']['value']:.4f}; "
-                  f"Trainer ({precision}) ...", flush=True)
-            name = f"trainer-{compare}" if not baselines else f"trainer-{compare}-{precision}"
-            trainer = run_trainer(args, files, compare, work, precision, name)
-            baselines.append({"trainer": trainer, "ratios": compare_sides(kit, trainer)})
-            print(f"bench_sweep: {compare}: Trainer ({precision}) {trainer['wall_seconds']:.1f}s best "
-                  f"{trainer['best']['value']:.4f}; {baselines[-1]['ratios']['speedup_to_tested_model']:.2f}x",
-                  flush=True)
-        # the first baseline also under its old keys: the Trainer at the kit's precision unless asked otherwise
-        result["comparisons"][compare] = {"kit": kit, **baselines[0], "baselines": baselines}
+        runs = []
+        for seed in seeds:
+            suffix = f"-seed{seed}" if len(seeds) > 1 else ""
+            print(f"bench_sweep: {compare}{suffix}: kit ...", flush=True)
+            kit = run_kit(args, files, compare, work, seed, suffix)
+            baselines = []
+            for precision in trainer_precisions(args, kit["precision"]):
+                print(f"bench_sweep: {compare}{suffix}: kit {kit['wall_seconds']:.1f}s best "
+                      f"{kit['best']['value']:.4f}; Trainer ({precision}) ...", flush=True)
+                name = f"trainer-{compare}{suffix}" + (f"-{precision}" if baselines else "")
+                trainer = run_trainer(args, files, compare, work, precision, name, seed)
+                baselines.append({"trainer": trainer, "ratios": compare_sides(kit, trainer)})
+                print(f"bench_sweep: {compare}{suffix}: Trainer ({precision}) {trainer['wall_seconds']:.1f}s best "
+                      f"{trainer['best']['value']:.4f}; {baselines[-1]['ratios']['speedup_to_tested_model']:.2f}x",
+                      flush=True)
+            # the first baseline also under its old keys: the Trainer at the kit's precision unless asked otherwise
+            runs.append({"seed": seed, "kit": kit, **baselines[0], "baselines": baselines})
+        result["comparisons"][compare] = runs[0] | (
+            {"seeds": runs, "over_seeds": over_seeds(runs)} if len(runs) > 1 else {})
     text = markdown(result)
     print(text)
     if args.out:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import LABELS, REPO, _rows, subprocess_env, write_csv
 
 SCRIPT = REPO / "scripts" / "bench_sweep.py"
@@ -31,19 +32,35 @@ def text_label_csvs(root):
     return root
 
 
-@pytest.mark.parametrize("compare", ["full", pytest.param("probe", marks=pytest.mark.slow)])
-def test_both_sides_of_the_sweep_benchmark_run_one_trial(tiny_bert, tmp_path, compare):
+@pytest.mark.parametrize(("compare", "seeds"), [("full", "42,7"), pytest.param("probe", "42", marks=pytest.mark.slow)])
+def test_both_sides_of_the_sweep_benchmark_run_one_trial(tiny_bert, tmp_path, compare, seeds):
     data = text_label_csvs(tmp_path / "data")
     out, markdown = tmp_path / "sweep.json", tmp_path / "sweep.md"
     markdown.write_text("# Sweeps\n\n<!-- bench:sweep -->\nold\n<!-- /bench:sweep -->\n\nafter\n")
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--data", data, "--model", tiny_bert, "--trials", "1", "--epochs", "1",
          "--max-length", "16", "--batch-size", "8", "--threads", "1", "--precision", "fp32", "--compare", compare,
-         "--out", out, "--markdown", markdown, "--workdir", tmp_path / "work"],
+         "--seeds", seeds, "--out", out, "--markdown", markdown, "--workdir", tmp_path / "work"],
         env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     result = json.loads(out.read_text())
     entry = result["comparisons"][compare]
+    if "," in seeds:  # one run per training seed on both sides, and the means over them
+        runs = entry["seeds"]
+        assert [run["seed"] for run in runs] == [42, 7]
+        for run in runs:
+            kit_recipe = tmp_path / "work" / f"kit-{compare}-seed{run['seed']}.yaml"
+            assert str(kit_recipe) in run["kit"]["command"]
+            assert yaml.safe_load(kit_recipe.read_text())["train"]["seed"] == run["seed"]
+            job = json.loads((tmp_path / "work" / f"trainer-{compare}-seed{run['seed']}.job.json").read_text())
+            assert job["seed"] == run["seed"]
+        (summary,) = entry["over_seeds"]
+        kits = [run["kit"] for run in runs]
+        assert summary["kit"]["best_value_mean"] == pytest.approx(sum(k["best"]["value"] for k in kits) / 2)
+        assert summary["ratios"]["speedup_to_tested_model"] == pytest.approx(
+            sum(run["trainer"]["wall_seconds"] for run in runs) / sum(k["wall_seconds"] for k in kits))
+        assert "mean of seeds 42, 7" in markdown.read_text() and "seed 7 |" in markdown.read_text()
+        entry = runs[0] | {"seeds": runs}
     kit, trainer = entry["kit"], entry["trainer"]
     assert trainer["rows"] == {"train": 16, "validation": 9, "test": 9} and result["rows"] == "16/9/9"
     assert kit["precision"] == trainer["precision"] == "fp32"
@@ -61,7 +78,7 @@ def test_both_sides_of_the_sweep_benchmark_run_one_trial(tiny_bert, tmp_path, co
     text = markdown.read_text()
     assert "old" not in text and text.endswith("after\n") and "AVX" in text and "Trainer (fp32) time / kit time" in text
     assert [b["trainer"]["precision"] for b in entry["baselines"]] == ["fp32"]
-    job = json.loads((tmp_path / "work" / f"trainer-{compare}.job.json").read_text())
+    job = json.loads((tmp_path / "work" / f"trainer-{compare}{'-seed42' if ',' in seeds else ''}.job.json").read_text())
     assert job["files"]["train"] == str((data / "train.csv").resolve())
     assert job["freeze_backbone"] == (compare == "probe")
 
