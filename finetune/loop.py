@@ -93,9 +93,10 @@ def planned_epochs(t, batches_per_epoch: int) -> int:
 
 
 def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress: Progress, ema,
-        on_epoch=None) -> dict:
+        on_epoch=None, checkpoints: bool = True) -> dict:
     """Train and validate (after each epoch, or every train.eval_every steps), keep the best evaluation's weights
-    (raw or EMA), step a metric-driven lr schedule, stop early if asked, stop at train.max_steps."""
+    (raw or EMA), step a metric-driven lr schedule, stop early if asked, stop at train.max_steps. checkpoints=False
+    writes no resumable checkpoint (a run that is never resumed); the best weights are kept either way."""
     t, out, select = recipe.train, Path(recipe.output.dir), recipe.eval.select_best
     p = progress
     epochs = planned_epochs(t, len(loaders["train"]))
@@ -151,7 +152,7 @@ def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pro
             )
             say(f"epoch {epoch}: training {part} ({count / 1e6:.2f}M parameters)")
         stopping = train_epoch(accelerator, model, optimizer, scheduler, loaders["train"], job, recipe, p, ema,
-                               validate if t.eval_every is not None else None, epochs)
+                               validate if t.eval_every is not None else None, epochs, checkpoints)
         seconds, samples = p.epoch_seconds, p.epoch_samples
         p.train_seconds += seconds
         p.train_samples += samples
@@ -164,7 +165,8 @@ def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pro
         p.epoch, p.batch, p.epoch_loss, p.epoch_samples, p.epoch_seconds = epoch + 1, 0, [], 0, 0.0
         if stopping or finished:
             p.epoch = epochs + 1  # a resumed run must not train on
-        save_checkpoint(accelerator, out, p, t.keep_checkpoints)
+        if checkpoints:
+            save_checkpoint(accelerator, out, p, t.keep_checkpoints)
         if on_epoch is not None and p.history and p.history[-1]["epoch"] == epoch:
             on_epoch(epoch, p.history[-1]["validation"])  # a sweep's report to its pruner, which may end the run
         if stopping:
@@ -187,7 +189,7 @@ def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pro
 
 
 def train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p: Progress, ema=None,
-                validate=None, epochs: int | None = None) -> bool:
+                validate=None, epochs: int | None = None, checkpoints: bool = True) -> bool:
     """Train the rest of epoch p.epoch (all of it, or what follows p.batch after a resume; at train.max_steps it
     ends there), updating p. validate(epoch), when given, runs every train.eval_every steps; it returns True to stop
     early, and so does this.
@@ -229,7 +231,8 @@ def train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p
         logging = p.step % 10 == 0
         evaluating = validate is not None and p.step % t.eval_every == 0
         reached = t.max_steps is not None and p.step >= t.max_steps
-        checkpointing = t.checkpoint_every is not None and p.step % t.checkpoint_every == 0 and p.batch < len(loader)
+        checkpointing = (checkpoints and t.checkpoint_every is not None and p.step % t.checkpoint_every == 0
+                         and p.batch < len(loader))
         if logging or checkpointing or evaluating:  # .item() is a device sync point: not every step
             _stop_if_not_finite(first_bad, p, Path(recipe.output.dir))
         if logging:
@@ -246,7 +249,7 @@ def train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p
             transfer.freeze_modes(model)
         interrupted = INTERRUPT.requested and accelerator.num_processes == 1
         checkpointing = checkpointing and not (stopping or reached)  # then the epoch's end checkpoints at once
-        if checkpointing or interrupted:
+        if checkpointing or (interrupted and checkpoints):
             record()
             save_checkpoint(accelerator, Path(recipe.output.dir), p, t.keep_checkpoints)
         if interrupted:  # at a step boundary, after a checkpoint of exactly this point

@@ -613,7 +613,7 @@ def run_trial(setup: Setup, study, trial, values: dict, say, ranks: Ranks | None
     if not ranks.main:
         with contextlib.suppress(optuna.TrialPruned, Exception):  # rank 0 records how the trial ended
             recipe = recipe_module.from_dict(trial_recipe_dict(setup.base, values, run_dir), source=f"trial {number}")
-            train(recipe, on_epoch=report, evaluate_test=False, plots=False)
+            train(recipe, on_epoch=report, evaluate_test=False, plots=False, checkpoints=False)
         return
 
     shown = ", ".join(f"{k}={_flow(v)}" for k, v in values.items())
@@ -623,7 +623,7 @@ def run_trial(setup: Setup, study, trial, values: dict, say, ranks: Ranks | None
     try:
         recipe = recipe_module.from_dict(trial_recipe_dict(setup.base, values, run_dir), source=f"trial {number}")
         with heartbeat(study, trial):
-            metrics = train(recipe, on_epoch=report, evaluate_test=False, plots=False)
+            metrics = train(recipe, on_epoch=report, evaluate_test=False, plots=False, checkpoints=False)
         state, value = TrialState.COMPLETE, best_of(metrics["epochs"], metric)
     except optuna.TrialPruned as pruned:
         state, value, why = TrialState.PRUNED, best_of([{"validation": {metric: v}} for v in seen], metric), str(pruned)
@@ -643,7 +643,8 @@ def run_trial(setup: Setup, study, trial, values: dict, say, ranks: Ranks | None
     else:
         study.tell(trial, state=state)
     if run_dir.is_dir():
-        # a trial is never resumed (a rerun starts new ones): its resume state is dead weight; model/ stays
+        # a trial is never resumed (a rerun starts new ones): it wrote no resumable checkpoint, and the best epoch's
+        # weights are in model/ now
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         _write_json(run_dir / "trial.json", record | {"state": STATE_NAMES[state.name], "value": value,
                                                         "seconds": seconds, "reason": why})

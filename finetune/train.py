@@ -39,13 +39,15 @@ from finetune.tasks import Job, get_task
 
 
 def train(recipe, overwrite: bool = False, resume: bool = False,
-          on_epoch: Callable[[int, dict], None] | None = None, evaluate_test: bool = True, plots: bool = True) -> dict:
+          on_epoch: Callable[[int, dict], None] | None = None, evaluate_test: bool = True, plots: bool = True,
+          checkpoints: bool = True) -> dict:
     """Fine-tune as the recipe says, write the run folder, return metrics.json's content.
 
     on_epoch(epoch, validation metrics): called after each epoch's checkpoint (a sweep reports to its pruner; an
     exception it raises, e.g. a pruned trial, leaves the run folder as that checkpoint and ends this run).
     evaluate_test: false leaves the test split unread (a sweep's trials must not see it).
     plots: false leaves the plots out of the run and model folders (a sweep draws them for its best trial only).
+    checkpoints: false writes no resumable checkpoint (a sweep's trial is never resumed: a rerun starts new trials).
 
     resume: continue the unfinished run in output.dir from its newest checkpoint (exactly: same weights and metrics
     as a run never interrupted); with no checkpoint yet, start it again.
@@ -179,7 +181,8 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     try:
         INTERRUPT.immediate = accelerator.num_processes > 1
         with INTERRUPT, transfer.threads_for_step(accelerator.unwrap_model(model), t.batch_size):
-            metrics = fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress, ema, on_epoch)
+            metrics = fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress, ema, on_epoch,
+                          checkpoints)
     except KeyboardInterrupt:
         kept = latest_checkpoint(out)
         if kept is not None:

@@ -8,9 +8,14 @@ The step is the kit's own: the model from finetune.model.build_text_model, the r
 (load_splits, tokenize, make_loader: shuffled, padded per batch), param groups from finetune.optim, AdamW with
 fused=True, the schedule from finetune.optim.build_scheduler, everything through accelerate's prepare(), and the
 kit's own step, finetune.loop.train_step (accumulate, forward, loss, backward, clip, step, schedule, zero_grad).
+An image recipe's step is built from the image task's own job (finetune.tasks.image_classification: the timm
+model, the datasets with their decoding and augmentation, the loader with the recipe's data.num_workers, mixup);
+its base is fp32 in the contiguous layout, the plain timm loop's step, and the kit's step choice
+(finetune.step_choice) picks among base, channels-last, bf16 and bf16+channels-last.
 Each phase is timed with perf_counter (CPU ops are synchronous, so the split is exact on a CPU):
 
-  data       the prepared DataLoader's next batch (collation, padding)
+  data       the prepared DataLoader's next batch (collation, padding; images: decoding and transforms, or the wait
+             for the loader's workers)
   forward    model(**batch) and the loss
   backward   accelerator.backward(loss)
   optimizer  gradient clipping, optimizer.step(), scheduler.step(), zero_grad
@@ -32,6 +37,14 @@ the machine's load hits every variant alike; medians of the measured steps are r
   bf16               the forward under torch.autocast("cpu", bfloat16), outputs back in fp32, as accelerate's
                      mixed_precision="bf16" (train.precision: auto on a CPU with native bf16) wraps it; fp32 weights
 
+Image recipes only:
+
+  channels-last      the model (and so its activations) in torch.channels_last
+  no-augment         the training images through the evaluation transform (no random crop, flip or erasing)
+  no-workers         data.num_workers=0: decoding and transforms in the training process, timed in the data phase
+
+Text recipes only: frozen-embeddings, grouped, ungrouped, pad-max, torch-dropout.
+
 Modifiers combine with "+": --variants base,ungrouped+torch-dropout,grouped+no-dropout.
 
 A torch.profiler table of the base variant's top operators (self CPU time) is printed too; --trace DIR writes its
@@ -52,7 +65,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ALL_VARIANTS = ("base", "frozen-embeddings", "foreach", "compile", "one-thread", "grouped", "ungrouped", "pad-max",
-                "no-dropout", "torch-dropout", "bf16")
+                "no-dropout", "torch-dropout", "bf16", "channels-last", "no-augment", "no-workers")
+TEXT_ONLY = {"frozen-embeddings", "grouped", "ungrouped", "pad-max", "torch-dropout"}
+IMAGE_ONLY = {"channels-last", "no-augment", "no-workers"}
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
@@ -70,6 +85,49 @@ class Variant:
     tokens: list = field(default_factory=list)  # real (unpadded) tokens per step
     padded: list = field(default_factory=list)  # tokens the model computes on, padding included
     iterator: object = None
+    job: object = None  # an image variant's task job (its mixup, its splits)
+
+
+def build_image(name: str, recipe, accelerator, threads: int) -> Variant:
+    """An image recipe's variant: the model, datasets and loader of the image task's own job (decoding and
+    transforms in the loader, as a run has them), fp32 and contiguous unless the variant says."""
+    import torch
+
+    from finetune import transfer
+    from finetune.dropout import use_fast_dropout
+    from finetune.optim import build_param_groups, build_scheduler
+    from finetune.tasks import get_task
+    from finetune.train import _head_names
+
+    t = recipe.train
+    mods = set(name.split("+"))
+    if "no-workers" in mods:
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, num_workers=0))
+    torch.manual_seed(t.seed)
+    job = get_task(recipe.task).job(recipe, accelerator)
+    model = job.model.to(memory_format=torch.channels_last if "channels-last" in mods else torch.contiguous_format)
+    dataset = job.datasets["train"]
+    if "no-augment" in mods:  # the evaluation transform: decode, resize, centre crop, normalise
+        dataset.transform = job.datasets["validation"].transform
+        dataset.min_side = None
+    loader = job.make_loader(dataset, t.batch_size, True)
+    if t.fast_dropout and not torch.accelerator.is_available():
+        use_fast_dropout(model)  # as finetune.train does on a CPU
+    depths, _ = transfer.layer_ids(model)
+    groups = build_param_groups(model, t.lr, t.head_lr, t.weight_decay, _head_names(model), depths, t.layer_decay)
+    optimizer = torch.optim.AdamW(groups, foreach=True) if "foreach" in mods else torch.optim.AdamW(groups, fused=True)
+    scheduler = build_scheduler(optimizer, t.scheduler, 0, math.ceil(len(loader) / t.grad_accum) * t.epochs)
+    setup = 0.0
+    if "compile" in mods:
+        tic = time.perf_counter()
+        model.compile()
+        setup = time.perf_counter() - tic
+    if "bf16" in mods:
+        from accelerate.utils import convert_outputs_to_fp32
+
+        model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
+    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
+    return Variant(name, model, optimizer, scheduler, loader, 1 if "one-thread" in mods else threads, setup, job=job)
 
 
 def build(name: str, recipe, accelerator, splits, threads: int) -> Variant:
@@ -145,8 +203,9 @@ def step(v: Variant, accelerator, recipe, record: bool) -> None:
         batch = next(v.iterator)
     got = time.perf_counter()
     marks = {}
-    job = types.SimpleNamespace(mixup=None, class_weights=None)  # what train_step asks of the run's job
-    batch_size = len(batch["input_ids"])
+    # what train_step asks of the run's job: an image variant has its task's own (mixup)
+    job = v.job or types.SimpleNamespace(mixup=None, class_weights=None)
+    batch_size = len(batch["labels"])
     train_step(accelerator, v.model, v.optimizer, v.scheduler, batch, job, recipe,
                on_phase=lambda name: marks.__setitem__(name, time.perf_counter()))
     forward, backward = marks["forward"], marks["backward"]
@@ -155,8 +214,9 @@ def step(v: Variant, accelerator, recipe, record: bool) -> None:
         for phase, seconds in zip(PHASES, (got - tic, forward - got, backward - forward, done - backward)):
             v.times[phase].append(seconds)
         v.samples.append(batch_size)
-        v.tokens.append(int(batch["attention_mask"].sum()))
-        v.padded.append(batch["attention_mask"].numel())
+        mask = batch.get("attention_mask")  # images: nothing pads
+        v.tokens.append(int(mask.sum()) if mask is not None else batch_size)
+        v.padded.append(mask.numel() if mask is not None else batch_size)
 
 
 def profile_base(v: Variant, accelerator, recipe, steps: int, trace: str | None) -> str:
@@ -177,7 +237,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=12, help="measured steps per variant (default 12)")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compile happens here)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPUs)")
-    parser.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"from {', '.join(ALL_VARIANTS)}")
+    parser.add_argument("--variants", default=None,
+                        help=f"from {', '.join(ALL_VARIANTS)} (default: every one that applies to the recipe)")
     parser.add_argument("--profile-steps", type=int, default=4, help="base steps under torch.profiler (0: none)")
     parser.add_argument("--trace", default=None, help="write the profiler's Chrome trace into this folder")
     parser.add_argument("--markdown", default=None, help="write the results into this Markdown file (a section)")
@@ -186,7 +247,7 @@ def main(argv: list[str]) -> int:
     positional = list(args.args)
     recipe_arg = positional.pop(0) if positional and "=" not in positional[0] else "text/minilm-bbc-news"
     overrides = positional
-    names = [n for n in args.variants.split(",") if n]
+    names = [n for n in (args.variants or ",".join(ALL_VARIANTS)).split(",") if n]
     unknown = {m for n in names for m in n.split("+")} - set(ALL_VARIANTS)
     if unknown:
         parser.error(f"--variants: unknown {', '.join(sorted(unknown))}")
@@ -198,18 +259,26 @@ def main(argv: list[str]) -> int:
     from accelerate import Accelerator
 
     from finetune.data import load_splits
+    from finetune.precision import cpu_flags
     from finetune.recipe import find_recipe, load_recipe
 
     torch.set_num_threads(threads)
     recipe = load_recipe(find_recipe(recipe_arg), overrides)
-    if recipe.task != "text-classification":
-        parser.error("profile_step.py profiles text fine-tuning")
+    if recipe.task not in ("text-classification", "image-classification"):
+        parser.error(f"profile_step.py profiles text and image classification, not {recipe.task}")
+    image = recipe.task == "image-classification"
+    if args.variants is None:
+        names = [n for n in names if n not in (TEXT_ONLY if image else IMAGE_ONLY)]
+    wrong = {m for n in names for m in n.split("+")} & (TEXT_ONLY if image else IMAGE_ONLY)
+    if wrong:
+        parser.error(f"--variants: {', '.join(sorted(wrong))} only for {'text' if image else 'image'} recipes")
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())
-    splits = load_splits(recipe)
+    splits = None if image else load_splits(recipe)
     variants = []
     for name in names:
         tic = time.perf_counter()
-        variants.append(build(name, recipe, accelerator, splits, threads))
+        variants.append(build_image(name, recipe, accelerator, threads) if image
+                        else build(name, recipe, accelerator, splits, threads))
         print(f"built {name} in {time.perf_counter() - tic:.1f}s", file=sys.stderr, flush=True)
     warm = {}
     for i in range(args.warmup):
@@ -247,11 +316,19 @@ def main(argv: list[str]) -> int:
                       f"{statistics.mean(step_times(base)) / statistics.mean(step_times(v)):.2f}x"]
         rows.append([v.name, f"{total:.3f}", *[f"{medians[p]:.3f}" for p in PHASES], f"{padding:.0f}", f"{speed:.1f}",
                      *ratios])
-    notes = [f"{recipe_arg} {' '.join(overrides)}: batch {recipe.train.batch_size}, max_length "
-             f"{recipe.data.max_length}, {threads} threads, {len(splits.train['text'])} training rows; "
+    shape = (f"image size {recipe.data.image_size}, {len(variants[0].job.splits.train['label'])} training images"
+             if image else f"max_length {recipe.data.max_length}, {len(splits.train['text'])} training rows")
+    notes = [f"{recipe_arg} {' '.join(overrides)}: batch {recipe.train.batch_size}, {shape}, {threads} threads, "
+             f"CPU flags {cpu_flags()}; "
              f"{args.steps} measured steps per variant after {args.warmup} warmup steps, interleaved; medians",
              f"load average during the measured rounds: {min(load):.1f}-{max(load):.1f} on "
              f"{len(os.sched_getaffinity(0))} cores"]
+    if image:
+        from finetune.step_choice import is_channels_last
+
+        notes.append("layouts: " + ", ".join(
+            f"{v.name} {'channels_last' if is_channels_last(accelerator.unwrap_model(v.model)) else 'contiguous'}"
+            for v in variants))
     for v in variants:
         if "compile" in v.name.split("+"):
             notes.append(f"compile: warmup steps took {', '.join(f'{s:.1f}' for s in warm[v.name])} s "

@@ -83,6 +83,21 @@ def test_a_sweep_writes_its_folder_and_best_yaml_reproduces_the_best_value(tiny_
     assert (out / "best" / "model").is_dir()
 
 
+@pytest.mark.parametrize("checkpoints", [True, False])
+def test_a_trial_writes_no_resumable_checkpoint_but_keeps_its_best_weights(make_recipe, tmp_path, checkpoints):
+    """A sweep's trials are never resumed (a rerun starts new ones), so they train with checkpoints=False: no
+    accelerate state (model, AdamW moments, RNG) is written at each epoch's end, only the best epoch's weights."""
+    seen = []
+
+    def on_epoch(epoch, validation):
+        seen.append(sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()))
+
+    metrics = train(to_recipe(make_recipe(**{"train.epochs": 2})), on_epoch=on_epoch, checkpoints=checkpoints)
+    assert len(seen) == 2 and all("best" in names for names in seen)
+    assert all(any(n.startswith("step-") for n in names) == checkpoints for names in seen)
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file() and metrics["best"]["epoch"] in (1, 2)
+
+
 def test_rerunning_a_finished_sweep_runs_no_more_trials(tiny_bert, tiny_data, tmp_path, capfd):
     path = sweep_recipe(tiny_bert, tiny_data, tmp_path, {"train.lr": {"loguniform": [1e-4, 1e-2]}},
                         **{"train.epochs": 1, "sweep.sampler": "random", "sweep.seed": 0})
