@@ -103,6 +103,7 @@ def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pro
     schedule = transfer.has_freeze_schedule(recipe)
     depths, top = transfer.layer_ids(accelerator.unwrap_model(model)) if schedule else ({}, 0)
     depth = "unset"
+    best_details: dict = {}  # what the best evaluation's averages hide (a confusion matrix): kept, not recomputed
 
     def epoch_loss() -> float:
         return (torch.tensor(p.epoch_loss) / max(p.batch, 1)).mean().item()  # the epoch's mean so far
@@ -110,11 +111,13 @@ def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pro
     def validate(epoch: int) -> bool:
         """One evaluation at step p.step: recorded, the best kept, the lr schedule told; True: stop early."""
         loss = epoch_loss()
-        validation = evaluate(accelerator, model, loaders["validation"], job.splits, recipe)
+        details, ema_details = {}, {}
+        validation = evaluate(accelerator, model, loaders["validation"], job.splits, recipe, details)
         entry = {"epoch": epoch, "step": p.step, "loss": loss, "validation": validation}
         shown = " ".join(f"{k} {v:.4f}" for k, v in validation.items())
         if ema is not None:
-            entry["validation_ema"] = evaluate(accelerator, ema.module, loaders["validation"], job.splits, recipe)
+            entry["validation_ema"] = evaluate(accelerator, ema.module, loaders["validation"], job.splits, recipe,
+                                               ema_details)
             shown += " | ema " + " ".join(f"{k} {v:.4f}" for k, v in entry["validation_ema"].items())
         p.history.append(entry)
         accelerator.log({f"validation/{k}": v for k, v in validation.items()} | {"train/epoch_loss": loss}, step=p.step)
@@ -124,11 +127,13 @@ def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pro
                 f"{p.epoch_samples / max(seconds, 1e-9):.1f} samples/s")
         else:
             say(f"step {p.step} (epoch {epoch}/{epochs}): train loss {loss:.4f} | validation {shown}")
-        for use_ema, scores in ((False, validation), (True, entry.get("validation_ema"))):
+        for use_ema, scores, found in ((False, validation, details), (True, entry.get("validation_ema"), ema_details)):
             if scores is not None and (p.best is None or is_improvement(select, scores[select], p.best[select])):
                 where = {"epoch": epoch} | ({"step": p.step} if t.eval_every is not None else {})
                 p.best = {**where, "ema": use_ema, **scores}
                 save_best(accelerator, ema.module if use_ema else model, out, job.saved_names)
+                best_details.clear()
+                best_details.update(found, evaluated=True)
         if t.scheduler in METRIC_DRIVEN:  # once per evaluation, not once per process as accelerate's wrapper would
             getattr(scheduler, "scheduler", scheduler).step(validation[select])
         stop = t.early_stopping
@@ -185,6 +190,8 @@ def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pro
         "epochs": p.history,
         "best": best,
         "steps": p.steps,
+        # the best evaluation's details when this process made it (not before a resume): train pops them
+        "best_details": best_details,
     }
 
 

@@ -208,10 +208,14 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     load_full_state_dict(unwrapped, best, strict=job.saved_names is None, main_process=accelerator.is_main_process)
     del best
     details: dict = {}
+    best_details = metrics.pop("best_details")
     if "test" in loaders:
         metrics["test"] = evaluate(accelerator, model, loaders["test"], splits, recipe, details)
         say("test " + " ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items()))
-    else:
+    elif best_details.pop("evaluated", False):  # the best evaluation's own: the same weights on the same split
+        details = best_details
+        model.eval()
+    else:  # the best evaluation ran before a resume
         evaluate(accelerator, model, loaders["validation"], splits, recipe, details)
     for value in details.values():
         value["split"] = "test" if "test" in loaders else "validation"

@@ -56,6 +56,23 @@ def test_eval_on_the_runs_test_file_reproduces_metrics_json(cli_run, tiny_data, 
     assert np.asarray(report["confusion"]["matrix"]).sum() == 9
 
 
+@pytest.mark.parametrize("ema", [None, {"decay": 0.5}])
+def test_a_run_without_a_test_split_keeps_its_best_validations_confusion_matrix(tiny_bert, tiny_data, tmp_path, capfd,
+                                                                              ema):
+    """With no test split, metrics.json's confusion matrix is the best evaluation's own (no second pass over the
+    validation split): what `finetune eval` of the kept model on that split gives."""
+    raw = recipe_dict(tiny_bert, tiny_data, tmp_path / "run", **{"train.epochs": 3, "data.test": None,
+                                                                 "train.ema": ema})
+    metrics = train(to_recipe(raw))
+    assert "test" not in metrics and metrics["confusion"]["split"] == "validation"
+    result = call_main(capfd, "eval", tmp_path / "run", "--data", tiny_data["validation"], "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["confusion"]["matrix"] == metrics["confusion"]["matrix"]
+    assert report["metrics"]["accuracy"] == pytest.approx(metrics["best"]["accuracy"], abs=1e-12)
+    assert read_metrics(tmp_path / "run")["confusion"] == metrics["confusion"]
+
+
 def test_eval_of_the_bare_model_folder_needs_only_the_column_names(cli_run, tiny_data, tmp_path, capfd):
     """No run recipe: columns from the options, truncation from the tokenizer (set to the run's max_length)."""
     shutil.copytree(cli_run / "model", tmp_path / "downloaded")  # a model folder outside any run folder
