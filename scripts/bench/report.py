@@ -146,8 +146,22 @@ def machine() -> str:
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
     import transformers
 
-    return (f"{cpu} ({cpu_flags()}), {len(os.sched_getaffinity(0))} usable cores{gpu}; torch {torch.__version__}, "
-            f"transformers {transformers.__version__}")
+    return (f"{cpu} ({cpu_flags()}), {len(os.sched_getaffinity(0))} usable cores{gpu}{kernel_limits()}; "
+            f"torch {torch.__version__}, transformers {transformers.__version__}")
+
+
+# what limits the instruction set of torch's kernels below what the CPU has: a figure measured under them is one of
+# that instruction set (an AVX2 machine's kernels on an AVX-512 CPU), whatever the CPU's flags say
+KERNEL_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def kernel_limits() -> str:
+    import torch
+
+    set_ = [f"{name}={os.environ[name]}" for name in KERNEL_LIMITS if os.environ.get(name)]
+    if not set_:
+        return ""
+    return f", kernels limited to {torch.backends.cpu.get_cpu_capability()} ({' '.join(set_)})"
 
 
 def cpu_flags() -> str:
