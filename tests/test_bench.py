@@ -135,3 +135,20 @@ def test_the_ner_benchmark_runs_both_sides_on_the_same_files(tiny_bert, tmp_path
     # the kit's model/ scored in plain transformers gives the kit's own test F1 (first sub-tokens, seqeval)
     assert result["kit"]["test_f1_of_model_folder_in_plain_transformers"] == pytest.approx(result["kit"]["test_f1"])
     assert "finetune" not in bench_ner.NATIVE_WORKER
+
+
+def test_a_figure_under_kernels_limited_below_the_cpu_says_so(monkeypatch):
+    """ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS hold torch's kernels to an older instruction
+    set (an AVX2 machine's on an AVX-512 CPU): the machine line and the summary's CPU flags column name it."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from bench import report
+
+    for name in report.KERNEL_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    assert "kernels limited" not in report.machine()
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    line = report.machine()
+    assert "kernels limited to" in line and "MKL_ENABLE_INSTRUCTIONS=AVX2" in line
+    result = {"cpu_flags": "x86_64 AVX2 AVX512_F", "machine": "Xeon (...), kernels limited to AVX2 (...)"}
+    assert report._flags_of(result) == "x86_64 AVX2 AVX512_F (kernels limited to AVX2)"
+    assert report._flags_of({"machine": "AMD EPYC, 2 usable cores"}) == "not recorded (AMD EPYC)"

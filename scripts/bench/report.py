@@ -207,9 +207,16 @@ def summary(results: list[dict]) -> str:
                 f"| **{ra['train_samples_per_second'] / rb['train_samples_per_second']:.2f}x** "
                 f"| {ra['train_seconds']:.1f} vs {rb['train_seconds']:.1f} "
                 f"| {ra['wall_seconds']:.0f} vs {rb['wall_seconds']:.0f} "
-                f"| {fmt(acc[0], '.3f')} vs {fmt(acc[1], '.3f')} | {result.get('cpu_flags', 'not recorded')} |")
+                f"| {fmt(acc[0], '.3f')} vs {fmt(acc[1], '.3f')} | {_flags_of(result)} |")
     head = f"Measured on {' and '.join(machines)}; {', '.join(dates)}; commits {', '.join(commits)}."
     return "\n".join([head, ""] + lines) + "\n"
+
+
+def _flags_of(result: dict) -> str:
+    """The CPU's flags, and the instruction set its kernels were held to when the run limited them."""
+    flags = result.get("cpu_flags") or f"not recorded ({result.get('machine', '?').split(',')[0]})"
+    limited = re.search(r"kernels limited to (\w+)", result.get("machine", ""))
+    return flags + (f" (kernels limited to {limited.group(1)})" if limited else "")
 
 
 def slim(result: dict) -> dict:
