@@ -475,34 +475,74 @@ def _describe_entry(entry: Any, row: Any) -> str:
     return f"image '{entry}'" if isinstance(entry, (str, os.PathLike)) else f"image of row {row}"
 
 
+class DecodedImages:
+    """Decoded images kept in memory across epochs, up to a byte budget shared by the datasets that hold it: an
+    image file is then decoded once a run, not once an epoch (the random crops, flips and erasing are drawn anew
+    from the decoded pixels each time, so training sees what it would see without it). Only for datasets read in
+    the training process: a loader's worker processes hold copies of the dataset that end with each epoch."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.used = 0
+        self.images: dict = {}  # (dataset id, index) -> PIL image
+
+    def get(self, key):
+        return self.images.get(key)
+
+    def keep(self, key, image) -> None:
+        size = image.width * image.height * len(image.getbands())
+        if self.used + size <= self.budget:
+            self.images[key] = image
+            self.used += size
+
+
+def decoded_cache_budget() -> int:
+    """Bytes of decoded images worth keeping: an eighth of the machine's memory, at most 2 GiB."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 8 * 2**30
+    return min(2 * 2**30, memory // 8)
+
+
 class ImageDataset(Dataset):
     """A table's images, decoded and transformed one at a time: {"pixel_values": C×H×W float tensor, "labels": ...}.
 
-    A table without a "label" list (prediction) gives items without "labels".
+    A table without a "label" list (prediction) gives items without "labels". decoded: a DecodedImages that keeps
+    the decoded pixels across epochs (the transform still runs on every item).
     """
 
-    def __init__(self, table: dict, transform, min_side: int | None = None):
+    def __init__(self, table: dict, transform, min_side: int | None = None, decoded: DecodedImages | None = None):
         self.images = table["image"]
         self.labels = table.get("label")
         self.rows = table.get("row") or list(range(len(self.images)))
         self.transform = transform
         self.min_side = min_side  # load_image's: JPEGs decoded at a reduced scale that keeps this many pixels
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
+        key = (id(self), index)
+        image = self.decoded.get(key) if self.decoded is not None else None
+        if image is None:
+            image = self._load(index)
+            if self.decoded is not None and not isinstance(self.images[index], np.ndarray):  # arrays are decoded
+                self.decoded.keep(key, image)
+        item = {"pixel_values": self.transform(image)}
+        if self.labels is not None:
+            item["labels"] = self.labels[index]
+        return item
+
+    def _load(self, index: int):
         try:
-            image = load_image(self.images[index], self.min_side)
+            return load_image(self.images[index], self.min_side)
         except Exception as error:  # checked when the splits were built, so the file changed since then
             raise BadImageError(
                 f"{_describe_entry(self.images[index], self.rows[index])} cannot be read any more "
                 f"({type(error).__name__}: {error}); it was readable when the splits were built"
             ) from None
-        item = {"pixel_values": self.transform(image)}
-        if self.labels is not None:
-            item["labels"] = self.labels[index]
-        return item
 
 
 def collate_images(batch: list[dict]) -> dict:

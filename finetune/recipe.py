@@ -60,7 +60,7 @@ class Data:
     max_length: int = 256  # text: tokens per example, longer texts are truncated
     image_size: Optional[int] = None  # vision; null: the backbone's pretrained input size
     skip_bad_images: bool = False  # vision: skip (and count) unreadable images instead of stopping with an error
-    num_workers: Optional[int] = None  # data-loading worker processes; null: 0 for text, up to 4 for images
+    num_workers: Optional[int] = None  # loader processes; null: 0 for text, images: tasks.image_classification
 
 
 @dataclass

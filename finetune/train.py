@@ -104,6 +104,8 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         (out / "split.json").write_text(json.dumps(splits.info, indent=1) + "\n")
     for warning in job.warnings:
         say(f"warning: {warning}")
+    for note in job.notes:
+        say(note)
     timer.mark("data and model")
     eval_batch = t.eval_batch_size or 2 * t.batch_size
     depths, top = transfer.layer_ids(job.model)

@@ -42,6 +42,9 @@ Image recipes only:
   channels-last      the model (and so its activations) in torch.channels_last
   no-augment         the training images through the evaluation transform (no random crop, flip or erasing)
   no-workers         data.num_workers=0: decoding and transforms in the training process, timed in the data phase
+                     (the decoded images kept in memory: from the second epoch on only the transforms run)
+  workers            data.num_workers=min(4, cores): worker processes, whatever the kit would choose (on a CPU
+                     whose cores the step's threads all take, the kit reads in the process, as no-workers)
 
 Text recipes only: frozen-embeddings, grouped, ungrouped, pad-max, torch-dropout.
 
@@ -65,9 +68,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ALL_VARIANTS = ("base", "frozen-embeddings", "foreach", "compile", "one-thread", "grouped", "ungrouped", "pad-max",
-                "no-dropout", "torch-dropout", "bf16", "channels-last", "no-augment", "no-workers")
+                "no-dropout", "torch-dropout", "bf16", "channels-last", "no-augment", "no-workers", "workers")
 TEXT_ONLY = {"frozen-embeddings", "grouped", "ungrouped", "pad-max", "torch-dropout"}
-IMAGE_ONLY = {"channels-last", "no-augment", "no-workers"}
+IMAGE_ONLY = {"channels-last", "no-augment", "no-workers", "workers"}
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
@@ -101,8 +104,9 @@ def build_image(name: str, recipe, accelerator, threads: int) -> Variant:
 
     t = recipe.train
     mods = set(name.split("+"))
-    if "no-workers" in mods:
-        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, num_workers=0))
+    if "no-workers" in mods or "workers" in mods:
+        workers = 0 if "no-workers" in mods else min(4, len(os.sched_getaffinity(0)))
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, num_workers=workers))
     torch.manual_seed(t.seed)
     job = get_task(recipe.task).job(recipe, accelerator)
     model = job.model.to(memory_format=torch.channels_last if "channels-last" in mods else torch.contiguous_format)

@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import random
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +317,56 @@ def test_num_workers_null_means_up_to_four(tmp_path):
     loader = make_image_loader([], batch_size=2, shuffle=False, seed=0, num_workers=None)
     assert loader.num_workers == min(4, os.cpu_count())
     assert not make_image_loader([], batch_size=2, shuffle=False, seed=0, num_workers=0).persistent_workers
+
+
+def test_a_cpu_run_whose_threads_take_every_core_reads_its_images_in_process(monkeypatch):
+    import os
+
+    from accelerate import Accelerator
+
+    from finetune.tasks.image_classification import loader_workers
+
+    accelerator = Accelerator(cpu=True)
+    cores = len(os.sched_getaffinity(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)
+        workers, notes = loader_workers(make_recipe({"train": "x"}), accelerator)
+        assert workers == 0 and "read in the training process" in notes[0]
+        assert loader_workers(make_recipe({"train": "x", "num_workers": 3}), accelerator) == (3, [])
+        if cores > 1:  # a core left free: workers get it
+            torch.set_num_threads(cores - 1)
+            assert loader_workers(make_recipe({"train": "x"}), accelerator) == (min(4, cores), [])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_decoded_images_stay_in_memory_and_training_sees_the_same_crops(tmp_path):
+    from finetune.images import DecodedImages
+
+    root = image_folder(tmp_path / "jpegs", {"a": 3, "b": 3}, ext=".jpg")
+    recipe = make_recipe({"train": root}, augment={"scale": [0.3, 1.0], "hflip": 0.5}, **{"epochs": 1})
+    table = load_image_splits(recipe).train
+    transform = build_transforms({"input_size": (3, 12, 12), "interpolation": "bilinear", "mean": (0.5,) * 3,
+                                  "std": (0.5,) * 3, "crop_pct": 1.0, "crop_mode": "center"}, recipe, training=True)
+    decoded = DecodedImages(budget_bytes=2**20)
+    kept, plain = ImageDataset(table, transform, 8, decoded), ImageDataset(table, transform, 8)
+    def items(dataset, seed: int) -> list:
+        random.seed(seed)  # timm's crops and flips draw from `random`, its erasing from torch
+        torch.manual_seed(seed)
+        return [dataset[i]["pixel_values"] for i in range(len(dataset))]
+
+    for epoch in range(2):  # the same random crops either way, epoch after epoch
+        first, again = items(kept, epoch), items(plain, epoch)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert len(decoded.images) == len(table["image"]) and decoded.used > 0
+    assert not all(torch.equal(a, b) for a, b in zip(items(kept, 0), items(kept, 1)))  # new crops each epoch
+    for path in table["image"]:  # nothing reads the files any more
+        Path(path).unlink()
+    assert kept[0]["pixel_values"].shape == (3, 12, 12)
+    full = DecodedImages(budget_bytes=0)  # over the budget: decoded each time, nothing kept
+    ImageDataset(table, transform, 8, full)
+    assert not full.images
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ class Job:
     warnings: list = field(default_factory=list)  # the data report's: legal but suspicious data
     saved_names: set | None = None  # what checkpoints hold when the backbone stays frozen; None: everything
     augmenting: bool = False  # training inputs change from epoch to epoch (their features cannot be cached)
+    notes: list = field(default_factory=list)  # how the task set the run up, for its log (how it loads the data)
 
 
 class Task(Protocol):
