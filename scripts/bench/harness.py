@@ -195,6 +195,12 @@ def precision_name(precision: str) -> str:
 # Plain files: every side reads the same rows from them; the baselines get their settings as a JSON job
 
 
+def folder_name(label: str) -> str:
+    """A class folder's name for a label: a path separator in a label ("T-shirt/top") would nest a folder, which
+    every side would read as another class, so it becomes "_"; the sides all read the same names back."""
+    return label.replace("/", "_").replace("\\", "_").replace("\0", "_")
+
+
 def write_rows(splits, task: str, folder: Path) -> dict:
     """The splits as plain files once per job (CSV text,label, or folders split/<label>/<n>.<ext> of the image files
     as they are, PNG for images that are not files); their paths."""
@@ -216,6 +222,7 @@ def write_rows(splits, task: str, folder: Path) -> dict:
 
             root = folder / key
             for i, (entry, label) in enumerate(zip(table["image"], labels)):
+                label = folder_name(label)
                 (root / label).mkdir(parents=True, exist_ok=True)
                 source = entry.get("path") if isinstance(entry, dict) and not entry.get("bytes") else entry
                 if isinstance(source, (str, Path)) and Path(source).suffix.lower() in (".png", ".jpg", ".jpeg") \
@@ -575,7 +582,9 @@ def check_and_measure(plan: Plan, results: dict, threads: int, notes: list) -> d
             loaded[key] = load_splits_of(recipe)
         splits = loaded[key]
         result = results[side.key]
-        if result["rows"] != rows_of(splits) or result["labels"] != splits.label_names:
+        names = [folder_name(n) for n in splits.label_names] if recipe.task == "image-classification" \
+            else splits.label_names
+        if result["rows"] != rows_of(splits) or result["labels"] != names:
             notes.append(f"{side.label}: its rows or label order differ from the recipe's split: NOT the same job")
         t = recipe.train
         eval_batch = t.eval_batch_size or 2 * t.batch_size
