@@ -316,7 +316,7 @@ def timm_job(recipe, splits, files: dict, threads: int, options: dict, folder: P
     channels_last = t.channels_last if t.channels_last is not None else (
         torch.cuda.is_available() and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()))
     return {
-        "folders": files, "labels": list(splits.label_names), "model": str(model_dir),
+        "folders": files, "labels": [folder_name(n) for n in splits.label_names], "model": str(model_dir),
         "pretrained": recipe.backbone.pretrained, "drop_rate": recipe.backbone.dropout or 0.0,
         "drop_path_rate": recipe.backbone.drop_path or None,
         "train_transform": common | {"scale": scale, "ratio": (1.0, 1.0) if scale == (1.0, 1.0) else None,
