@@ -137,7 +137,26 @@ def build_vision_model(recipe, label_names: list[str] | None):
         backbone = create_vision_backbone(recipe, 0, global_pool=TIMM_POOLING[recipe.head.pooling])
         width = getattr(backbone, "head_hidden_size", backbone.num_features)  # what pre_logits returns
         model = VisionClassifier(backbone, ClassificationHead(width, outputs, recipe.head.hidden, recipe.head.dropout))
+    activations_out_of_place(model)
     return model, vision_data_config(backbone, recipe.data.image_size)
+
+
+# Activations whose backward reads their input: called in place on a tensor that needs a gradient, autograd first
+# copies the whole input to keep it (aten::clone inside the call), where the plain call only writes its output. Same
+# values and gradients, the same memory (the input is kept either way), one pass over the activation less: ReLU6
+# (timm's EfficientNet-Lite, MobileNetV2), SiLU (EfficientNet), Hardswish (MobileNetV3). ReLU, LeakyReLU and ELU
+# read their output and copy nothing: they stay in place.
+COPIED_IN_PLACE = (nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Threshold)  # ReLU6 is a Hardtanh
+
+
+def activations_out_of_place(model: nn.Module) -> int:
+    """Set the COPIED_IN_PLACE activations of the model to out of place; returns how many were in place."""
+    flipped = 0
+    for module in model.modules():
+        if isinstance(module, COPIED_IN_PLACE) and getattr(module, "inplace", False):
+            module.inplace = False
+            flipped += 1
+    return flipped
 
 
 def vision_data_config(timm_model: nn.Module, image_size: int | None = None) -> dict:

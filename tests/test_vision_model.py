@@ -313,3 +313,39 @@ def test_kit_export_round_trips_through_finetune_load(tmp_path):
     assert image.shape == (3, 64, 64)  # the training image size travels in the backbone's config
     with torch.no_grad():
         assert torch.allclose(loaded(pixel_values=image[None]), model(pixel_values=image[None]), atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Mish])
+def test_an_in_place_activation_that_reads_its_input_copies_it_and_out_of_place_gives_the_same_gradients(activation):
+    from torch.profiler import ProfilerActivity, profile
+
+    from finetune.model import COPIED_IN_PLACE, activations_out_of_place
+
+    assert issubclass(activation, COPIED_IN_PLACE)
+    layer = nn.Linear(8, 8)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0)) * 4
+    results = {}
+    for inplace in (True, False):
+        layer.zero_grad()
+        model = nn.Sequential(layer, activation(inplace=True))
+        if not inplace:
+            assert activations_out_of_place(model) == 1 and not model[1].inplace
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = model(x)
+        copied = any(event.key == "aten::clone" for event in prof.key_averages())
+        assert copied == inplace  # the reason for the switch: torch's in-place form copies, the plain one does not
+        out.square().sum().backward()
+        results[inplace] = (out.detach(), layer.weight.grad.clone())
+    assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][1], results[False][1])
+
+
+def test_a_built_vision_model_trains_its_activations_out_of_place():
+    import timm
+
+    from finetune.model import COPIED_IN_PLACE
+
+    plain = [m for m in timm.create_model(CNN, pretrained=False).modules() if isinstance(m, COPIED_IN_PLACE)]
+    assert plain and all(m.inplace for m in plain)  # timm builds them in place
+    model, _ = build(CNN)
+    built = [m for m in model.modules() if isinstance(m, COPIED_IN_PLACE)]
+    assert len(built) == len(plain) and not any(m.inplace for m in built)
