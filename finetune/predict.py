@@ -91,6 +91,10 @@ class Predictor:
         import torch
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.device(self.device).type == "cpu":  # batches of predictions reuse the pages the last one freed
+            from finetune import allocator
+
+            allocator.keep_freed_memory()
         self.model = model.eval()  # moved to the device at the first prediction: unpacked, it is on the CPU as loaded
         self.preprocess = preprocess
         self.spec = spec

@@ -267,6 +267,10 @@ def main(argv: list[str]) -> int:
     from finetune.recipe import find_recipe, load_recipe
 
     torch.set_num_threads(threads)
+    if not torch.accelerator.is_available():  # as finetune.train does: the kit's step, with its allocator setting
+        from finetune import allocator
+
+        allocator.keep_freed_memory()
     recipe = load_recipe(find_recipe(recipe_arg), overrides)
     if recipe.task not in ("text-classification", "image-classification"):
         parser.error(f"profile_step.py profiles text and image classification, not {recipe.task}")

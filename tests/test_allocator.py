@@ -41,20 +41,18 @@ def _probe(mode: str, **env) -> dict:
 
 
 def test_kept_memory_takes_a_steps_buffers_without_faulting_them_in_again():
-    default, kept = _probe("default"), _probe("keep")
-    # 10 steps of 64 MiB: glibc's defaults fault every page in again (16k pages a step); kept, almost none
-    assert default["faults"] > 10 * 8 * 2048 * 0.5, default
-    assert kept["faults"] < default["faults"] / 20, (kept, default)
+    # glibc's own start values held fixed (its dynamic threshold moves with the sizes freed, so that a plain
+    # process faults all of a step's blocks in again or only some, run to run): each block is fresh from the kernel
+    fresh = _probe("keep", MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    kept = _probe("keep")
+    pages = 10 * 8 * 2048  # 10 steps of 8 blocks of 8 MiB, 4 KiB pages
+    assert fresh["line"] is None and fresh["faults"] > 0.9 * pages, fresh  # the environment's setting stands
+    assert kept["faults"] < 0.01 * pages, kept
     assert kept["line"].startswith("memory: glibc's malloc keeps up to") and kept["again"] == kept["line"]
-
-
-def test_a_malloc_setting_in_the_environment_is_left_as_it_is():
-    left = _probe("keep", MALLOC_TRIM_THRESHOLD_="131072")
-    assert left["line"] is None
-    assert left["faults"] > 10 * 8 * 2048 * 0.5, left
 
 
 def test_the_trim_threshold_fits_the_machine():
     from finetune import allocator
 
     assert 128 << 20 <= allocator.trim_threshold() <= 1 << 30
+
