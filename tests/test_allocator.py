@@ -56,3 +56,15 @@ def test_the_trim_threshold_fits_the_machine():
 
     assert 128 << 20 <= allocator.trim_threshold() <= 1 << 30
 
+
+
+def test_the_allocator_benchmark_runs_both_sides_in_fresh_processes(tmp_path):
+    from conftest import REPO, subprocess_env
+
+    out = tmp_path / "allocator.json"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "bench_allocator.py"), "--cases", "test_efficientnet:32:4",
+                    "--steps", "2", "--warmup", "1", "--repeat", "1", "--out", str(out)],
+                   check=True, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["case"] == "test_efficientnet:32:4" and row["default_ms"] > 0 and row["kept_ms"] > 0
+    assert row["kept_line"].startswith("memory: glibc's malloc keeps")  # the kept side really set it

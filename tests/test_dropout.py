@@ -141,16 +141,49 @@ def test_attention_training_step_reaches_every_weight(tiny_bert):
     assert all(p.grad is not None for n, p in model.named_parameters() if "pooler" in n or "layer." in n)
 
 
-def test_models_whose_code_tests_for_sdpa_by_name_keep_their_attention():
+def _tiny_falcon():
     from transformers import FalconConfig, FalconForSequenceClassification
 
-    model = FalconForSequenceClassification(FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                                         vocab_size=50, num_labels=2, pad_token_id=0))
+    return FalconForSequenceClassification(FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                        vocab_size=50, num_labels=2, pad_token_id=0))
+
+
+def _tiny_gemma4():
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip("this transformers has no Gemma 4")
+    config = transformers.Gemma4TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=50,
+                                           pad_token_id=0, layer_types=["full_attention"] * 2)
+    config._attn_implementation = "sdpa"
+    return transformers.Gemma4ForCausalLM(config)
+
+
+@pytest.mark.parametrize("build", [_tiny_falcon, _tiny_gemma4], ids=["falcon", "gemma4"])
+def test_models_whose_code_tests_for_sdpa_by_name_keep_their_attention(build):
+    """Falcon's code branched on `_attn_implementation == "sdpa"` up to transformers 5.24, Gemma 4's still does: a
+    model whose installed code does keeps transformers' sdpa by that name, any other takes the fast attention."""
+    import inspect
+    import sys
+
+    model = build()
+    source = inspect.getsource(sys.modules[type(model).__module__])
+    branches = '_attn_implementation == "sdpa"' in source or '_attn_implementation != "sdpa"' in source
+    assert model.config._attn_implementation == "sdpa"
     use_fast_dropout(model)
-    assert model.config._attn_implementation == "sdpa"  # modeling_falcon branches on == "sdpa"
+    assert model.config._attn_implementation == ("sdpa" if branches else "finetune_sdpa")
     model.train()
-    ids = torch.randint(0, 50, (2, 5))
-    assert torch.isfinite(model(input_ids=ids, labels=torch.tensor([0, 1])).loss)
+    ids = torch.randint(1, 50, (2, 5))
+    labels = torch.tensor([0, 1]) if "Classification" in type(model).__name__ else ids
+    assert torch.isfinite(model(input_ids=ids, labels=labels).loss)
+
+
+def test_an_installed_model_still_branches_on_sdpa_by_name_so_the_keeping_path_is_exercised():
+    import inspect
+    import sys
+
+    model = _tiny_gemma4()
+    assert '_attn_implementation == "sdpa"' in inspect.getsource(sys.modules[type(model).__module__])
 
 
 def test_train_fast_dropout_false_trains_with_torchs_own_dropout(tiny_bert, tiny_data, tmp_path):
