@@ -5,11 +5,11 @@ mmap threshold (128 KiB at start, raised as blocks are freed, at most 32 MiB) wi
 a freed heap top of more than 128 KiB back, so each step faults its activations in again, a page at a time, and fills
 the fresh pages: `fill_` and `copy_` on new tensors (zero padding, clones) ran at a tenth of memory speed. PyTorch's
 CPU tuning guide preloads jemalloc or tcmalloc for this; `mallopt` gets it from the glibc already in the process,
-with no library to install and no LD_PRELOAD. Measured on a 2-core Xeon (avx512_bf16), one training step, median of
-30: EfficientNet-Lite0 channels_last 96 px batch 32 297-321 -> 268-289 ms, 112 px batch 64 906 -> 737 ms, 192 px batch
-16 708 -> 529 ms; MiniLM-L6 at 48 tokens batch 32 fp32 562-598 -> 538-554 ms, bf16 338-353 -> 294-296 ms. The
-Fashion-MNIST recipe's first 25 steps: 37-45 -> 73-79 images/s, its test pass 41-43 -> 18 s. torch's huge pages for
-large blocks (THP_MEM_ALLOC_ENABLE=1) cut a bare step's faults further but made that recipe 9% slower: not set.
+with no library to install and no LD_PRELOAD. Measured on a 2-core Xeon (avx512_bf16) by scripts/bench_allocator.py,
+one training step: EfficientNet-Lite0 channels_last 1.05x at 96 px batch 32, 1.23x at 112 px batch 64; MiniLM-L6
+1.02x fp32, 1.17x bf16. The Fashion-MNIST recipe's first 25 steps: 37-45 -> 73-79 images/s, its test pass 41-43 ->
+18 s. torch's huge pages for large blocks (THP_MEM_ALLOC_ENABLE=1) cut a bare step's faults further but made that
+recipe 9% slower: not set.
 
 The process keeps at most `trim` bytes of freed memory at the top of its heap (1 GiB, or an eighth of the RAM on a
 smaller machine): what a step frees, the next one takes again, so the resident size stays at the step's peak. A
