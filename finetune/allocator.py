@@ -62,5 +62,5 @@ def keep_freed_memory() -> str | None:
     if not done:
         return None
     _kept = (f"memory: glibc's malloc keeps up to {trim >> 20} MiB freed for the next step (blocks to "
-             f"{MMAP_THRESHOLD >> 20} MiB from its heap): no page faults on each step's activations")
+             f"{MMAP_THRESHOLD >> 20} MiB from its heap): a step's activations reuse the pages the last one freed")
     return _kept

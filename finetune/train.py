@@ -63,7 +63,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
 
     dynamic_freeze = transfer.has_freeze_schedule(recipe)
     # on a CPU, each step's activations reuse the pages the last step freed (the step choice measures with it too)
-    kept_memory = allocator.keep_freed_memory() if not torch.accelerator.is_available() else None
+    memory_note = allocator.keep_freed_memory() if not torch.accelerator.is_available() else None
     # auto resumes at the precision the run started at (a checkpoint says which): resume stays exact
     kept = latest_checkpoint(out) if resume else None
     resumed = precision.of_checkpoint(kept)
@@ -106,7 +106,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         (out / "split.json").write_text(json.dumps(splits.info, indent=1) + "\n")
     for warning in job.warnings:
         say(f"warning: {warning}")
-    for note in job.notes + ([kept_memory] if kept_memory else []):
+    for note in job.notes + ([memory_note] if memory_note else []):
         say(note)
     timer.mark("data and model")
     eval_batch = t.eval_batch_size or 2 * t.batch_size

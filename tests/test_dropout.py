@@ -149,7 +149,8 @@ def _tiny_falcon():
 
 
 def _tiny_gemma4():
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     if not hasattr(transformers, "Gemma4TextConfig"):
         pytest.skip("this transformers has no Gemma 4")
     config = transformers.Gemma4TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -163,27 +164,25 @@ def _tiny_gemma4():
 def test_models_whose_code_tests_for_sdpa_by_name_keep_their_attention(build):
     """Falcon's code branched on `_attn_implementation == "sdpa"` up to transformers 5.24, Gemma 4's still does: a
     model whose installed code does keeps transformers' sdpa by that name, any other takes the fast attention."""
-    import inspect
-    import sys
+    from finetune.dropout import _branches_on_sdpa
 
     model = build()
-    source = inspect.getsource(sys.modules[type(model).__module__])
-    branches = '_attn_implementation == "sdpa"' in source or '_attn_implementation != "sdpa"' in source
     assert model.config._attn_implementation == "sdpa"
     use_fast_dropout(model)
-    assert model.config._attn_implementation == ("sdpa" if branches else "finetune_sdpa")
+    assert model.config._attn_implementation == ("sdpa" if _branches_on_sdpa(model) else "finetune_sdpa")
     model.train()
     ids = torch.randint(1, 50, (2, 5))
     labels = torch.tensor([0, 1]) if "Classification" in type(model).__name__ else ids
     assert torch.isfinite(model(input_ids=ids, labels=labels).loss)
 
 
-def test_an_installed_model_still_branches_on_sdpa_by_name_so_the_keeping_path_is_exercised():
-    import inspect
-    import sys
+def test_an_installed_model_still_branches_on_sdpa_by_name_so_the_keeping_path_is_exercised(tiny_bert):
+    from transformers import AutoModelForSequenceClassification
 
-    model = _tiny_gemma4()
-    assert '_attn_implementation == "sdpa"' in inspect.getsource(sys.modules[type(model).__module__])
+    from finetune.dropout import _branches_on_sdpa
+
+    assert _branches_on_sdpa(_tiny_gemma4())
+    assert not _branches_on_sdpa(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2))
 
 
 def test_train_fast_dropout_false_trains_with_torchs_own_dropout(tiny_bert, tiny_data, tmp_path):
