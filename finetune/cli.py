@@ -352,18 +352,13 @@ def _verb(verbs, name: str, help: str, description: str, examples: str):
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="finetune", description="Fine-tune pretrained backbones from a YAML recipe.",
-        epilog="start with: finetune ls; finetune cp text/minilm-bbc-news my.yaml; finetune run my.yaml",
-    )
-    parser.add_argument("--version", action=_Versions, help="versions of finetune, its libraries and the device")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
-    verbs = parser.add_subparsers(
-        dest="verb", required=True, metavar="{ls,cat,cp,validate,run,sweep,eval,predict,export,serve,push,cache}",
-        parser_class=_Parser,
-    )
+OVERRIDE_HELP = "dotted overrides, values as YAML scalars, e.g. train.lr=3e-5 lora=null"
+MODEL_HELP = "a run folder, its model/ folder, or a hub model id (owner/name)"
+BATCH_HELP = "inputs per forward pass (default: %(default)s); lower it if memory runs out"
 
+
+def _add_recipe_verbs(verbs) -> None:
+    """ls, cat, cp and validate: the recipes, before any training."""
     ls = _verb(verbs, "ls", "list the built-in recipes, or the runs in a folder",
                "Without a folder: the built-in recipes, one line each (task, backbone, data, and what a recipe needs "
                "beyond pip: an apt package or the network). With a folder: its runs compared in one table.",
@@ -384,23 +379,25 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--force", action="store_true", help="replace an existing file")
     cp.set_defaults(func=cmd_cp)
 
-    override_help = "dotted overrides, values as YAML scalars, e.g. train.lr=3e-5 lora=null"
     validate = _verb(verbs, "validate", "check a recipe and its data, and print the recipe resolved",
                      "Check the recipe (every problem at once, with its dotted key) and its data (files, columns, "
                      "labels, leakage, lengths) without training; print the resolved recipe on stdout.",
                      "  finetune validate my.yaml\n  finetune validate text/minilm-bbc-news train.lr=3e-5 "
                      "> resolved.yaml")
     validate.add_argument("recipe", nargs="?", help="recipe file or built-in recipe name")
-    validate.add_argument("overrides", nargs="*", metavar="key=value", help=override_help)
+    validate.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDE_HELP)
     validate.set_defaults(func=cmd_validate)
 
+
+def _add_training_verbs(verbs) -> None:
+    """run and sweep: the verbs that train."""
     run = _verb(verbs, "run", "train: fine-tune a backbone as a recipe says and write the run folder",
                 "Train as the recipe says: data checked first, then the model fine-tuned, the best epoch kept and "
                 "tested, and output.dir written (config.yaml, metrics.json, model/, checkpoints/, train.log).",
                 "  finetune run text/minilm-bbc-news\n  finetune run my.yaml train.lr=3e-5 data.train=reviews.csv\n"
                 "  finetune run runs/my --resume\n  accelerate launch -m finetune run my.yaml   # several GPUs")
     run.add_argument("recipe", nargs="?", help="recipe file, built-in recipe name, or a run folder to --resume")
-    run.add_argument("overrides", nargs="*", metavar="key=value", help=override_help)
+    run.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDE_HELP)
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     run.add_argument("--resume", action="store_true", help="continue the unfinished run in output.dir from its last "
                                                            "checkpoint")
@@ -421,13 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--space", help="a YAML file holding what the sweep: section holds (replaces its keys)")
     sweep.set_defaults(func=cmd_sweep)
 
-    model_help = "a run folder, its model/ folder, or a hub model id (owner/name)"
-    batch_help = "inputs per forward pass (default: %(default)s); lower it if memory runs out"
+
+def _add_model_verbs(verbs) -> None:
+    """eval, predict and export: the verbs that use a trained model."""
     evaluate = _verb(verbs, "eval", "metrics of a trained model on a labelled file",
                      "Metrics (and a confusion matrix) of a trained model on labelled data in any form `run` reads.",
                      "  finetune eval runs/my --data test.csv\n  finetune eval runs/my --data bbc-news --split test "
                      "--json\n  finetune eval me/reviews-minilm --data unseen.csv --output predictions.csv")
-    evaluate.add_argument("model", help=model_help)
+    evaluate.add_argument("model", help=MODEL_HELP)
     evaluate.add_argument("--data", required=True, help="labelled data in any form `run` reads (file, folder, zoo, "
                                                         "hub:)")
     evaluate.add_argument("--split", default="test", help="which split of a zoo/hub set or split folder (default test)")
@@ -436,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--label-column", help="default: the run's data.label_column, else label")
     evaluate.add_argument("--image-column", help="default: the run's data.image_column, else image")
     evaluate.add_argument("--pair-column", help="sentence pairs: default the run's data.text_pair_column")
-    evaluate.add_argument("--batch-size", type=int, default=32, help=batch_help)
+    evaluate.add_argument("--batch-size", type=int, default=32, help=BATCH_HELP)
     evaluate.add_argument("--json", action="store_true", help="the metrics (and confusion matrix) as JSON")
     evaluate.set_defaults(func=cmd_eval)
 
@@ -446,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "  finetune predict runs/my reviews.txt --top-k 3\n"
                     "  finetune predict runs/my new.csv --column review --json > predictions.jsonl\n"
                     "  finetune predict runs/digits photos/ cat.png")
-    predict.add_argument("model", help=model_help)
+    predict.add_argument("model", help=MODEL_HELP)
     predict.add_argument(
         "inputs", nargs="+", metavar="INPUT",
         help="texts, .txt files (one text per line), images, image folders, or csv/jsonl/parquet files (see --column)",
@@ -456,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--column", help="the table column holding the inputs (default: the run's text/image column)")
     predict.add_argument("--pair-column", help="sentence pairs: the table column holding each row's second text "
                                                "(default: the run's data.text_pair_column)")
-    predict.add_argument("--batch-size", type=int, default=32, help=batch_help)
+    predict.add_argument("--batch-size", type=int, default=32, help=BATCH_HELP)
     predict.add_argument("--json", action="store_true", help="JSON Lines: one JSON object per input, in order")
     predict.set_defaults(func=cmd_predict)
 
@@ -470,12 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", help="default: <run>/export/onnx[-int8]/")
     export.set_defaults(func=cmd_export)
 
+
+def _add_sharing_verbs(verbs) -> None:
+    """serve, push and cache: a model served or shared, and the disk caches."""
     serve = _verb(verbs, "serve", "an HTTP JSON endpoint for a model (or an ONNX export)",
                   "Serve GET /health, /info, / (a page) and POST /predict on 127.0.0.1 unless told otherwise; "
                   "concurrent requests are batched together.",
                   "  finetune serve runs/my\n  finetune serve runs/my/export/onnx-int8 --port 8080 "
                   "--api-key-env FINETUNE_API_KEY")
-    serve.add_argument("model", help=model_help + ", or an ONNX export folder")
+    serve.add_argument("model", help=MODEL_HELP + ", or an ONNX export folder")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key-env", help="require Authorization: Bearer <the value of this variable>")
@@ -512,6 +513,21 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--json", action="store_true", help="ls as JSON")
     cache.set_defaults(func=cmd_cache)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="finetune", description="Fine-tune pretrained backbones from a YAML recipe.",
+        epilog="start with: finetune ls; finetune cp text/minilm-bbc-news my.yaml; finetune run my.yaml",
+    )
+    parser.add_argument("--version", action=_Versions, help="versions of finetune, its libraries and the device")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    verbs = parser.add_subparsers(
+        dest="verb", required=True, metavar="{ls,cat,cp,validate,run,sweep,eval,predict,export,serve,push,cache}",
+        parser_class=_Parser,
+    )
+
+    for add in (_add_recipe_verbs, _add_training_verbs, _add_model_verbs, _add_sharing_verbs):
+        add(verbs)
     for verb in verbs.choices.values():  # `finetune VERB ... --debug` as well as `finetune --debug VERB ...`
         verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
