@@ -31,6 +31,7 @@ def test_the_baseline_workers_import_nothing_from_the_kit(worker):
     assert not {name for name in imported if name.split(".")[0] in ("finetune", "bench")}
 
 
+@pytest.mark.slow  # a benchmark script end to end (20-35 s); run with -m slow
 def test_text_benchmark_runs_the_kit_and_the_trainer_on_the_same_rows(tiny_bert, tiny_data, tmp_path):
     recipe = write_recipe(tmp_path / "text.yaml", recipe_dict(tiny_bert, tiny_data, tmp_path / "unused",
                                                               **{"train.epochs": 1, "train.batch_size": 16}))

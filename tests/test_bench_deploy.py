@@ -10,6 +10,7 @@ import pytest
 from conftest import LABELS, REPO, _rows, subprocess_env, write_csv
 
 
+@pytest.mark.slow  # a benchmark script end to end (20-35 s); run with -m slow
 def test_the_deploy_benchmark_runs_end_to_end_on_a_tiny_model(tiny_bert, tmp_path):
     short = tmp_path / "short"
     for seed, (name, count) in enumerate((("train", 8), ("validation", 3), ("test", 6))):

@@ -32,7 +32,8 @@ def text_label_csvs(root):
     return root
 
 
-@pytest.mark.parametrize(("compare", "seeds"), [("full", "42,7"), pytest.param("probe", "42", marks=pytest.mark.slow)])
+@pytest.mark.slow  # both sides of a benchmark script end to end (about 30 s a case); run with -m slow
+@pytest.mark.parametrize(("compare", "seeds"), [("full", "42,7"), ("probe", "42")])
 def test_both_sides_of_the_sweep_benchmark_run_one_trial(tiny_bert, tmp_path, compare, seeds):
     data = text_label_csvs(tmp_path / "data")
     out, markdown = tmp_path / "sweep.json", tmp_path / "sweep.md"
