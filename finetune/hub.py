@@ -44,7 +44,7 @@ def _transport_errors() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
-def _describe(error: Exception, token: str | None) -> str:
+def _hub_failure(error: Exception, token: str | None) -> str:
     """One line for a hub failure, never with the token in it."""
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -76,7 +76,7 @@ def _step(name: str, token: str | None, call):
     except HFValidationError as error:  # refused before any request: the repo id or revision is malformed
         raise FinetuneError(f"{name}: {(str(error).strip().splitlines() or [''])[0]}") from None
     except (HfHubHTTPError, OfflineModeIsEnabled, OSError, *_transport_errors()) as error:
-        raise FinetuneError(f"{name}: {_describe(error, token)}") from None
+        raise FinetuneError(f"{name}: {_hub_failure(error, token)}") from None
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as error:  # the answer, not the request
         first = (str(error).strip().splitlines() or [""])[0]
         if token:

@@ -91,7 +91,7 @@ def test_the_trainer_side_gets_the_kits_pruning_policy_in_its_own_steps(tiny_ber
     import optuna
     from conftest import recipe_dict, to_recipe
 
-    from finetune.sweep import first_prunable_epoch
+    from finetune.sweep.study import first_prunable_epoch
 
     spec = importlib.util.spec_from_file_location("bench_sweep", SCRIPT)
     bench = importlib.util.module_from_spec(spec)

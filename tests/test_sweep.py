@@ -346,7 +346,7 @@ def test_workers_on_one_machine_share_its_cores(tmp_path, monkeypatch):
     import optuna
     import torch
 
-    from finetune.sweep import Ranks, share_cores
+    from finetune.sweep.trials import Ranks, share_cores
 
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j.journal")))
     study = optuna.create_study(storage=storage, study_name="s")
