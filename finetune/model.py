@@ -1,4 +1,5 @@
-"""The model: a backbone plus a head, built as the ecosystem's own class whenever that computes the same thing."""
+"""The model: a backbone plus a head, built as the ecosystem's own class whenever that computes the same thing, and the
+one interface (ModelInterface) through which transfer, train and export ask any kind of it."""
 
 from __future__ import annotations
 
