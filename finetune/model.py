@@ -1,5 +1,4 @@
-"""The model: a backbone plus a head, built as the ecosystem's own class whenever that computes the same thing, and the
-one interface (ModelInterface) through which transfer, train and export ask any kind of it."""
+"""The model: a backbone plus a head (the ecosystem's own class where it computes the same) and the interface to ask."""
 
 from __future__ import annotations
 
