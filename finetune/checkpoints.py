@@ -225,13 +225,13 @@ def load_full_state_dict(model, state: dict, strict: bool = True, main_process: 
 
 
 def skeleton(model):
-    """A copy of `model` with no storage (meta tensors), taken before it is sharded: plain_model fills it in."""
+    """A copy of `model` with no storage (meta tensors), taken before it is sharded: rebuild_unsharded fills it in."""
     import copy
 
     return copy.deepcopy(model).to("meta")
 
 
-def plain_model(template, live, state: dict):
+def rebuild_unsharded(template, live, state: dict):
     """An unsharded model (on the CPU) with the weights of `state` (full_state_dict of the sharded `live` model),
     built from its skeleton: what the export writes with the ecosystem's own save functions. Buffers that a state
     dict leaves out (non-persistent ones, e.g. BERT's position_ids) come from the live model, which keeps them whole.

@@ -79,7 +79,7 @@ def evaluate(source: str, data: str, split: str = "test", text_column=None, labe
     from finetune.data import _check_labels, encode_labels
     from finetune.metrics import compute_metrics, predictions_from_logits
     from finetune.tasks import get_task
-    from finetune.train import loss_fn
+    from finetune.loop import loss_fn
 
     if output is not None and Path(output).suffix.lower() not in OUTPUT_FORMATS:
         raise FinetuneError(f"--output: '{output}' must end in {' or '.join(OUTPUT_FORMATS)}")

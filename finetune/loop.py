@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -34,7 +36,7 @@ def peak_memory_mb() -> float:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, splits, recipe, details: dict | None = None) -> dict:
+def evaluate_split(accelerator, model, loader, splits, recipe, details: dict | None = None) -> dict:
     """Loss and metrics over a whole split, gathered from every process without the padding of uneven batches.
 
     details: a dict to fill with what the averages hide (the confusion matrix, per-label or per-entity F1).
@@ -92,92 +94,163 @@ def planned_epochs(t, batches_per_epoch: int) -> int:
     return math.ceil(t.max_steps / max(1, math.ceil(batches_per_epoch / t.grad_accum)))
 
 
-def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress: Progress, ema,
-        on_epoch=None, checkpoints: bool = True) -> dict:
+@dataclass
+class Training:
+    """What the loop's functions share for one run (set up by finetune.train): the prepared model, optimizer,
+    scheduler and loaders, the task's job, the recipe, the log, where training stands, the EMA."""
+
+    accelerator: object
+    model: object
+    optimizer: object
+    scheduler: object
+    loaders: dict
+    job: object
+    recipe: object
+    say: Callable[[str], None]
+    progress: Progress
+    ema: object = None
+    best_details: dict = field(default_factory=dict)  # what the best evaluation's averages hide: kept, not recomputed
+
+    @property
+    def epochs(self) -> int:
+        return planned_epochs(self.recipe.train, len(self.loaders["train"]))
+
+
+def fit(run: Training, on_epoch=None, checkpoints: bool = True) -> dict:
     """Train and validate (after each epoch, or every train.eval_every steps), keep the best evaluation's weights
     (raw or EMA), step a metric-driven lr schedule, stop early if asked, stop at train.max_steps. checkpoints=False
-    writes no resumable checkpoint (a run that is never resumed); the best weights are kept either way."""
-    t, out, select = recipe.train, Path(recipe.output.dir), recipe.eval.select_best
-    p = progress
-    epochs = planned_epochs(t, len(loaders["train"]))
-    schedule = transfer.has_freeze_schedule(recipe)
-    depths, top = transfer.layer_ids(accelerator.unwrap_model(model)) if schedule else ({}, 0)
-    depth = "unset"
-    best_details: dict = {}  # what the best evaluation's averages hide (a confusion matrix): kept, not recomputed
+    writes no resumable checkpoint (a run that is never resumed); the best weights are kept either way.
 
-    def epoch_loss() -> float:
-        return (torch.tensor(p.epoch_loss) / max(p.batch, 1)).mean().item()  # the epoch's mean so far
-
-    def validate(epoch: int) -> bool:
-        """One evaluation at step p.step: recorded, the best kept, the lr schedule told; True: stop early."""
-        loss = epoch_loss()
-        details, ema_details = {}, {}
-        validation = evaluate(accelerator, model, loaders["validation"], job.splits, recipe, details)
-        entry = {"epoch": epoch, "step": p.step, "loss": loss, "validation": validation}
-        shown = " ".join(f"{k} {v:.4f}" for k, v in validation.items())
-        if ema is not None:
-            entry["validation_ema"] = evaluate(accelerator, ema.module, loaders["validation"], job.splits, recipe,
-                                               ema_details)
-            shown += " | ema " + " ".join(f"{k} {v:.4f}" for k, v in entry["validation_ema"].items())
-        p.history.append(entry)
-        accelerator.log({f"validation/{k}": v for k, v in validation.items()} | {"train/epoch_loss": loss}, step=p.step)
-        if t.eval_every is None:
-            seconds = p.epoch_seconds
-            say(f"epoch {epoch}/{epochs}: train loss {loss:.4f} | validation {shown} | "
-                f"{p.epoch_samples / max(seconds, 1e-9):.1f} samples/s")
-        else:
-            say(f"step {p.step} (epoch {epoch}/{epochs}): train loss {loss:.4f} | validation {shown}")
-        for use_ema, scores, found in ((False, validation, details), (True, entry.get("validation_ema"), ema_details)):
-            if scores is not None and (p.best is None or is_improvement(select, scores[select], p.best[select])):
-                where = {"epoch": epoch} | ({"step": p.step} if t.eval_every is not None else {})
-                p.best = {**where, "ema": use_ema, **scores}
-                save_best(accelerator, ema.module if use_ema else model, out, job.saved_names)
-                best_details.clear()
-                best_details.update(found, evaluated=True)
-        if t.scheduler in METRIC_DRIVEN:  # once per evaluation, not once per process as accelerate's wrapper would
-            getattr(scheduler, "scheduler", scheduler).step(validation[select])
-        stop = t.early_stopping
-        if stop is None:
-            return False
-        improved = is_improvement(stop.metric, validation[stop.metric], _best_of(p.history[:-1], stop.metric))
-        p.stale = 0 if improved else p.stale + 1
-        if p.stale >= stop.patience:
-            unit = "epoch(s)" if t.eval_every is None else f"evaluation(s) (every {t.eval_every} steps)"
-            say(f"early stopping: validation {stop.metric} has not improved for {p.stale} {unit}")
-            return True
-        return False
-
-    while p.epoch <= epochs:
+    on_epoch(epoch, validation metrics): called after each epoch's checkpoint (a sweep reports to its pruner)."""
+    unfreezing = Unfreezing(run) if transfer.has_freeze_schedule(run.recipe) else None
+    p = run.progress
+    while p.epoch <= run.epochs:
         epoch = p.epoch
-        if schedule and transfer.trainable_depth(recipe, epoch, top) != depth:
-            depth = transfer.trainable_depth(recipe, epoch, top)
-            count = transfer.apply_freeze(accelerator.unwrap_model(model), depth, depths)
-            part = (
-                "everything" if depth is None else "the head" + (f" and layers {depth}-{top}" if depth <= top else "")
-            )
-            say(f"epoch {epoch}: training {part} ({count / 1e6:.2f}M parameters)")
-        stopping = train_epoch(accelerator, model, optimizer, scheduler, loaders["train"], job, recipe, p, ema,
-                               validate if t.eval_every is not None else None, epochs, checkpoints)
-        seconds, samples = p.epoch_seconds, p.epoch_samples
-        p.train_seconds += seconds
-        p.train_samples += samples
-        finished = stopping or epoch >= epochs or (t.max_steps is not None and p.step >= t.max_steps)
-        just_evaluated = bool(p.history) and p.history[-1].get("step") == p.step
-        if t.eval_every is None or (finished and not just_evaluated):
-            stopping = validate(epoch) or stopping  # eval_every: the last step's weights are evaluated too
-        if t.eval_every is not None:
-            say(f"epoch {epoch}/{epochs}: train loss {epoch_loss():.4f} | {samples / max(seconds, 1e-9):.1f} samples/s")
-        p.epoch, p.batch, p.epoch_loss, p.epoch_samples, p.epoch_seconds = epoch + 1, 0, [], 0, 0.0
-        if stopping or finished:
-            p.epoch = epochs + 1  # a resumed run must not train on
-        if checkpoints:
-            save_checkpoint(accelerator, out, p, t.keep_checkpoints)
+        if unfreezing is not None:
+            unfreezing.start(epoch)
+        stopping = train_epoch(run, checkpoints)
+        stopping = end_epoch(run, epoch, stopping, checkpoints)
         if on_epoch is not None and p.history and p.history[-1]["epoch"] == epoch:
             on_epoch(epoch, p.history[-1]["validation"])  # a sweep's report to its pruner, which may end the run
         if stopping:
             break
+    return run_metrics(run)
+
+
+class Unfreezing:
+    """train.freeze's schedule: the layers that train change between epochs (finetune.transfer.trainable_depth)."""
+
+    def __init__(self, run: Training):
+        self.run = run
+        self.depths, self.top = transfer.layer_ids(run.accelerator.unwrap_model(run.model))
+        self.depth = "unset"
+
+    def start(self, epoch: int) -> None:
+        """Set what trains in this epoch, and say so when it changed."""
+        depth = transfer.trainable_depth(self.run.recipe, epoch, self.top)
+        if depth == self.depth:
+            return
+        self.depth, top = depth, self.top
+        count = transfer.apply_freeze(self.run.accelerator.unwrap_model(self.run.model), depth, self.depths)
+        part = "everything" if depth is None else "the head" + (f" and layers {depth}-{top}" if depth <= top else "")
+        self.run.say(f"epoch {epoch}: training {part} ({count / 1e6:.2f}M parameters)")
+
+
+def end_epoch(run: Training, epoch: int, stopping: bool, checkpoints: bool) -> bool:
+    """After an epoch's steps: its time counted, its validation (unless train.eval_every just made it), the
+    progress moved on, a checkpoint; True: training stops."""
+    t, p = run.recipe.train, run.progress
+    seconds, samples = p.epoch_seconds, p.epoch_samples
+    p.train_seconds += seconds
+    p.train_samples += samples
+    finished = stopping or epoch >= run.epochs or (t.max_steps is not None and p.step >= t.max_steps)
+    just_evaluated = bool(p.history) and p.history[-1].get("step") == p.step
+    if t.eval_every is None or (finished and not just_evaluated):
+        stopping = validate(run, epoch) or stopping  # eval_every: the last step's weights are evaluated too
+    if t.eval_every is not None:
+        run.say(f"epoch {epoch}/{run.epochs}: train loss {epoch_loss(p):.4f} | "
+                f"{samples / max(seconds, 1e-9):.1f} samples/s")
+    p.epoch, p.batch, p.epoch_loss, p.epoch_samples, p.epoch_seconds = epoch + 1, 0, [], 0, 0.0
+    if stopping or finished:
+        p.epoch = run.epochs + 1  # a resumed run must not train on
+    if checkpoints:
+        save_checkpoint(run.accelerator, Path(run.recipe.output.dir), p, t.keep_checkpoints)
+    return stopping
+
+
+def epoch_loss(p: Progress) -> float:
+    return (torch.tensor(p.epoch_loss) / max(p.batch, 1)).mean().item()  # the epoch's mean so far
+
+
+def validate(run: Training, epoch: int) -> bool:
+    """One evaluation at step p.step: recorded, the best kept, the lr schedule told; True: stop early."""
+    t, p, select = run.recipe.train, run.progress, run.recipe.eval.select_best
+    loss = epoch_loss(p)
+    details, ema_details = {}, {}
+    validation = evaluate_split(run.accelerator, run.model, run.loaders["validation"], run.job.splits, run.recipe,
+                                details)
+    entry = {"epoch": epoch, "step": p.step, "loss": loss, "validation": validation}
+    if run.ema is not None:
+        entry["validation_ema"] = evaluate_split(run.accelerator, run.ema.module, run.loaders["validation"],
+                                                 run.job.splits, run.recipe, ema_details)
+    p.history.append(entry)
+    run.accelerator.log({f"validation/{k}": v for k, v in validation.items()} | {"train/epoch_loss": loss},
+                        step=p.step)
+    say_evaluation(run, entry)
+    for use_ema, scores, found in ((False, validation, details), (True, entry.get("validation_ema"), ema_details)):
+        if scores is not None and (p.best is None or is_improvement(select, scores[select], p.best[select])):
+            keep_best(run, entry, use_ema, scores, found)
+    if t.scheduler in METRIC_DRIVEN:  # once per evaluation, not once per process as accelerate's wrapper would
+        getattr(run.scheduler, "scheduler", run.scheduler).step(validation[select])
+    return stop_early(run, validation)
+
+
+def say_evaluation(run: Training, entry: dict) -> None:
+    """The evaluation's line in the log: per epoch with its speed, or per train.eval_every steps."""
+    t, p = run.recipe.train, run.progress
+    shown = " ".join(f"{k} {v:.4f}" for k, v in entry["validation"].items())
+    if "validation_ema" in entry:
+        shown += " | ema " + " ".join(f"{k} {v:.4f}" for k, v in entry["validation_ema"].items())
+    epoch, loss = entry["epoch"], entry["loss"]
+    if t.eval_every is None:
+        seconds = p.epoch_seconds
+        run.say(f"epoch {epoch}/{run.epochs}: train loss {loss:.4f} | validation {shown} | "
+                f"{p.epoch_samples / max(seconds, 1e-9):.1f} samples/s")
+    else:
+        run.say(f"step {p.step} (epoch {epoch}/{run.epochs}): train loss {loss:.4f} | validation {shown}")
+
+
+def keep_best(run: Training, entry: dict, use_ema: bool, scores: dict, details: dict) -> None:
+    """The evaluation is the best so far: its weights (raw or EMA) and its details kept."""
+    p = run.progress
+    where = {"epoch": entry["epoch"]} | ({"step": p.step} if run.recipe.train.eval_every is not None else {})
+    p.best = {**where, "ema": use_ema, **scores}
+    save_best(run.accelerator, run.ema.module if use_ema else run.model, Path(run.recipe.output.dir),
+              run.job.saved_names)
+    run.best_details.clear()
+    run.best_details.update(details, evaluated=True)
+
+
+def stop_early(run: Training, validation: dict) -> bool:
+    """train.early_stopping: True when its metric has not improved for `patience` evaluations."""
+    t, p = run.recipe.train, run.progress
+    stop = t.early_stopping
+    if stop is None:
+        return False
+    improved = is_improvement(stop.metric, validation[stop.metric], _best_of(p.history[:-1], stop.metric))
+    p.stale = 0 if improved else p.stale + 1
+    if p.stale >= stop.patience:
+        unit = "epoch(s)" if t.eval_every is None else f"evaluation(s) (every {t.eval_every} steps)"
+        run.say(f"early stopping: validation {stop.metric} has not improved for {p.stale} {unit}")
+        return True
+    return False
+
+
+def run_metrics(run: Training) -> dict:
+    """metrics.json's training part, with the best evaluation's details (train pops them)."""
+    p = run.progress
     best = dict(p.best)
-    if ema is None:
+    if run.ema is None:
         best.pop("ema")
     return {
         "train": {
@@ -185,86 +258,107 @@ def fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, pro
             "seconds": p.train_seconds,
             "samples": p.train_samples,
             "peak_memory_mb": peak_memory_mb(),
-            "processes": accelerator.num_processes,
+            "processes": run.accelerator.num_processes,
         },
         "epochs": p.history,
         "best": best,
         "steps": p.steps,
         # the best evaluation's details when this process made it (not before a resume): train pops them
-        "best_details": best_details,
+        "best_details": run.best_details,
     }
 
 
-def train_epoch(accelerator, model, optimizer, scheduler, loader, job, recipe, p: Progress, ema=None,
-                validate=None, epochs: int | None = None, checkpoints: bool = True) -> bool:
+def train_epoch(run: Training, checkpoints: bool = True) -> bool:
     """Train the rest of epoch p.epoch (all of it, or what follows p.batch after a resume; at train.max_steps it
-    ends there), updating p. validate(epoch), when given, runs every train.eval_every steps; it returns True to stop
-    early, and so does this.
+    ends there), updating p. With train.eval_every, validate runs every that many steps; True: stop early.
 
     Data order is a function of (seed, epoch) alone, so a resumed epoch sees the same batches; the loss is checked
     for non-finite values without a host sync per step (at logging and checkpoint steps, and at the end).
     """
+    accelerator, model, loader, recipe, p = run.accelerator, run.model, run.loaders["train"], run.recipe, run.progress
     t = recipe.train
-    epochs = epochs or t.epochs
     model.train()
     transfer.freeze_modes(model)  # frozen layers keep their pretrained BatchNorm statistics and no dropout
     seed_epoch(loader, t.seed, p.epoch)
     batches = accelerator.skip_first_batches(loader, p.batch) if p.batch else loader
     seed_epoch(batches, t.seed, p.epoch)
-    total_loss = torch.tensor(
-        p.epoch_loss[accelerator.process_index] if p.epoch_loss else 0.0, device=accelerator.device
-    )
     first_bad = torch.tensor(-1, device=accelerator.device)  # the first step whose loss was not finite
-    bar = epoch_progress(batches, f"epoch {p.epoch}/{epochs}", not accelerator.is_local_main_process, p.batch,
+    bar = epoch_progress(batches, f"epoch {p.epoch}/{run.epochs}", not accelerator.is_local_main_process, p.batch,
                          len(loader))  # a bar at a terminal, a plain line every 30 s in a log
-    start, seconds_before = time.perf_counter(), p.epoch_seconds
+    clock = EpochClock(accelerator, p)
     stopping = False
-
-    def record() -> None:  # the epoch so far into p: each process's loss sum, the training seconds
-        p.epoch_loss = accelerator.gather(total_loss.reshape(1)).tolist()
-        p.epoch_seconds = seconds_before + time.perf_counter() - start
-
     for batch in bar:
-        loss, size = train_step(accelerator, model, optimizer, scheduler, batch, job, recipe)
-        total_loss += loss.detach()
+        loss, size = train_step(accelerator, model, run.optimizer, run.scheduler, batch, run.job, recipe)
+        clock.total_loss += loss.detach()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), p.step + 1, first_bad)
         p.batch += 1
         p.epoch_samples += size * accelerator.num_processes
         if not accelerator.sync_gradients:
             continue
         p.step += 1
-        if ema is not None:
-            ema.update(accelerator.unwrap_model(model), step=p.step)
+        if run.ema is not None:
+            run.ema.update(accelerator.unwrap_model(model), step=p.step)
         logging = p.step % 10 == 0
-        evaluating = validate is not None and p.step % t.eval_every == 0
+        evaluating = t.eval_every is not None and p.step % t.eval_every == 0
         reached = t.max_steps is not None and p.step >= t.max_steps
         checkpointing = (checkpoints and t.checkpoint_every is not None and p.step % t.checkpoint_every == 0
                          and p.batch < len(loader))
         if logging or checkpointing or evaluating:  # .item() is a device sync point: not every step
             _stop_if_not_finite(first_bad, p, Path(recipe.output.dir))
         if logging:
-            point = {"step": p.step, "loss": loss.item(), "lr": max(scheduler.get_last_lr())}
-            accelerator.log({"train/loss": point["loss"], "train/lr": point["lr"]}, step=p.step)
-            p.steps.append(point)
-            bar.set_postfix(loss=f"{total_loss.item() / p.batch:.4f}")
+            log_step(run, loss, clock.total_loss, bar)
         if evaluating:
-            record()
-            evaluation_start = time.perf_counter()
-            stopping = validate(p.epoch)
-            start += time.perf_counter() - evaluation_start  # training time only
-            model.train()
-            transfer.freeze_modes(model)
+            stopping = validate_within_epoch(run, clock)
         interrupted = INTERRUPT.requested and accelerator.num_processes == 1
         checkpointing = checkpointing and not (stopping or reached)  # then the epoch's end checkpoints at once
         if checkpointing or (interrupted and checkpoints):
-            record()
+            clock.record()
             save_checkpoint(accelerator, Path(recipe.output.dir), p, t.keep_checkpoints)
         if interrupted:  # at a step boundary, after a checkpoint of exactly this point
             raise KeyboardInterrupt
         if stopping or reached:
             break
     _stop_if_not_finite(first_bad, p, Path(recipe.output.dir))
-    record()
+    clock.record()
+    return stopping
+
+
+class EpochClock:
+    """An epoch's running loss sum (on the device) and its training seconds, evaluations left out."""
+
+    def __init__(self, accelerator, p: Progress):
+        self.accelerator, self.p = accelerator, p
+        self.total_loss = torch.tensor(
+            p.epoch_loss[accelerator.process_index] if p.epoch_loss else 0.0, device=accelerator.device
+        )
+        self.start, self.seconds_before = time.perf_counter(), p.epoch_seconds
+
+    def record(self) -> None:
+        """The epoch so far into p: each process's loss sum, the training seconds."""
+        self.p.epoch_loss = self.accelerator.gather(self.total_loss.reshape(1)).tolist()
+        self.p.epoch_seconds = self.seconds_before + time.perf_counter() - self.start
+
+    def pause(self, seconds: float) -> None:
+        self.start += seconds  # training time only
+
+
+def log_step(run: Training, loss: torch.Tensor, total_loss: torch.Tensor, bar) -> None:
+    """Every 10th step: the loss and lr to the trackers and the progress bar."""
+    p = run.progress
+    point = {"step": p.step, "loss": loss.item(), "lr": max(run.scheduler.get_last_lr())}
+    run.accelerator.log({"train/loss": point["loss"], "train/lr": point["lr"]}, step=p.step)
+    p.steps.append(point)
+    bar.set_postfix(loss=f"{total_loss.item() / p.batch:.4f}")
+
+
+def validate_within_epoch(run: Training, clock: EpochClock) -> bool:
+    """train.eval_every's evaluation in the middle of an epoch; back to training after it. True: stop early."""
+    clock.record()
+    evaluation_start = time.perf_counter()
+    stopping = validate(run, run.progress.epoch)
+    clock.pause(time.perf_counter() - evaluation_start)
+    run.model.train()
+    transfer.freeze_modes(run.model)
     return stopping
 
 

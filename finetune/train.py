@@ -24,17 +24,16 @@ from finetune.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
     load_full_state_dict,
-    plain_model,
     prepare_output_dir,
+    rebuild_unsharded,
     skeleton,
 )
 from finetune.dropout import use_fast_dropout
 from finetune.errors import FinetuneError
-from finetune.loop import INTERRUPT, evaluate, fit, logits_of, loss_fn  # noqa: F401 — logits_of, loss_fn: re-exported
+from finetune.loop import INTERRUPT, Training, evaluate_split, fit
 from finetune.metrics import higher_is_better
-from finetune.model import fold_target_scaling, head_parameter_names
+from finetune.model import fold_target_scaling, interface_of
 from finetune.optim import build_param_groups, build_scheduler, warmup_steps
-from finetune.precision import choose_precision  # noqa: F401  (its old home: scripts import it from here)
 from finetune.tasks import Job, get_task
 
 
@@ -52,16 +51,13 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     resume: continue the unfinished run in output.dir from its newest checkpoint (exactly: same weights and metrics
     as a run never interrupted); with no checkpoint yet, start it again.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import set_seed
 
     timer = phases.Phases.for_run()
     timer.mark("imports and checks")
     t = recipe.train
     out = Path(recipe.output.dir)
     prepare_output_dir(out, overwrite, resume)
-
-    dynamic_freeze = transfer.has_freeze_schedule(recipe)
     # on a CPU, each step's activations reuse the pages the last step freed (the step choice measures with it too)
     memory_note = allocator.keep_freed_memory() if not torch.accelerator.is_available() else None
     # auto resumes at the precision the run started at (a checkpoint says which): resume stays exact
@@ -71,6 +67,63 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     if choice is not None and choice.how == "measured":
         timer.mark("choosing the step")
     mixed = choice.precision if choice is not None else precision.choose_precision(t.precision, resumed=resumed)
+    accelerator = _make_accelerator(recipe, mixed)
+    set_seed(t.seed)
+    # data and model first: bad input fails here, before any run folder is made or removed
+    job = _make_job(recipe, accelerator, choice, evaluate_test)
+    say = _open_run_folder(accelerator, out, overwrite, recipe, resume)
+    _log_job(accelerator, out, job, memory_note, say)
+    timer.mark("data and model")
+    eval_batch = t.eval_batch_size or 2 * t.batch_size
+    depths = _set_what_trains(job, recipe, accelerator)
+    _use_cached_features(job, recipe, accelerator, eval_batch, say)
+    timer.mark("feature pass")  # the frozen backbone over every split, when features are cached
+    if t.compile:
+        job.model.compile()  # in place: parameter names (checkpoints, export) stay those of the plain model
+    loaders = {
+        key: job.make_loader(dataset, t.batch_size if key == "train" else eval_batch, key == "train")
+        for key, dataset in job.datasets.items()
+    }
+    optimizer, scheduler = _optimizer_and_schedule(job.model, recipe, depths, len(loaders["train"]), accelerator)
+    # sharded, the export needs a whole model on the main process: its skeleton (no storage) taken now, filled in
+    # with the gathered weights at the end
+    template = skeleton(job.model) if _sharding(accelerator) and accelerator.is_main_process else None
+    model, optimizer, scheduler = accelerator.prepare(job.model, optimizer, scheduler)
+    if not hasattr(scheduler, "scheduler"):  # not a torch LRScheduler (transformers' GreedyLR): accelerate left it
+        accelerator.register_for_checkpointing(scheduler)  # as it was, and a resumed run needs its state too
+    loaders = {key: accelerator.prepare(loader) for key, loader in loaders.items()}
+    _start_logging(accelerator, model, job, recipe, choice, say)
+    _checkpoint_only_what_trains(accelerator, model, job, recipe)
+    ema = _make_ema(accelerator, model, t.ema)
+    progress = _starting_progress(accelerator, model, out if resume else None, job, say)
+    timer.mark("preparing")
+    run = Training(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress, ema)
+    metrics = _fit(run, on_epoch, checkpoints)
+    metrics["train"]["precision"] = precision.name(accelerator.mixed_precision)  # predict runs at it too
+    if choice is not None:
+        metrics["train"]["step_choice"] = choice.record()
+    timer.mark("training")
+    _test_best(run, metrics)
+    timer.mark("test")
+    final = _model_to_export(run, template)
+    if accelerator.is_main_process:
+        _save_run(final, run, metrics, plots, timer)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it closes the trackers and the process group
+    return metrics
+
+
+def _sharding(accelerator) -> bool:
+    return accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")  # no process holds the whole model
+
+
+def _make_accelerator(recipe, mixed: str):
+    """Accelerate for the run: processes, precision, accumulation, trackers; EMA refused where it shards."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    t = recipe.train
+    out = Path(recipe.output.dir)
     precision.allow_accelerator_at(mixed)
     accelerator = Accelerator(
         # without a GPU, accelerate only runs multi-process (torchrun, gloo) when told it is on the CPU
@@ -81,17 +134,20 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         project_dir=str(out),
         # DDP registers the weights that train when it wraps the model; a schedule that unfreezes later needs them
         # all registered and the frozen ones skipped step by step
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if dynamic_freeze else None,
+        kwargs_handlers=([DistributedDataParallelKwargs(find_unused_parameters=True)]
+                         if transfer.has_freeze_schedule(recipe) else None),
     )
-    sharding = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")  # no process holds the whole model
-    if sharding and t.ema is not None:
+    if _sharding(accelerator) and t.ema is not None:
         raise FinetuneError(
             f"train.ema: not supported under {accelerator.distributed_type.value} (the average is a whole copy of the "
             "model on each process); set train.ema=null, or train with DDP (torchrun / accelerate launch without "
             "an FSDP or DeepSpeed config)"
         )
-    set_seed(t.seed)
-    # data and model first: bad input fails here, before any run folder is made or removed
+    return accelerator
+
+
+def _make_job(recipe, accelerator, choice, evaluate_test: bool) -> Job:
+    """The task's data and model, in the step choice's memory layout, with LoRA adapters and class weights."""
     job = get_task(recipe.task).job(recipe, accelerator)
     if choice is not None and choice.channels_last and not step_choice.is_channels_last(job.model):
         job.model = job.model.to(memory_format=torch.channels_last)
@@ -99,20 +155,27 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         job.datasets.pop("test", None)
     if recipe.lora is not None:
         job.model = transfer.apply_lora(job.model, recipe.lora)
-    splits = job.splits
-    job.class_weights = _class_weights(recipe, splits, accelerator.device)
-    say = _open_run_folder(accelerator, out, overwrite, recipe, resume)
+    job.class_weights = _class_weights(recipe, job.splits, accelerator.device)
+    return job
+
+
+def _log_job(accelerator, out: Path, job: Job, memory_note: str | None, say) -> None:
+    """split.json, and the data report's warnings and the set-up notes in the log."""
     if accelerator.is_main_process:
-        (out / "split.json").write_text(json.dumps(splits.info, indent=1) + "\n")
+        (out / "split.json").write_text(json.dumps(job.splits.info, indent=1) + "\n")
     for warning in job.warnings:
         say(f"warning: {warning}")
     for note in job.notes + ([memory_note] if memory_note else []):
         say(note)
-    timer.mark("data and model")
-    eval_batch = t.eval_batch_size or 2 * t.batch_size
+
+
+def _set_what_trains(job: Job, recipe, accelerator) -> dict[str, int]:
+    """A fixed freeze, frozen word embeddings, gradient checkpointing, the CPU's fast dropout; returns the backbone's
+    layer depths (for layer-wise lr decay)."""
+    t = recipe.train
     depths, top = transfer.layer_ids(job.model)
     first_depth = transfer.trainable_depth(recipe, 1, top)
-    if not dynamic_freeze and first_depth is not None:
+    if not transfer.has_freeze_schedule(recipe) and first_depth is not None:
         # a fixed freeze: frozen weights never reach the optimizer (or DDP)
         transfer.apply_freeze(job.model, first_depth, depths)
     if t.freeze_embeddings:
@@ -121,34 +184,31 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         transfer.enable_gradient_checkpointing(job.model)
     if accelerator.device.type == "cpu" and t.fast_dropout:
         use_fast_dropout(job.model)  # torch's CPU dropout masks cost ~40% of a text forward pass
-    _use_cached_features(job, recipe, accelerator, eval_batch, say)
-    timer.mark("feature pass")  # the frozen backbone over every split, when features are cached
-    if t.compile:
-        job.model.compile()  # in place: parameter names (checkpoints, export) stay those of the plain model
-    model = job.model
-    loaders = {
-        key: job.make_loader(dataset, t.batch_size if key == "train" else eval_batch, key == "train")
-        for key, dataset in job.datasets.items()
-    }
-    groups = build_param_groups(model, t.lr, t.head_lr, t.weight_decay, _head_names(model), depths, t.layer_decay)
+    return depths
+
+
+def _optimizer_and_schedule(model, recipe, depths: dict, batches: int, accelerator):
+    """AdamW over the param groups (head lr, layer decay, no decay on biases and norms) and the lr schedule."""
+    t = recipe.train
+    head = transfer.optimizer_head_names(model)
+    groups = build_param_groups(model, t.lr, t.head_lr, t.weight_decay, head, depths, t.layer_decay)
     optimizer = torch.optim.AdamW(groups, fused=True)  # one kernel for all tensors: ~10x faster steps than the loop
     # Steps as one process would count them: accelerate steps the scheduler once per process per optimizer step.
     # train.max_steps counts optimizer steps: the schedule spans them, as in the transformers Trainer
-    total_steps = (math.ceil(len(loaders["train"]) / t.grad_accum) * t.epochs if t.max_steps is None
+    total_steps = (math.ceil(batches / t.grad_accum) * t.epochs if t.max_steps is None
                    else t.max_steps * accelerator.num_processes)
     warmup = warmup_steps(t.warmup, total_steps) * (1 if isinstance(t.warmup, float) else accelerator.num_processes)
     direction = "max" if higher_is_better(recipe.eval.select_best) else "min"  # for a metric-driven schedule
     scheduler = build_scheduler(optimizer, t.scheduler, warmup, total_steps, t.scheduler_args,
                                 accelerator.num_processes, direction)
-    # sharded, the export needs a whole model on the main process: its skeleton (no storage) taken now, filled in
-    # with the gathered weights at the end
-    template = skeleton(model) if sharding and accelerator.is_main_process else None
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if not hasattr(scheduler, "scheduler"):  # not a torch LRScheduler (transformers' GreedyLR): accelerate left it
-        accelerator.register_for_checkpointing(scheduler)  # as it was, and a resumed run needs its state too
-    loaders = {key: accelerator.prepare(loader) for key, loader in loaders.items()}
+    return optimizer, scheduler
+
+
+def _start_logging(accelerator, model, job: Job, recipe, choice, say) -> None:
+    """The trackers started with the recipe as their config; the run's sizes, precision and step choice said."""
     config = flat_config(recipe_module.to_dict(recipe))  # the recipe as each tracker's run config
-    accelerator.init_trackers(t.log_project, config=config, init_kwargs=tracking.init_kwargs(out))
+    out = Path(recipe.output.dir)
+    accelerator.init_trackers(recipe.train.log_project, config=config, init_kwargs=tracking.init_kwargs(out))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     sizes = " | ".join(f"{key} {len(dataset)}" for key, dataset in job.datasets.items())
@@ -156,103 +216,126 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         f"{sizes} examples; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable "
         f"({100 * trainable / total:.2f}%); {accelerator.num_processes} process(es) on {accelerator.device}"
     )
-    say(precision.describe(accelerator.mixed_precision, t.precision))
+    say(precision.describe(accelerator.mixed_precision, recipe.train.precision))
     if choice is not None:
         say(choice.describe())
 
-    if transfer.is_frozen_backbone(recipe) or recipe.lora is not None:
-        # the frozen weights never change: checkpoints hold only what trains (a LoRA or probe checkpoint is small,
-        # and an epoch of a cached probe is not dominated by writing the backbone again)
-        job.saved_names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-        accelerator.register_save_state_pre_hook(
-            lambda models, weights, _: [keep_only(w, job.saved_names) for w in weights]
-        )
-    ema = None
-    if t.ema is not None:
-        from timm.utils import ModelEmaV3
 
-        # warmup: the decay ramps up over the first steps, so a short run's EMA is not stuck near random init
-        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=t.ema.decay, use_warmup=True)
-        accelerator.register_for_checkpointing(ema)
+def _checkpoint_only_what_trains(accelerator, model, job: Job, recipe) -> None:
+    """The frozen weights never change: checkpoints hold only what trains (a LoRA or probe checkpoint is small, and
+    an epoch of a cached probe is not dominated by writing the backbone again)."""
+    if not (transfer.is_frozen_backbone(recipe) or recipe.lora is not None):
+        return
+    job.saved_names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    accelerator.register_save_state_pre_hook(
+        lambda models, weights, _: [keep_only(w, job.saved_names) for w in weights]
+    )
+
+
+def _make_ema(accelerator, model, ema_recipe):
+    """train.ema: timm's average of the weights, saved in checkpoints with the rest; None without it."""
+    if ema_recipe is None:
+        return None
+    from timm.utils import ModelEmaV3
+
+    # warmup: the decay ramps up over the first steps, so a short run's EMA is not stuck near random init
+    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=ema_recipe.decay, use_warmup=True)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+def _starting_progress(accelerator, model, resume_from: Path | None, job: Job, say) -> Progress:
+    """Where training starts: the newest checkpoint's state and progress when resuming from `resume_from`."""
     progress = Progress()
-    checkpoint = latest_checkpoint(out) if resume else None
+    checkpoint = latest_checkpoint(resume_from) if resume_from is not None else None
     if checkpoint is not None:
         progress = load_checkpoint(accelerator, checkpoint, strict=job.saved_names is None)
         say(f"resumed from {checkpoint}: epoch {progress.epoch}, {progress.batch} batches in, step {progress.step}")
     progress.precision = accelerator.mixed_precision
     progress.channels_last = step_choice.is_channels_last(accelerator.unwrap_model(model))
-    timer.mark("preparing")
+    return progress
+
+
+def _fit(run: Training, on_epoch, checkpoints: bool) -> dict:
+    """The loop, stopped at a step boundary by Ctrl-C or SIGTERM (then saying how to resume)."""
+    accelerator, out = run.accelerator, Path(run.recipe.output.dir)
     try:
         INTERRUPT.immediate = accelerator.num_processes > 1
-        with INTERRUPT, transfer.threads_for_step(accelerator.unwrap_model(model), t.batch_size):
-            metrics = fit(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress, ema, on_epoch,
-                          checkpoints)
+        with INTERRUPT, transfer.threads_for_step(accelerator.unwrap_model(run.model), run.recipe.train.batch_size):
+            return fit(run, on_epoch, checkpoints)
     except KeyboardInterrupt:
         kept = latest_checkpoint(out)
         if kept is not None:
-            say(f"interrupted; {kept} holds the run so far: finetune run {out / 'config.yaml'} --resume")
+            run.say(f"interrupted; {kept} holds the run so far: finetune run {out / 'config.yaml'} --resume")
         raise
     except Exception:
         if on_epoch is not None:  # a sweep goes on with its next trial in this process: close this run's trackers
             accelerator.end_training()
         raise
-    metrics["train"]["precision"] = precision.name(accelerator.mixed_precision)  # predict runs at it too
-    if choice is not None:
-        metrics["train"]["step_choice"] = choice.record()
-    timer.mark("training")
 
-    # the kept model: the best epoch's weights (raw or EMA), tested, then predicting in the targets' own units
+
+def _test_best(run: Training, metrics: dict) -> None:
+    """The kept model: the best epoch's weights (raw or EMA) loaded and tested, its details into metrics."""
     from safetensors.torch import load_file
 
+    accelerator, model, loaders, splits, recipe = run.accelerator, run.model, run.loaders, run.job.splits, run.recipe
     unwrapped = accelerator.unwrap_model(model)
-    sharded = sharding
-    best_file = out / "checkpoints" / "best" / "model.safetensors"
+    best_file = Path(recipe.output.dir) / "checkpoints" / "best" / "model.safetensors"
     # sharded: the main process reads the file and every process takes its shard of it (a collective)
-    best = load_file(best_file) if accelerator.is_main_process or not sharded else {}
-    load_full_state_dict(unwrapped, best, strict=job.saved_names is None, main_process=accelerator.is_main_process)
+    best = load_file(best_file) if accelerator.is_main_process or not _sharding(accelerator) else {}
+    load_full_state_dict(unwrapped, best, strict=run.job.saved_names is None,
+                         main_process=accelerator.is_main_process)
     del best
     details: dict = {}
     best_details = metrics.pop("best_details")
     if "test" in loaders:
-        metrics["test"] = evaluate(accelerator, model, loaders["test"], splits, recipe, details)
-        say("test " + " ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items()))
+        metrics["test"] = evaluate_split(accelerator, model, loaders["test"], splits, recipe, details)
+        run.say("test " + " ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items()))
     elif best_details.pop("evaluated", False):  # the best evaluation's own: the same weights on the same split
         details = best_details
         model.eval()
     else:  # the best evaluation ran before a resume
-        evaluate(accelerator, model, loaders["validation"], splits, recipe, details)
+        evaluate_split(accelerator, model, loaders["validation"], splits, recipe, details)
     for value in details.values():
         value["split"] = "test" if "test" in loaders else "validation"
     metrics.update(details)
-    timer.mark("test")
-    final = unwrapped
-    if sharded:  # the whole weights gathered (every process takes part), a plain model built on the main process
-        state = full_state_dict(model, accelerator)
-        final = plain_model(template, unwrapped, state) if accelerator.is_main_process else None
+
+
+def _model_to_export(run: Training, template):
+    """The plain model the main process exports (None on the others): gathered whole when sharded, the whole model
+    of a cached-feature head, predicting in the targets' own units."""
+    accelerator, recipe, splits = run.accelerator, run.recipe, run.job.splits
+    final = accelerator.unwrap_model(run.model)
+    if _sharding(accelerator):  # the whole weights gathered (every process takes part), a plain model built on main
+        state = full_state_dict(run.model, accelerator)
+        final = rebuild_unsharded(template, final, state) if accelerator.is_main_process else None
         del state
-    if accelerator.is_main_process and isinstance(final, transfer.CachedHead):
-        final = final.model
-    if accelerator.is_main_process and recipe.head.problem == "regression":
-        fold_target_scaling(transfer.plain_model(final), splits.target_mean, splits.target_std)
     if accelerator.is_main_process:
-        if transfer.is_lora(final):  # the small file: adapters and head, for peft users
-            atomic_save(out / "adapter", lambda d: final.save_pretrained(d))
-            say(f"LoRA adapter saved to {out / 'adapter'}")
-        final = transfer.merged(final)
-        # a channels_last model (train.channels_last; the default for convolutions on a GPU) has non-contiguous
-        # weights, which safetensors refuses to write: the exported model is in the default layout
-        final = final.to(memory_format=torch.contiguous_format)
-        atomic_save(out / "model", lambda d: export.export_model(job.save, final, d, recipe, splits, metrics, plots))
-        timer.mark("saving")
-        metrics["train"].update(timer.report())
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        say(f"model saved to {out / 'model'}; metrics in {out / 'metrics.json'}")
-        say(timer.line())
-        if recipe.hub.repo_id:
-            _push(out, recipe, say)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # last: it closes the trackers and the process group
-    return metrics
+        final = interface_of(final).model_to_save()
+    if accelerator.is_main_process and recipe.head.problem == "regression":
+        fold_target_scaling(transfer.unwrap_lora(final), splits.target_mean, splits.target_std)
+    return final
+
+
+def _save_run(final, run: Training, metrics: dict, plots: bool, timer) -> None:
+    """On the main process: the LoRA adapter, the model/ folder, metrics.json, and the push when asked."""
+    recipe, say, out = run.recipe, run.say, Path(run.recipe.output.dir)
+    if transfer.is_lora(final):  # the small file: adapters and head, for peft users
+        atomic_save(out / "adapter", lambda d: final.save_pretrained(d))
+        say(f"LoRA adapter saved to {out / 'adapter'}")
+    final = transfer.merged(final)
+    # a channels_last model (train.channels_last; the default for convolutions on a GPU) has non-contiguous
+    # weights, which safetensors refuses to write: the exported model is in the default layout
+    final = final.to(memory_format=torch.contiguous_format)
+    splits = run.job.splits
+    atomic_save(out / "model", lambda d: export.export_model(run.job.save, final, d, recipe, splits, metrics, plots))
+    timer.mark("saving")
+    metrics["train"].update(timer.report())
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    say(f"model saved to {out / 'model'}; metrics in {out / 'metrics.json'}")
+    say(timer.line())
+    if recipe.hub.repo_id:
+        _push(out, recipe, say)
 
 
 def _push(out: Path, recipe, say) -> None:
@@ -306,26 +389,17 @@ def _class_weights(recipe, splits, device) -> torch.Tensor | None:
     return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
-def _head_names(model) -> set[str]:
-    """Parameter names of the head in the model the optimizer sees (plain, LoRA-wrapped or cached-feature)."""
-    if isinstance(model, transfer.CachedHead):
-        return {f"model.{name}" for name in head_parameter_names(model.model)}
-    if transfer.is_lora(model):
-        return {name for name, _ in model.named_parameters() if "modules_to_save" in name}
-    return head_parameter_names(model)
-
-
 def _use_cached_features(job: Job, recipe, accelerator, eval_batch: int, say) -> None:
     """A frozen backbone without augmentation computes the same features every epoch: compute them once (cached on
     disk), and train the head alone on them. The job then holds feature data sets and a CachedHead model."""
     wanted = recipe.train.cache_features
     if wanted is False or not transfer.is_frozen_backbone(recipe):
         return
-    split = transfer.feature_split(job.model, recipe)
+    features_fn = transfer.feature_function(job.model)
     why = None
     if job.augmenting:
         why = "augmentation changes the images every epoch (set augment.scale=[1,1], hflip=0 and the rest off)"
-    elif split is None:
+    elif features_fn is None:
         why = f"the head of {type(job.model).__name__} cannot be separated from its backbone (use head.pooling=mean)"
     elif recipe.train.ema is not None:
         why = "train.ema averages the whole model"
@@ -334,7 +408,6 @@ def _use_cached_features(job: Job, recipe, accelerator, eval_batch: int, say) ->
             raise FinetuneError(f"train.cache_features: cannot cache features: {why}")
         say(f"training through the frozen backbone, not on cached features: {why}")
         return
-    features_fn, head_fn = split
     model = job.model.to(accelerator.device)
     model_key = transfer.model_fingerprint(model)
     mixed = accelerator.mixed_precision
@@ -361,7 +434,7 @@ def _use_cached_features(job: Job, recipe, accelerator, eval_batch: int, say) ->
         return transfer.make_feature_loader(dataset, batch, training, recipe.train.seed, like, custom)
 
     job.make_loader = make_loader
-    job.model = transfer.CachedHead(model, head_fn)
+    job.model = transfer.CachedHead(model)
     say(f"training the head on cached features of the frozen backbone ({features['train'].shape[1]} per example)")
 
 

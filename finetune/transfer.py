@@ -11,24 +11,18 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from finetune.errors import FinetuneError
-from finetune.heads import pool
-from finetune.model import TextClassifier, TimmClassifier, VisionClassifier, head_parameter_names
+from finetune.model import ModelInterface, head_parameter_names, interface_of
 
 # ---------------------------------------------------------------------------------------------------------------
 # LoRA
 
 
 def lora_target_modules(model: nn.Module, targets) -> list[str]:
-    """The module names LoRA wraps: the recipe's list, or for `auto` peft's table (transformers) or ours (timm).
-
-    Ours, for timm backbones: the attention projections (`qkv`, `proj`) of attention models such as ViT, else every
-    pointwise (1x1, ungrouped) convolution of a convolutional net (EfficientNet's `conv_pw`/`conv_pwl`/`conv_head`,
-    ResNet's bottleneck 1x1s). A text backbone peft has no entry for gets every linear layer of the backbone.
-    """
+    """The module names LoRA wraps: the recipe's list, or for `auto` what the model's interface says (peft's table
+    for transformers backbones, ours for timm ones: finetune.model)."""
     head = _head_module_names(model)
     if targets != "auto":
         names = [n for n, _ in model.named_modules()]
@@ -39,34 +33,7 @@ def lora_target_modules(model: nn.Module, targets) -> list[str]:
                 "use auto, or names such as " + ", ".join(_example_names(model))
             )
         return list(targets)
-    if isinstance(model, (TimmClassifier, VisionClassifier)):
-        return _timm_targets(model, head)
-    config = getattr(model, "config", None) or getattr(getattr(model, "backbone", None), "config", None)
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TABLE
-
-    known = PEFT_TABLE.get(getattr(config, "model_type", None))
-    if known:
-        return list(known)
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _inside(n, head)]
-
-
-def _timm_targets(model: nn.Module, head: set[str]) -> list[str]:
-    modules = [(n, m) for n, m in model.named_modules() if not _inside(n, head)]
-    attention = [
-        n for n, m in modules
-        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in ("qkv", "proj") and ".attn." in f".{n}"
-    ]
-    if attention:
-        return attention
-    pointwise = [
-        n for n, m in modules if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
-    ]
-    if pointwise:
-        return pointwise
-    linear = [n for n, m in modules if isinstance(m, nn.Linear)]
-    if not linear:
-        raise FinetuneError("lora.target_modules: auto found no layer to adapt in this backbone; name them in a list")
-    return linear
+    return interface_of(model).lora_targets(head)
 
 
 def _head_module_names(model: nn.Module) -> set[str]:
@@ -74,10 +41,6 @@ def _head_module_names(model: nn.Module) -> set[str]:
     head = head_parameter_names(model)
     owners = {name.rsplit(".", 1)[0] for name in head}
     return {o for o in owners if not any(o != other and o.startswith(other + ".") for other in owners)}
-
-
-def _inside(name: str, modules: set[str]) -> bool:
-    return any(name == m or name.startswith(m + ".") for m in modules)
 
 
 def _example_names(model: nn.Module) -> list[str]:
@@ -120,44 +83,34 @@ def merged(model: nn.Module) -> nn.Module:
     return model.merge_and_unload() if is_lora(model) else model
 
 
-def plain_model(model: nn.Module) -> nn.Module:
-    """Under LoRA, the wrapped model (with adapter layers); else the model itself."""
+def unwrap_lora(model: nn.Module) -> nn.Module:
+    """Under LoRA, the model peft wraps (with its adapter layers in place); else the model itself."""
     return model.get_base_model() if is_lora(model) else model
+
+
+def optimizer_head_names(model: nn.Module) -> set[str]:
+    """Parameter names of the head in the model the optimizer sees (plain, LoRA-wrapped or cached-feature)."""
+    if is_lora(model):
+        return {name for name, _ in model.named_parameters() if "modules_to_save" in name}
+    return head_parameter_names(model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Layer depths: layer-wise lr decay and staged unfreezing both count layers from the embeddings (0) upwards.
 
-_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
-
 
 def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     """({backbone parameter name: depth}, top depth); head parameters are left out (they sit above the top).
 
-    timm models use their own `group_matcher` (stem 0, one id per block, then the final convs/norms); transformers
-    models: parameters before the first numbered layer (embeddings) are 0, layer i is i + 1, and what follows the
-    last layer (final norm, pooler) shares the top id.
+    The depths are the model interface's (`layer_ids`: timm's group_matcher, or transformers' numbered layers),
+    asked with the names as in the model under any LoRA adapters.
     """
-    head = head_parameter_names(plain_model(model)) | {n for n, _ in model.named_parameters() if "modules_to_save" in n}
+    base = unwrap_lora(model)
+    head = head_parameter_names(base) | {n for n, _ in model.named_parameters() if "modules_to_save" in n}
     names = [n for n, _ in model.named_parameters() if n not in head]
-    timm_model = _timm_inside(model)
-    if timm_model is not None and hasattr(timm_model, "group_matcher"):
-        from timm.models import group_parameters
-
-        inner = dict(group_parameters(timm_model, timm_model.group_matcher(coarse=False), reverse=True))
-        prefix = _prefix_of(model, timm_model)
-        ids = {n: inner.get(_strip_adapter(n[len(prefix):]), 0) for n in names}
-        return ids, max(ids.values(), default=0)
-    ids, seen_layer, last = {}, False, 0
-    for name in names:
-        match = _LAYER.search(name)
-        if match:
-            seen_layer, last = True, max(last, int(match.group(1)) + 1)
-            ids[name] = int(match.group(1)) + 1
-        else:
-            ids[name] = None if seen_layer else 0  # after the layers: the top, filled in below
-    top = last + 1 if any(v is None for v in ids.values()) else last
-    return {n: (top if v is None else v) for n, v in ids.items()}, top
+    prefix = _prefix_of(model, base)
+    depths, top = interface_of(base).layer_ids([_strip_adapter(n[len(prefix):]) for n in names])
+    return dict(zip(names, depths)), top
 
 
 _ADAPTER_PART = re.compile(r"\.(?:base_layer|lora_[A-Za-z_]+\.[^.]+)(?=\.)")
@@ -167,15 +120,6 @@ def _strip_adapter(name: str) -> str:
     """A peft parameter's name as in the plain model: `x.lora_A.default.weight` and `x.base_layer.weight` ->
     `x.weight`."""
     return _ADAPTER_PART.sub("", name)
-
-
-def _timm_inside(model: nn.Module) -> nn.Module | None:
-    base = plain_model(model)
-    if isinstance(base, TimmClassifier):
-        return base.model
-    if isinstance(base, VisionClassifier):
-        return base.backbone
-    return None
 
 
 def _prefix_of(model: nn.Module, inner: nn.Module) -> str:
@@ -245,28 +189,16 @@ def freeze_modes(model: nn.Module) -> None:
 
 def freeze_word_embeddings(model: nn.Module) -> int:
     """Keep a transformers backbone's input (word) embeddings as pretrained; returns how many weights that froze."""
-    base = plain_model(model)
-    backbone = base.backbone if isinstance(base, TextClassifier) else base
-    if not hasattr(backbone, "get_input_embeddings") or backbone.get_input_embeddings() is None:
+    embeddings = interface_of(unwrap_lora(model)).word_embeddings()
+    if embeddings is None:
         raise FinetuneError("train.freeze_embeddings: only text (transformers) backbones have word embeddings")
-    weight = backbone.get_input_embeddings().weight
-    weight.requires_grad_(False)
-    return weight.numel()
+    embeddings.weight.requires_grad_(False)
+    return embeddings.weight.numel()
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """transformers' or timm's own switch for recomputing activations in the backward pass."""
-    base = plain_model(model)
-    inner = base.backbone if isinstance(base, (TextClassifier, VisionClassifier)) else base
-    inner = inner.model if isinstance(inner, TimmClassifier) else inner
-    if hasattr(inner, "gradient_checkpointing_enable"):
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if is_lora(model):  # frozen embeddings output no grad: checkpointed layers need an input that has one
-            inner.enable_input_require_grads()
-    elif hasattr(inner, "set_grad_checkpointing"):
-        inner.set_grad_checkpointing(True)
-    else:
-        raise FinetuneError(f"train.gradient_checkpointing: {type(inner).__name__} has no gradient checkpointing")
+    """transformers' or timm's own switch for recomputing activations in the backward pass (the model's)."""
+    interface_of(unwrap_lora(model)).enable_gradient_checkpointing(lora=is_lora(model))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -284,7 +216,8 @@ def threads_for_step(model: nn.Module, batch_size: int):
     on one thread against 3 ms on two, 30x that when the cores are shared; the same numbers to the bit, as each op
     is too small to be split); torch's own setting for everything else."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if not isinstance(model, CachedHead) or batch_size * trainable > ONE_THREAD_WORK or torch.get_num_threads() == 1:
+    on_features = interface_of(unwrap_lora(model)).on_features
+    if not on_features or batch_size * trainable > ONE_THREAD_WORK or torch.get_num_threads() == 1:
         yield
         return
     threads = torch.get_num_threads()
@@ -295,58 +228,37 @@ def threads_for_step(model: nn.Module, batch_size: int):
         torch.set_num_threads(threads)
 
 
-class CachedHead(nn.Module):
+class CachedHead(ModelInterface, nn.Module):
     """The head alone, fed with the frozen backbone's cached features; `.model` is the whole model (for export)."""
 
-    def __init__(self, model: nn.Module, head_fn):
+    on_features = True
+
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.head_fn = head_fn
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head_fn(self.model, features)
+        return interface_of(self.model).head_on_features(features)
+
+    def library_model(self) -> nn.Module:
+        return interface_of(self.model).library_model()
+
+    def head_parameter_names(self) -> set[str]:
+        return {f"model.{name}" for name in head_parameter_names(self.model)}
+
+    def output_layer(self) -> nn.Module:
+        return interface_of(self.model).output_layer()
+
+    def model_to_save(self) -> nn.Module:
+        return self.model
 
 
-def feature_split(model: nn.Module, recipe):
-    """(features_fn(model, batch), head_fn(model, features)) splitting the model where the frozen part ends,
-    or None for a model whose head we cannot separate (then it trains through the frozen backbone)."""
-    if isinstance(model, TextClassifier):
-        def features(m, batch):
-            outputs = m.backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                 **{k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")})
-            return pool(outputs, batch.get("attention_mask"), m.pooling)
-        return features, lambda m, f: m.head(f)
-    if isinstance(model, VisionClassifier):
-        def features(m, batch):
-            return m.backbone.forward_head(m.backbone.forward_features(batch["pixel_values"]), pre_logits=True)
-        return features, lambda m, f: m.head(f)
-    if isinstance(model, TimmClassifier):
-        rate = recipe.backbone.dropout or 0.0  # timm's drop_rate: the dropout in front of its classifier
-
-        def features(m, batch):
-            return m.model.forward_head(m.model.forward_features(batch["pixel_values"]), pre_logits=True)
-
-        def head(m, f):
-            return m.model.get_classifier()(F.dropout(f, rate, m.training))
-        return features, head
-    # transformers' BERT-style classes: classifier(dropout(pooler_output)); others differ, so no cache for them
-    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if (
-        base is not None
-        and isinstance(getattr(model, "classifier", None), nn.Linear)
-        and isinstance(getattr(model, "dropout", None), nn.Dropout)
-        and getattr(base, "pooler", None) is not None
-    ):
-        def features(m, batch):
-            return getattr(m, m.base_model_prefix)(**batch).pooler_output
-        return features, lambda m, f: m.classifier(m.dropout(f))
-    return None
-
-
-def cache_dir() -> Path:
-    from finetune.caches import feature_cache_dir  # `finetune cache ls|clear` owns the path
-
-    return feature_cache_dir()
+def feature_function(model: nn.Module):
+    """features_fn(model, batch): the model's interface's `features`, what cached features are computed from; None
+    for a model whose head cannot be separated from its backbone (then it trains through the frozen backbone)."""
+    if not interface_of(model).separable_head():
+        return None
+    return lambda m, batch: interface_of(m).features(batch)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -399,8 +311,10 @@ def cached_features(model, features_fn, dataset, make_loader, key_parts: dict, d
     """Features of one split from the disk cache, computed (and stored atomically) on a miss."""
     from safetensors.torch import load_file, save_file
 
+    from finetune.caches import feature_cache_dir  # `finetune cache ls|clear` owns the path
+
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
-    path = cache_dir() / f"{key}.safetensors"
+    path = feature_cache_dir() / f"{key}.safetensors"
     if path.is_file():
         try:
             return load_file(path)["features"]

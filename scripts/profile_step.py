@@ -100,7 +100,6 @@ def build_image(name: str, recipe, accelerator, threads: int) -> Variant:
     from finetune.dropout import use_fast_dropout
     from finetune.optim import build_param_groups, build_scheduler
     from finetune.tasks import get_task
-    from finetune.train import _head_names
 
     t = recipe.train
     mods = set(name.split("+"))
@@ -118,7 +117,8 @@ def build_image(name: str, recipe, accelerator, threads: int) -> Variant:
     if t.fast_dropout and not torch.accelerator.is_available():
         use_fast_dropout(model)  # as finetune.train does on a CPU
     depths, _ = transfer.layer_ids(model)
-    groups = build_param_groups(model, t.lr, t.head_lr, t.weight_decay, _head_names(model), depths, t.layer_decay)
+    head = transfer.optimizer_head_names(model)
+    groups = build_param_groups(model, t.lr, t.head_lr, t.weight_decay, head, depths, t.layer_decay)
     optimizer = torch.optim.AdamW(groups, foreach=True) if "foreach" in mods else torch.optim.AdamW(groups, fused=True)
     scheduler = build_scheduler(optimizer, t.scheduler, 0, math.ceil(len(loader) / t.grad_accum) * t.epochs)
     setup = 0.0
@@ -140,7 +140,6 @@ def build(name: str, recipe, accelerator, splits, threads: int) -> Variant:
     from finetune import data as data_module
     from finetune import transfer
     from finetune.model import build_text_model
-    from finetune.train import _head_names
     from finetune.optim import build_param_groups, build_scheduler
     from finetune.sampling import LengthGroupedSampler, token_lengths
 
@@ -172,7 +171,7 @@ def build(name: str, recipe, accelerator, splits, threads: int) -> Variant:
     if "torch-dropout" not in mods and not torch.accelerator.is_available():
         use_fast_dropout(model)  # as finetune.train does on a CPU
     depths, _ = transfer.layer_ids(model)
-    groups = build_param_groups(model, t.lr, t.head_lr, t.weight_decay, _head_names(model), depths,
+    groups = build_param_groups(model, t.lr, t.head_lr, t.weight_decay, transfer.optimizer_head_names(model), depths,
                                 t.layer_decay)
     optimizer = torch.optim.AdamW(groups, foreach=True) if "foreach" in mods else torch.optim.AdamW(groups, fused=True)
     total = math.ceil(len(loader) / t.grad_accum) * t.epochs

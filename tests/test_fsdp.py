@@ -1,6 +1,7 @@
-"""The shard-safe helpers (finetune.checkpoints: full_state_dict, load_full_state_dict, skeleton, plain_model) on a
-model really sharded by torch's own FSDP2 `fully_shard`, in two CPU processes over gloo (accelerate will not shard
-on a CPU, so the kit's training path under FSDP is not run here; these are the calls it makes)."""
+"""The shard-safe helpers (finetune.checkpoints: full_state_dict, load_full_state_dict, skeleton,
+rebuild_unsharded) on a model really sharded by torch's own FSDP2 `fully_shard`, in two CPU processes over gloo
+(accelerate will not shard on a CPU, so the kit's training path under FSDP is not run here; these are the calls it
+makes)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ WORKER = textwrap.dedent('''
     from torch.distributed.tensor import DTensor
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from finetune.checkpoints import full_state_dict, is_sharded, load_full_state_dict, plain_model, skeleton
+    from finetune.checkpoints import full_state_dict, is_sharded, load_full_state_dict, rebuild_unsharded, skeleton
     from finetune.model import save_model
 
     bert, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -77,7 +78,7 @@ WORKER = textwrap.dedent('''
     # 3. export from the sharded model: a plain model on rank 0, saved in transformers' own format
     state = full_state_dict(model)
     if rank == 0:
-        plain = plain_model(template, model, state)
+        plain = rebuild_unsharded(template, model, state)
         assert not is_sharded(plain) and not any(p.is_meta for p in plain.parameters())
         save_model(plain, tokenizer, out / "model", None, None)
         with torch.no_grad():

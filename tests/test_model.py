@@ -142,3 +142,51 @@ def test_classification_head_layers():
     head = ClassificationHead(32, 3, [16], dropout=0.0)
     assert [type(m) for m in head.hidden] == [nn.Dropout, nn.Linear, nn.GELU]
     assert head(torch.randn(5, 32)).shape == (5, 3)
+
+
+def _interface_kinds(make_recipe):
+    """(model, batch) for every kind the interface covers: the native transformers class, the kit's text head, timm's
+    own classifier, a timm backbone with the kit's head."""
+    import timm
+
+    from finetune.model import TimmClassifier, VisionClassifier
+
+    text = {"input_ids": torch.tensor([[2, 5, 20, 3], [2, 6, 3, 0]]),
+            "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    images = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    backbone = timm.create_model("test_efficientnet", num_classes=0)
+    return [
+        (build(make_recipe)[0], text),
+        (build(make_recipe, **{"head.type": "mlp", "head.hidden": [16]})[0], text),
+        (TimmClassifier(timm.create_model("test_efficientnet", num_classes=3), head_dropout=0.5), images),
+        (VisionClassifier(backbone, ClassificationHead(backbone.num_features, 3, [8])), images),
+    ]
+
+
+def test_every_model_kind_answers_the_one_interface(make_recipe):
+    from finetune.loop import logits_of
+    from finetune.model import ModelInterface, interface_of
+    from finetune.transfer import CachedHead
+
+    for model, batch in _interface_kinds(make_recipe):
+        model.eval()
+        kind = interface_of(model)
+        assert isinstance(kind, ModelInterface)
+        names = [n for n, _ in model.named_parameters()]
+        head = kind.head_parameter_names()
+        assert head and head < set(names)
+        assert {id(p) for p in kind.output_layer().parameters()} <= {id(p) for n, p in model.named_parameters()
+                                                                      if n in head}
+        backbone = [n for n in names if n not in head]
+        depths, top = kind.layer_ids(backbone)
+        assert len(depths) == len(backbone) and min(depths) == 0 and max(depths) == top > 0
+        assert kind.model_to_save() is model and kind.library_model() is not None
+        assert kind.separable_head()
+        with torch.no_grad():
+            features = kind.features(dict(batch))
+            torch.testing.assert_close(kind.head_on_features(features), logits_of(model(**batch)))
+            cached = CachedHead(model).eval()
+            torch.testing.assert_close(cached(features), kind.head_on_features(features))
+        assert cached.on_features and not kind.on_features
+        assert cached.model_to_save() is model
+        assert cached.head_parameter_names() == {f"model.{n}" for n in head}

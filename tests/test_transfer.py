@@ -398,7 +398,7 @@ def test_features_computed_longest_first_come_back_in_row_order(tiny_bert, tiny_
     tokenizer = load_tokenizer(str(tiny_bert), False)
     texts = ["bread", "the goal of the match today", "a chip", "very good news story of the robot and data"] * 3
     dataset = data_module.tokenize({"text": texts, "label": [0] * len(texts)}, tokenizer, 16)
-    features_fn, _ = transfer.feature_split(model, recipe)
+    features_fn = transfer.feature_function(model)
     sorted_loader = data_module.make_loader(dataset, tokenizer, 4, False, 0, _longest_first(dataset))
     plain_loader = data_module.make_loader(dataset, tokenizer, 1, False, 0)  # one row a batch: no padding at all
     assert list(iter(sorted_loader.sampler)) != list(range(len(texts)))

@@ -526,7 +526,7 @@ def rescore_text_model(model_dir: Path, test_table: dict, max_length: int, batch
     from transformers import DataCollatorWithPadding
 
     from finetune.model import load
-    from finetune.train import logits_of
+    from finetune.loop import logits_of
 
     model, tokenizer, _ = load(model_dir)
     dataset = tokenize(test_table, tokenizer, max_length)
