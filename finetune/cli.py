@@ -123,7 +123,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from finetune.sweep import sweep
+    from finetune.sweep.trials import sweep
 
     sweep(args.recipe, args.overrides, trials=args.trials, timeout=args.timeout, storage=args.storage,
           study=args.study, space=args.space)

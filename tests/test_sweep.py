@@ -16,7 +16,7 @@ import yaml
 from conftest import call_main, one_error_line, recipe_dict, run_cli, subprocess_env, to_recipe, write_csv, \
     write_recipe
 
-from finetune.sweep import sweep
+from finetune.sweep.trials import sweep
 from finetune.train import train
 
 

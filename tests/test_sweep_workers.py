@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import call_main, one_error_line, recipe_dict, subprocess_env, write_recipe
 
-from finetune.sweep import sweep
+from finetune.sweep.trials import sweep
 
 pytest.importorskip("optuna")
 

@@ -1,6 +1,2 @@
-"""Hyperparameter sweeps on Optuna: the search space (space), the study (study), trials as ordinary runs (trials),
-the sweep folder (report)."""
-
-from finetune.sweep.trials import sweep
-
-__all__ = ["sweep"]
+"""Hyperparameter sweeps on Optuna: the search space (space), the study (study), trials as ordinary runs and the
+`finetune sweep` entry (trials), the sweep folder (report)."""
