@@ -175,9 +175,13 @@ class Problem:
         counts = self.label_counts(encoded, len(splits.label_names))
         return {"counts": dict(zip(splits.label_names, counts))}
 
+    def truth_array(self, encoded: list) -> np.ndarray:
+        """Encoded labels as metrics read them."""
+        return np.asarray(encoded, dtype=np.int64)
+
     def truth_in_units(self, encoded: list, splits) -> np.ndarray:
         """A split's encoded labels as metrics read them, in the units the exported model predicts."""
-        return np.asarray(encoded).astype(np.int64)
+        return self.truth_array(encoded)
 
     # outputs
 
@@ -471,8 +475,11 @@ class Regression(Problem):
         return {"targets": {"mean": float(targets.mean()), "std": float(targets.std()),
                             "min": float(targets.min()), "max": float(targets.max())}}
 
+    def truth_array(self, encoded):
+        return np.asarray(encoded, dtype=np.float64)
+
     def truth_in_units(self, encoded, splits):
-        return np.asarray(encoded).reshape(-1) * splits.target_std + splits.target_mean
+        return self.truth_array(encoded).reshape(-1) * splits.target_std + splits.target_mean
 
     def loss(self, logits, labels, label_smoothing: float = 0.0, class_weights=None):
         import torch.nn.functional as F

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from finetune import allocator, export, recipe as recipe_module
-from finetune import phases, precision, step_choice, tracking, transfer
+from finetune import phases, precision, problems, step_choice, tracking, transfer
 from finetune.checkpoints import (
     Progress,
     atomic_save,
@@ -232,8 +232,8 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         del state
     if accelerator.is_main_process and isinstance(final, transfer.CachedHead):
         final = final.model
-    if accelerator.is_main_process and recipe.head.problem == "regression":
-        fold_target_scaling(transfer.plain_model(final), splits.target_mean, splits.target_std)
+    if accelerator.is_main_process and (scaling := problems.get(recipe.head.problem).target_scaling(splits)):
+        fold_target_scaling(transfer.plain_model(final), *scaling)
     if accelerator.is_main_process:
         if transfer.is_lora(final):  # the small file: adapters and head, for peft users
             atomic_save(out / "adapter", lambda d: final.save_pretrained(d))
