@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import numpy as np
 
 from finetune.data import SPLITS, RawSplit, Splits, where_rows
 from finetune.errors import FinetuneError
+from finetune.problems import get
 
 # Largest / smallest training class count above which the report warns. At 10x a model that ignores the small class
 # still scores >= 0.9 accuracy, which is where accuracy stops telling a good model from a useless one.
@@ -55,7 +55,7 @@ class DataReport:
         """A plain-text summary: rows per split, labels per split (or target statistics), token lengths."""
         names = list(self.splits)
         parts = [self._splits_table(names)]
-        if self.problem == "regression":
+        if not get(self.problem).has_labels:
             stats = [
                 [key, *(_number(self.splits[key].targets[s]) for s in ("mean", "std", "min", "max"))] for key in names
             ]
@@ -90,7 +90,7 @@ class DataReport:
             rows.append(
                 [f"... {len(rest)} more", *(sum(self.splits[key].counts.get(x, 0) for x in rest) for key in names)]
             )
-        if self.problem == "multi_label":
+        if get(self.problem).empty_rows:
             rows.append(["(no label)", *(self.splits[key].unlabelled for key in names)])
         return _grid([f"label ({len(labels)}, {self.problem})", *names], rows)
 
@@ -179,7 +179,7 @@ def data_report(recipe, splits: Splits, tokenizer=None, max_positions: int | Non
         if summary.skipped:
             what = "empty or blank text(s) dropped" if text else "unreadable image(s) skipped (data.skip_bad_images)"
             say(f"data.{key}: {len(summary.skipped)} {what}, first {summary.skipped[0]}; split.json lists them")
-    if problem == "regression":
+    if not get(problem).has_labels:
         train = summaries["train"].targets
         if train["std"] == 0:
             say(f"data.train: every regression target is {_number(train['min'])}; there is nothing to learn")
@@ -206,20 +206,8 @@ def _summarise(key: str, splits: Splits) -> SplitSummary:
     summary = SplitSummary(
         source=info["source"], rows=info["count"], skipped=info.get("skipped") or info.get("empty_texts") or []
     )
-    labels = table["label"]
-    if splits.problem == "single_label":
-        counts = Counter(labels)
-        summary.counts = {name: counts.get(i, 0) for i, name in enumerate(splits.label_names)}
-    elif splits.problem == "multi_label":
-        totals = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1).sum(axis=0) if labels else []
-        summary.counts = {name: int(totals[i]) if len(totals) else 0 for i, name in enumerate(splits.label_names)}
-        summary.unlabelled = sum(1 for row in labels if not any(row))
-    else:
-        targets = np.asarray(labels, dtype=np.float64) * splits.target_std + splits.target_mean
-        summary.targets = {
-            "mean": float(targets.mean()), "std": float(targets.std()),
-            "min": float(targets.min()), "max": float(targets.max()),
-        }
+    for name, value in get(splits.problem).summary(table["label"], splits).items():
+        setattr(summary, name, value)
     return summary
 
 
@@ -257,14 +245,7 @@ def _names(names: list[str], shown: int = 5) -> str:
 
 
 def _label_of(part: RawSplit, position: int, problem: str):
-    value = part.labels[position]
-    if problem == "multi_label":
-        from finetune.data import _label_set
-
-        return tuple(sorted(_label_set(value)))
-    from finetune.data import _class_name
-
-    return _class_name(value)
+    return get(problem).label_key(part.labels[position])
 
 
 def _conflicts(part: RawSplit, keys: list, problem: str, say) -> None:

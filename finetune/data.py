@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from finetune.errors import FinetuneError
+from finetune.problems import get, is_missing, value_kind
 
 SPLITS = ("train", "validation", "test")
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -335,7 +336,7 @@ def _label_values(table, column: str, problem: str) -> list:
     from datasets import ClassLabel, Sequence
 
     values = list(table[column])
-    if problem == "regression":
+    if not get(problem).has_labels:
         return values
     feature = table.features[column]
     inner = getattr(feature, "feature", None) if isinstance(feature, Sequence) else None
@@ -370,122 +371,17 @@ def where_rows(split: RawSplit, positions: list[int]) -> list[str]:
     return [_where(split, position, lines) for position in positions]
 
 
-def _class_name(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # pandas turns an int column with a gap into floats
-    return str(value).strip()
-
-
-def _label_set(value: Any) -> list[str]:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return []
-    if isinstance(value, (list, tuple)):
-        return [_class_name(v) for v in value if v is not None and _class_name(v)]
-    return [part.strip() for part in str(value).split("|") if part.strip()]
-
-
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def value_kind(value: Any) -> str:
-    """What a cell holds, in words: a number (numeric strings too, as a csv gives them), text, true/false, a list..."""
-    if isinstance(value, (bool, np.bool_)):
-        return "true/false"
-    if isinstance(value, (int, float, np.number)):
-        return "a number"
-    if isinstance(value, str):
-        try:
-            float(value)
-            return "a number"
-        except ValueError:
-            return "text"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    return "a mapping" if isinstance(value, dict) else type(value).__name__
-
-
 def _check_labels(split: RawSplit, key: str, problem: str) -> None:
-    if problem == "multi_label":
-        return  # an empty label cell is an empty label set
-    kinds: dict[str, list[int]] = {}
-    for i, label in enumerate(split.labels):
-        if _is_missing(label) or (problem == "single_label" and not _class_name(label)):
-            what = "regression target (empty or NaN)" if problem == "regression" else "label"
-            raise FinetuneError(f"{_where(split, i)}: missing {what}; every row of {key} needs one")
-        kinds.setdefault(value_kind(label), []).append(i)
-    if problem == "regression":
-        return  # encode_labels names any target that is not a finite number
-    for kind in ("a list", "a mapping"):
-        if kind in kinds:
-            raise FinetuneError(
-                f"{_where(split, kinds[kind][0])}: the label is {kind}; several labels per row need "
-                "head.problem=multi_label"
-            )
-    if len(kinds) > 1:  # e.g. 0/1 labels with a stray "positive": one of the two spellings is a mistake
-        major, *others = sorted(kinds, key=lambda kind: len(kinds[kind]), reverse=True)
-        odd = kinds[others[0]][0]
-        example = split.labels[kinds[major][0]]
-        raise FinetuneError(
-            f"{_where(split, odd)}: label {split.labels[odd]!r} is {others[0]}, but most labels of {key} are "
-            f"{major} (such as {example!r}); mixed label types: spell every class the same way"
-        )
-
-
-def _sort_key(name: str):
-    try:
-        return (0, float(name), name)
-    except ValueError:
-        return (1, 0.0, name)
+    get(problem).check_labels(split.labels, lambda i: _where(split, i), key)
 
 
 def label_space(train: RawSplit, problem: str) -> list[str] | None:
     """Label names from train, sorted (numbers numerically); None for regression."""
-    if problem == "regression":
-        return None
-    if problem == "multi_label":
-        names = {name for value in train.labels for name in _label_set(value)}
-    else:
-        names = {_class_name(value) for value in train.labels}
-    ordered = sorted(names, key=_sort_key)
-    if problem == "single_label" and len(ordered) < 2:
-        raise FinetuneError(
-            f"{train.source}: the training data has only {len(ordered)} label(s); a classifier needs two or more"
-        )
-    return ordered
+    return get(problem).label_space(train.labels, train.source)
 
 
 def encode_labels(split: RawSplit, problem: str, names: list[str] | None, key: str) -> list:
-    if problem == "regression":
-        targets = []
-        for i, value in enumerate(split.labels):
-            try:
-                number = math.nan if isinstance(value, (bool, np.bool_)) else float(value)
-            except (TypeError, ValueError):
-                number = math.nan
-            if not math.isfinite(number):
-                raise FinetuneError(f"{_where(split, i)}: regression target {value!r} is not a finite number")
-            targets.append(number)
-        return targets
-    index = {name: i for i, name in enumerate(names)}
-    encoded = []
-    for i, value in enumerate(split.labels):
-        wanted = _label_set(value) if problem == "multi_label" else [_class_name(value)]
-        for name in wanted:
-            if name not in index:
-                shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-                raise FinetuneError(
-                    f"{_where(split, i)}: label '{name}' in {key} is not among the training labels ({shown}); "
-                    "add training examples of it or drop those rows"
-                )
-        if problem == "multi_label":
-            hot = [0.0] * len(names)
-            for name in wanted:
-                hot[index[name]] = 1.0
-            encoded.append(hot)
-        else:
-            encoded.append(index[wanted[0]])
-    return encoded
+    return get(problem).encode(split.labels, names, lambda i: _where(split, i), key)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -560,7 +456,7 @@ def load_splits(recipe) -> Splits:
         for name, values in columns:
             missing = []
             for i, text in enumerate(values):
-                if _is_missing(text) or (isinstance(text, str) and not text.strip()):
+                if is_missing(text) or (isinstance(text, str) and not text.strip()):
                     missing.append(i)
                 elif not isinstance(text, str):
                     what = "data.text_column" if name == column else "data.text_pair_column"
@@ -616,8 +512,7 @@ def assemble_splits(recipe, read, input_name: str, check_inputs, skipped_as: str
             _check_labels(split, f"data.{key}", problem)
     held_out_from_train = parts["validation"] is None
     if held_out_from_train:
-        stratify = train.labels if problem == "single_label" else [0] * len(train.labels)
-        kept, held = stratified_split([_class_name(v) for v in stratify], d.val_fraction, recipe.train.seed)
+        kept, held = stratified_split(get(problem).strata(train.labels), d.val_fraction, recipe.train.seed)
         parts["train"], parts["validation"] = _subset(train, kept), _subset(train, held)
 
     names = label_space(parts["train"], problem)  # from all of train, before any max_samples cap
@@ -628,13 +523,7 @@ def assemble_splits(recipe, read, input_name: str, check_inputs, skipped_as: str
             parts[key], skipped[key] = check_inputs(parts[key], f"data.{key}")
 
     encoded = {key: split and encode_labels(split, problem, names, f"data.{key}") for key, split in parts.items()}
-    mean, std = 0.0, 1.0
-    if problem == "regression":
-        targets = np.asarray(encoded["train"], dtype=np.float64)
-        mean, std = float(targets.mean()), float(targets.std()) or 1.0
-        for key in SPLITS:
-            if encoded[key] is not None:
-                encoded[key] = [(t - mean) / std for t in encoded[key]]
+    encoded, mean, std = get(problem).standardise(encoded)
     tables = {
         key: None if split is None else {
             input_name: split.texts, "label": encoded[key], "row": split.rows,
@@ -645,7 +534,7 @@ def assemble_splits(recipe, read, input_name: str, check_inputs, skipped_as: str
     info = {
         "problem": problem,
         "labels": names,
-        **({"target": {"mean": mean, "std": std}} if problem == "regression" else {}),
+        **get(problem).split_info(mean, std),
         "validation_held_out_from_train": held_out_from_train,
         "splits": {
             key: {

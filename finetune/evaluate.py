@@ -74,12 +74,11 @@ def evaluate(source: str, data: str, split: str = "test", text_column=None, labe
              batch_size: int = 32, output: str | None = None, progress: bool | None = None,
              pair_column: str | None = None) -> dict:
     """{"metrics": {loss, metric: value}, "rows": n, "data": ..., "confusion"/"per_label": ...} for the model."""
-    import torch
 
     from finetune.data import _check_labels, encode_labels
-    from finetune.metrics import compute_metrics, predictions_from_logits
+    from finetune.metrics import compute_metrics
+    from finetune.problems import get
     from finetune.tasks import get_task
-    from finetune.loop import loss_fn
 
     if output is not None and Path(output).suffix.lower() not in OUTPUT_FORMATS:
         raise FinetuneError(f"--output: '{output}' must end in {' or '.join(OUTPUT_FORMATS)}")
@@ -102,19 +101,10 @@ def evaluate(source: str, data: str, split: str = "test", text_column=None, labe
     truth = encode_labels(raw, problem, predictor.labels, "--data")
     inputs = raw.texts if raw.pairs is None else [{"text": a, "text_pair": b} for a, b in zip(raw.texts, raw.pairs)]
     logits = predictor.logits(inputs, batch_size, progress)
-    predictions = predictions_from_logits(logits, problem, predictor.threshold)
+    predictions = get(problem).predict(logits, predictor.threshold)
 
-    results: dict = {}
-    if problem == "regression":
-        truth = np.asarray(truth, dtype=np.float64)
-        scaling = _target_scaling(predictor)
-        if scaling is not None:  # metrics.json's loss is the MSE on standardised targets
-            mean, std = scaling
-            results["loss"] = float(np.mean(((predictions - mean) / std - (truth - mean) / std) ** 2))
-    else:
-        labels = torch.tensor(truth)
-        results["loss"] = float(loss_fn(torch.from_numpy(logits), labels, problem))
-        truth = np.asarray(truth, dtype=np.int64)
+    results = get(problem).held_out_loss(logits, truth, lambda: _target_scaling(predictor))
+    truth = get(problem).truth_array(truth)
     results.update(compute_metrics(recipe.eval.metrics, truth, predictions))  # the run's, else the problem's defaults
     report = {"metrics": results, "rows": len(truth), "data": data, "model": str(source)}
     report.update(_breakdown(problem, predictor.labels, truth, predictions, split))
@@ -124,49 +114,26 @@ def evaluate(source: str, data: str, split: str = "test", text_column=None, labe
 
 
 def _breakdown(problem: str, labels, truth, predictions, split: str) -> dict:
-    """The confusion matrix (single_label) or per-label F1 (multi_label), shaped as in metrics.json."""
-    from sklearn.metrics import confusion_matrix, f1_score
+    """The problem's details (confusion matrix, per-label F1), shaped as in metrics.json."""
+    from finetune.problems import get
 
-    if problem == "single_label":
-        matrix = confusion_matrix(truth, predictions, labels=list(range(len(labels))))
-        return {"confusion": {"split": split, "labels": labels, "matrix": matrix.tolist()}}
-    if problem == "multi_label":
-        f1 = f1_score(truth, predictions, average=None, zero_division=0)
-        support = truth.sum(axis=0)
-        return {"per_label": {"split": split, "labels": labels, "f1": f1.tolist(), "support": support.tolist()}}
-    return {}
-
-
-def _label_text(value, problem: str, labels) -> str | float:
-    if problem == "regression":
-        return float(value)
-    if problem == "multi_label":
-        return "|".join(name for name, on in zip(labels, value) if on)
-    return labels[int(value)]
+    found = get(problem).details(truth, predictions, labels)
+    return {name: {"split": split, **value} for name, value in found.items()}
 
 
 def write_predictions(path: Path, predictor: Predictor, raw, truth, logits: np.ndarray) -> None:
     """One record per row: where it came from, the input, the true and predicted labels, and every label's score."""
-    problem, labels = predictor.problem, predictor.labels
+    from finetune.problems import get
+
+    problem, labels = get(predictor.problem), predictor.labels
     decoded = predictor.decode(logits)
     records = []
     for i, (entry, row) in enumerate(zip(raw.texts, raw.rows)):
         shown = entry if isinstance(entry, str) else None  # image bytes or arrays are not written out
-        record = {"row": row, "input": shown, "label": _label_text(truth[i], problem, labels)}
+        record = {"row": row, "input": shown, "label": problem.label_text(truth[i], labels)}
         if raw.pairs is not None:
             record = {"row": row, "input": shown, "input_pair": raw.pairs[i], "label": record["label"]}
-        result = decoded[i]
-        if problem == "regression":
-            record["predicted"] = result["value"]
-            record["error"] = result["value"] - float(truth[i])
-        else:
-            predicted = (
-                result["label"] if problem == "single_label" else "|".join(sorted(result["labels"], key=labels.index))
-            )
-            record["predicted"] = predicted
-            record["correct"] = predicted == record["label"]
-            scores = {item["label"]: item["score"] for item in result["scores"]}
-            record.update({f"score:{name}": scores[name] for name in labels})
+        record.update(problem.record(decoded[i], truth[i], labels))
         records.append(record)
     write_records(path, records)
 

@@ -55,12 +55,13 @@ def _keep_threshold(directory: Path, recipe) -> None:
     (transformers keeps unknown keys), where finetune.load reads it back; timm's and the kit's folders hold it
     already."""
     path = directory / "config.json"
-    if recipe.head.problem != "multi_label" or not path.is_file() or (directory / "finetune.json").is_file():
+    fields = _problem(recipe).config_fields(recipe.head)
+    if not fields or not path.is_file() or (directory / "finetune.json").is_file():
         return
     config = json.loads(path.read_text())
     if "architecture" in config:  # timm's config: its own finetune block already holds the threshold
         return
-    config["finetune"] = {"problem": recipe.head.problem, "threshold": recipe.head.threshold}
+    config["finetune"] = {"problem": recipe.head.problem, **fields}
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -128,6 +129,12 @@ def _hub_dataset(spec: str) -> str | None:
 def _datasets(recipe) -> list[str]:
     found = [_hub_dataset(s) for s in (recipe.data.train, recipe.data.validation, recipe.data.test) if s is not None]
     return list(dict.fromkeys(d for d in found if d is not None))
+
+
+def _problem(recipe):
+    from finetune.problems import get
+
+    return get(recipe.head.problem)
 
 
 def _library(recipe) -> str:
@@ -248,10 +255,9 @@ def _data_section(recipe, splits) -> list[str]:
                 f"| {key} | `{source}` | {len(targets)} | {targets.mean():.4g} | {targets.min():.4g} "
                 f"| {targets.max():.4g} |"
             )
-    if splits.problem == "multi_label":
-        lines += ["", "A row can carry several labels, so the label counts can add up to more than the rows."]
-    if splits.problem == "tags":
-        lines += ["", "Rows are sentences; the tag counts are words."]
+    note = _problem(recipe).card_data_note()
+    if note:
+        lines += ["", note]
     skipped = sum(len(part.get("skipped", [])) for part in info.values())
     if skipped:
         lines += ["", f"{skipped} unreadable image(s) were skipped (`data.skip_bad_images`); `split.json` lists them."]
@@ -304,7 +310,7 @@ def _per_label_section(metrics: dict, plots: dict) -> list[str]:
 def _usage(recipe, native: bool) -> str:
     from finetune.tasks import get_task
 
-    problem, vision = recipe.head.problem, _library(recipe) == "timm"
+    problem, vision = _problem(recipe), _library(recipe) == "timm"
     reference = model_reference(recipe, native)
     task = get_task(recipe.task)
     if hasattr(task, "card_usage"):  # a task whose use is not "classify these inputs"
@@ -343,14 +349,8 @@ def _usage(recipe, native: bool) -> str:
             f"{example}\n"
             "with torch.no_grad():\n"
             "    logits = model(transform(image).unsqueeze(0))[0]\n"
-            'labels = model.pretrained_cfg["label_names"]\n'
+            f"{problem.timm_decode}```\n"
         )
-        if problem == "single_label":
-            usage += "print({labels[i]: round(p, 4) for i, p in enumerate(logits.softmax(-1).tolist())})\n```\n"
-        elif problem == "multi_label":
-            usage += "print({labels[i]: round(p, 4) for i, p in enumerate(logits.sigmoid().tolist())})\n```\n"
-        else:
-            usage = usage.replace('labels = model.pretrained_cfg["label_names"]\n', "") + "print(logits.item())\n```\n"
     else:
         usage = (
             "This folder is a standard transformers model; finetune is not needed:\n\n"
@@ -364,11 +364,7 @@ def _usage(recipe, native: bool) -> str:
 
 
 def _output_note(recipe) -> str:
-    if recipe.head.problem == "multi_label":
-        return f"\nScores are per-label sigmoids; a label applies when its score exceeds {recipe.head.threshold}.\n"
-    if recipe.head.problem == "regression":
-        return "\nThe output is the predicted value, in the training targets' own units.\n"
-    return "\nScores are softmax probabilities over the labels.\n"
+    return _problem(recipe).card_output_note(recipe.head)
 
 
 def _what_it_does(recipe, splits, kind: str) -> str:
@@ -378,12 +374,7 @@ def _what_it_does(recipe, splits, kind: str) -> str:
     if not recipe.backbone.pretrained:
         backbone += " (random initial weights: trained from scratch)"
     head = {"mlp": "an mlp"}.get(recipe.head.type, f"a {recipe.head.type}")
-    if recipe.head.problem == "single_label":
-        task = f"sorts {kind}s into one of {len(labels)} labels"
-    elif recipe.head.problem == "multi_label":
-        task = f"tags {kind}s with any number of {len(labels)} labels (an independent score per label)"
-    else:
-        task = f"predicts a number (`{recipe.data.label_column}`) from a {kind}"
+    task = _problem(recipe).card_sentence(kind, labels, recipe.data.label_column)
     text = f"A {backbone} with {head} head, fine-tuned with finetune {__version__}: it {task}."
     if recipe.lora is not None:
         text += (
@@ -462,8 +453,8 @@ def model_card(recipe, splits, metrics: dict, native: bool, plots: list | None =
         "",
     ]
     if labels:
-        threshold = f" (threshold {recipe.head.threshold})" if recipe.head.problem == "multi_label" else ""
-        sections += [f"Labels ({len(labels)}){threshold}: " + ", ".join(f"`{label}`" for label in labels) + ".", ""]
+        note = _problem(recipe).card_labels_note(recipe.head)
+        sections += [f"Labels ({len(labels)}){note}: " + ", ".join(f"`{label}`" for label in labels) + ".", ""]
     sections += ["## Use", "", _usage(recipe, native), "## Training data", ""]
     sections += _data_section(recipe, splits)
     sections += ["## Results", ""]

@@ -29,6 +29,7 @@ from finetune.data import (
     stratified_split,
 )
 from finetune.errors import FinetuneError
+from finetune.problems import get
 from finetune.needs import APT_DATA
 
 # RawSplit comes from the text pipeline: here its `texts` field holds image entries (see `load_image`).
@@ -170,7 +171,7 @@ def _visible_folders(root: Path) -> list[Path]:
 
 
 def _read_folder(root: Path, spec: str, recipe, key: str) -> dict[str, RawSplit]:
-    if recipe.head.problem == "regression":
+    if not get(recipe.head.problem).has_labels:
         raise FinetuneError(
             f"{key}: '{spec}' is an image folder, whose subfolders are classes; head.problem=regression needs a "
             f"csv/jsonl/parquet file with a number in column '{recipe.data.label_column}'"
@@ -600,7 +601,7 @@ def build_mixup(recipe, num_classes: int):
     a = recipe.augment
     if a.mixup == 0 and a.cutmix == 0:
         return None
-    if recipe.head.problem != "single_label":
+    if not get(recipe.head.problem).single_class:
         raise FinetuneError(
             f"augment.mixup/cutmix: they mix one-hot class targets, so they need head.problem=single_label "
             f"(not {recipe.head.problem}); set augment.mixup=0 and augment.cutmix=0"

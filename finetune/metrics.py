@@ -114,13 +114,6 @@ def is_improvement(name: str, value: float, best: float | None) -> bool:
     return value > best if higher_is_better(name) else value < best
 
 
-def predictions_from_logits(logits: np.ndarray, problem: str, threshold: float = 0.5) -> np.ndarray:
-    """What a model predicts: a class index, a 0/1 row per label set, the regression value, a tag per token."""
-    from finetune.problems import get
-
-    return get(problem).predict(logits, threshold)
-
-
 def compute_metrics(names: list[str], y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     return {name: evaluate_value(name, y_true, y_pred) if is_evaluate(name) else float(METRICS[name][2](y_true, y_pred))
             for name in names}

@@ -578,6 +578,8 @@ def _load_text(directory: Path, spec: dict | None):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+    from finetune.problems import get
+
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if spec is None and _is_token_classifier(directory):
         from transformers import AutoModelForTokenClassification
@@ -590,11 +592,10 @@ def _load_text(directory: Path, spec: dict | None):
         model = AutoModelForSequenceClassification.from_pretrained(directory)
         config = model.config
         problem = {v: k for k, v in NATIVE_PROBLEM_TYPES.items()}.get(config.problem_type, "single_label")
-        labels = None if problem == "regression" else [config.id2label[i] for i in range(config.num_labels)]
+        labels = get(problem).labels_of_config(config)
         spec = {"format": "transformers", "problem": problem, "labels": labels}
         kept = getattr(config, TIMM_CONFIG_KEY, None)  # the trained head.threshold (finetune.export._keep_threshold)
-        if problem == "multi_label" and isinstance(kept, dict) and kept.get("threshold") is not None:
-            spec["threshold"] = float(kept["threshold"])
+        spec.update(get(problem).read_config_fields(kept))
         return model.eval(), tokenizer, spec
     config = AutoConfig.from_pretrained(directory)
     head = spec["head"]

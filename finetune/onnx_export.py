@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import FinetuneError
+from finetune.problems import get
 
 EXPORT_FILE = "export.json"
 ONNX_FILE = "model.onnx"
@@ -286,14 +287,8 @@ def _write_preprocessing(predictor, out: Path, names: list[str]) -> None:
             labels = predictor.labels or []
             config["id2label"] = {str(i): name for i, name in enumerate(labels)}
             config["label2id"] = {name: i for i, name in enumerate(labels)}
-        elif predictor.problem == "regression":
-            config.update(num_labels=1, problem_type="regression")
         else:
-            labels = predictor.labels or []
-            config["id2label"] = {str(i): name for i, name in enumerate(labels)}
-            config["label2id"] = {name: i for i, name in enumerate(labels)}
-            kind = "multi_label_classification" if predictor.problem == "multi_label" else "single_label_classification"
-            config["problem_type"] = kind
+            config.update(get(predictor.problem).native_config(predictor.labels))
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -530,14 +525,8 @@ def _parity(predictor, out: Path, sample: list, torch_logits, quantize) -> dict:
     if mask is not None:
         parity["agreement"] = float(np.mean(logits.argmax(-1) == torch_logits.argmax(-1)))
         parity["agreement_of"] = "sub-tokens"
-    elif predictor.problem == "single_label":
-        parity["agreement"] = float(np.mean(logits.argmax(-1) == torch_logits.argmax(-1)))
-    elif predictor.problem == "multi_label":
-        threshold = predictor.threshold
-        probs = [1 / (1 + np.exp(-x)) > threshold for x in (logits, torch_logits)]
-        parity["agreement"] = float(np.mean(np.all(probs[0] == probs[1], axis=-1)))
     else:
-        parity["agreement"] = None
+        parity["agreement"] = get(predictor.problem).agreement(logits, torch_logits, predictor.threshold)
     return parity
 
 

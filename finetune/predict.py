@@ -240,27 +240,9 @@ class Predictor:
         return results[0] if single else results
 
     def decode(self, logits: np.ndarray, top_k: int | None = None) -> list[dict]:
-        if self.problem == "regression":
-            return [{"value": float(row.reshape(-1)[0])} for row in logits]
-        labels = self.labels or [str(i) for i in range(logits.shape[-1])]
-        scores = probabilities(logits, self.problem)
-        results = []
-        for row in scores:
-            order = np.argsort(-row, kind="stable")
-            ranked = [{"label": labels[j], "score": float(row[j])} for j in order[:top_k]]
-            if self.problem == "single_label":
-                results.append({"label": labels[order[0]], "score": float(row[order[0]]), "scores": ranked})
-            else:
-                chosen = [labels[j] for j in order if row[j] > self.threshold]
-                results.append({"labels": chosen, "scores": ranked})
-        return results
+        from finetune.problems import get
 
-
-def probabilities(logits: np.ndarray, problem: str) -> np.ndarray:
-    """Softmax for single_label, per-label sigmoid for multi_label (as the trainer's losses define them)."""
-    from finetune.problems import get
-
-    return get(problem).probabilities(logits)
+        return get(self.problem).decode(logits, self.labels, self.threshold, top_k)
 
 
 # ---------------------------------------------------------------------------------------------------------------

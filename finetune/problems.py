@@ -1,26 +1,189 @@
-"""The problems a head solves (one label, a label set, a number, a tag per word): each one's loss, how its logits
-become predictions and scores, its default metrics, how an evaluation is gathered and scored, and its details."""
+"""The problems a head solves (one label, a label set, a number, a tag per word): each one's labels (how a cell is
+read, checked and encoded, the label space), loss, how its logits become predictions, scores and `predict`'s JSON,
+its default metrics, how an evaluation is gathered and scored, its details, and what its exports and card say."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from finetune.errors import FinetuneError
+
 IGNORE_INDEX = -100  # label of a position that has none (special tokens, continuation sub-tokens, padding)
+Where = Callable[[int], str]  # a row's position -> where its user finds it ("train.csv line 12")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Label cells as users write them.
+
+
+def class_name(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # pandas turns an int column with a gap into floats
+    return str(value).strip()
+
+
+def label_set(value: Any) -> list[str]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, (list, tuple)):
+        return [class_name(v) for v in value if v is not None and class_name(v)]
+    return [part.strip() for part in str(value).split("|") if part.strip()]
+
+
+def is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def value_kind(value: Any) -> str:
+    """What a cell holds, in words: a number (numeric strings too, as a csv gives them), text, true/false, a list..."""
+    if isinstance(value, (bool, np.bool_)):
+        return "true/false"
+    if isinstance(value, (int, float, np.number)):
+        return "a number"
+    if isinstance(value, str):
+        try:
+            float(value)
+            return "a number"
+        except ValueError:
+            return "text"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return "a mapping" if isinstance(value, dict) else type(value).__name__
+
+
+def sort_key(name: str):
+    try:
+        return (0, float(name), name)
+    except ValueError:
+        return (1, 0.0, name)
+
+
+def _present(values: list, where: Where, key: str, what: str, blank_is_missing: bool) -> dict[str, list[int]]:
+    """Positions per kind of cell (value_kind); a missing cell (or a blank one, where that means missing) is refused."""
+    kinds: dict[str, list[int]] = {}
+    for i, label in enumerate(values):
+        if is_missing(label) or (blank_is_missing and not class_name(label)):
+            raise FinetuneError(f"{where(i)}: missing {what}; every row of {key} needs one")
+        kinds.setdefault(value_kind(label), []).append(i)
+    return kinds
+
+
+def _one_spelling(values: list, kinds: dict[str, list[int]], where: Where, key: str) -> None:
+    """One class per row, all spelt the same way (a list or a mapping is several labels; mixed kinds a mistake)."""
+    for kind in ("a list", "a mapping"):
+        if kind in kinds:
+            raise FinetuneError(
+                f"{where(kinds[kind][0])}: the label is {kind}; several labels per row need head.problem=multi_label"
+            )
+    if len(kinds) > 1:  # e.g. 0/1 labels with a stray "positive": one of the two spellings is a mistake
+        major, *others = sorted(kinds, key=lambda kind: len(kinds[kind]), reverse=True)
+        odd = kinds[others[0]][0]
+        example = values[kinds[major][0]]
+        raise FinetuneError(
+            f"{where(odd)}: label {values[odd]!r} is {others[0]}, but most labels of {key} are "
+            f"{major} (such as {example!r}); mixed label types: spell every class the same way"
+        )
+
+
+def predictions_from_logits(logits: np.ndarray, problem: str, threshold: float = 0.5) -> np.ndarray:
+    """What a model predicts: a class index, a 0/1 row per label set, the regression value, a tag per token."""
+    return get(problem).predict(logits, threshold)
 
 
 class Problem:
-    """What the loop, evaluation, predict and export ask of a problem; one subclass per problem, listed in PROBLEMS."""
+    """What the loop, data, evaluation, predict and export ask of a problem; one subclass per problem, listed in
+    PROBLEMS. Callers ask these methods and never compare a problem's name."""
 
     name: str
     native_type: str | None = None  # transformers' config.problem_type for it
     default_metrics: tuple[str, ...] = ()
+    has_labels: bool = True  # False: the model predicts a number (no label space, no class folders, no label table)
+    single_class: bool = False  # one class per row: class weights, the balanced sampler and mixup apply to it
+    empty_rows: bool = False  # a row may hold no label at all (the data report counts those rows)
     # the export card's last line: numpy that prints what `finetune predict` names, from `logits` and export.json
     onnx_decode: str = 'print([info["labels"][i] for i in logits.argmax(-1)])'
+    # the timm card's last lines, after `logits = model(...)[0]`: what the model says about one image
+    timm_decode: str = ('labels = model.pretrained_cfg["label_names"]\n'
+                        "print({labels[i]: round(p, 4) for i, p in enumerate(logits.softmax(-1).tolist())})\n")
 
     def num_outputs(self, label_names: Sequence[str] | None) -> int:
         return len(label_names)
+
+    # labels as the data holds them: read, checked, encoded
+
+    def names_in(self, value: Any) -> list[str]:
+        """The label names one cell holds."""
+        return [class_name(value)]
+
+    def label_key(self, value: Any):
+        """What a cell's labels compare as (two rows with one input and different keys conflict)."""
+        return class_name(value)
+
+    def check_labels(self, values: list, where: Where, key: str) -> None:
+        """Refuse cells no encoding reads (FinetuneError naming the row by `where(position)`)."""
+        _one_spelling(values, _present(values, where, key, "label", blank_is_missing=False), where, key)
+
+    def label_space(self, values: list, source: str) -> list[str] | None:
+        """The label names training's cells hold, sorted (numbers numerically); None where outputs are a number."""
+        return sorted({name for value in values for name in self.names_in(value)}, key=sort_key)
+
+    def strata(self, values: list) -> list[str]:
+        """What a held-out validation part is stratified on: one stratum unless a row is one class."""
+        return ["0"] * len(values)
+
+    def encode(self, values: list, names: list[str] | None, where: Where, key: str) -> list:
+        """The cells as the splits hold them: a name unseen in training is refused."""
+        index = {name: i for i, name in enumerate(names)}
+        encoded = []
+        for i, value in enumerate(values):
+            wanted = self.names_in(value)
+            for name in wanted:
+                if name not in index:
+                    shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+                    raise FinetuneError(
+                        f"{where(i)}: label '{name}' in {key} is not among the training labels ({shown}); "
+                        "add training examples of it or drop those rows"
+                    )
+            encoded.append(self.encode_names(wanted, index))
+        return encoded
+
+    def encode_names(self, wanted: list[str], index: dict[str, int]):
+        """One row's encoding of the names it holds."""
+        return index[wanted[0]]
+
+    def standardise(self, encoded: dict[str, list | None]) -> tuple[dict[str, list | None], float, float]:
+        """(encoded splits, mean, std) as training sees them; only a number is standardised (on train's)."""
+        return encoded, 0.0, 1.0
+
+    def split_info(self, mean: float, std: float) -> dict:
+        """What split.json records beside the labels to undo `standardise`."""
+        return {}
+
+    def target_scaling(self, splits) -> tuple[float, float] | None:
+        """(mean, std) the exported head is folded with, so it predicts in the targets' own units; None: none."""
+        return None
+
+    def label_counts(self, encoded: list, count: int) -> list[int]:
+        """Rows per label (encoded as the splits hold them)."""
+        return [int(v) for v in np.bincount(np.asarray(encoded, dtype=np.int64), minlength=count)]
+
+    def summary(self, encoded: list, splits) -> dict:
+        """A split's labels as the data report counts them (SplitSummary's fields)."""
+        counts = self.label_counts(encoded, len(splits.label_names))
+        return {"counts": dict(zip(splits.label_names, counts))}
+
+    def truth_array(self, encoded: list) -> np.ndarray:
+        """Encoded labels as metrics read them."""
+        return np.asarray(encoded, dtype=np.int64)
+
+    def truth_in_units(self, encoded: list, splits) -> np.ndarray:
+        """A split's encoded labels as metrics read them, in the units the exported model predicts."""
+        return self.truth_array(encoded)
+
+    # outputs
 
     def loss(self, logits, labels, label_smoothing: float = 0.0, class_weights=None):
         raise NotImplementedError
@@ -35,9 +198,26 @@ class Problem:
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return shifted / shifted.sum(axis=-1, keepdims=True)
 
-    def label_counts(self, encoded: list, count: int) -> list[int]:
-        """Rows per label (encoded as the splits hold them)."""
-        return [int(v) for v in np.bincount(np.asarray(encoded, dtype=np.int64), minlength=count)]
+    def decode(self, logits: np.ndarray, labels: list[str] | None, threshold: float = 0.5,
+               top_k: int | None = None) -> list[dict]:
+        """`predict`'s JSON, one dict per row of logits: {"label", "score", "scores": [{"label", "score"}, ...] best
+        first (top_k of them, default all)}."""
+        labels = labels or [str(i) for i in range(logits.shape[-1])]
+        results = []
+        for row in self.probabilities(logits):
+            order = np.argsort(-row, kind="stable")
+            ranked = [{"label": labels[j], "score": float(row[j])} for j in order[:top_k]]
+            results.append(self.decode_row(row, order, ranked, labels, threshold))
+        return results
+
+    def decode_row(self, row: np.ndarray, order: np.ndarray, ranked: list[dict], labels: list[str],
+                   threshold: float) -> dict:
+        """One row's dict from its scores, their order (best first) and the ranked top_k."""
+        return {"label": labels[order[0]], "score": float(row[order[0]]), "scores": ranked}
+
+    def agreement(self, logits: np.ndarray, reference: np.ndarray, threshold: float = 0.5) -> float | None:
+        """The share of rows where two models' outputs predict the same (an export against its source)."""
+        return float(np.mean(logits.argmax(-1) == reference.argmax(-1)))
 
     # evaluation: batches are gathered across processes, moved to the host, then scored together
 
@@ -64,15 +244,88 @@ class Problem:
         """Truth and predictions as metrics read them."""
         return truth, predictions
 
+    def held_out_loss(self, logits: np.ndarray, encoded: list, scaling: Callable[[], tuple | None]) -> dict:
+        """{"loss": value} of a loaded model's outputs on encoded labels, as metrics.json's loss means it ({} where it
+        cannot be said); `scaling()` gives the run's target standardisation, where it has one."""
+        import torch
+
+        return {"loss": float(self.loss(torch.from_numpy(logits), torch.tensor(encoded)))}
+
     def details(self, truth, predictions, label_names) -> dict:
         """What a table of averages hides (rows: truth, columns: prediction)."""
         return {}
+
+    def label_text(self, value, labels: list[str]) -> str | float:
+        """An encoded label as `eval --output` writes it."""
+        return labels[int(value)]
+
+    def predicted_text(self, result: dict, labels: list[str]) -> str:
+        """What `decode` predicted, written as `label_text` writes the truth."""
+        return result["label"]
+
+    def record(self, result: dict, truth, labels: list[str]) -> dict:
+        """`eval --output`'s fields for one row: the prediction, whether it is right, every label's score."""
+        predicted = self.predicted_text(result, labels)
+        scores = {item["label"]: item["score"] for item in result["scores"]}
+        return {"predicted": predicted, "correct": predicted == self.label_text(truth, labels),
+                **{f"score:{name}": scores[name] for name in labels}}
+
+    # exports and the model card
+
+    def native_config(self, labels: list[str] | None) -> dict:
+        """A transformers config's fields for this head (id2label, label2id, problem_type)."""
+        labels = labels or []
+        return {"id2label": {str(i): name for i, name in enumerate(labels)},
+                "label2id": {name: i for i, name in enumerate(labels)}, "problem_type": self.native_type}
+
+    def labels_of_config(self, config) -> list[str] | None:
+        """The label names a transformers config holds for this head."""
+        return [config.id2label[i] for i in range(config.num_labels)]
+
+    def config_fields(self, head) -> dict:
+        """What the model folder must keep of the recipe's head beyond the weights (a label set's threshold)."""
+        return {}
+
+    def read_config_fields(self, kept) -> dict:
+        """`config_fields` read back from a model folder's `finetune` block."""
+        return {}
+
+    def card_sentence(self, kind: str, labels: list[str], column: str) -> str:
+        """The card's "it ..." clause: what the model outputs for one input of `kind` ("text", "image")."""
+        return f"sorts {kind}s into one of {len(labels)} labels"
+
+    def card_labels_note(self, head) -> str:
+        """What the card's label list adds after "Labels (n)"."""
+        return ""
+
+    def card_output_note(self, head) -> str:
+        """The card's line after its usage snippet: what the printed scores or values are."""
+        return "\nScores are softmax probabilities over the labels.\n"
+
+    def card_data_note(self) -> str | None:
+        """The card's line under the label counts, where they count something other than one label per row."""
+        return None
 
 
 class SingleLabel(Problem):
     name = "single_label"
     native_type = "single_label_classification"
     default_metrics = ("accuracy", "f1_macro")
+    single_class = True
+
+    def check_labels(self, values, where, key) -> None:
+        _one_spelling(values, _present(values, where, key, "label", blank_is_missing=True), where, key)
+
+    def label_space(self, values, source):
+        ordered = super().label_space(values, source)
+        if len(ordered) < 2:
+            raise FinetuneError(
+                f"{source}: the training data has only {len(ordered)} label(s); a classifier needs two or more"
+            )
+        return ordered
+
+    def strata(self, values):
+        return [class_name(v) for v in values]
 
     def loss(self, logits, labels, label_smoothing: float = 0.0, class_weights=None):
         import torch.nn.functional as F
@@ -93,8 +346,26 @@ class MultiLabel(Problem):
     name = "multi_label"
     native_type = "multi_label_classification"
     default_metrics = ("f1_micro", "f1_macro", "accuracy")
+    empty_rows = True
     onnx_decode = ('print([[name for name, x in zip(info["labels"], row) if 1 / (1 + np.exp(-x)) > info["threshold"]]'
                    ' for row in logits])')
+    timm_decode = ('labels = model.pretrained_cfg["label_names"]\n'
+                   "print({labels[i]: round(p, 4) for i, p in enumerate(logits.sigmoid().tolist())})\n")
+
+    def names_in(self, value):
+        return label_set(value)
+
+    def label_key(self, value):
+        return tuple(sorted(label_set(value)))
+
+    def check_labels(self, values, where, key) -> None:
+        return  # an empty label cell is an empty label set
+
+    def encode_names(self, wanted, index):
+        hot = [0.0] * len(index)
+        for name in wanted:
+            hot[index[name]] = 1.0
+        return hot
 
     def loss(self, logits, labels, label_smoothing: float = 0.0, class_weights=None):
         import torch.nn.functional as F
@@ -107,11 +378,22 @@ class MultiLabel(Problem):
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
+    def decode_row(self, row, order, ranked, labels, threshold) -> dict:
+        """{"labels": those over the threshold, best first, "scores": [...]}."""
+        return {"labels": [labels[j] for j in order if row[j] > threshold], "scores": ranked}
+
+    def agreement(self, logits, reference, threshold: float = 0.5):
+        chosen = [1 / (1 + np.exp(-x)) > threshold for x in (logits, reference)]
+        return float(np.mean(np.all(chosen[0] == chosen[1], axis=-1)))
+
     def in_units(self, truth, predictions, splits):
         return truth.astype(np.int64), predictions
 
     def label_counts(self, encoded: list, count: int) -> list[int]:
         return [int(v) for v in np.asarray(encoded, dtype=np.float64).reshape(-1, count).sum(axis=0)]
+
+    def summary(self, encoded, splits) -> dict:
+        return {**super().summary(encoded, splits), "unlabelled": sum(1 for row in encoded if not any(row))}
 
     def details(self, truth, predictions, label_names) -> dict:
         from sklearn.metrics import precision_recall_fscore_support
@@ -119,15 +401,85 @@ class MultiLabel(Problem):
         _, _, f1, support = precision_recall_fscore_support(truth, predictions, average=None, zero_division=0)
         return {"per_label": {"labels": list(label_names), "f1": f1.tolist(), "support": support.tolist()}}
 
+    def label_text(self, value, labels):
+        return "|".join(name for name, on in zip(labels, value) if on)
+
+    def predicted_text(self, result, labels):
+        return "|".join(sorted(result["labels"], key=labels.index))
+
+    def config_fields(self, head) -> dict:
+        return {"threshold": head.threshold}
+
+    def read_config_fields(self, kept) -> dict:
+        if isinstance(kept, dict) and kept.get("threshold") is not None:
+            return {"threshold": float(kept["threshold"])}
+        return {}
+
+    def card_sentence(self, kind, labels, column):
+        return f"tags {kind}s with any number of {len(labels)} labels (an independent score per label)"
+
+    def card_labels_note(self, head) -> str:
+        return f" (threshold {head.threshold})"
+
+    def card_output_note(self, head) -> str:
+        return f"\nScores are per-label sigmoids; a label applies when its score exceeds {head.threshold}.\n"
+
+    def card_data_note(self):
+        return "A row can carry several labels, so the label counts can add up to more than the rows."
+
 
 class Regression(Problem):
     name = "regression"
     native_type = "regression"
     default_metrics = ("rmse", "mae", "r2", "pearson", "spearman")
+    has_labels = False
     onnx_decode = "print(logits[:, 0].tolist())"  # the value in the targets' units, as predict prints it
+    timm_decode = "print(logits.item())\n"
 
     def num_outputs(self, label_names) -> int:
         return 1
+
+    def check_labels(self, values, where, key) -> None:
+        # encode names any target that is not a finite number
+        _present(values, where, key, "regression target (empty or NaN)", blank_is_missing=False)
+
+    def label_space(self, values, source):
+        return None
+
+    def encode(self, values, names, where, key) -> list:
+        targets = []
+        for i, value in enumerate(values):
+            try:
+                number = math.nan if isinstance(value, (bool, np.bool_)) else float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number):
+                raise FinetuneError(f"{where(i)}: regression target {value!r} is not a finite number")
+            targets.append(number)
+        return targets
+
+    def standardise(self, encoded):
+        targets = np.asarray(encoded["train"], dtype=np.float64)
+        mean, std = float(targets.mean()), float(targets.std()) or 1.0
+        scaled = {key: None if part is None else [(t - mean) / std for t in part] for key, part in encoded.items()}
+        return scaled, mean, std
+
+    def split_info(self, mean, std) -> dict:
+        return {"target": {"mean": mean, "std": std}}
+
+    def target_scaling(self, splits):
+        return splits.target_mean, splits.target_std
+
+    def summary(self, encoded, splits) -> dict:
+        targets = np.asarray(encoded, dtype=np.float64) * splits.target_std + splits.target_mean
+        return {"targets": {"mean": float(targets.mean()), "std": float(targets.std()),
+                            "min": float(targets.min()), "max": float(targets.max())}}
+
+    def truth_array(self, encoded):
+        return np.asarray(encoded, dtype=np.float64)
+
+    def truth_in_units(self, encoded, splits):
+        return self.truth_array(encoded).reshape(-1) * splits.target_std + splits.target_mean
 
     def loss(self, logits, labels, label_smoothing: float = 0.0, class_weights=None):
         import torch.nn.functional as F
@@ -137,10 +489,44 @@ class Regression(Problem):
     def predict(self, logits: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         return logits.reshape(-1)
 
+    def decode(self, logits, labels, threshold: float = 0.5, top_k: int | None = None) -> list[dict]:
+        """{"value": the prediction in the training targets' units} per row."""
+        return [{"value": float(row.reshape(-1)[0])} for row in logits]
+
+    def agreement(self, logits, reference, threshold: float = 0.5):
+        return None  # a number is near, not equal: max_abs_logit_diff says how near
+
     def in_units(self, truth, predictions, splits):
         """Metrics in the targets' own units (training standardises them)."""
         mean, std = splits.target_mean, splits.target_std
         return truth.reshape(-1) * std + mean, predictions * std + mean
+
+    def held_out_loss(self, logits, encoded, scaling) -> dict:
+        """The MSE on the run's standardised targets, where its split.json says how (the model predicts in units)."""
+        known = scaling()
+        if known is None:
+            return {}
+        mean, std = known
+        truth, predictions = np.asarray(encoded, dtype=np.float64), self.predict(logits)
+        return {"loss": float(np.mean(((predictions - mean) / std - (truth - mean) / std) ** 2))}
+
+    def label_text(self, value, labels):
+        return float(value)
+
+    def record(self, result, truth, labels) -> dict:
+        return {"predicted": result["value"], "error": result["value"] - float(truth)}
+
+    def native_config(self, labels) -> dict:
+        return {"num_labels": 1, "problem_type": self.native_type}
+
+    def labels_of_config(self, config):
+        return None
+
+    def card_sentence(self, kind, labels, column):
+        return f"predicts a number (`{column}`, in the training targets' own units) from a {kind}"
+
+    def card_output_note(self, head) -> str:
+        return "\nThe output is the predicted value, in the training targets' own units.\n"
 
 
 class Tags(Problem):
@@ -195,6 +581,18 @@ class Tags(Problem):
         if details is not None:
             details.update(tc.tag_details(true_rows, predicted_rows, names))
         return results
+
+    def native_config(self, labels) -> dict:
+        labels = labels or []  # transformers' token classes have no problem_type
+        return {"id2label": {str(i): name for i, name in enumerate(labels)},
+                "label2id": {name: i for i, name in enumerate(labels)}}
+
+    def card_sentence(self, kind, labels, column):
+        return (f"tags each word of a {kind} with one of {len(labels)} tags, from which it reads the entities "
+                "(a span of words and its type)")
+
+    def card_data_note(self):
+        return "Rows are sentences; the tag counts are words."
 
 
 PROBLEMS: dict[str, Problem] = {p.name: p for p in (SingleLabel(), MultiLabel(), Regression(), Tags())}

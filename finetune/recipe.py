@@ -579,13 +579,13 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
     need(t.checkpoint_every is None or t.checkpoint_every >= 1,
          "train.checkpoint_every: must be at least 1 step, or null")
     need(t.keep_checkpoints >= 1, f"train.keep_checkpoints: must be at least 1, got {t.keep_checkpoints}")
-    need(t.sampler == "random" or h.problem == "single_label", "train.sampler: balanced is for single_label heads")
+    need(t.sampler == "random" or PROBLEMS[h.problem].single_class, "train.sampler: balanced is for single_label heads")
     need(
         not (t.group_by_length and t.sampler == "balanced"),
         "train.group_by_length: and train.sampler=balanced are two orders; pick one",
     )
     if t.class_weights is not None:
-        need(h.problem == "single_label", "train.class_weights: only for head.problem=single_label")
+        need(PROBLEMS[h.problem].single_class, "train.class_weights: only for head.problem=single_label")
         need(
             t.class_weights == "auto" or all(w is not None and w > 0 for w in t.class_weights),
             "train.class_weights: weights must be positive numbers (one per label, in label order), or auto",

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from finetune.errors import FinetuneError
+from finetune.recipe import Head
 
 SKIP_FOLDERS = {"model", "checkpoints", "plots", "tensorboard", "adapter"}  # inside a run: never runs themselves
 MAX_DEPTH = 4
@@ -79,7 +80,7 @@ def _settings(config: dict, metrics: dict) -> str:
     if head.get("pooling") not in (None, "auto"):
         kind += f"/{head['pooling']}"
     parts.append(kind)
-    if head.get("problem") not in (None, "single_label"):
+    if head.get("problem") not in (None, Head.problem):  # the schema's default goes unsaid
         parts.append(head["problem"].replace("_", "-"))
     if isinstance(config.get("lora"), dict):
         parts.append(f"lora r{config['lora'].get('r')}")

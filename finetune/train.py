@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from finetune import allocator, export, recipe as recipe_module
-from finetune import phases, precision, step_choice, tracking, transfer
+from finetune import phases, precision, problems, step_choice, tracking, transfer
 from finetune.checkpoints import (
     Progress,
     atomic_save,
@@ -312,8 +312,8 @@ def _model_to_export(run: Training, template):
         del state
     if accelerator.is_main_process:
         final = interface_of(final).model_to_save()
-    if accelerator.is_main_process and recipe.head.problem == "regression":
-        fold_target_scaling(transfer.unwrap_lora(final), splits.target_mean, splits.target_std)
+    if accelerator.is_main_process and (scaling := problems.get(recipe.head.problem).target_scaling(splits)):
+        fold_target_scaling(transfer.unwrap_lora(final), *scaling)
     return final
 
 

@@ -12,8 +12,8 @@ from finetune.metrics import (
     higher_is_better,
     is_improvement,
     metrics_for,
-    predictions_from_logits,
 )
+from finetune.problems import predictions_from_logits
 from finetune.recipe import DEFAULT_METRICS
 
 # ---------------------------------------------------------------------------------------------------------------

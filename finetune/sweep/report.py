@@ -123,10 +123,9 @@ def _trial_data(run_dir: Path):
 def _test_once(run_dir: Path, recipe, splits, say) -> dict | None:
     """The best trial's kept model on the test split its recipe defines (the first and only look at it), read and
     scored as `finetune eval` scores a run: by the task (texts, pairs, images, a tag per word)."""
-    import numpy as np
-
-    from finetune.metrics import compute_metrics, predictions_from_logits
+    from finetune.metrics import compute_metrics
     from finetune.predict import load
+    from finetune.problems import get
     from finetune.tasks import get_task
 
     task = get_task(recipe.task)
@@ -142,13 +141,9 @@ def _test_once(run_dir: Path, recipe, splits, say) -> dict | None:
         pairs = getattr(raw, "pairs", None)
         inputs = raw.texts if pairs is None else [{"text": a, "text_pair": b} for a, b in zip(raw.texts, pairs)]
         logits = predictor.logits(inputs, batch_size, False)
-        problem = recipe.head.problem
-        predictions = predictions_from_logits(logits, problem, recipe.head.threshold)
-        truth = np.asarray(splits.test["label"])
-        if problem == "regression":  # the exported model predicts in the targets' own units
-            truth = truth.reshape(-1) * splits.target_std + splits.target_mean
-        else:
-            truth = truth.astype(np.int64)
+        problem = get(recipe.head.problem)
+        predictions = problem.predict(logits, recipe.head.threshold)
+        truth = problem.truth_in_units(splits.test["label"], splits)  # the exported model predicts in units
         metrics, rows = compute_metrics(recipe.eval.metrics, truth, predictions), len(truth)
     metrics_path = run_dir / "metrics.json"
     run_metrics = _read_json(metrics_path)
