@@ -327,7 +327,7 @@ def from_dict(raw: dict, source: str = "recipe") -> Recipe:
         failed = {problem.split(":", 1)[0] for problem in problems}
         checks: list[str] = []
         _resolve(recipe)
-        _check(recipe, checks)
+        _check_values(recipe, checks)
         # a check on a stand-in value, or one that depends on a key already reported, would only add noise
         problems += [c for c in checks if c.split(":", 1)[0] not in failed and not any(f"{k}=" in c for k in failed)]
     if problems:
@@ -515,14 +515,21 @@ def _check_evaluate_modules(e: Eval, problems: list[str]) -> None:
             problems.append(str(error))
 
 
-def _check(recipe: Recipe, problems: list[str]) -> None:
-    from finetune.metrics import METRICS, is_evaluate, metrics_for  # metrics owns the names; recipe checks them
+def _check_values(recipe: Recipe, problems: list[str]) -> None:
+    """Every value the schema's types cannot check, each problem appended to `problems` with its dotted key."""
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             problems.append(message)
 
-    t, d, h = recipe.train, recipe.data, recipe.head
+    for check in (_check_training, _check_data, _check_model, _check_steps, _check_task):
+        check(recipe, need)
+    _check_metrics(recipe, problems, need)
+
+
+def _check_training(recipe: Recipe, need) -> None:
+    """train.*: sizes, rates and the warm-up."""
+    t = recipe.train
     need(t.epochs >= 1, f"train.epochs: must be at least 1, got {t.epochs}")
     need(t.batch_size >= 1, f"train.batch_size: must be at least 1, got {t.batch_size}")
     need(t.eval_batch_size is None or t.eval_batch_size >= 1, "train.eval_batch_size: must be at least 1")
@@ -535,6 +542,11 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
         need(0 <= t.warmup < 1, f"train.warmup: a fraction must be in [0, 1), got {t.warmup}; an integer means steps")
     else:
         need(t.warmup >= 0, f"train.warmup: steps must be >= 0, got {t.warmup}")
+
+
+def _check_data(recipe: Recipe, need) -> None:
+    """data.* and augment.*, label smoothing, EMA and the loader's workers."""
+    t, d = recipe.train, recipe.data
     need(0 < d.val_fraction < 1, f"data.val_fraction: must be between 0 and 1, got {d.val_fraction}")
     need(d.max_samples is None or d.max_samples >= 1, "data.max_samples: must be at least 1, or null for all rows")
     need(d.max_length >= 2, f"data.max_length: must be at least 2, got {d.max_length}")
@@ -550,6 +562,11 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
     need(0 <= t.label_smoothing < 1, f"train.label_smoothing: must be in [0, 1), got {t.label_smoothing}")
     need(t.ema is None or 0 < t.ema.decay < 1, "train.ema.decay: must be between 0 and 1")
     need(d.num_workers is None or d.num_workers >= 0, "data.num_workers: must be >= 0, or null for automatic")
+
+
+def _check_model(recipe: Recipe, need) -> None:
+    """backbone.*, head.*, lora.* and train.freeze."""
+    t, h = recipe.train, recipe.head
     need(recipe.backbone.dropout is None or 0 <= recipe.backbone.dropout < 1, "backbone.dropout: must be in [0, 1)")
     need(0 <= recipe.backbone.drop_path < 1, "backbone.drop_path: must be in [0, 1)")
     need(0 <= h.dropout < 1, f"head.dropout: must be in [0, 1), got {h.dropout}")
@@ -572,6 +589,11 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
             not (t.freeze.head_warmup and t.freeze.unfreeze_every),
             "train.freeze: head_warmup and unfreeze_every are two schedules; pick one",
         )
+
+
+def _check_steps(recipe: Recipe, need) -> None:
+    """train.*'s step counts, orders, class weights, layer decay and cached features."""
+    t, h = recipe.train, recipe.head
     need(t.max_steps is None or t.max_steps >= 1,
          f"train.max_steps: must be at least 1 step, or null; got {t.max_steps}")
     need(t.eval_every is None or t.eval_every >= 1,
@@ -596,13 +618,24 @@ def _check(recipe: Recipe, problems: list[str]) -> None:
         "train.cache_features: needs a frozen backbone; set train.freeze=backbone (or cache_features=null)",
     )
 
+
+def _check_task(recipe: Recipe, need) -> None:
+    """head.problem and the keys the recipe's task constrains."""
     from finetune.tasks import TASKS, get_task
 
+    h = recipe.head
     if recipe.task in TASKS:  # a bad task name is its own problem, reported already
         task = get_task(recipe.task)
         need(h.problem in task.problems, f"head.problem: {recipe.task} takes {' or '.join(task.problems)}, "
                                           f"not {h.problem}")
         task.check_recipe(recipe, need)
+
+
+def _check_metrics(recipe: Recipe, problems: list[str], need) -> None:
+    """eval.metrics for the problem, and what selects or stops on them (eval, early stopping, sweep)."""
+    from finetune.metrics import METRICS, is_evaluate, metrics_for  # metrics owns the names; recipe checks them
+
+    t, h = recipe.train, recipe.head
     allowed = metrics_for(h.problem)
     _check_evaluate_modules(recipe.eval, problems)
     for name in recipe.eval.metrics:
