@@ -76,7 +76,7 @@ def evaluate(source: str, data: str, split: str = "test", text_column=None, labe
     """{"metrics": {loss, metric: value}, "rows": n, "data": ..., "confusion"/"per_label": ...} for the model."""
     import torch
 
-    from finetune.data import _check_labels, encode_labels
+    from finetune.data import check_labels, encode_labels
     from finetune.metrics import compute_metrics, predictions_from_logits
     from finetune.tasks import get_task
     from finetune.train import loss_fn
@@ -97,7 +97,7 @@ def evaluate(source: str, data: str, split: str = "test", text_column=None, labe
             write_records(Path(output), report.pop("records"))
         report.pop("records", None)
         return report
-    _check_labels(raw, "--data", problem)
+    check_labels(raw, "--data", problem)
     raw = task.check_eval_inputs(raw, recipe)
     truth = encode_labels(raw, problem, predictor.labels, "--data")
     inputs = raw.texts if raw.pairs is None else [{"text": a, "text_pair": b} for a, b in zip(raw.texts, raw.pairs)]

@@ -139,7 +139,7 @@ def sample_logits(predictor, sample: list) -> np.ndarray:
     token classification, so that the sub-token positions line up)."""
     if not _per_token(predictor):
         return predictor.logits(sample)
-    from finetune.tasks.token_classification import encode_inputs
+    from finetune.tasks.token_classification.decoding import encode_inputs
 
     batch = encode_inputs(sample, predictor.preprocess, predictor.max_length).model_inputs()
     logits = predictor._forward(dict(batch)).view(SampleLogits)
@@ -483,7 +483,7 @@ def _quantize_static(predictor, fp32: Path, out: Path, reduce_range: bool) -> No
 
     images = _calibration_images(predictor)
     transform = predictor.preprocess
-    from finetune.images import load_image
+    from finetune.tasks.image_classification.files import load_image
 
     batches = [{"pixel_values": transform(load_image(entry)).unsqueeze(0).numpy()} for entry in images]
 

@@ -201,14 +201,14 @@ class Predictor:
         import torch
         from tqdm.auto import tqdm
 
-        from finetune.images import _unreadable, load_image
+        from finetune.tasks.image_classification.files import load_image, unreadable
 
         for i, entry in enumerate(entries):
             if type(entry).__module__.startswith("PIL."):
                 continue
             if isinstance(entry, Path):
                 entry = str(entry)
-            reason = _unreadable(entry)
+            reason = unreadable(entry)
             if reason is not None:
                 where = f"'{entry}'" if isinstance(entry, str) else f"input {i + 1}"
                 raise FinetuneError(f"image {where}: {reason}")
@@ -268,19 +268,19 @@ def probabilities(logits: np.ndarray, problem: str) -> np.ndarray:
 
 
 def _table_column(path: Path, column: str, option: str) -> list[Any]:
-    from finetune.data import FILE_BUILDERS, _load_dataset, require_columns
+    from finetune.data import FILE_BUILDERS, open_dataset, require_columns
 
     suffix = path.suffix.lower()
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
     if path.stat().st_size == 0:
         raise FinetuneError(f"{path}: is empty")
-    table = _load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", what=str(path), **kwargs)
+    table = open_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", what=str(path), **kwargs)
     require_columns(table, str(path), {option: column})
     return list(table[column])
 
 
 def _image_files(folder: Path) -> list[Path]:
-    from finetune.images import IMAGE_EXTENSIONS
+    from finetune.tasks.image_classification.files import IMAGE_EXTENSIONS
 
     found = []
     for path in sorted(folder.rglob("*")):
@@ -340,7 +340,7 @@ def expand_inputs(items: list[str], task: str, column: str, pair_column: str | N
             else:  # a text (a name that is no file or folder here is a text too)
                 expanded.append((item, item))
             continue
-        from finetune.images import IMAGE_EXTENSIONS, _resolve_path
+        from finetune.tasks.image_classification.files import IMAGE_EXTENSIONS, resolve_path
 
         if path.is_dir():
             files = _image_files(path)
@@ -352,7 +352,7 @@ def expand_inputs(items: list[str], task: str, column: str, pair_column: str | N
             expanded.append((item, str(path)))
         elif is_file and suffix in FILE_BUILDERS:
             for i, value in enumerate(_table_column(path, column, "--column")):
-                entry = _resolve_path(value, path.parent)
+                entry = resolve_path(value, path.parent)
                 expanded.append((entry if isinstance(entry, str) else f"{path} row {i + 1}", entry))
         elif not path.exists():
             raise FinetuneError(f"{item}: no such image file or folder")
@@ -365,7 +365,7 @@ def expand_inputs(items: list[str], task: str, column: str, pair_column: str | N
 
 
 def _image_extensions() -> set:
-    from finetune.images import IMAGE_EXTENSIONS
+    from finetune.tasks.image_classification.files import IMAGE_EXTENSIONS
 
     return set(IMAGE_EXTENSIONS)
 

@@ -176,7 +176,7 @@ class Tags(Problem):
         import torch.nn.functional as F
 
         from finetune.metrics import evaluate_value, is_evaluate
-        from finetune.tasks import token_classification as tc
+        from finetune.tasks.token_classification import tags as tc
 
         loss_sum, counted, true_rows, predicted_rows = 0.0, 0, [], []
         for logits, labels in batches:

@@ -64,9 +64,9 @@ def _image_input(value, i: int):
         data = base64.b64decode(value.split(",", 1)[-1] if value.startswith("data:") else value, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest(f"inputs[{i}]: not valid base64") from None
-    from finetune.images import _unreadable
+    from finetune.tasks.image_classification.files import unreadable
 
-    if _unreadable(data) is not None:
+    if unreadable(data) is not None:
         raise BadRequest(f"inputs[{i}]: not a readable image")
     return f"input {i + 1}", data
 

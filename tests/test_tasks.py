@@ -171,11 +171,12 @@ def _column(path: Path, column: str) -> list:
         return [row[column] for row in csv.DictReader(file)]
 
 
-def test_each_task_is_one_module_named_in_one_table():
+def test_each_task_is_one_folder_named_in_one_table():
     import finetune.tasks as tasks
 
-    modules = sorted(p.stem for p in Path(tasks.__file__).parent.glob("*.py") if p.stem != "__init__")
-    assert sorted(TASKS) == sorted(m.replace("_", "-") for m in modules)
+    folders = sorted(p.parent.name for p in Path(tasks.__file__).parent.glob("*/__init__.py"))
+    assert sorted(TASKS) == sorted(m.replace("_", "-") for m in folders)
+    assert all(TASKS[name] == f"finetune.tasks.{name.replace('-', '_')}.task" for name in TASKS)
     for name in TASKS:
         task = get_task(name)
         assert task.name == name and task.problems

@@ -9,9 +9,9 @@ from typing import Callable, Protocol
 
 # task name -> the module that holds it (imported when asked for: a task pulls in its own libraries)
 TASKS = {
-    "text-classification": "finetune.tasks.text_classification",
-    "image-classification": "finetune.tasks.image_classification",
-    "token-classification": "finetune.tasks.token_classification",
+    "text-classification": "finetune.tasks.text_classification.task",
+    "image-classification": "finetune.tasks.image_classification.task",
+    "token-classification": "finetune.tasks.token_classification.task",
 }
 
 

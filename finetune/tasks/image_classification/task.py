@@ -1,5 +1,5 @@
-"""Image classification: an image per row (folders, tables of paths or bytes, the zoo), one label, a label set or a
-number; a timm backbone and head, timm's transforms and Mixup, a native timm folder."""
+"""The image-classification task: an image per row (folders, tables of paths or bytes, the zoo), one label, a label
+set or a number; a timm backbone and head, timm's transforms and Mixup, a native timm folder."""
 
 from __future__ import annotations
 
@@ -10,6 +10,15 @@ import torch
 
 from finetune import checks
 from finetune.tasks import Job
+from finetune.tasks.batching import train_sampler
+from finetune.tasks.image_classification.loaders import (
+    DecodedImages,
+    ImageDataset,
+    decoded_cache_budget,
+    make_image_loader,
+)
+from finetune.tasks.image_classification.reading import check_images, load_image_splits, read_image_split
+from finetune.tasks.image_classification.transforms import build_mixup, build_transforms, draft_side
 
 
 class ImageClassification:
@@ -26,8 +35,6 @@ class ImageClassification:
              "data.text_pair_column: is for text-classification sentence pairs, not images")
 
     def read(self, spec: str, recipe, key: str) -> dict:
-        from finetune.images import read_image_split
-
         return read_image_split(spec, recipe, key)
 
     def onnx_usage(self, info: dict) -> str:
@@ -50,14 +57,10 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
 """
 
     def check_eval_inputs(self, raw, recipe):
-        from finetune.images import _check_images
-
-        raw, _ = _check_images(raw, "--data", recipe.data.skip_bad_images, recipe.data.image_column)
+        raw, _ = check_images(raw, "--data", recipe.data.skip_bad_images, recipe.data.image_column)
         return raw
 
     def load_splits(self, recipe):
-        from finetune.images import load_image_splits
-
         with warnings.catch_warnings():  # skipped images are one of the report's warnings
             warnings.simplefilter("ignore", UserWarning)
             return load_image_splits(recipe)
@@ -69,7 +72,6 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
         return checks.data_report(recipe, splits)
 
     def job(self, recipe, accelerator) -> Job:
-        from finetune import images
         from finetune.model import build_vision_model, save_vision_model
 
         t = recipe.train
@@ -78,16 +80,16 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
         model, data_config = build_vision_model(recipe, splits.label_names)
         if _use_channels_last(recipe, model, accelerator):
             model = model.to(memory_format=torch.channels_last)
-        mixup = images.build_mixup(recipe, len(splits.label_names or []))
+        mixup = build_mixup(recipe, len(splits.label_names or []))
         augmenting = not augmentation_off(recipe)
         # training crops are resized down to the input size: a large JPEG needs no full decode for them (evaluation
         # decodes whole, as timm and every exported model's users do)
-        draft = images.draft_side(data_config, recipe) if augmenting else None
+        draft = draft_side(data_config, recipe) if augmenting else None
         workers, notes = loader_workers(recipe, accelerator)
         # in the training process the decoded training and validation images can stay in memory across epochs
-        decoded = images.DecodedImages(images.decoded_cache_budget()) if workers == 0 else None
+        decoded = DecodedImages(decoded_cache_budget()) if workers == 0 else None
         datasets = {
-            key: images.ImageDataset(table, images.build_transforms(data_config, recipe, training=key == "train"
+            key: ImageDataset(table, build_transforms(data_config, recipe, training=key == "train"
                                                                       and augmenting),
                                      draft if key == "train" else None, decoded if key != "test" else None)
             for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
@@ -95,12 +97,10 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
         }
 
         def make_loader(dataset, batch, training):
-            from finetune.tasks.text_classification import train_sampler
-
             # mixup pairs each image with the batch reversed: an odd last batch would pair one image with itself
             drop_last = training and mixup is not None
             sampler = train_sampler(recipe, dataset, batch) if training else None
-            return images.make_image_loader(dataset, batch, training, t.seed, workers, drop_last, sampler)
+            return make_image_loader(dataset, batch, training, t.seed, workers, drop_last, sampler)
 
         return Job(
             splits,
