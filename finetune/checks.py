@@ -156,15 +156,15 @@ def check_output(recipe) -> list[str]:
     return []
 
 
-def data_report(recipe, splits: Splits, tokenizer=None, max_positions: int | None = None) -> DataReport:
+def data_report(recipe, splits: Splits, tokenizer=None, max_positions: int | None = None,
+                images: bool = False) -> DataReport:
     """The report on splits already loaded (what `run` can print without reading the data twice).
 
     tokenizer: text token-length percentiles against data.max_length; max_positions: the backbone's limit, an error
-    when data.max_length exceeds it and some text is longer (the run would fail inside the model).
+    when data.max_length exceeds it and some text is longer (the run would fail inside the model); images: the
+    inputs are images (the image task's report: fingerprints of pixels, skipped files), else texts.
     """
-    from finetune.tasks import inputs_of
-
-    text = inputs_of(recipe.task) == "text"
+    text = not images
     problem, names = splits.problem, splits.label_names
     summaries = {key: _summarise(key, splits) for key in SPLITS if key in splits.parts}
     report = DataReport(recipe.task, problem, names, summaries, recipe.data.max_length if text else None)

@@ -160,7 +160,8 @@ def _print_confusion(confusion: dict | None) -> None:
 
 
 def cmd_predict(args) -> int:
-    from finetune.predict import default_column, expand_inputs, load
+    from finetune.loading import load
+    from finetune.predict import default_column, expand_inputs
 
     if args.top_k is not None and args.top_k < 1:
         raise FinetuneError(f"--top-k: must be at least 1, got {args.top_k}")

@@ -14,6 +14,9 @@ from finetune.errors import FinetuneError
 
 SPLITS = ("train", "validation", "test")
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+IMAGE_EXTENSIONS = {
+    ".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+}
 
 
 @dataclass
@@ -208,6 +211,17 @@ def _record_lines(path: Path) -> list[int]:
         return starts[1:]  # the first record is the header
 
 
+
+
+def table_column(path: Path, column: str, option: str) -> list[Any]:
+    """One column of a csv/tsv/json/jsonl/parquet file (what `predict` reads inputs from); `option` names it."""
+    suffix = path.suffix.lower()
+    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    if path.stat().st_size == 0:
+        raise FinetuneError(f"{path}: is empty")
+    table = open_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", what=str(path), **kwargs)
+    require_columns(table, str(path), {option: column})
+    return list(table[column])
 
 
 def require_columns(table, what: str, options: dict[str, str]) -> None:

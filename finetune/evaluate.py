@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import FinetuneError
-from finetune.predict import Predictor, load
+from finetune.loading import load
+from finetune.predictor import Predictor
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
 
@@ -73,7 +74,26 @@ def _target_scaling(predictor: Predictor) -> tuple[float, float] | None:
 def evaluate(source: str, data: str, split: str = "test", text_column=None, label_column=None, image_column=None,
              batch_size: int = 32, output: str | None = None, progress: bool | None = None,
              pair_column: str | None = None) -> dict:
-    """{"metrics": {loss, metric: value}, "rows": n, "data": ..., "confusion"/"per_label": ...} for the model."""
+    """{"metrics": {loss, metric: value}, "rows": n, "data": ..., "confusion"/"per_label"/...: ...} for the model."""
+    from finetune.tasks import get_task
+
+    if output is not None and Path(output).suffix.lower() not in OUTPUT_FORMATS:
+        raise FinetuneError(f"--output: '{output}' must end in {' or '.join(OUTPUT_FORMATS)}")
+    predictor = load(source)
+    recipe = eval_recipe(predictor, data, text_column, label_column, image_column, pair_column)
+    raw = read_labelled(recipe, data, split)
+    report = get_task(recipe.task).evaluate(predictor, raw, recipe, split, batch_size, progress)
+    records, details = report.pop("records"), report.pop("details")
+    report.update(data=data, model=str(source), **details)
+    if output is not None:
+        write_records(Path(output), records)
+    return report
+
+
+def evaluate_rows(predictor: Predictor, raw, recipe, split: str = "test", batch_size: int = 32,
+                  progress: bool | None = None) -> dict:
+    """`Task.evaluate` for one row of logits per input: the split's labels and inputs checked as `run` checks
+    them, the run's loss and metrics, the confusion matrix or per-label F1, and a record per row."""
     import torch
 
     from finetune.data import check_labels, encode_labels
@@ -81,24 +101,9 @@ def evaluate(source: str, data: str, split: str = "test", text_column=None, labe
     from finetune.tasks import get_task
     from finetune.train import loss_fn
 
-    if output is not None and Path(output).suffix.lower() not in OUTPUT_FORMATS:
-        raise FinetuneError(f"--output: '{output}' must end in {' or '.join(OUTPUT_FORMATS)}")
-    predictor = load(source)
-    recipe = eval_recipe(predictor, data, text_column, label_column, image_column, pair_column)
     problem = predictor.problem
-    raw = read_labelled(recipe, data, split)
-    task = get_task(recipe.task)
-    if hasattr(task, "evaluate"):  # outputs that are not one row of logits per input (a tag per word)
-        report = task.evaluate(predictor, task.check_eval_inputs(raw, recipe), recipe, batch_size)
-        report.update(data=data, model=str(source))
-        for value in report.pop("details").values():
-            value["split"] = split
-        if output is not None:
-            write_records(Path(output), report.pop("records"))
-        report.pop("records", None)
-        return report
     check_labels(raw, "--data", problem)
-    raw = task.check_eval_inputs(raw, recipe)
+    raw = get_task(recipe.task).check_eval_inputs(raw, recipe)
     truth = encode_labels(raw, problem, predictor.labels, "--data")
     inputs = raw.texts if raw.pairs is None else [{"text": a, "text_pair": b} for a, b in zip(raw.texts, raw.pairs)]
     logits = predictor.logits(inputs, batch_size, progress)
@@ -116,11 +121,9 @@ def evaluate(source: str, data: str, split: str = "test", text_column=None, labe
         results["loss"] = float(loss_fn(torch.from_numpy(logits), labels, problem))
         truth = np.asarray(truth, dtype=np.int64)
     results.update(compute_metrics(recipe.eval.metrics, truth, predictions))  # the run's, else the problem's defaults
-    report = {"metrics": results, "rows": len(truth), "data": data, "model": str(source)}
-    report.update(_breakdown(problem, predictor.labels, truth, predictions, split))
-    if output is not None:
-        write_predictions(Path(output), predictor, raw, truth, logits)
-    return report
+    details = _breakdown(problem, predictor.labels, truth, predictions, split)
+    records = prediction_records(predictor, raw, truth, logits)
+    return {"metrics": results, "rows": len(truth), "details": details, "records": records}
 
 
 def _breakdown(problem: str, labels, truth, predictions, split: str) -> dict:
@@ -145,7 +148,7 @@ def _label_text(value, problem: str, labels) -> str | float:
     return labels[int(value)]
 
 
-def write_predictions(path: Path, predictor: Predictor, raw, truth, logits: np.ndarray) -> None:
+def prediction_records(predictor: Predictor, raw, truth, logits: np.ndarray) -> list[dict]:
     """One record per row: where it came from, the input, the true and predicted labels, and every label's score."""
     problem, labels = predictor.problem, predictor.labels
     decoded = predictor.decode(logits)
@@ -168,7 +171,7 @@ def write_predictions(path: Path, predictor: Predictor, raw, truth, logits: np.n
             scores = {item["label"]: item["score"] for item in result["scores"]}
             record.update({f"score:{name}": scores[name] for name in labels})
         records.append(record)
-    write_records(path, records)
+    return records
 
 
 def write_records(path: Path, records: list[dict]) -> None:

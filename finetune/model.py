@@ -260,17 +260,11 @@ def load(directory: str | Path):
     directory = Path(directory)
     spec_path = directory / KIT_FORMAT_FILE
     spec = json.loads(spec_path.read_text()) if spec_path.is_file() else None
-    if spec is not None and _inputs(spec.get("task")) == "image":
+    if spec is not None and _is_timm_folder(directory):  # a timm backbone with the kit's head
         return _load_vision_kit(directory, spec)
     if spec is None and _is_timm_folder(directory):
         return _load_timm(directory)
     return _load_text(directory, spec)
-
-
-def _inputs(task) -> str | None:
-    from finetune.tasks import TASKS, inputs_of
-
-    return inputs_of(task) if task in TASKS else None
 
 
 def _is_token_classifier(directory: Path) -> bool:

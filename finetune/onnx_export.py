@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import FinetuneError
+from finetune.onnx_runtime import EXPORT_FILE, ONNX_FILE, is_export_folder, require_onnx
 
-EXPORT_FILE = "export.json"
-ONNX_FILE = "model.onnx"
 OPSET = 18
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 FP32_TOLERANCE = 1e-3  # max abs logit difference an fp32 export may show against the torch model
@@ -21,27 +20,6 @@ INT8_WARN_POINTS = 2.0  # an int8 test metric this many points below the torch m
 PARITY_SAMPLES = 64  # inputs compared between torch and ONNX when no test split is known
 CALIBRATION_IMAGES = 64
 FUSION_TOLERANCE = 1e-4  # the fused fp32 graph against the exported one, before int8
-ONNX_EXTRA = 'pip install "finetune[onnx]"'
-
-
-def require_onnx(runtime_only: bool = False) -> None:
-    """One line naming the extra when onnx, onnxscript or onnxruntime is missing."""
-    import importlib
-
-    names = ("onnxruntime",) if runtime_only else ("onnx", "onnxscript", "onnxruntime")
-    missing = []
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise FinetuneError(f"{', '.join(missing)}: not installed, and ONNX needs it; {ONNX_EXTRA}")
-
-
-def is_export_folder(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / EXPORT_FILE).is_file() and (path / ONNX_FILE).is_file()
 
 
 def vnni_cpu() -> bool:
@@ -59,7 +37,7 @@ def vnni_cpu() -> bool:
 def export(source: str | Path, output: str | Path | None = None, quantize: str | None = None) -> dict:
     """Write the export folder for a run or model folder; returns export.json's content."""
     require_onnx()
-    from finetune.predict import load, resolve
+    from finetune.loading import load, resolve
 
     if quantize not in (None, "int8"):
         raise FinetuneError(f"--quantize: '{quantize}' is not supported; use int8 (or leave it out for fp32)")
@@ -116,16 +94,16 @@ def _recipe_dict(recipe) -> dict | None:
 
 
 def _is_image(predictor) -> bool:
-    from finetune.tasks import inputs_of
+    from finetune.tasks import get_task
 
-    return inputs_of(predictor.task) == "image"
+    return get_task(predictor.task).onnx_image_graph()
 
 
 def _per_token(predictor) -> bool:
     """Tasks whose outputs are not one row of logits per input (a tag per sub-token) predict through the task."""
     from finetune.tasks import get_task
 
-    return hasattr(get_task(predictor.task), "predict")
+    return not get_task(predictor.task).row_outputs
 
 
 class SampleLogits(np.ndarray):
@@ -135,16 +113,10 @@ class SampleLogits(np.ndarray):
 
 
 def sample_logits(predictor, sample: list) -> np.ndarray:
-    """The model's logits on the parity sample, encoded one way for torch and ONNX alike (one padded batch for
-    token classification, so that the sub-token positions line up)."""
-    if not _per_token(predictor):
-        return predictor.logits(sample)
-    from finetune.tasks.token_classification.decoding import encode_inputs
+    """The model's logits on the parity sample, encoded one way for torch and ONNX alike (`Task.parity_logits`)."""
+    from finetune.tasks import get_task
 
-    batch = encode_inputs(sample, predictor.preprocess, predictor.max_length).model_inputs()
-    logits = predictor._forward(dict(batch)).view(SampleLogits)
-    logits.mask = batch["attention_mask"].numpy().astype(bool)
-    return logits
+    return get_task(predictor.task).parity_logits(predictor, sample)
 
 
 def _default_output(predictor, source, quantize) -> Path:

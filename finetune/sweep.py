@@ -881,7 +881,7 @@ def _test_once(run_dir: Path, recipe, splits, say) -> dict | None:
     import numpy as np
 
     from finetune.metrics import compute_metrics, predictions_from_logits
-    from finetune.predict import load
+    from finetune.loading import load
     from finetune.tasks import get_task
 
     task = get_task(recipe.task)
@@ -890,7 +890,7 @@ def _test_once(run_dir: Path, recipe, splits, say) -> dict | None:
     predictor = load(run_dir)
     raw = splits.parts["test"]
     batch_size = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
-    if hasattr(task, "evaluate"):  # outputs that are not one row of logits per input (a tag per word)
+    if not task.row_outputs:  # a tag per word: scored by the task, as `finetune eval` scores it
         scored = task.evaluate(predictor, raw, recipe, batch_size)["metrics"]
         metrics, rows = {name: scored[name] for name in recipe.eval.metrics}, len(raw.texts)
     else:

@@ -14,9 +14,6 @@ import numpy as np
 from finetune.errors import FinetuneError
 
 
-IMAGE_EXTENSIONS = {
-    ".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
-}
 
 
 class BadImageError(FinetuneError):

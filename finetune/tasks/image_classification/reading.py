@@ -16,6 +16,7 @@ import numpy as np
 
 from finetune.data import (
     FILE_BUILDERS,
+    IMAGE_EXTENSIONS,
     RawSplit,
     Splits,
     assemble_splits,
@@ -30,7 +31,7 @@ from finetune.data import (
 )
 from finetune.errors import FinetuneError
 from finetune.needs import APT_DATA
-from finetune.tasks.image_classification.files import IMAGE_EXTENSIONS, resolve_path, unreadable
+from finetune.tasks.image_classification.files import resolve_path, unreadable
 
 
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",

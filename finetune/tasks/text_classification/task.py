@@ -8,17 +8,19 @@ from finetune.data import where_row
 from finetune.errors import FinetuneError
 from finetune.tasks import Job
 from finetune.tasks.batching import longest_first, train_sampler
+from finetune.tasks.rows import RowTask
+from finetune.tasks.text_classification.inputs import parse_text_input
+from finetune.tasks.text_inputs import read_text_inputs, text_input_limits, text_logits
 from finetune.tasks.text_classification.reading import load_text_splits, read_text_split
 from finetune.tasks.text_classification.tokens import make_text_loader, tokenize_texts
 
 
-class TextClassification:
+class TextClassification(RowTask):
     name = "text-classification"
     problems = ("single_label", "multi_label", "regression")
     inputs = "text"
     library = "transformers"
     column_key = "text_column"  # the data.* key naming the input column (predict --column's default)
-    serve_input = "text"  # what one /predict input is (finetune.serve.INPUT_PARSERS)
 
     def check_recipe(self, recipe, need) -> None:
         pass  # every text key applies
@@ -34,6 +36,23 @@ class TextClassification:
         inputs = ('[("a first text", "the text paired with it"), ("another", "pair")]  # encoded as the pair'
                   if pairs else '["a text to label", "another one"]')
         return onnx_text_usage(inputs, "", get(info["problem"]).onnx_decode)
+
+    def read_inputs(self, items: list[str], column: str, pair_column: str | None = None) -> list:
+        return read_text_inputs(items, column, pair_column)
+
+    def parse_input(self, value, position: int):
+        return parse_text_input(value, position)
+
+    def logits(self, predictor, inputs: list, batch_size: int, show: bool):
+        return text_logits(predictor, inputs, batch_size, show)
+
+    def card_usage(self, recipe, reference: str, native: bool) -> str:
+        from finetune.export import row_usage
+
+        return row_usage(recipe, reference, native, vision=False)
+
+    def card_input_limits(self, recipe) -> str:
+        return text_input_limits(recipe)
 
     def check_eval_inputs(self, raw, recipe):
         for i, text in enumerate(raw.texts):

@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from finetune.data import RawSplit
 from finetune.errors import FinetuneError
 from finetune.tasks.token_classification.alignment import make_loader, require_fast, tokenize
 from finetune.tasks.token_classification.conll import (
-    CONLL_SUFFIXES,
     check_sentences,
     encode_tags,
     leakage_key,
     load_splits,
-    read_conll,
     read_split,
 )
-from finetune.tasks.token_classification.decoding import predict
+from finetune.tasks import Task
+from finetune.tasks.text_inputs import text_input_limits, text_logits
+from finetune.tasks.token_classification.decoding import encode_inputs, predict
+from finetune.tasks.token_classification.inputs import parse_words_input, read_token_inputs
 from finetune.tasks.token_classification.report import TokenDataReport, tag_report
 from finetune.tasks.token_classification.tags import labelled_sequences
 
 
-class TokenClassification:
+class TokenClassification(Task):
     name = "token-classification"
     problems = ("tags",)
     inputs = "text"
     library = "transformers"
     column_key = "tokens_column"  # the data.* key naming the input column (predict --column's default)
-    serve_input = "words"  # what one /predict input is (finetune.serve.INPUT_PARSERS)
+    row_outputs = False  # a tag per word: predict and eval decode through the task
 
     def check_recipe(self, recipe, need) -> None:
         h = recipe.head
@@ -156,15 +156,16 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
             warnings=report.warnings,
         )
 
-    def read_inputs(self, path: Path) -> list[tuple[str, list[str]]] | None:
-        """predict's inputs from a CoNLL file: its sentences as word lists (the tags are not needed); None for
-        other files (texts, tables)."""
-        if path.suffix.lower() not in CONLL_SUFFIXES or path.suffix.lower() == ".txt":
-            return None  # .txt: one raw text per line, as for every text model
-        split = read_conll(path, f"'{path}'")
-        return [(" ".join(words), words) for words in split.texts]
+    def read_inputs(self, items: list[str], column: str, pair_column: str | None = None) -> list:
+        return read_token_inputs(items, column, pair_column)
 
-    def predict(self, predictor, inputs, top_k=None, batch_size: int = 32):
+    def parse_input(self, value, position: int):
+        return parse_words_input(value, position)
+
+    def logits(self, predictor, inputs: list, batch_size: int, show: bool):
+        return text_logits(predictor, inputs, batch_size, show)
+
+    def predict(self, predictor, inputs, top_k=None, batch_size: int = 32, progress: bool | None = None):
         """Entities (word, label, start, end, score) and each word's tag, for raw texts or lists of words."""
         for i, item in enumerate(inputs):
             words = isinstance(item, (list, tuple)) and all(isinstance(w, str) for w in item)
@@ -173,24 +174,26 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
                                     f"got {type(item).__name__}")
         # the predictor's own forward pass: the torch model, or an ONNX export's onnxruntime session
         return predict(None, predictor.preprocess, list(inputs), predictor.labels, predictor.max_length,
-                       batch_size=batch_size, forward=predictor._forward)
+                       batch_size=batch_size, forward=predictor.forward)
 
-    def evaluate(self, predictor, raw: RawSplit, recipe, batch_size: int = 32) -> dict:
-        """`finetune eval`: the run's metrics on labelled sentences, each word scored on its first sub-token (as
-        the run's own evaluation), and per sentence its words, true and predicted tags (`records`)."""
+    def evaluate(self, predictor, raw: RawSplit, recipe, split: str = "test", batch_size: int = 32,
+                 progress: bool | None = None) -> dict:
+        """`finetune eval`: the run's metrics on labelled sentences (empty ones dropped), each word scored on its
+        first sub-token (as the run's own evaluation), and per sentence its words, true and predicted tags."""
         import types
 
         import torch
 
         from finetune.problems import get
 
+        raw = self.check_eval_inputs(raw, recipe)
         names, tokenizer = predictor.labels, predictor.preprocess
         encoded = encode_tags(raw, names, "--data")
         dataset = tokenize({"tokens": raw.texts, "label": encoded}, tokenizer, predictor.max_length, names)
         batches = []
         for batch in make_loader(dataset, tokenizer, batch_size, False, 0):
             labels = batch.pop("labels")  # the predictor's forward: torch, or an ONNX export's session
-            batches.append((torch.from_numpy(predictor._forward(dict(batch))), labels))
+            batches.append((torch.from_numpy(predictor.forward(dict(batch))), labels))
         details: dict = {}
         metrics = get("tags").score(batches, recipe.eval.metrics, types.SimpleNamespace(label_names=names),
                                     details=details)
@@ -203,9 +206,11 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
             shown = [names[t] for t in guess] + [""] * (len(words) - len(guess))
             records.append({"row": row, "tokens": " ".join(words), "tags": " ".join(names[t] for t in truth),
                             "predicted": " ".join(shown).strip(), "correct": guess == truth})
-        return {"metrics": metrics, "rows": len(raw.texts), "details": details, **details, "records": records}
+        for value in details.values():
+            value["split"] = split
+        return {"metrics": metrics, "rows": len(raw.texts), "details": details, "records": records}
 
-    def card_usage(self, recipe, reference: str) -> str:
+    def card_usage(self, recipe, reference: str, native: bool) -> str:
         # trained on first sub-tokens only, a word's later pieces carry no learnt tag: "first" reads the word's tag
         # where training put it ("simple" would split words into pieces of different entities)
         aggregation = "simple" if recipe.data.label_all_tokens else "first"
@@ -216,6 +221,24 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
             f'tag = pipeline("token-classification", model=MODEL, aggregation_strategy="{aggregation}")\n'
             'print(tag("your text here"))  # entities: entity_group, score, word, start, end\n```\n'
         )
+
+    def card_input_limits(self, recipe) -> str:
+        return text_input_limits(recipe)
+
+    def card_sentence(self, recipe, labels: list[str] | None) -> str | None:
+        kinds = sorted({name[2:] for name in labels or [] if name[:2] in ("B-", "I-", "E-", "S-", "L-", "U-")})
+        entities = f" (entities: {', '.join(kinds)})" if kinds else ""
+        return f"tags each word of a text with one of {len(labels or [])} tags{entities}"
+
+    def parity_logits(self, predictor, sample: list):
+        """One padded batch for torch and ONNX alike, so that the sub-token positions line up; `mask` marks the
+        real sub-tokens."""
+        from finetune.onnx_export import SampleLogits
+
+        batch = encode_inputs(sample, predictor.preprocess, predictor.max_length).model_inputs()
+        logits = predictor.forward(dict(batch)).view(SampleLogits)
+        logits.mask = batch["attention_mask"].numpy().astype(bool)
+        return logits
 
 
 TASK = TokenClassification()
