@@ -184,22 +184,3 @@ def task_of_library(library: str) -> str:
     """The first task whose native folders `library` writes (else the first task): what a model folder whose spec
     names no task holds."""
     return next((name for name in TASKS if get_task(name).library == library), next(iter(TASKS)))
-
-
-def onnx_text_usage(inputs: str, encode: str, decode: str) -> str:
-    """The export card's lines for tokenised inputs: the exported tokenizer (the tokenizers library alone), the
-    session, then `decode` (numpy on `logits`, `batch` and `inputs`)."""
-    return f"""
-import json, numpy as np, onnxruntime as ort
-from tokenizers import Tokenizer
-info = json.load(open("export.json"))
-tokenizer = Tokenizer.from_file("tokenizer.json")
-tokenizer.enable_padding(); tokenizer.enable_truncation(info["max_length"] or 512)
-session = ort.InferenceSession("model.onnx")
-inputs = {inputs}
-batch = tokenizer.encode_batch(inputs{encode})
-feeds = {{"input_ids": [e.ids for e in batch], "attention_mask": [e.attention_mask for e in batch],
-         "token_type_ids": [e.type_ids for e in batch]}}
-logits = session.run(None, {{k: np.array(feeds[k], dtype=np.int64) for k in info["inputs"]}})[0]
-{decode.strip()}
-"""

@@ -1,5 +1,5 @@
-"""Text inputs for predict, shared by the tasks that read texts (text and token classification): strings, .txt files
-and table columns (pairs from two), and a row of logits per text or pair."""
+"""Text inputs, shared by the tasks that read texts (text and token classification): predict's strings, .txt files
+and table columns (pairs from two), a row of logits per text or pair, the card's limit line and the ONNX usage."""
 
 from __future__ import annotations
 
@@ -92,3 +92,22 @@ def text_input_limits(recipe) -> str:
         f"- Texts are cut to {recipe.data.max_length} tokens, as in training (the tokenizer's "
         "`model_max_length`): a long document is judged by its beginning."
     )
+
+
+def onnx_text_usage(inputs: str, encode: str, decode: str) -> str:
+    """The export card's lines for tokenised inputs: the exported tokenizer (the tokenizers library alone), the
+    session, then `decode` (numpy on `logits`, `batch` and `inputs`)."""
+    return f"""
+import json, numpy as np, onnxruntime as ort
+from tokenizers import Tokenizer
+info = json.load(open("export.json"))
+tokenizer = Tokenizer.from_file("tokenizer.json")
+tokenizer.enable_padding(); tokenizer.enable_truncation(info["max_length"] or 512)
+session = ort.InferenceSession("model.onnx")
+inputs = {inputs}
+batch = tokenizer.encode_batch(inputs{encode})
+feeds = {{"input_ids": [e.ids for e in batch], "attention_mask": [e.attention_mask for e in batch],
+         "token_type_ids": [e.type_ids for e in batch]}}
+logits = session.run(None, {{k: np.array(feeds[k], dtype=np.int64) for k in info["inputs"]}})[0]
+{decode.strip()}
+"""

@@ -10,7 +10,7 @@ from finetune.tasks import Job
 from finetune.tasks.batching import longest_first, train_sampler
 from finetune.tasks.rows import RowTask
 from finetune.tasks.text_classification.inputs import parse_text_input
-from finetune.tasks.text_inputs import read_text_inputs, text_input_limits, text_logits
+from finetune.tasks.text_inputs import onnx_text_usage, read_text_inputs, text_input_limits, text_logits
 from finetune.tasks.text_classification.reading import load_text_splits, read_text_split
 from finetune.tasks.text_classification.tokens import make_text_loader, tokenize_texts
 
@@ -30,7 +30,6 @@ class TextClassification(RowTask):
 
     def onnx_usage(self, info: dict) -> str:
         from finetune.problems import get
-        from finetune.tasks import onnx_text_usage
 
         pairs = ((info.get("recipe") or {}).get("data") or {}).get("text_pair_column")
         inputs = ('[("a first text", "the text paired with it"), ("another", "pair")]  # encoded as the pair'

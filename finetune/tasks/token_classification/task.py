@@ -13,8 +13,8 @@ from finetune.tasks.token_classification.conll import (
     load_splits,
     read_split,
 )
-from finetune.tasks import Task
-from finetune.tasks.text_inputs import text_input_limits, text_logits
+from finetune.tasks import Job, Task
+from finetune.tasks.text_inputs import onnx_text_usage, text_input_limits, text_logits
 from finetune.tasks.token_classification.decoding import encode_inputs, predict
 from finetune.tasks.token_classification.inputs import parse_words_input, read_token_inputs
 from finetune.tasks.token_classification.report import TokenDataReport, tag_report
@@ -40,8 +40,6 @@ class TokenClassification(Task):
         return read_split(spec, recipe, key)
 
     def onnx_usage(self, info: dict) -> str:
-        from finetune.tasks import onnx_text_usage
-
         decode = """
 for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its first sub-token's
     first = {w: i for i, w in reversed(list(enumerate(encoding.word_ids))) if w is not None}
@@ -122,7 +120,6 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
             ) from None
 
     def job(self, recipe, accelerator):
-        from finetune.tasks import Job
         from finetune.tasks.batching import longest_first, train_sampler
 
         t, d = recipe.train, recipe.data
