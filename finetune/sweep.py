@@ -891,7 +891,7 @@ def _test_once(run_dir: Path, recipe, splits, say) -> dict | None:
     raw = splits.parts["test"]
     batch_size = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
     if not task.row_outputs:  # a tag per word: scored by the task, as `finetune eval` scores it
-        scored = task.evaluate(predictor, raw, recipe, batch_size)["metrics"]
+        scored = task.evaluate(predictor, raw, recipe, batch_size=batch_size)["metrics"]
         metrics, rows = {name: scored[name] for name in recipe.eval.metrics}, len(raw.texts)
     else:
         pairs = getattr(raw, "pairs", None)
