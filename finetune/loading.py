@@ -8,7 +8,6 @@ from pathlib import Path
 from finetune.errors import FinetuneError
 from finetune.predictor import RUN_CONFIG, Predictor, read_run_recipe
 
-
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

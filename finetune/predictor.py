@@ -11,7 +11,6 @@ import numpy as np
 
 from finetune.errors import FinetuneError
 
-
 RUN_CONFIG = "config.yaml"
 PROGRESS_MIN_BATCHES = 4  # a bar for inputs that take a while; a handful of inputs print nothing extra
 

@@ -14,8 +14,6 @@ import numpy as np
 from finetune.errors import FinetuneError
 
 
-
-
 class BadImageError(FinetuneError):
     """An image that stopped decoding after the splits were checked (raised inside a DataLoader worker).
 

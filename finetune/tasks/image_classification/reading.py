@@ -33,7 +33,6 @@ from finetune.errors import FinetuneError
 from finetune.needs import APT_DATA
 from finetune.tasks.image_classification.files import resolve_path, unreadable
 
-
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
                  "dev": "validation", "test": "test"}
 FASHION_MNIST_DIR = APT_DATA["fashion-mnist"][1]  # Debian package dataset-fashion-mnist

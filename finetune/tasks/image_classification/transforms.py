@@ -6,7 +6,6 @@ import math
 
 from finetune.errors import FinetuneError
 
-
 # timm has no TrivialAugment policy name; this RandAugment string is its equivalent: one op per image (n1), always
 # applied (p1), magnitude drawn uniformly from [0, 10] (mstd > 100 means uniform), strength rising with magnitude (inc1)
 TRIVIAL_AUGMENT = "rand-n1-m10-mstd101-inc1-p1"

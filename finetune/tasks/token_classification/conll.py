@@ -38,7 +38,6 @@ from finetune.data import (
 from finetune.errors import FinetuneError
 from finetune.tasks.token_classification.tags import OUTSIDE, tag_scheme
 
-
 CONLL_SUFFIXES = (".conll", ".txt", ".iob")
 DOCSTART = "-DOCSTART-"
 SHOWN_TAGS = 20  # tags listed in a message; the rest as "..."

@@ -12,7 +12,6 @@ from finetune.errors import FinetuneError
 from finetune.tasks.token_classification.alignment import require_fast
 from finetune.tasks.token_classification.tags import OUTSIDE, PREFIXED
 
-
 AGGREGATIONS = ("first", "simple")
 
 

@@ -13,7 +13,6 @@ from finetune.tasks.token_classification.alignment import require_fast
 from finetune.tasks.token_classification.conll import where_word
 from finetune.tasks.token_classification.tags import OUTSIDE, PREFIXED, entity_spans, entity_type, tag_scheme
 
-
 # Warn when more than this share of a split's sentences is cut at data.max_length (as the text report does).
 TRUNCATION_WARNING = 0.10
 

@@ -10,7 +10,6 @@ import numpy as np
 
 from finetune.errors import FinetuneError
 
-
 IGNORE_INDEX = -100  # what torch's cross_entropy skips: special tokens, continuation sub-tokens, padding
 OUTSIDE = "O"
 SCHEMES = ("IOB2", "BIOES", "BILOU", "plain")

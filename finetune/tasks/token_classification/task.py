@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-
 from finetune.data import RawSplit
 from finetune.errors import FinetuneError
+from finetune.tasks import Job, Task
+from finetune.tasks.text_inputs import onnx_text_usage, text_input_limits, text_logits
 from finetune.tasks.token_classification.alignment import make_loader, require_fast, tokenize
 from finetune.tasks.token_classification.conll import (
     check_sentences,
@@ -13,8 +14,6 @@ from finetune.tasks.token_classification.conll import (
     load_splits,
     read_split,
 )
-from finetune.tasks import Job, Task
-from finetune.tasks.text_inputs import onnx_text_usage, text_input_limits, text_logits
 from finetune.tasks.token_classification.decoding import encode_inputs, predict
 from finetune.tasks.token_classification.inputs import parse_words_input, read_token_inputs
 from finetune.tasks.token_classification.report import TokenDataReport, tag_report
