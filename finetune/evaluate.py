@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import FinetuneError
-from finetune.predict import Predictor, load
+from finetune.loading import load_predictor
+from finetune.predictor import Predictor
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
 
@@ -73,55 +74,49 @@ def _target_scaling(predictor: Predictor) -> tuple[float, float] | None:
 def evaluate(source: str, data: str, split: str = "test", text_column=None, label_column=None, image_column=None,
              batch_size: int = 32, output: str | None = None, progress: bool | None = None,
              pair_column: str | None = None) -> dict:
-    """{"metrics": {loss, metric: value}, "rows": n, "data": ..., "confusion"/"per_label": ...} for the model."""
-
-    from finetune.data import _check_labels, encode_labels
-    from finetune.metrics import compute_metrics
-    from finetune.problems import get
+    """{"metrics": {loss, metric: value}, "rows": n, "data": ..., "confusion"/"per_label"/...: ...} for the model."""
     from finetune.tasks import get_task
 
     if output is not None and Path(output).suffix.lower() not in OUTPUT_FORMATS:
         raise FinetuneError(f"--output: '{output}' must end in {' or '.join(OUTPUT_FORMATS)}")
-    predictor = load(source)
+    predictor = load_predictor(source)
     recipe = eval_recipe(predictor, data, text_column, label_column, image_column, pair_column)
-    problem = predictor.problem
     raw = read_labelled(recipe, data, split)
-    task = get_task(recipe.task)
-    if hasattr(task, "evaluate"):  # outputs that are not one row of logits per input (a tag per word)
-        report = task.evaluate(predictor, task.check_eval_inputs(raw, recipe), recipe, batch_size)
-        report.update(data=data, model=str(source))
-        for value in report.pop("details").values():
-            value["split"] = split
-        if output is not None:
-            write_records(Path(output), report.pop("records"))
-        report.pop("records", None)
-        return report
-    _check_labels(raw, "--data", problem)
-    raw = task.check_eval_inputs(raw, recipe)
-    truth = encode_labels(raw, problem, predictor.labels, "--data")
-    inputs = raw.texts if raw.pairs is None else [{"text": a, "text_pair": b} for a, b in zip(raw.texts, raw.pairs)]
-    logits = predictor.logits(inputs, batch_size, progress)
-    predictions = get(problem).predict(logits, predictor.threshold)
-
-    results = get(problem).held_out_loss(logits, truth, lambda: _target_scaling(predictor))
-    truth = get(problem).truth_array(truth)
-    results.update(compute_metrics(recipe.eval.metrics, truth, predictions))  # the run's, else the problem's defaults
-    report = {"metrics": results, "rows": len(truth), "data": data, "model": str(source)}
-    report.update(_breakdown(problem, predictor.labels, truth, predictions, split))
+    report = get_task(recipe.task).evaluate(predictor, raw, recipe, split, batch_size, progress)
+    records, details = report.pop("records"), report.pop("details")
+    report.update(data=data, model=str(source), **details)
     if output is not None:
-        write_predictions(Path(output), predictor, raw, truth, logits)
+        write_records(Path(output), records)
     return report
 
 
-def _breakdown(problem: str, labels, truth, predictions, split: str) -> dict:
-    """The problem's details (confusion matrix, per-label F1), shaped as in metrics.json."""
+def evaluate_rows(predictor: Predictor, raw, recipe, split: str = "test", batch_size: int = 32,
+                  progress: bool | None = None) -> dict:
+    """`Task.evaluate` for one row of logits per input: the split's labels and inputs checked as `run` checks
+    them, the run's loss and metrics, the problem's details (confusion matrix, per-label F1), and a record per row."""
+    from finetune.data import check_labels, encode_labels
+    from finetune.metrics import compute_metrics
     from finetune.problems import get
+    from finetune.tasks import get_task
 
-    found = get(problem).details(truth, predictions, labels)
-    return {name: {"split": split, **value} for name, value in found.items()}
+    problem = get(predictor.problem)
+    check_labels(raw, "--data", predictor.problem)
+    raw = get_task(recipe.task).check_eval_inputs(raw, recipe)
+    truth = encode_labels(raw, predictor.problem, predictor.labels, "--data")
+    inputs = raw.texts if raw.pairs is None else [{"text": a, "text_pair": b} for a, b in zip(raw.texts, raw.pairs)]
+    logits = predictor.logits(inputs, batch_size, progress)
+    predictions = problem.predict(logits, predictor.threshold)
+
+    results = problem.held_out_loss(logits, truth, lambda: _target_scaling(predictor))
+    truth = problem.truth_array(truth)
+    results.update(compute_metrics(recipe.eval.metrics, truth, predictions))  # the run's, else the problem's defaults
+    found = problem.details(truth, predictions, predictor.labels)
+    details = {name: {"split": split, **value} for name, value in found.items()}
+    records = prediction_records(predictor, raw, truth, logits)
+    return {"metrics": results, "rows": len(truth), "details": details, "records": records}
 
 
-def write_predictions(path: Path, predictor: Predictor, raw, truth, logits: np.ndarray) -> None:
+def prediction_records(predictor: Predictor, raw, truth, logits: np.ndarray) -> list[dict]:
     """One record per row: where it came from, the input, the true and predicted labels, and every label's score."""
     from finetune.problems import get
 
@@ -135,7 +130,7 @@ def write_predictions(path: Path, predictor: Predictor, raw, truth, logits: np.n
             record = {"row": row, "input": shown, "input_pair": raw.pairs[i], "label": record["label"]}
         record.update(problem.record(decoded[i], truth[i], labels))
         records.append(record)
-    write_records(path, records)
+    return records
 
 
 def write_records(path: Path, records: list[dict]) -> None:

@@ -99,25 +99,9 @@ def base_model(recipe) -> str | None:
         return None
     if name in ZOO_BASE_MODELS:
         return ZOO_BASE_MODELS[name]
-    if _library(recipe) == "timm":
-        if name == "efficientnet-lite0":
-            name = "tf_efficientnet_lite0"  # the zoo's weights load strictly into this timm architecture
-        if name.startswith("hf-hub:"):
-            return name[len("hf-hub:"):]
-        if name.startswith("local-dir:") or Path(name).expanduser().exists():
-            return None
-        try:
-            from timm.models import get_pretrained_cfg
+    from finetune.tasks import get_task
 
-            config = get_pretrained_cfg(name)
-        except Exception:  # an unknown tag or a hub id: timm has no entry for it
-            config = None
-        if config is not None and config.hf_hub_id:
-            return config.hf_hub_id
-        return name if name.count("/") == 1 else None
-    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
-        return None
-    return name  # a hub id
+    return get_task(recipe.task).base_model(name)
 
 
 def _hub_dataset(spec: str) -> str | None:
@@ -143,16 +127,18 @@ def _library(recipe) -> str:
     return get_task(recipe.task).library
 
 
-def _inputs(recipe) -> str:
-    from finetune.tasks import inputs_of
+def _input_kind(recipe) -> str:
+    from finetune.tasks import get_task
 
-    return inputs_of(recipe.task)
+    return get_task(recipe.task).inputs
 
 
 def model_reference(recipe, native: bool) -> str:
     """What the usage snippet passes to the loader: the model folder (timm wants it as local-dir:)."""
     where = (Path(recipe.output.dir) / "model").as_posix()
-    return f"local-dir:{where}" if native and _library(recipe) == "timm" else where
+    from finetune.tasks import get_task
+
+    return get_task(recipe.task).model_reference(where, native)
 
 
 def for_hub(card: str, repo_id: str) -> str:
@@ -166,6 +152,8 @@ def for_hub(card: str, repo_id: str) -> str:
 
 def _header(recipe, metrics: dict, native: bool, name: str) -> str:
     from huggingface_hub import EvalResult, ModelCardData
+
+    from finetune.tasks import get_task
 
     library = _library(recipe) if native else "finetune"
     results = []
@@ -187,8 +175,7 @@ def _header(recipe, metrics: dict, native: bool, name: str) -> str:
             )
         )
     tags = ["finetune", recipe.task, recipe.head.problem.replace("_", "-")]
-    if library != "timm" and _library(recipe) == "timm":
-        tags.append("timm")
+    tags += get_task(recipe.task).card_tags(native)
     data = ModelCardData(
         library_name=library,
         pipeline_tag=recipe.task,
@@ -310,11 +297,13 @@ def _per_label_section(metrics: dict, plots: dict) -> list[str]:
 def _usage(recipe, native: bool) -> str:
     from finetune.tasks import get_task
 
-    problem, vision = _problem(recipe), _library(recipe) == "timm"
-    reference = model_reference(recipe, native)
-    task = get_task(recipe.task)
-    if hasattr(task, "card_usage"):  # a task whose use is not "classify these inputs"
-        return task.card_usage(recipe, reference)
+    return get_task(recipe.task).card_usage(recipe, model_reference(recipe, native), native)
+
+
+def row_usage(recipe, reference: str, native: bool, vision: bool) -> str:
+    """The "Use" section for one row of logits per input (the text and image tasks' `Task.card_usage`): the
+    transformers pipeline, timm, or finetune.load for the kit's own format."""
+    problem = _problem(recipe)
     example = (
         'image = Image.new("RGB", (256, 256), "gray")  # your picture: Image.open("photo.jpg").convert("RGB")'
         if vision else 'texts = ["your text here"]'
@@ -386,6 +375,8 @@ def _what_it_does(recipe, splits, kind: str) -> str:
 
 
 def _limits(recipe, splits, metrics: dict, kind: str) -> list[str]:
+    from finetune.tasks import get_task
+
     tables = _split_tables(splits)
     labels = splits.label_names
     lines = []
@@ -402,14 +393,7 @@ def _limits(recipe, splits, metrics: dict, kind: str) -> list[str]:
             f"- Made for {kind}s like the {train_rows} it was trained on (`{source}`), whose targets ran from "
             f"{targets.min():.4g} to {targets.max():.4g}; far outside that range it extrapolates."
         )
-    if kind == "text":
-        lines.append(
-            f"- Texts are cut to {recipe.data.max_length} tokens, as in training (the tokenizer's "
-            "`model_max_length`): a long document is judged by its beginning."
-        )
-    else:
-        size = f"{recipe.data.image_size} px" if recipe.data.image_size else "the backbone's input size"
-        lines.append(f"- Images are resized and cropped to {size} and normalised as recorded in `config.json`.")
+    lines.append(get_task(recipe.task).card_input_limits(recipe))
     test = metrics.get("test") or {}
     if "test" in tables and "accuracy" in test:
         n = len(tables["test"]["label"])
@@ -441,7 +425,7 @@ def _plots_section(plots: dict) -> list[str]:
 def model_card(recipe, splits, metrics: dict, native: bool, plots: list | None = None) -> str:
     """model/README.md: hub metadata, what the model does, how to use it, its data, results, limits and recipe."""
     plots = dict(plots or [])
-    kind = _inputs(recipe)
+    kind = _input_kind(recipe)
     name = Path(recipe.output.dir).name
     labels = splits.label_names
     best = metrics.get("best", {})

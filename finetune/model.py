@@ -506,7 +506,7 @@ def save_vision_model(model: nn.Module, directory: Path, recipe, label_names: li
     _save_kit_weights_and_spec(model, directory, recipe, label_names)
 
 
-def load(directory: str | Path):
+def load_model_folder(directory: str | Path):
     """(model, tokenizer or image transform, spec) from a `model/` folder: transformers, timm or finetune's format.
 
     Weights come from safetensors only. Vision models are called as `model(pixel_values=...)`.
@@ -514,17 +514,11 @@ def load(directory: str | Path):
     directory = Path(directory)
     spec_path = directory / KIT_FORMAT_FILE
     spec = json.loads(spec_path.read_text()) if spec_path.is_file() else None
-    if spec is not None and _inputs(spec.get("task")) == "image":
+    if spec is not None and _is_timm_folder(directory):  # a timm backbone with the kit's head
         return _load_vision_kit(directory, spec)
     if spec is None and _is_timm_folder(directory):
         return _load_timm(directory)
     return _load_text(directory, spec)
-
-
-def _inputs(task) -> str | None:
-    from finetune.tasks import TASKS, inputs_of
-
-    return inputs_of(task) if task in TASKS else None
 
 
 def _is_token_classifier(directory: Path) -> bool:

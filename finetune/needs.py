@@ -15,6 +15,7 @@ def recipe_needs(raw: dict) -> list[str]:
     raw: the recipe as YAML data (unvalidated), so `finetune ls` stays fast and lists even a broken recipe.
     """
     from finetune.backbones import TEXT_ZOO, VISION_ZOO
+    from finetune.tasks import TASKS, get_task
 
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     backbone = raw.get("backbone") if isinstance(raw.get("backbone"), dict) else {}
@@ -29,6 +30,7 @@ def recipe_needs(raw: dict) -> list[str]:
         network |= spec.startswith("hub:")
     name = str(backbone.get("name", ""))
     local = name.startswith("local-dir:") or (bool(name) and Path(name).expanduser().exists())
-    timm_from_scratch = raw.get("task") == "image-classification" and backbone.get("pretrained") is False
-    network |= not (name in TEXT_ZOO or name in VISION_ZOO or local or timm_from_scratch)
+    task = raw.get("task")
+    built_offline = isinstance(task, str) and task in TASKS and get_task(task).backbone_offline(backbone)
+    network |= not (name in TEXT_ZOO or name in VISION_ZOO or local or built_offline)
     return list(dict.fromkeys(found)) + (["network"] if network else [])

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import FinetuneError
+from finetune.onnx_runtime import EXPORT_FILE, ONNX_FILE, is_export_folder, require_onnx
 from finetune.problems import get
 
-EXPORT_FILE = "export.json"
-ONNX_FILE = "model.onnx"
 OPSET = 18
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 FP32_TOLERANCE = 1e-3  # max abs logit difference an fp32 export may show against the torch model
@@ -22,27 +21,6 @@ INT8_WARN_POINTS = 2.0  # an int8 test metric this many points below the torch m
 PARITY_SAMPLES = 64  # inputs compared between torch and ONNX when no test split is known
 CALIBRATION_IMAGES = 64
 FUSION_TOLERANCE = 1e-4  # the fused fp32 graph against the exported one, before int8
-ONNX_EXTRA = 'pip install "finetune[onnx]"'
-
-
-def require_onnx(runtime_only: bool = False) -> None:
-    """One line naming the extra when onnx, onnxscript or onnxruntime is missing."""
-    import importlib
-
-    names = ("onnxruntime",) if runtime_only else ("onnx", "onnxscript", "onnxruntime")
-    missing = []
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise FinetuneError(f"{', '.join(missing)}: not installed, and ONNX needs it; {ONNX_EXTRA}")
-
-
-def is_export_folder(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / EXPORT_FILE).is_file() and (path / ONNX_FILE).is_file()
 
 
 def vnni_cpu() -> bool:
@@ -60,13 +38,13 @@ def vnni_cpu() -> bool:
 def export(source: str | Path, output: str | Path | None = None, quantize: str | None = None) -> dict:
     """Write the export folder for a run or model folder; returns export.json's content."""
     require_onnx()
-    from finetune.predict import load, resolve
+    from finetune.loading import load_predictor, resolve
 
     if quantize not in (None, "int8"):
         raise FinetuneError(f"--quantize: '{quantize}' is not supported; use int8 (or leave it out for fp32)")
     if is_export_folder(source):
         raise FinetuneError(f"{source}: is already an ONNX export; export the run or model folder it came from")
-    predictor = load(source, device="cpu")
+    predictor = load_predictor(source, device="cpu")
     predictor.model_dir, _ = resolve(source)
     # the graph computes in fp32: parity is against the torch model in fp32, not under a bf16 run's autocast
     # (a bf16 run's own predictions round logits to ~3 significant digits; its test metric is still compared)
@@ -117,16 +95,16 @@ def _recipe_dict(recipe) -> dict | None:
 
 
 def _is_image(predictor) -> bool:
-    from finetune.tasks import inputs_of
+    from finetune.tasks import get_task
 
-    return inputs_of(predictor.task) == "image"
+    return get_task(predictor.task).onnx_image_graph()
 
 
 def _per_token(predictor) -> bool:
     """Tasks whose outputs are not one row of logits per input (a tag per sub-token) predict through the task."""
     from finetune.tasks import get_task
 
-    return hasattr(get_task(predictor.task), "predict")
+    return not get_task(predictor.task).row_outputs
 
 
 class SampleLogits(np.ndarray):
@@ -136,16 +114,10 @@ class SampleLogits(np.ndarray):
 
 
 def sample_logits(predictor, sample: list) -> np.ndarray:
-    """The model's logits on the parity sample, encoded one way for torch and ONNX alike (one padded batch for
-    token classification, so that the sub-token positions line up)."""
-    if not _per_token(predictor):
-        return predictor.logits(sample)
-    from finetune.tasks.token_classification import encode_inputs
+    """The model's logits on the parity sample, encoded one way for torch and ONNX alike (`Task.parity_logits`)."""
+    from finetune.tasks import get_task
 
-    batch = encode_inputs(sample, predictor.preprocess, predictor.max_length).model_inputs()
-    logits = predictor._forward(dict(batch)).view(SampleLogits)
-    logits.mask = batch["attention_mask"].numpy().astype(bool)
-    return logits
+    return get_task(predictor.task).parity_logits(predictor, sample)
 
 
 def _default_output(predictor, source, quantize) -> Path:
@@ -478,7 +450,7 @@ def _quantize_static(predictor, fp32: Path, out: Path, reduce_range: bool) -> No
 
     images = _calibration_images(predictor)
     transform = predictor.preprocess
-    from finetune.images import load_image
+    from finetune.tasks.image_classification.files import load_image
 
     batches = [{"pixel_values": transform(load_image(entry)).unsqueeze(0).numpy()} for entry in images]
 

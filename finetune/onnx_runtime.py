@@ -9,7 +9,31 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import FinetuneError
-from finetune.predict import Predictor
+from finetune.predictor import RUN_CONFIG, Predictor, read_run_recipe
+
+EXPORT_FILE = "export.json"
+ONNX_FILE = "model.onnx"
+ONNX_EXTRA = 'pip install "finetune[onnx]"'
+
+
+def require_onnx(runtime_only: bool = False) -> None:
+    """One line naming the extra when onnx, onnxscript or onnxruntime is missing."""
+    import importlib
+
+    names = ("onnxruntime",) if runtime_only else ("onnx", "onnxscript", "onnxruntime")
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise FinetuneError(f"{', '.join(missing)}: not installed, and ONNX needs it; {ONNX_EXTRA}")
+
+
+def is_export_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / EXPORT_FILE).is_file() and (path / ONNX_FILE).is_file()
 
 
 def session_threads() -> int:
@@ -24,8 +48,6 @@ def session_threads() -> int:
 
 
 def make_session(path: str | Path):
-    from finetune.onnx_export import require_onnx
-
     require_onnx(runtime_only=True)
     import onnxruntime as ort
 
@@ -55,8 +77,6 @@ class OnnxPredictor(Predictor):
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> OnnxPredictor:
-        from finetune.onnx_export import EXPORT_FILE, ONNX_FILE
-
         folder = Path(folder)
         try:
             info = json.loads((folder / EXPORT_FILE).read_text())
@@ -65,16 +85,9 @@ class OnnxPredictor(Predictor):
         spec = {key: info.get(key) for key in ("task", "problem", "labels", "threshold")}
         spec["format"] = "onnx"
         spec["backbone"] = info.get("backbone")
-        from finetune.tasks import inputs_of
+        from finetune.tasks import get_task
 
-        if inputs_of(spec["task"]) == "image":
-            preprocess = _image_transform(folder)
-        else:
-            from transformers import AutoTokenizer
-
-            preprocess = AutoTokenizer.from_pretrained(folder)
-            if info.get("max_length"):
-                preprocess.model_max_length = int(info["max_length"])
+        preprocess = get_task(spec["task"]).onnx_preprocess(folder, info)
         recipe = _source_recipe(folder, info)
         if not spec["backbone"] and recipe is not None:  # /info names what was fine-tuned, not the export folder
             spec["backbone"] = recipe.backbone.name
@@ -93,7 +106,7 @@ class OnnxPredictor(Predictor):
         limit = getattr(self.preprocess, "model_max_length", None)
         return int(limit) if limit is not None and limit < 1_000_000 else None
 
-    def _forward(self, batch: dict) -> np.ndarray:
+    def forward(self, batch: dict) -> np.ndarray:
         feeds = {}
         for name in self.feeds:
             value = batch[name]
@@ -105,7 +118,6 @@ class OnnxPredictor(Predictor):
 def _source_recipe(folder: Path, info: dict):
     """The trained run's recipe, so that predict and eval read tables with its columns as they do for the run: the
     copy in export.json, else (an export written before it held one) the source run's config.yaml when it is there."""
-    from finetune.predict import RUN_CONFIG, read_run_recipe
     from finetune.recipe import from_dict
 
     if isinstance(info.get("recipe"), dict):
@@ -114,12 +126,3 @@ def _source_recipe(folder: Path, info: dict):
     if info.get("source") and (source / RUN_CONFIG).is_file() and (source / "model").is_dir():
         return read_run_recipe(source)
     return None
-
-
-def _image_transform(folder: Path):
-    from timm.data import create_transform
-
-    config = json.loads((folder / "config.json").read_text()).get("pretrained_cfg", {})
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    return create_transform(**{key: tuple(v) if isinstance(v, list) else v
-                               for key, v in config.items() if key in keys}, is_training=False)

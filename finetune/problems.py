@@ -562,7 +562,7 @@ class Tags(Problem):
         import torch.nn.functional as F
 
         from finetune.metrics import evaluate_value, is_evaluate
-        from finetune.tasks import token_classification as tc
+        from finetune.tasks.token_classification import tags as tc
 
         loss_sum, counted, true_rows, predicted_rows = 0.0, 0, [], []
         for logits, labels in batches:
@@ -588,8 +588,12 @@ class Tags(Problem):
                 "label2id": {name: i for i, name in enumerate(labels)}}
 
     def card_sentence(self, kind, labels, column):
+        from finetune.tasks.token_classification.tags import entity_types
+
+        types = entity_types(labels)
+        named = f" ({', '.join(types)})" if types else ""
         return (f"tags each word of a {kind} with one of {len(labels)} tags, from which it reads the entities "
-                "(a span of words and its type)")
+                f"(a span of words and its type{named})")
 
     def card_data_note(self):
         return "Rows are sentences; the tag counts are words."

@@ -54,10 +54,13 @@ def _duration(seconds) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def _inputs(task) -> str | None:
-    from finetune.tasks import TASKS, inputs_of
+def _input_size(task, data: dict) -> str | None:
+    """The task's note on the input size ("len 128", "224px"); an old or hand-edited config may name no known task."""
+    from finetune.tasks import TASKS, get_task
 
-    return inputs_of(task) if task in TASKS else None  # an old or hand-edited config may name no known task
+    if task in TASKS:
+        return get_task(task).settings_note(data)
+    return f"len {data['max_length']}" if data.get("max_length") else None
 
 
 def _settings(config: dict, metrics: dict) -> str:
@@ -70,10 +73,9 @@ def _settings(config: dict, metrics: dict) -> str:
     )
     if isinstance(train.get("lr"), (int, float)):
         parts.append(f"lr {train['lr']:g}")
-    if _inputs(config.get("task")) == "image":
-        parts.append(f"{data['image_size']}px" if data.get("image_size") else "native px")
-    elif data.get("max_length"):
-        parts.append(f"len {data['max_length']}")
+    size = _input_size(config.get("task"), data)
+    if size:
+        parts.append(size)
     kind = head.get("type", "linear")
     if head.get("hidden"):
         kind += "[" + ",".join(map(str, head["hidden"])) + "]"

@@ -2,8 +2,6 @@
 
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
 import os
@@ -21,60 +19,6 @@ class BadRequest(Exception):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
-
-
-def _text_input(value, i: int):
-    if isinstance(value, dict):  # a sentence pair
-        if set(value) != {"text", "text_pair"}:
-            raise BadRequest(f"inputs[{i}]: a pair is {{\"text\": ..., \"text_pair\": ...}}, got keys "
-                             f"{', '.join(sorted(map(str, value))) or 'none'}")
-        for key in ("text", "text_pair"):
-            if not isinstance(value[key], str) or not value[key].strip():
-                raise BadRequest(f"inputs[{i}].{key}: must be a non-empty string")
-        return f"{value['text']} | {value['text_pair']}", {"text": value["text"], "text_pair": value["text_pair"]}
-    if not isinstance(value, str):
-        raise BadRequest(f"inputs[{i}]: a text model takes strings or {{\"text\", \"text_pair\"}} objects, "
-                         f"got {type(value).__name__}")
-    if not value.strip():
-        raise BadRequest(f"inputs[{i}]: empty text")
-    return value, value
-
-
-def _words_input(value, i: int):
-    """Token classification: a raw text, or a list of words (one tag each)."""
-    if isinstance(value, list):
-        if not value:
-            raise BadRequest(f"inputs[{i}]: an empty list of words")
-        for j, word in enumerate(value):
-            if not isinstance(word, str) or not word.strip():
-                raise BadRequest(f"inputs[{i}][{j}]: a word must be a non-empty string")
-        return " ".join(value), list(value)
-    if not isinstance(value, str):
-        raise BadRequest(f"inputs[{i}]: a token classifier takes a text or a list of words, got "
-                         f"{type(value).__name__}")
-    if not value.strip():
-        raise BadRequest(f"inputs[{i}]: empty text")
-    return value, value
-
-
-def _image_input(value, i: int):
-    if not isinstance(value, str):
-        raise BadRequest(f"inputs[{i}]: an image model takes base64 strings, got {type(value).__name__}")
-    try:
-        data = base64.b64decode(value.split(",", 1)[-1] if value.startswith("data:") else value, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequest(f"inputs[{i}]: not valid base64") from None
-    from finetune.images import _unreadable
-
-    if _unreadable(data) is not None:
-        raise BadRequest(f"inputs[{i}]: not a readable image")
-    return f"input {i + 1}", data
-
-
-# One parser per kind of input a task's predict takes (finetune.tasks' `serve_input`): sentence pairs
-# ({"text", "text_pair"}) and word lists (token classification) arrive as rows here, without touching the request
-# handling.
-INPUT_PARSERS = {"text": _text_input, "image": _image_input, "words": _words_input}
 
 
 def parse_request(body: bytes, task: str, max_inputs: int) -> tuple[list, list, int | None]:
@@ -100,10 +44,12 @@ def parse_request(body: bytes, task: str, max_inputs: int) -> tuple[list, list, 
         raise BadRequest("top_k: must be a positive integer")
     from finetune.tasks import TASKS, get_task
 
-    parse = INPUT_PARSERS.get(getattr(get_task(task), "serve_input", None)) if task in TASKS else None
-    if parse is None:
+    if task not in TASKS:
         raise BadRequest(f"task {task}: not served yet", status=501)
-    parsed = [parse(value, i) for i, value in enumerate(inputs)]
+    try:  # each task reads its own inputs (texts, pairs, word lists, base64 images)
+        parsed = [get_task(task).parse_input(value, i) for i, value in enumerate(inputs)]
+    except FinetuneError as error:
+        raise BadRequest(str(error)) from None
     return [shown for shown, _ in parsed], [entry for _, entry in parsed], top_k
 
 
@@ -115,7 +61,7 @@ class Batcher:
 
         self.predictor = predictor
         # tasks whose outputs are not a row of logits per input (a tag per word) decode through the task
-        self.per_input = hasattr(get_task(predictor.task), "predict")
+        self.per_input = not get_task(predictor.task).row_outputs
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -288,7 +234,7 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8000, api_key_env: s
         import uvicorn
     except ImportError:
         raise FinetuneError(f"uvicorn: not installed, and serve needs it; {SERVE_EXTRA}") from None
-    from finetune.predict import load
+    from finetune.loading import load_predictor
 
     for name, value in (("--max-batch", max_batch), ("--max-inputs", max_inputs)):
         if value < 1:
@@ -298,7 +244,7 @@ def serve(source: str, host: str = "127.0.0.1", port: int = 8000, api_key_env: s
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise FinetuneError(f"--api-key-env: the variable {api_key_env} is not set or empty; export it first")
-    predictor = load(source)
+    predictor = load_predictor(source)
     app = build_app(predictor, api_key, max_batch, max_wait_ms, max_inputs, max_body_mb)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     log.info("serving %s (%s) on http://%s:%d", source, predictor.task, host, port)

@@ -358,7 +358,7 @@ def _step_choice(recipe, checkpoint: Path | None, resumed: str | None):
 
     task = get_task(recipe.task)
     one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    if not hasattr(task, "step_choice") or torch.accelerator.is_available() or not one_process:
+    if not task.step_choice_applies or torch.accelerator.is_available() or not one_process:
         return None
     native = precision.cpu_has_native_bf16()
     if len(step_choice.candidates(recipe, native)) < 2:

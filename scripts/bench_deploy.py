@@ -157,7 +157,7 @@ def bench_image(args, work: Path) -> dict:
 
     import finetune
     from finetune.evaluate import read_labelled
-    from finetune.images import load_image
+    from finetune.tasks.image_classification.files import load_image
     from finetune.onnx_export import export
 
     overrides = ["train.epochs=1", *args.image_override]

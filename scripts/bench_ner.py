@@ -195,7 +195,7 @@ def sentences_of(article: str) -> list[list[str]]:
 
 
 def write_conll(folder: Path, sentences_per_split: dict[str, int]) -> dict[str, int]:
-    from finetune.data import TEXT_ZOO
+    from finetune.tasks.text_classification.reading import TEXT_ZOO
 
     written = {}
     for name, split in TEXT_ZOO["bbc-news"]().items():

@@ -71,7 +71,7 @@ def cpu_flags() -> str:
 
 
 def write_rows(folder: Path, max_samples: int | None) -> None:
-    from finetune.data import TEXT_ZOO
+    from finetune.tasks.text_classification.reading import TEXT_ZOO
 
     for name, split in TEXT_ZOO["bbc-news-pairs"]().items():
         rows = list(zip(split.texts, split.pairs, split.labels))[:max_samples]

@@ -32,8 +32,8 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from finetune import data as data_module
-    from finetune.data import load_splits
+    from finetune.tasks.text_classification import tokens as data_module
+    from finetune.tasks.text_classification.reading import load_text_splits as load_splits
     from finetune.model import build_text_model
     from finetune.precision import autocast, cpu_flags
     from finetune.recipe import find_recipe, load_recipe
@@ -44,8 +44,8 @@ def main(argv: list[str]) -> int:
     splits = load_splits(recipe)
     model, tokenizer = build_text_model(recipe, splits.label_names)
     model.eval()
-    dataset = data_module.tokenize(splits.train, tokenizer, recipe.data.max_length)
-    loader = data_module.make_loader(dataset, tokenizer, args.batch_size, False, recipe.train.seed)
+    dataset = data_module.tokenize_texts(splits.train, tokenizer, recipe.data.max_length)
+    loader = data_module.make_text_loader(dataset, tokenizer, args.batch_size, False, recipe.train.seed)
     batches = [{k: v for k, v in b.items() if k != "labels"} for _, b in zip(range(args.batches + 2), loader)]
     times = {"fp32": [], "bf16": []}
     agree = []

@@ -137,7 +137,7 @@ def build_image(name: str, recipe, accelerator, threads: int) -> Variant:
 def build(name: str, recipe, accelerator, splits, threads: int) -> Variant:
     import torch
 
-    from finetune import data as data_module
+    from finetune.tasks.text_classification import tokens as data_module
     from finetune import transfer
     from finetune.model import build_text_model
     from finetune.optim import build_param_groups, build_scheduler
@@ -154,8 +154,8 @@ def build(name: str, recipe, accelerator, splits, threads: int) -> Variant:
     model, tokenizer = build_text_model(recipe, splits.label_names)
     if recipe.lora is not None:  # as finetune.train does: peft adapters, the head trained in full
         model = transfer.apply_lora(model, recipe.lora)
-    dataset = data_module.tokenize(splits.train, tokenizer, recipe.data.max_length)
-    loader = data_module.make_loader(dataset, tokenizer, t.batch_size, True, t.seed)
+    dataset = data_module.tokenize_texts(splits.train, tokenizer, recipe.data.max_length)
+    loader = data_module.make_text_loader(dataset, tokenizer, t.batch_size, True, t.seed)
     if "grouped" in mods or (t.group_by_length and "ungrouped" not in mods and "pad-max" not in mods):
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=t.batch_size, collate_fn=loader.collate_fn,
@@ -261,7 +261,7 @@ def main(argv: list[str]) -> int:
     import torch
     from accelerate import Accelerator
 
-    from finetune.data import load_splits
+    from finetune.tasks.text_classification.reading import load_text_splits as load_splits
     from finetune.precision import cpu_flags
     from finetune.recipe import find_recipe, load_recipe
 

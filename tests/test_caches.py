@@ -11,7 +11,7 @@ def test_the_token_cache_is_where_tokenize_writes(tiny_bert):
     from transformers import AutoTokenizer
 
     from finetune.caches import token_cache_dir, usage
-    from finetune.data import tokenize
+    from finetune.tasks.text_classification.tokens import tokenize_texts as tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     tokenize({"text": ["the bread today", "a goal of news"], "label": [0, 1]}, tokenizer, 16)

@@ -226,7 +226,7 @@ def test_an_unknown_text_backbone_is_an_error(report, tmp_path):
 
 
 def test_data_report_on_loaded_splits_matches_check_data(make_recipe, tmp_path):
-    from finetune.data import load_splits
+    from finetune.tasks.text_classification.reading import load_text_splits as load_splits
 
     train = rows_of({"food": 30, "tech": 2})
     recipe = to_recipe(make_recipe(**{"data.train": str(table(tmp_path / "t.csv", train)), "data.validation": None,

@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from finetune.data import load_splits, stratified_split, tokenize
+from finetune.data import stratified_split
+from finetune.tasks.text_classification.reading import load_text_splits as load_splits
+from finetune.tasks.text_classification.tokens import tokenize_texts as tokenize
 from finetune.errors import FinetuneError
 from finetune.recipe import from_dict
 

@@ -11,18 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune import images
 from finetune.errors import FinetuneError
-from finetune.images import (
-    ImageDataset,
-    build_mixup,
-    build_transforms,
-    collate_images,
-    load_image,
-    load_image_splits,
-    make_image_loader,
-)
 from finetune.recipe import from_dict
+from finetune.tasks.image_classification import files, transforms
+from finetune.tasks.image_classification import reading as image_reading
+from finetune.tasks.image_classification.files import load_image
+from finetune.tasks.image_classification.loaders import ImageDataset, collate_images, make_image_loader
+from finetune.tasks.image_classification.reading import load_image_splits
+from finetune.tasks.image_classification.transforms import build_mixup, build_transforms
 
 DATA_CONFIG = {  # the shape of timm.data.resolve_model_data_config(model), at a test-sized input
     "input_size": (3, 32, 32),
@@ -324,7 +320,7 @@ def test_a_cpu_run_whose_threads_take_every_core_reads_its_images_in_process(mon
 
     from accelerate import Accelerator
 
-    from finetune.tasks.image_classification import loader_workers
+    from finetune.tasks.image_classification.task import loader_workers
 
     accelerator = Accelerator(cpu=True)
     cores = len(os.sched_getaffinity(0))
@@ -342,7 +338,7 @@ def test_a_cpu_run_whose_threads_take_every_core_reads_its_images_in_process(mon
 
 
 def test_decoded_images_stay_in_memory_and_training_sees_the_same_crops(tmp_path):
-    from finetune.images import DecodedImages
+    from finetune.tasks.image_classification.loaders import DecodedImages
 
     root = image_folder(tmp_path / "jpegs", {"a": 3, "b": 3}, ext=".jpg")
     recipe = make_recipe({"train": root}, augment={"scale": [0.3, 1.0], "hflip": 0.5}, **{"epochs": 1})
@@ -399,7 +395,7 @@ def test_digits_split_is_fixed_and_independent_of_train_seed(digits):
 
 def test_fashion_mnist_from_the_debian_package():
     recipe = make_recipe({"train": "fashion-mnist"})
-    if images.FASHION_MNIST_DIR.is_dir():
+    if image_reading.FASHION_MNIST_DIR.is_dir():
         splits = load_image_splits(recipe)
         counts = {key: value["count"] for key, value in splits.info["splits"].items()}
         assert counts["train"] + counts["validation"] == 60_000 and counts["test"] == 10_000
@@ -418,11 +414,11 @@ def test_fashion_mnist_reads_the_packages_idx_files(tmp_path, monkeypatch):
     rng = np.random.RandomState(0)
     train_images, test_images = rng.randint(0, 256, (48, 28, 28)), rng.randint(0, 256, (10, 28, 28))
     for (images_file, labels_file), array, count in zip(
-        images.FASHION_MNIST_FILES.values(), (train_images, test_images), (48, 10)
+        image_reading.FASHION_MNIST_FILES.values(), (train_images, test_images), (48, 10)
     ):
         _write_idx(tmp_path / images_file, array)
         _write_idx(tmp_path / labels_file, np.arange(count) % 10)
-    monkeypatch.setattr(images, "FASHION_MNIST_DIR", tmp_path)
+    monkeypatch.setattr(image_reading, "FASHION_MNIST_DIR", tmp_path)
     splits = load_image_splits(make_recipe({"train": "fashion-mnist"}))
     counts = {key: value["count"] for key, value in splits.info["splits"].items()}
     assert counts == {"train": 44, "validation": 4, "test": 10}
@@ -431,7 +427,7 @@ def test_fashion_mnist_reads_the_packages_idx_files(tmp_path, monkeypatch):
     assert splits.label_names[splits.test["label"][3]] == "Dress"  # label number 3
 
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x08\x01garbage"))
-    images._fashion_mnist_arrays.cache_clear()
+    image_reading._fashion_mnist_arrays.cache_clear()
     assert "not an IDX file" in error_of(make_recipe({"train": "fashion-mnist"}))
 
 
@@ -497,7 +493,7 @@ def test_training_with_augmentation_differs(photo, augment):
 
 
 def test_trivialaugment_is_spelled_as_timms_randaugment_and_bad_policies_are_named():
-    assert images.auto_augment_policy("trivialaugment") == "rand-n1-m10-mstd101-inc1-p1"
+    assert transforms.auto_augment_policy("trivialaugment") == "rand-n1-m10-mstd101-inc1-p1"
     recipe = make_recipe({"train": "digits"}, augment={"auto_augment": "trivialaugment"})
     assert "RandAugment" in repr(build_transforms(DATA_CONFIG, recipe, training=True))
     bad = make_recipe({"train": "digits"}, augment={"auto_augment": "bogus-policy"})
@@ -556,13 +552,13 @@ def test_training_decodes_a_large_jpeg_at_a_reduced_scale_that_still_covers_its_
     Image.fromarray(smooth.astype(np.uint8)).save(path, quality=95)
     recipe = make_recipe({"train": tmp_path, "image_size": 96}, augment={"scale": [0.6, 1.0]})
     config = {"input_size": (3, 224, 224)}
-    side = images.draft_side(config, recipe)
+    side = transforms.draft_side(config, recipe)
     assert side == 144  # the smallest crop (60% of the area, aspect 4/3) of a 144-pixel side is 96 pixels tall
-    assert images.load_image(str(path)).size == (800, 600)
-    reduced = images.load_image(str(path), side)
+    assert files.load_image(str(path)).size == (800, 600)
+    reduced = files.load_image(str(path), side)
     assert reduced.size == (200, 150)  # libjpeg's 1/4 scale; 1/8 (100 x 75) would be under 144
-    whole = np.asarray(images.load_image(str(path)).resize(reduced.size, Image.BILINEAR), dtype=np.float32)
+    whole = np.asarray(files.load_image(str(path)).resize(reduced.size, Image.BILINEAR), dtype=np.float32)
     assert np.abs(np.asarray(reduced, dtype=np.float32) - whole).mean() < 3  # the same picture, decoded smaller
     png = save_image(tmp_path / "photo.png", size=(800, 600))
-    assert images.load_image(str(png), side).size == (800, 600)  # only JPEG decodes at a scale
-    assert images.draft_side(config, make_recipe({"train": tmp_path}, augment={"scale": [1.0, 1.0]})) == 224
+    assert files.load_image(str(png), side).size == (800, 600)  # only JPEG decodes at a scale
+    assert transforms.draft_side(config, make_recipe({"train": tmp_path}, augment={"scale": [1.0, 1.0]})) == 224

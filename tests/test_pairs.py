@@ -55,7 +55,7 @@ def test_a_pair_model_learns_what_the_first_text_alone_cannot_tell(pair_run):
 def test_both_texts_are_encoded_as_the_tokenizers_pair_and_truncation_keeps_both(tiny_bert):
     from transformers import AutoTokenizer
 
-    from finetune.data import tokenize
+    from finetune.tasks.text_classification.tokens import tokenize_texts as tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     long = " ".join(["bread"] * 20)

@@ -38,9 +38,9 @@ def runs(tiny_bert, tiny_data, multi_label_data, regression_data, tmp_path_facto
 
 @torch.no_grad()
 def logits_by_hand(model_dir, texts) -> np.ndarray:
-    from finetune.model import load
+    from finetune.model import load_model_folder
 
-    model, tokenizer, _ = load(model_dir)
+    model, tokenizer, _ = load_model_folder(model_dir)
     output = model(**tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt"))
     return (output.logits if hasattr(output, "logits") else output).float().numpy()
 

@@ -13,6 +13,7 @@ from PIL import Image
 from test_pairs import pair_rows
 from test_token_classification import PIECES, SPECIAL, corpus, write
 
+from finetune.problems import get
 from finetune.tasks import TASKS, get_task
 from finetune.train import train
 
@@ -171,13 +172,66 @@ def _column(path: Path, column: str) -> list:
         return [row[column] for row in csv.DictReader(file)]
 
 
-def test_each_task_is_one_module_named_in_one_table():
+def test_each_task_is_one_folder_named_in_one_table():
     import finetune.tasks as tasks
 
-    modules = sorted(p.stem for p in Path(tasks.__file__).parent.glob("*.py") if p.stem != "__init__")
-    assert sorted(TASKS) == sorted(m.replace("_", "-") for m in modules)
+    folders = sorted(p.parent.name for p in Path(tasks.__file__).parent.glob("*/__init__.py"))
+    assert sorted(TASKS) == sorted(m.replace("_", "-") for m in folders)
+    assert all(TASKS[name] == f"finetune.tasks.{name.replace('-', '_')}.task" for name in TASKS)
     for name in TASKS:
         task = get_task(name)
         assert task.name == name and task.problems
         for method in ("read", "load_splits", "check_data", "check_eval_inputs", "job"):
             assert callable(getattr(task, method)), (name, method)
+
+
+def test_every_task_declares_the_whole_interface():
+    from finetune.tasks import Task
+
+    # what a task must say for itself: the base class raises NotImplementedError for these
+    required = ("read", "load_splits", "check_data", "job", "read_inputs", "parse_input", "logits", "evaluate",
+                "card_usage", "card_input_limits", "onnx_usage")
+    for name in TASKS:
+        task = get_task(name)
+        assert isinstance(task, Task), name
+        assert task.inputs and task.library and task.column_key and isinstance(task.row_outputs, bool)
+        for method in required:
+            assert getattr(type(task), method) is not getattr(Task, method), (name, method)
+        assert task.step_choice_applies or task.step_choice(None, False) is None
+
+
+def test_every_task_reads_serve_inputs_and_refuses_bad_ones():
+    import base64
+    import io
+
+    from finetune.errors import FinetuneError
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(png, format="PNG")
+    good = {"text-classification": ["a text", {"text": "a", "text_pair": "b"}],
+            "image-classification": [base64.b64encode(png.getvalue()).decode()],
+            "token-classification": ["John lives here", ["John", "lives"]]}
+    bad = {"text-classification": [3, "  ", {"text": "a"}], "image-classification": ["not base64!", 3],
+           "token-classification": [[], [""], 3]}
+    for name in TASKS:
+        task = get_task(name)
+        for i, value in enumerate(good[name]):
+            shown, entry = task.parse_input(value, i)
+            assert isinstance(shown, str) and entry is not None
+        for i, value in enumerate(bad[name]):
+            with pytest.raises(FinetuneError, match=rf"inputs\[{i}\]"):
+                task.parse_input(value, i)
+
+
+def test_every_card_says_what_its_model_outputs(cases):
+    from finetune.predictor import read_run_recipe
+
+    for name, (run, _) in cases.items():
+        recipe = read_run_recipe(run)
+        task = get_task(recipe.task)
+        card = (run / "model" / "README.md").read_text()
+        assert task.card_usage(recipe, "MODEL_DIR", True).split("\n")[0] in card, name
+        assert task.card_input_limits(recipe) in card, name
+        labels = json.loads((run / "split.json").read_text())["labels"]
+        sentence = get(recipe.head.problem).card_sentence(f"{task.inputs}", labels, recipe.data.label_column)
+        assert f"it {sentence}." in " ".join(card.split()), name

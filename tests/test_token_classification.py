@@ -9,8 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from finetune import data as data_module
 from finetune.errors import FinetuneError
-from finetune.tasks import token_classification as tc
+from finetune.tasks.token_classification import alignment, conll, decoding
+from finetune.tasks.token_classification import report as reporting
+from finetune.tasks.token_classification import tags as tagging
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Whole words plus WordPiece pieces: Washington -> wash ##ing ##ton, Kilimanjaro -> ki ##lim ##an ##jar ##o,
@@ -67,12 +70,12 @@ Kilimanjaro\tB-LOC"""
 
 
 def test_conll_reads_sentences_skipping_docstart_and_keeps_a_last_sentence_without_blank_line(tmp_path):
-    split = tc.read_file(str(write(tmp_path / "train.conll", CONLL)), "data.train")
+    split = conll.read_file(str(write(tmp_path / "train.conll", CONLL)), "data.train")
     assert split.texts == [["John", "Smith", "visited", "Washington", "."], ["Anna", "went", "to", "Kilimanjaro"]]
     assert split.labels == [["B-PER", "I-PER", "O", "B-LOC", "O"], ["B-PER", "O", "O", "B-LOC"]]
     assert split.rows == [3, 10]  # the line each sentence starts on
-    assert tc.is_conll(split)
-    assert tc.where_word(split, 1, 3) == f"'{tmp_path / 'train.conll'}' line 13"
+    assert conll.is_conll(split)
+    assert conll.where_word(split, 1, 3) == f"'{tmp_path / 'train.conll'}' line 13"
     from finetune.data import where_rows
 
     assert where_rows(split, [1]) == [f"'{tmp_path / 'train.conll'}' line 10"]  # the kit's own row naming
@@ -82,14 +85,14 @@ def test_conll_reads_sentences_skipping_docstart_and_keeps_a_last_sentence_witho
 def test_other_conll_suffixes_and_crlf(tmp_path, suffix):
     path = tmp_path / f"train{suffix}"
     path.write_bytes(b"Paris B-LOC\r\nis O\r\n\r\n\r\nBerlin B-LOC\r\n")
-    split = tc.read_file(str(path), "data.train")
+    split = conll.read_file(str(path), "data.train")
     assert split.texts == [["Paris", "is"], ["Berlin"]] and split.rows == [1, 5]
 
 
 def test_conll_line_without_tag_column_names_file_and_line(tmp_path):
     path = write(tmp_path / "train.conll", "John B-PER\nSmith\n")
     with pytest.raises(FinetuneError, match=r"train.conll' line 2: 'Smith' has no tag column; write each word"):
-        tc.read_file(str(path), "data.train")
+        conll.read_file(str(path), "data.train")
 
 
 @pytest.mark.parametrize("text, message", [("", r"is empty \(0 bytes\)"), ("\n\n  \n", "is empty"),
@@ -97,24 +100,24 @@ def test_conll_line_without_tag_column_names_file_and_line(tmp_path):
 def test_empty_conll_file(tmp_path, text, message):
     path = write(tmp_path / "train.conll", text)
     with pytest.raises(FinetuneError, match=message):
-        tc.read_file(str(path), "data.train")
+        conll.read_file(str(path), "data.train")
 
 
 def test_missing_file_directory_and_extension(tmp_path):
     with pytest.raises(FinetuneError, match="data.train: 'nope.conll' not found; token data is a CoNLL file"):
-        tc.read_file("nope.conll", "data.train")
+        conll.read_file("nope.conll", "data.train")
     with pytest.raises(FinetuneError, match="is a directory"):
-        tc.read_file(str(tmp_path), "data.train")
+        conll.read_file(str(tmp_path), "data.train")
     with pytest.raises(FinetuneError, match="unknown extension"):
-        tc.read_file(str(write(tmp_path / "x.yaml", "a: 1")), "data.train")
+        conll.read_file(str(write(tmp_path / "x.yaml", "a: 1")), "data.train")
 
 
 def test_jsonl_table_of_lists(tmp_path):
     rows = [{"words": ["John", "met", "Anna"], "ner": ["B-PER", "O", "B-PER"]}, {"words": ["Paris"], "ner": ["B-LOC"]}]
     path = write(tmp_path / "train.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
-    split = tc.read_file(str(path), "data.train", tokens_column="words", tags_column="ner")
+    split = conll.read_file(str(path), "data.train", tokens_column="words", tags_column="ner")
     assert split.texts == [["John", "met", "Anna"], ["Paris"]] and split.labels[1] == ["B-LOC"]
-    assert tc.where_word(split, 1, 0) == f"'{path}' line 2 word 1"
+    assert conll.where_word(split, 1, 0) == f"'{path}' line 2 word 1"
 
 
 def test_csv_cells_hold_json_or_python_list_literals(tmp_path):
@@ -124,7 +127,7 @@ def test_csv_cells_hold_json_or_python_list_literals(tmp_path):
         ['["John", "Smith"]', '["B-PER", "I-PER"]'],
         ["['Paris', 'is']", "('B-LOC', 'O')"],
     ])
-    split = tc.read_file(str(path), "data.train")
+    split = conll.read_file(str(path), "data.train")
     assert split.texts == [["John", "Smith"], ["Paris", "is"]]
     assert split.labels == [["B-PER", "I-PER"], ["B-LOC", "O"]]
 
@@ -134,7 +137,7 @@ def test_parquet_table(tmp_path):
 
     path = tmp_path / "train.parquet"
     datasets.Dataset.from_dict({"tokens": [["a", "b"]], "tags": [["O", "B-LOC"]]}).to_parquet(str(path))
-    assert tc.read_file(str(path), "data.train").labels == [["O", "B-LOC"]]
+    assert conll.read_file(str(path), "data.train").labels == [["O", "B-LOC"]]
 
 
 def test_hub_style_tag_indices_become_names():
@@ -143,7 +146,7 @@ def test_hub_style_tag_indices_become_names():
     features = datasets.Features({"tokens": datasets.List(datasets.Value("string")),
                                   "tags": datasets.List(datasets.ClassLabel(names=["O", "B-PER", "I-PER"]))})
     table = datasets.Dataset.from_dict({"tokens": [["John", "Smith"]], "tags": [[1, 2]]}, features=features)
-    split = tc.split_from_table(table, "data.train: 'hub:x' split 'train'")
+    split = conll.split_from_table(table, "data.train: 'hub:x' split 'train'")
     assert split.labels == [["B-PER", "I-PER"]]
 
 
@@ -161,26 +164,26 @@ def test_bad_table_cells_name_the_line(tmp_path, tokens, tags, message):
 
     path = write_csv(tmp_path / "train.csv", ["tokens", "tags"], [['["ok"]', '["O"]'], [tokens, tags]])
     with pytest.raises(FinetuneError, match=message):
-        tc.read_file(str(path), "data.train")
+        conll.read_file(str(path), "data.train")
 
 
 def test_missing_column_suggests_the_key(tmp_path):
     path = write(tmp_path / "train.jsonl", json.dumps({"token": ["a"], "tags": ["O"]}) + "\n")
     with pytest.raises(FinetuneError, match=r"has no column 'tokens' \(data.tokens_column\); did you mean "
                                             r"data.tokens_column=token\?"):
-        tc.read_file(str(path), "data.train")
+        conll.read_file(str(path), "data.train")
 
 
 def test_conll_lines_in_a_tsv_file_get_a_rename_hint(tmp_path):
     path = write(tmp_path / "train.tsv", "John\tB-PER\nvisited\tO\nParis\tB-LOC\n")
     with pytest.raises(FinetuneError, match="has no column 'tokens'.*one word and its tag per line is CoNLL: name it"):
-        tc.read_file(str(path), "data.train")
+        conll.read_file(str(path), "data.train")
 
 
 def test_read_split_takes_the_columns_from_the_recipe(tmp_path):
     path = write(tmp_path / "train.jsonl", json.dumps({"w": ["a"], "t": ["O"]}) + "\n")
     recipe = SimpleNamespace(data=SimpleNamespace(tokens_column="w", tags_column="t"))
-    assert list(tc.read_split(str(path), recipe, "data.train")) == ["file"]
+    assert list(conll.read_split(str(path), recipe, "data.train")) == ["file"]
 
 
 def recipe_for(train, validation=None, test=None, **data):
@@ -194,7 +197,7 @@ def recipe_for(train, validation=None, test=None, **data):
 def test_load_splits_holds_out_validation_and_encodes_tags(tmp_path):
     train = write(tmp_path / "train.conll", CONLL + "\n\nParis B-LOC\n\nBerlin B-LOC\nis O\n\nJohn B-PER\n")
     test = write(tmp_path / "test.conll", "Anna B-PER\nBerg I-PER\n")
-    splits = tc.load_splits(recipe_for(train, test=test))
+    splits = conll.load_splits(recipe_for(train, test=test))
     assert splits.problem == "tags" and splits.label_names == ["O", "B-LOC", "B-PER", "I-PER"]
     assert len(splits.train["tokens"]) == 4 and len(splits.validation["tokens"]) == 1
     assert splits.test == {"tokens": [["Anna", "Berg"]], "label": [[2, 3]], "row": [1]}
@@ -208,13 +211,13 @@ def test_load_splits_names_the_line_of_an_unseen_test_tag(tmp_path):
     valid = write(tmp_path / "valid.conll", "Paris B-LOC\n")
     test = write(tmp_path / "test.conll", "in O\nBerlin I-LOC\n")
     with pytest.raises(FinetuneError, match=r"data.test: tag 'I-LOC' at '.*test.conll' line 2 \(word 'Berlin'\)"):
-        tc.load_splits(recipe_for(train, valid, test))
+        conll.load_splits(recipe_for(train, valid, test))
 
 
 def test_empty_sentences_are_dropped_and_listed(tmp_path):
     path = write(tmp_path / "train.jsonl", "\n".join(json.dumps(r) for r in [
         {"tokens": ["a"], "tags": ["O"]}, {"tokens": [], "tags": []}]) + "\n")
-    split, skipped = tc.check_sentences(tc.read_file(str(path), "data.train"), "data.train")
+    split, skipped = conll.check_sentences(conll.read_file(str(path), "data.train"), "data.train")
     assert split.texts == [["a"]] and skipped == [f"'{path}' line 2: empty sentence"]
 
 
@@ -223,23 +226,23 @@ def test_empty_sentences_are_dropped_and_listed(tmp_path):
 
 
 def test_tag_set_is_sorted_with_o_first(tmp_path):
-    split = tc.read_file(str(write(tmp_path / "train.conll", CONLL)), "data.train")
-    assert tc.tag_names(split) == ["O", "B-LOC", "B-PER", "I-PER"]
-    assert tc.encode_tags(split, tc.tag_names(split), "data.train")[1] == [2, 0, 0, 1]
+    split = conll.read_file(str(write(tmp_path / "train.conll", CONLL)), "data.train")
+    assert conll.tag_names(split) == ["O", "B-LOC", "B-PER", "I-PER"]
+    assert conll.encode_tags(split, conll.tag_names(split), "data.train")[1] == [2, 0, 0, 1]
 
 
 def test_one_tag_is_not_enough(tmp_path):
-    split = tc.read_file(str(write(tmp_path / "train.conll", "a O\nb O\n")), "data.train")
+    split = conll.read_file(str(write(tmp_path / "train.conll", "a O\nb O\n")), "data.train")
     with pytest.raises(FinetuneError, match="every training word has the tag 'O'"):
-        tc.tag_names(split)
+        conll.tag_names(split)
 
 
 def test_a_tag_seen_only_in_validation_names_file_and_line(tmp_path):
-    train = tc.read_file(str(write(tmp_path / "train.conll", CONLL)), "data.train")
-    valid = tc.read_file(str(write(tmp_path / "valid.conll", "Anna B-PER\n\nthe O\nEU B-MISC\n")), "data.validation")
+    train = conll.read_file(str(write(tmp_path / "train.conll", CONLL)), "data.train")
+    valid = conll.read_file(str(write(tmp_path / "valid.conll", "Anna B-PER\n\nthe O\nEU B-MISC\n")), "data.validation")
     path = tmp_path / "valid.conll"
     with pytest.raises(FinetuneError) as error:
-        tc.encode_tags(valid, tc.tag_names(train), "data.validation")
+        conll.encode_tags(valid, conll.tag_names(train), "data.validation")
     assert str(error.value).startswith(
         f"data.validation: tag 'B-MISC' at '{path}' line 4 (word 'EU') is not in the training tags (O, B-LOC, B-PER, "
         "I-PER)"
@@ -251,35 +254,35 @@ def test_a_tag_seen_only_in_validation_names_file_and_line(tmp_path):
     (["O", "B-PER", "L-PER", "U-LOC"], "BILOU"), (["NN", "VB", "-LRB-", "PRP$"], "plain"), (["O", "B-NP"], "IOB2"),
 ])
 def test_tag_scheme(names, scheme):
-    assert tc.tag_scheme(names) == scheme
+    assert tagging.tag_scheme(names) == scheme
 
 
 def test_i_after_o_is_a_warning_naming_file_and_line(tmp_path):
     text = "John B-PER\nSmith I-PER\n\nin O\nParis I-LOC\n\nAnna B-PER\nBerlin I-LOC\n"
-    split = tc.read_file(str(write(tmp_path / "train.conll", text)), "data.train")
-    warnings = tc.scheme_warnings(split, "data.train", "IOB2")
+    split = conll.read_file(str(write(tmp_path / "train.conll", text)), "data.train")
+    warnings = reporting.scheme_warnings(split, "data.train", "IOB2")
     assert len(warnings) == 1
     assert warnings[0].startswith(
         f"data.train: 2 sentence(s) continue an entity that was not opened, e.g. 'I-LOC' after 'O' at "
         f"'{tmp_path / 'train.conll'}' line 5; IOB2 opens each entity with B-LOC"
     )
-    good = tc.read_file(str(write(tmp_path / "good.conll", CONLL)), "data.train")
-    assert tc.scheme_warnings(good, "data.train", "IOB2") == []
+    good = conll.read_file(str(write(tmp_path / "good.conll", CONLL)), "data.train")
+    assert reporting.scheme_warnings(good, "data.train", "IOB2") == []
 
 
 def test_iob1_becomes_iob2_and_then_has_no_scheme_warning():
     tags = ["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-LOC", "I-PER"]
-    assert tc.iob1_to_iob2(tags) == ["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-LOC", "B-PER"]
-    split = tc.RawSplit([["w"] * 7], [tc.iob1_to_iob2(tags)], [1], "'t.conll'", "line", 0)
-    assert tc.scheme_warnings(split, "data.train", "IOB2") == []
-    assert tc.leakage_key(["New", "York"]) == "New York"
+    assert tagging.iob1_to_iob2(tags) == ["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-LOC", "B-PER"]
+    split = data_module.RawSplit([["w"] * 7], [tagging.iob1_to_iob2(tags)], [1], "'t.conll'", "line", 0)
+    assert reporting.scheme_warnings(split, "data.train", "IOB2") == []
+    assert conll.leakage_key(["New", "York"]) == "New York"
 
 
 def test_report_counts_entities_per_type_and_warns_about_unprefixed_tags(tmp_path):
-    train = tc.read_file(str(write(tmp_path / "train.conll", CONLL + "\n\nEU MISC\nsaid O\n")), "data.train")
-    valid = tc.read_file(str(write(tmp_path / "valid.conll", "John B-PER\nSmith I-PER\nand O\nAnna B-PER\n")),
+    train = conll.read_file(str(write(tmp_path / "train.conll", CONLL + "\n\nEU MISC\nsaid O\n")), "data.train")
+    valid = conll.read_file(str(write(tmp_path / "valid.conll", "John B-PER\nSmith I-PER\nand O\nAnna B-PER\n")),
                          "data.validation")
-    report = tc.tag_report({"train": train, "validation": valid}, tc.tag_names(train))
+    report = reporting.tag_report({"train": train, "validation": valid}, conll.tag_names(train))
     assert report.scheme == "IOB2"
     assert report.entities == {"train": {"LOC": 2, "MISC": 1, "PER": 2}, "validation": {"PER": 2}}
     assert len(report.warnings) == 1 and "tag(s) 'MISC' have no B-/I- prefix" in report.warnings[0]
@@ -288,8 +291,8 @@ def test_report_counts_entities_per_type_and_warns_about_unprefixed_tags(tmp_pat
 
 
 def test_plain_tags_get_no_scheme_warnings(tmp_path):
-    split = tc.read_file(str(write(tmp_path / "pos.conll", "John NNP\nruns VBZ\n.  .\n")), "data.train")
-    report = tc.tag_report({"train": split}, tc.tag_names(split))
+    split = conll.read_file(str(write(tmp_path / "pos.conll", "John NNP\nruns VBZ\n.  .\n")), "data.train")
+    report = reporting.tag_report({"train": split}, conll.tag_names(split))
     assert report.scheme == "plain" and report.warnings == []
     assert report.entities == {"train": {".": 1, "NNP": 1, "VBZ": 1}}
 
@@ -301,7 +304,7 @@ def test_plain_tags_get_no_scheme_warnings(tmp_path):
 def test_first_sub_token_alignment_with_an_entity_at_the_sentence_end(wordpiece):
     words = ["John", "visited", "Washington", "and", "Kilimanjaro"]
     tags = [NAMES.index(t) for t in ["B-PER", "O", "B-LOC", "O", "B-LOC"]]
-    fn = tc.aligner(wordpiece, 64, NAMES)
+    fn = alignment.aligner(wordpiece, 64, NAMES)
     out = fn({"tokens": [words], "label": [tags]})
     tokens = wordpiece.convert_ids_to_tokens(out["input_ids"][0])
     assert tokens == ["[CLS]", "john", "visited", "wash", "##ing", "##ton", "and", "ki", "##lim", "##an", "##jar",
@@ -314,27 +317,27 @@ def test_first_sub_token_alignment_with_an_entity_at_the_sentence_end(wordpiece)
 def test_label_all_tokens_turns_b_into_i_on_continuation_sub_tokens(wordpiece):
     words = ["Washington", "Berlin", "Kilimanjaro"]
     tags = [NAMES.index(t) for t in ["B-LOC", "I-LOC", "O"]]
-    out = tc.aligner(wordpiece, 64, NAMES, label_all_tokens=True)({"tokens": [words], "label": [tags]})
+    out = alignment.aligner(wordpiece, 64, NAMES, label_all_tokens=True)({"tokens": [words], "label": [tags]})
     X, B_LOC, I_LOC, OUTSIDE = -100, 1, 3, 0
     assert out["labels"][0] == [X, B_LOC, I_LOC, I_LOC, I_LOC, I_LOC, OUTSIDE, OUTSIDE, OUTSIDE, OUTSIDE, OUTSIDE, X]
 
 
 def test_continuation_keeps_b_when_the_tag_set_has_no_i():
-    assert tc.continuation_tags(["O", "B-LOC", "B-PER", "I-PER"]) == [0, 1, 3, 3]
+    assert alignment.continuation_tags(["O", "B-LOC", "B-PER", "I-PER"]) == [0, 1, 3, 3]
 
 
 def test_truncation_keeps_labels_as_long_as_inputs_and_counts_what_is_lost(wordpiece):
     words = ["John", "visited", "Paris", "and", "Washington", "and", "Kilimanjaro"]
     tags = ["B-PER", "O", "B-LOC", "O", "B-LOC", "O", "B-LOC"]
-    encoded = tc.aligner(wordpiece, 8, NAMES)({"tokens": [words], "label": [[NAMES.index(t) for t in tags]]})
+    encoded = alignment.aligner(wordpiece, 8, NAMES)({"tokens": [words], "label": [[NAMES.index(t) for t in tags]]})
     assert len(encoded["input_ids"][0]) == len(encoded["labels"][0]) == 8
     # [CLS] john visited paris and wash ##ing [SEP]: Washington keeps its first sub-token, Kilimanjaro is gone
     assert encoded["labels"][0] == [-100, 2, 0, 1, 0, 1, -100, -100]
-    split = tc.RawSplit([words, ["Paris"]], [tags, ["B-LOC"]], [0, 1], "'t.csv'")
-    lengths = tc.sentence_lengths(split, wordpiece, 8)
+    split = data_module.RawSplit([words, ["Paris"]], [tags, ["B-LOC"]], [0, 1], "'t.csv'")
+    lengths = reporting.sentence_lengths(split, wordpiece, 8)
     assert lengths["max"] == 15 and lengths["truncated"] == 1
     assert lengths["words_cut"] == 2 and lengths["entities_cut"] == 1
-    report = tc.tag_report({"train": split}, NAMES, wordpiece, 8)
+    report = reporting.tag_report({"train": split}, NAMES, wordpiece, 8)
     assert report.tokens["train"]["entities_cut"] == 1
     assert any(w.startswith("data.max_length: 1 train sentence(s) (50%) are longer than 8 sub-tokens")
                and "2 word(s) and 1 entities are cut" in w for w in report.warnings)
@@ -343,9 +346,9 @@ def test_truncation_keeps_labels_as_long_as_inputs_and_counts_what_is_lost(wordp
 
 def test_tokenize_and_collate_pad_labels_with_ignore_index(wordpiece):
     table = {"tokens": [["John", "Smith"], ["Kilimanjaro"]], "label": [[2, 4], [1]]}
-    dataset = tc.tokenize(table, wordpiece, 16, NAMES)
+    dataset = alignment.tokenize(table, wordpiece, 16, NAMES)
     assert set(dataset.column_names) >= {"input_ids", "attention_mask", "labels"}
-    batch = next(iter(tc.make_loader(dataset, wordpiece, batch_size=2, shuffle=False, seed=0)))
+    batch = next(iter(alignment.make_loader(dataset, wordpiece, batch_size=2, shuffle=False, seed=0)))
     assert batch["input_ids"].shape == batch["labels"].shape == (2, 7)
     assert batch["labels"][0].tolist() == [-100, 2, 4, -100, -100, -100, -100]
     assert batch["labels"][1].tolist() == [-100, 1, -100, -100, -100, -100, -100]
@@ -353,7 +356,7 @@ def test_tokenize_and_collate_pad_labels_with_ignore_index(wordpiece):
 
 def test_slow_tokenizer_is_refused():
     with pytest.raises(FinetuneError, match="needs a fast tokenizer"):
-        tc.aligner(SimpleNamespace(is_fast=False), 8, NAMES)
+        alignment.aligner(SimpleNamespace(is_fast=False), 8, NAMES)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,12 +371,12 @@ def test_seqeval_numbers_against_hand_counts():
     true = [["B-PER", "I-PER", "O", "B-LOC"], ["B-LOC", "O", "B-PER"]]
     pred = [["B-PER", "I-PER", "O", "O"], ["B-LOC", "O", "B-LOC"]]
     # true entities: PER(0-2) LOC(3) LOC(0) PER(2) = 4; predicted: PER(0-2) LOC(0) LOC(2) = 3; correct: 2
-    scores = tc.tag_metrics(ids(true), ids(pred), NAMES)
+    scores = tagging.tag_metrics(ids(true), ids(pred), NAMES)
     assert scores["precision"] == pytest.approx(2 / 3)
     assert scores["recall"] == pytest.approx(2 / 4)
     assert scores["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
     assert scores["token_accuracy"] == pytest.approx(5 / 7)
-    details = tc.tag_details(ids(true), ids(pred), NAMES)["per_entity"]
+    details = tagging.tag_details(ids(true), ids(pred), NAMES)["per_entity"]
     assert details["types"] == ["LOC", "PER"]
     assert details["support"] == [2, 2]
     assert details["precision"] == pytest.approx([1 / 2, 1.0])
@@ -384,39 +387,39 @@ def test_seqeval_numbers_against_hand_counts():
 def test_default_mode_reads_i_after_o_as_an_entity_strict_mode_does_not():
     true = [["O", "B-PER", "I-PER"]]
     pred = [["O", "I-PER", "I-PER"]]
-    assert tc.tag_metrics(ids(true), ids(pred), NAMES)["f1"] == 1.0  # conlleval: I-PER after O opens PER
-    strict = tc.tag_metrics(ids(true), ids(pred), NAMES, mode="strict")
+    assert tagging.tag_metrics(ids(true), ids(pred), NAMES)["f1"] == 1.0  # conlleval: I-PER after O opens PER
+    strict = tagging.tag_metrics(ids(true), ids(pred), NAMES, mode="strict")
     assert strict["f1"] == 0.0 and strict["token_accuracy"] == pytest.approx(2 / 3)
-    assert tc.tag_details(ids(true), ids(pred), NAMES, mode="strict")["per_entity"]["precision"] == [0.0]
+    assert tagging.tag_details(ids(true), ids(pred), NAMES, mode="strict")["per_entity"]["precision"] == [0.0]
     with pytest.raises(FinetuneError, match="metrics mode 'lenient' is not one of default, strict"):
-        tc.tag_metrics(ids(true), ids(pred), NAMES, mode="lenient")
+        tagging.tag_metrics(ids(true), ids(pred), NAMES, mode="lenient")
 
 
 def test_bioes_and_bilou_entities():
     names = ["O", "B-PER", "E-PER", "S-LOC"]
     true = [[1, 2, 0, 3]]
-    assert tc.tag_metrics(true, true, names)["f1"] == 1.0
-    assert tc.entity_spans(["B-PER", "E-PER", "O", "S-LOC"], "BIOES") == [("PER", 0, 2), ("LOC", 3, 4)]
-    assert tc.entity_spans(["B-PER", "L-PER", "U-LOC"], "BILOU", mode="strict") == [("PER", 0, 2), ("LOC", 2, 3)]
+    assert tagging.tag_metrics(true, true, names)["f1"] == 1.0
+    assert tagging.entity_spans(["B-PER", "E-PER", "O", "S-LOC"], "BIOES") == [("PER", 0, 2), ("LOC", 3, 4)]
+    assert tagging.entity_spans(["B-PER", "L-PER", "U-LOC"], "BILOU", mode="strict") == [("PER", 0, 2), ("LOC", 2, 3)]
 
 
 def test_plain_tags_score_as_one_word_entities():
     names = ["ADJ", "DET", "NOUN", "VERB"]
     true = [[1, 0, 2, 3], [1, 2]]
     pred = [[1, 2, 2, 3], [1, 3]]
-    scores = tc.tag_metrics(true, pred, names)
+    scores = tagging.tag_metrics(true, pred, names)
     # no 'O': every word is an entity, so precision = recall = f1 = token accuracy
     assert scores == pytest.approx({"precision": 4 / 6, "recall": 4 / 6, "f1": 4 / 6, "token_accuracy": 4 / 6})
-    details = tc.tag_details(true, pred, names)["per_entity"]
+    details = tagging.tag_details(true, pred, names)["per_entity"]
     assert details["types"] == ["ADJ", "DET", "NOUN", "VERB"] and details["support"] == [1, 2, 2, 1]
 
 
 def test_labelled_sequences_drop_ignored_positions():
     labels = np.array([[-100, 2, 4, -100, -100], [-100, 1, -100, 0, -100]])
     predictions = np.array([[3, 2, 0, 1, 1], [0, 1, 1, 0, 4]])
-    true, pred = tc.labelled_sequences(labels, predictions)
+    true, pred = tagging.labelled_sequences(labels, predictions)
     assert true == [[2, 4], [1, 0]] and pred == [[2, 0], [1, 0]]
-    assert tc.tag_rows(pred, NAMES) == [["B-PER", "O"], ["B-LOC", "O"]]
+    assert tagging.tag_rows(pred, NAMES) == [["B-PER", "O"], ["B-LOC", "O"]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -474,7 +477,7 @@ def test_entities_on_raw_texts_agree_with_the_pipeline(request, which, aggregati
     found_any = False
     for seed in range(3):
         model = tiny_tagger(len(tokenizer), NAMES, seed)
-        ours = [r["entities"] for r in tc.predict(model, tokenizer, SENTENCES, NAMES, 128, aggregation)]
+        ours = [r["entities"] for r in decoding.predict(model, tokenizer, SENTENCES, NAMES, 128, aggregation)]
         same_entities(ours, pipeline_entities(model, tokenizer, SENTENCES, aggregation))
         for text, row in zip(SENTENCES, ours):
             for entity in row:
@@ -487,7 +490,7 @@ def test_entities_on_raw_texts_agree_with_the_pipeline(request, which, aggregati
 def test_entities_on_pre_split_words_agree_with_the_pipeline(wordpiece, aggregation):
     words = [["John", "visited", "Washington", "."], ["Kilimanjaro"], ["Anna", "Berg", "and", "New", "York"]]
     model = tiny_tagger(len(wordpiece), NAMES, seed=1)
-    results = tc.predict(model, wordpiece, words, NAMES, 128, aggregation)
+    results = decoding.predict(model, wordpiece, words, NAMES, 128, aggregation)
     theirs = pipeline_entities(model, wordpiece, words, aggregation, is_split_into_words=True)
     same_entities([r["entities"] for r in results], theirs)
     assert any(r["entities"] for r in results)
@@ -501,18 +504,18 @@ def test_entities_on_pre_split_words_agree_with_the_pipeline(wordpiece, aggregat
 def test_word_tags_come_from_the_first_sub_token_and_spans_cover_whole_words(wordpiece):
     import torch
 
-    encoded = tc.encode_inputs(["Anna visited Washington today"], wordpiece, 64)
+    encoded = decoding.encode_inputs(["Anna visited Washington today"], wordpiece, 64)
     # [CLS] anna visited wash ##ing ##ton today [SEP]: first sub-tokens say B-PER O B-LOC O, the rest disagree
     picks = ["O", "B-PER", "O", "B-LOC", "O", "B-PER", "O", "O"]
     logits = torch.full((1, 8, len(NAMES)), -5.0)
     for position, tag in enumerate(picks):
         logits[0, position, NAMES.index(tag)] = 5.0
-    first = tc.decode(logits.numpy(), encoded, NAMES, "first")[0]
+    first = decoding.decode(logits.numpy(), encoded, NAMES, "first")[0]
     assert first["words"] == ["Anna", "visited", "Washington", "today"]
     assert first["tags"] == ["B-PER", "O", "B-LOC", "O"]
     assert [(e["word"], e["label"], e["start"], e["end"]) for e in first["entities"]] == [
         ("Anna", "PER", 0, 4), ("Washington", "LOC", 13, 23)]
-    simple = tc.decode(logits.numpy(), encoded, NAMES, "simple")[0]
+    simple = decoding.decode(logits.numpy(), encoded, NAMES, "simple")[0]
     assert [(e["word"], e["label"]) for e in simple["entities"]] == [("Anna", "PER"), ("Wash", "LOC"), ("ton", "PER")]
 
 
@@ -520,18 +523,18 @@ def test_bioes_entities_close_on_e_and_s(wordpiece):
     import torch
 
     names = ["O", "B-PER", "E-PER", "S-LOC"]
-    encoded = tc.encode_inputs([["John", "Smith", "Paris", "Berlin", "today"]], wordpiece, 64)
+    encoded = decoding.encode_inputs([["John", "Smith", "Paris", "Berlin", "today"]], wordpiece, 64)
     picks = ["O", "B-PER", "E-PER", "S-LOC", "S-LOC", "S-LOC", "O", "O"]  # Berlin is ber ##lin
     logits = torch.full((1, 8, len(names)), -5.0)
     for position, tag in enumerate(picks):
         logits[0, position, names.index(tag)] = 5.0
-    entities = tc.decode(logits.numpy(), encoded, names)[0]["entities"]
+    entities = decoding.decode(logits.numpy(), encoded, names)[0]["entities"]
     assert [(e["word"], e["label"]) for e in entities] == [("John Smith", "PER"), ("Paris", "LOC"), ("Berlin", "LOC")]
 
 
 def test_words_past_the_cut_get_no_tag(wordpiece):
     model = tiny_tagger(len(wordpiece), NAMES)
-    result = tc.predict(model, wordpiece, [["John", "visited", "Paris", "and", "Washington"]], NAMES, 5)[0]
+    result = decoding.predict(model, wordpiece, [["John", "visited", "Paris", "and", "Washington"]], NAMES, 5)[0]
     assert result["tags"][3:] == [None, None] and all(t is not None for t in result["tags"][:3])
     assert result["scores"][4] is None
     assert all(e["end"] <= len("John visited Paris") for e in result["entities"])
@@ -539,18 +542,18 @@ def test_words_past_the_cut_get_no_tag(wordpiece):
 
 def test_empty_input_and_bad_input(wordpiece):
     model = tiny_tagger(len(wordpiece), NAMES)
-    assert tc.predict(model, wordpiece, ["", []], NAMES, 16) == [{"words": [], "tags": [], "scores": [],
+    assert decoding.predict(model, wordpiece, ["", []], NAMES, 16) == [{"words": [], "tags": [], "scores": [],
                                                                   "entities": []}] * 2
     with pytest.raises(FinetuneError, match="input 1: a token classifier takes a text or a list of words"):
-        tc.encode_inputs([3], wordpiece, 16)
+        decoding.encode_inputs([3], wordpiece, 16)
 
 
 def test_split_words_follows_the_tokenizer(minilm_tokenizer):
     text = "Hello, world's  Washington!  "
-    assert [text[s:e] for s, e in tc.split_words(text, minilm_tokenizer)] == [
+    assert [text[s:e] for s, e in decoding.split_words(text, minilm_tokenizer)] == [
         "Hello", ",", "world", "'", "s", "Washington", "!"]
     text = "東京に Tübingen\u200b"  # BERT's normaliser splits CJK characters and drops the zero-width space
-    assert [text[s:e] for s, e in tc.split_words(text, minilm_tokenizer)] == ["東", "京", "に", "Tübingen"]
+    assert [text[s:e] for s, e in decoding.split_words(text, minilm_tokenizer)] == ["東", "京", "に", "Tübingen"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -585,19 +588,19 @@ def test_a_tiny_tagger_learns_exports_natively_and_loads_in_the_pipeline(tmp_pat
     import torch
     from conftest import run_without_finetune
 
-    train = tc.read_file(str(write(tmp_path / "train.conll", corpus(0, 64))), "data.train")
-    valid = tc.read_file(str(write(tmp_path / "valid.conll", corpus(1, 24))), "data.validation")
-    names = tc.tag_names(train)
+    train = conll.read_file(str(write(tmp_path / "train.conll", corpus(0, 64))), "data.train")
+    valid = conll.read_file(str(write(tmp_path / "valid.conll", corpus(1, 24))), "data.validation")
+    names = conll.tag_names(train)
     assert names == ["O", "B-LOC", "B-PER", "I-LOC", "I-PER"]
-    tables = {key: {"tokens": split.texts, "label": tc.encode_tags(split, names, f"data.{key}")}
+    tables = {key: {"tokens": split.texts, "label": conll.encode_tags(split, names, f"data.{key}")}
               for key, split in (("train", train), ("validation", valid))}
-    datasets = {key: tc.tokenize(table, wordpiece, 32, names) for key, table in tables.items()}
+    datasets = {key: alignment.tokenize(table, wordpiece, 32, names) for key, table in tables.items()}
 
     model = tiny_tagger(len(wordpiece), names, seed=0, initializer_range=0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for epoch in range(6):  # 6 x 8 = 48 steps
-        for batch in tc.make_loader(datasets["train"], wordpiece, batch_size=8, shuffle=True, seed=epoch):
+        for batch in alignment.make_loader(datasets["train"], wordpiece, batch_size=8, shuffle=True, seed=epoch):
             loss = model(**batch).loss  # transformers' own loss skips the -100 labels
             loss.backward()
             optimizer.step()
@@ -606,14 +609,14 @@ def test_a_tiny_tagger_learns_exports_natively_and_loads_in_the_pipeline(tmp_pat
 
     labels, predictions = [], []
     with torch.inference_mode():
-        for batch in tc.make_loader(datasets["validation"], wordpiece, batch_size=8, shuffle=False, seed=0):
+        for batch in alignment.make_loader(datasets["validation"], wordpiece, batch_size=8, shuffle=False, seed=0):
             gold = batch.pop("labels")
             labels.extend(gold.tolist())
             predictions.extend(model(**batch).logits.argmax(-1).tolist())
-    true_ids, predicted_ids = tc.labelled_sequences(labels, predictions)
+    true_ids, predicted_ids = tagging.labelled_sequences(labels, predictions)
     assert [len(row) for row in true_ids] == [len(words) for words in valid.texts]
-    scores = tc.tag_metrics(true_ids, predicted_ids, names)
-    all_outside = tc.tag_metrics(true_ids, [[0] * len(row) for row in true_ids], names)
+    scores = tagging.tag_metrics(true_ids, predicted_ids, names)
+    all_outside = tagging.tag_metrics(true_ids, [[0] * len(row) for row in true_ids], names)
     assert all_outside["f1"] == 0.0
     assert scores["f1"] > 0.8, scores
 
@@ -637,6 +640,6 @@ def test_a_tiny_tagger_learns_exports_natively_and_loads_in_the_pipeline(tmp_pat
     # "simple" reads every sub-token's own tag, and later sub-tokens were never trained (-100): it may split a word
     # between entities, so the kit decodes with "first" by default; both agree with the pipeline's
     for aggregation in ("first", "simple"):
-        ours = tc.predict(model, wordpiece, texts, names, 32, aggregation=aggregation)
+        ours = decoding.predict(model, wordpiece, texts, names, 32, aggregation=aggregation)
         assert [[(e["label"], e["start"], e["end"]) for e in r["entities"]] for r in ours] == \
             [[(e["entity_group"], e["start"], e["end"]) for e in row] for row in found[aggregation]]

@@ -390,17 +390,17 @@ def test_compiled_timm_training_matches_eager(image_data, tmp_path):  # noqa: F8
 
 
 def test_features_computed_longest_first_come_back_in_row_order(tiny_bert, tiny_data, tmp_path):
-    from finetune import data as data_module
+    from finetune.tasks.text_classification import tokens as data_module
     from finetune.backbones import load_tokenizer
-    from finetune.tasks.text_classification import longest_first as _longest_first
+    from finetune.tasks.batching import longest_first as _longest_first
 
     model, recipe = text_model(tiny_bert, tiny_data, tmp_path, **{"head.pooling": "mean", "train.freeze": "backbone"})
     tokenizer = load_tokenizer(str(tiny_bert), False)
     texts = ["bread", "the goal of the match today", "a chip", "very good news story of the robot and data"] * 3
-    dataset = data_module.tokenize({"text": texts, "label": [0] * len(texts)}, tokenizer, 16)
+    dataset = data_module.tokenize_texts({"text": texts, "label": [0] * len(texts)}, tokenizer, 16)
     features_fn = transfer.feature_function(model)
-    sorted_loader = data_module.make_loader(dataset, tokenizer, 4, False, 0, _longest_first(dataset))
-    plain_loader = data_module.make_loader(dataset, tokenizer, 1, False, 0)  # one row a batch: no padding at all
+    sorted_loader = data_module.make_text_loader(dataset, tokenizer, 4, False, 0, _longest_first(dataset))
+    plain_loader = data_module.make_text_loader(dataset, tokenizer, 1, False, 0)  # one row a batch: no padding at all
     assert list(iter(sorted_loader.sampler)) != list(range(len(texts)))
     fast = transfer.compute_features(model, features_fn, sorted_loader, "cpu")
     exact = transfer.compute_features(model, features_fn, plain_loader, "cpu")

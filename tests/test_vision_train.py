@@ -229,7 +229,9 @@ TIMM_ONLY_SCRIPT = textwrap.dedent(
 @torch.no_grad()
 def kit_test_logits(out: Path) -> tuple[torch.Tensor, list[int]]:
     """The trainer's own evaluation path: its splits, its eval transform, the best checkpoint in build_vision_model."""
-    from finetune.images import ImageDataset, build_transforms, collate_images, load_image_splits
+    from finetune.tasks.image_classification.loaders import ImageDataset, collate_images
+    from finetune.tasks.image_classification.reading import load_image_splits
+    from finetune.tasks.image_classification.transforms import build_transforms
     from finetune.model import build_vision_model
 
     recipe = to_recipe(yaml.safe_load((out / "config.yaml").read_text()))
@@ -313,7 +315,9 @@ def test_zoo_efficientnet_lite0_on_digits_runs_and_exports_for_timm(tmp_path):
 
 
 def train_batches(image_data, tmp_path, num_workers: int, **augment) -> list[dict]:
-    from finetune.images import ImageDataset, build_transforms, load_image_splits, make_image_loader
+    from finetune.tasks.image_classification.loaders import ImageDataset, make_image_loader
+    from finetune.tasks.image_classification.reading import load_image_splits
+    from finetune.tasks.image_classification.transforms import build_transforms
     from finetune.model import build_vision_model
 
     raw = vision_raw(image_data, tmp_path / "unused")
@@ -351,7 +355,9 @@ def test_augmentation_off_gives_identical_train_batches(image_data, tmp_path):
 def test_the_training_order_does_not_depend_on_the_number_of_workers(image_data, tmp_path):
     """The order is drawn from the loader's own generator: loaders with workers also draw their base seed from
     the generator they are given, so sharing one made the order of epochs 2+ depend on data.num_workers."""
-    from finetune.images import ImageDataset, build_transforms, load_image_splits, make_image_loader
+    from finetune.tasks.image_classification.loaders import ImageDataset, make_image_loader
+    from finetune.tasks.image_classification.reading import load_image_splits
+    from finetune.tasks.image_classification.transforms import build_transforms
     from finetune.loop import seed_epoch as _seed_epoch
 
     recipe = to_recipe(vision_raw(image_data, tmp_path / "unused"))

@@ -124,18 +124,18 @@ def _test_once(run_dir: Path, recipe, splits, say) -> dict | None:
     """The best trial's kept model on the test split its recipe defines (the first and only look at it), read and
     scored as `finetune eval` scores a run: by the task (texts, pairs, images, a tag per word)."""
     from finetune.metrics import compute_metrics
-    from finetune.predict import load
+    from finetune.loading import load_predictor
     from finetune.problems import get
     from finetune.tasks import get_task
 
     task = get_task(recipe.task)
     if splits.test is None:
         return None
-    predictor = load(run_dir)
+    predictor = load_predictor(run_dir)
     raw = splits.parts["test"]
     batch_size = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
-    if hasattr(task, "evaluate"):  # outputs that are not one row of logits per input (a tag per word)
-        scored = task.evaluate(predictor, raw, recipe, batch_size)["metrics"]
+    if not task.row_outputs:  # a tag per word: scored by the task, as `finetune eval` scores it
+        scored = task.evaluate(predictor, raw, recipe, batch_size=batch_size)["metrics"]
         metrics, rows = {name: scored[name] for name in recipe.eval.metrics}, len(raw.texts)
     else:
         pairs = getattr(raw, "pairs", None)

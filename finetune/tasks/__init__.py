@@ -1,17 +1,18 @@
-"""Tasks: one module per task (what its inputs are and how they are read and checked, the model it builds, its
-batches, its model/ folder); TASKS names them, and the loop, validate and eval ask the task, not its name."""
+"""Tasks: the `Task` interface every caller asks, `Job` (what a task hands the loop), and TASKS, the table naming
+each task's folder (`finetune/tasks/<task>/`: its readers, inputs, model folder and report)."""
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from pathlib import Path
+from typing import Any, Callable
 
 # task name -> the module that holds it (imported when asked for: a task pulls in its own libraries)
 TASKS = {
-    "text-classification": "finetune.tasks.text_classification",
-    "image-classification": "finetune.tasks.image_classification",
-    "token-classification": "finetune.tasks.token_classification",
+    "text-classification": "finetune.tasks.text_classification.task",
+    "image-classification": "finetune.tasks.image_classification.task",
+    "token-classification": "finetune.tasks.token_classification.task",
 }
 
 
@@ -32,63 +33,149 @@ class Job:
     notes: list = field(default_factory=list)  # how the task set the run up, for its log (how it loads the data)
 
 
-class Task(Protocol):
-    """What every task offers (the module's `TASK`)."""
+class Task:
+    """What every task offers (its folder's `task.TASK`): callers (loop, train, validate, predict, eval, serve, sweep,
+    export, onnx_export, onnx_runtime, checks, runs, needs) ask these methods and never a task's name.
+
+    The defaults here serve the common case, one row of logits per input, where that needs no kit module. The
+    row-of-logits defaults that score with the kit's metrics live in `finetune.tasks.rows.RowTask`: this module
+    imports nothing of the kit, because `finetune.problems` reads the token task's tag functions from this package.
+    """
 
     name: str
     problems: tuple[str, ...]  # the head.problem values it takes; the first is the default
-    inputs: str  # "text" or "image": what a row's input is (tokenised, or decoded and transformed)
+    inputs: str  # what one input is, in the card's words: "text" or "image"
     library: str  # whose folder a native model/ is: "transformers" or "timm"
     column_key: str  # the data.* key that names a table's input column ("text_column", "image_column", ...)
-    serve_input: str  # what one /predict input of `finetune serve` is: "text" (or a pair), "image", "words"
+    row_outputs: bool = True  # one row of logits per input (serve decodes each request's rows with its own top_k)
+    step_choice_applies: bool = False  # a CPU run measures its memory format and precision (`step_choice`)
+
+    # -- data ------------------------------------------------------------------------------------------------------
 
     def check_recipe(self, recipe, need) -> None:
         """The recipe keys this task constrains: need(ok, "<dotted key>: <what>; <how to fix>")."""
 
     def read(self, spec: str, recipe, key: str) -> dict:
         """The split(s) a data.* value (or `eval --data`) names: {"file": RawSplit} or {split name: RawSplit}."""
+        raise NotImplementedError
 
-    def check_inputs(self, split, key: str, recipe):
-        """(split, skipped): the inputs checked, unusable ones dropped or refused, as `run` treats them."""
+    def check_eval_inputs(self, raw, recipe):
+        """`eval --data`'s split with its inputs checked as `run` checks them (unusable ones dropped or refused)."""
+        return raw
 
     def load_splits(self, recipe):
         """Read, check, split and encode the recipe's data: `finetune.data.Splits`; no model needed."""
+        raise NotImplementedError
 
     def check_data(self, recipe):
         """`validate`: the data read and checked as `run` will, with the backbone's preprocessing but no model;
         a report with `.table()` and `.warnings`."""
+        raise NotImplementedError
 
     def job(self, recipe, accelerator) -> Job:
         """Data (checked and reported), model and loaders for the training loop."""
+        raise NotImplementedError
+
+    def step_choice(self, recipe, native_bf16: bool):
+        """A CPU run's measured memory format and precision (`finetune.step_choice.StepChoice`), or None: nothing
+        to measure. Asked only where `step_choice_applies`."""
+        return None
+
+    # -- inputs for predict and serve ------------------------------------------------------------------------------
+
+    def read_inputs(self, items: list[str], column: str, pair_column: str | None = None) -> list[tuple[str, Any]]:
+        """(what to show, what to predict on) for each input `finetune predict` names: raw strings, files, folders
+        and table columns (`column`; `pair_column` for sentence pairs), as this task's inputs."""
+        raise NotImplementedError
+
+    def parse_input(self, value, position: int) -> tuple[str, Any]:
+        """(what to show, what to predict on) for one JSON input of `finetune serve`'s /predict (a string, a
+        {"text", "text_pair"} object, a list of words, a base64 image); FinetuneError naming `inputs[position]`."""
+        raise NotImplementedError
+
+    # -- predicting and evaluating ---------------------------------------------------------------------------------
+
+    def logits(self, predictor, inputs: list, batch_size: int, show: bool):
+        """The model's raw outputs on inputs, batched (`predictor.forward` runs a batch): numpy, one row per input
+        for row-of-logits tasks; `show` draws a progress bar."""
+        raise NotImplementedError
+
+    def predict(self, predictor, inputs: list, top_k: int | None = None, batch_size: int = 32,
+                progress: bool | None = None) -> list[dict]:
+        """One dict per input, as `finetune predict --json` prints it: the row of logits decoded by the problem."""
+        return predictor.decode(predictor.logits(inputs, batch_size, progress), top_k)
+
+    def evaluate(self, predictor, raw, recipe, split: str = "test", batch_size: int = 32,
+                 progress: bool | None = None) -> dict:
+        """`finetune eval` on a checked split: {"metrics", "rows", "details": {name: {..., "split"}}, "records":
+        one dict per row for --output}."""
+        raise NotImplementedError
+
+    # -- the model card --------------------------------------------------------------------------------------------
+
+    def card_usage(self, recipe, reference: str, native: bool) -> str:
+        """The card's "Use" section: loading the model folder (`reference`) and predicting on an example input."""
+        raise NotImplementedError
+
+    def card_input_limits(self, recipe) -> str:
+        """The card's limit line on how an input is cut or resized before the model sees it."""
+        raise NotImplementedError
+
+    def card_tags(self, native: bool) -> list[str]:
+        """Hub tags beyond the task and problem (a timm backbone in the kit's own format is still tagged timm)."""
+        return []
+
+    def model_reference(self, folder: str, native: bool) -> str:
+        """What the card's usage passes to the loader for the model folder."""
+        return folder
+
+    def base_model(self, name: str) -> str | None:
+        """The hub id of a pretrained backbone name (not a zoo name), or None for a local folder."""
+        if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+            return None
+        return name  # a hub id
+
+    # -- ONNX ------------------------------------------------------------------------------------------------------
 
     def onnx_usage(self, info: dict) -> str:
         """The ONNX export card's ten lines: onnxruntime alone (no finetune, no torch) on example inputs, printing
         what `finetune predict` names; `info` is export.json's content."""
+        raise NotImplementedError
+
+    def onnx_image_graph(self) -> bool:
+        """True when the exported graph takes `pixel_values` (exported through timm, int8 calibrated on images, no
+        transformer fusion); False for tokenised inputs."""
+        return False
+
+    def onnx_preprocess(self, folder: Path, info: dict):
+        """An export folder's preprocessing, for predict/eval/serve on it: the exported tokenizer by default."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if info.get("max_length"):
+            tokenizer.model_max_length = int(info["max_length"])
+        return tokenizer
+
+    def parity_logits(self, predictor, sample: list):
+        """The logits the export's parity check compares between torch and ONNX on `sample`."""
+        return predictor.logits(sample)
+
+    # -- runs and recipes ------------------------------------------------------------------------------------------
+
+    def settings_note(self, data: dict) -> str | None:
+        """`finetune ls RUNS`' note on the input size, from a config's data section ("len 128", "224px")."""
+        return f"len {data['max_length']}" if data.get("max_length") else None
+
+    def backbone_offline(self, backbone: dict) -> bool:
+        """True when the (unvalidated) backbone section builds its model with no download beyond the zoo."""
+        return False
 
 
 def get_task(name: str) -> Task:
     return importlib.import_module(TASKS[name]).TASK
 
 
-def inputs_of(task: str) -> str:
-    """"text" or "image" for a task name (a bare model folder's spec names its task too)."""
-    return get_task(task).inputs
-
-
-def onnx_text_usage(inputs: str, encode: str, decode: str) -> str:
-    """The export card's lines for tokenised inputs: the exported tokenizer (the tokenizers library alone), the
-    session, then `decode` (numpy on `logits`, `batch` and `inputs`)."""
-    return f"""
-import json, numpy as np, onnxruntime as ort
-from tokenizers import Tokenizer
-info = json.load(open("export.json"))
-tokenizer = Tokenizer.from_file("tokenizer.json")
-tokenizer.enable_padding(); tokenizer.enable_truncation(info["max_length"] or 512)
-session = ort.InferenceSession("model.onnx")
-inputs = {inputs}
-batch = tokenizer.encode_batch(inputs{encode})
-feeds = {{"input_ids": [e.ids for e in batch], "attention_mask": [e.attention_mask for e in batch],
-         "token_type_ids": [e.type_ids for e in batch]}}
-logits = session.run(None, {{k: np.array(feeds[k], dtype=np.int64) for k in info["inputs"]}})[0]
-{decode.strip()}
-"""
+def task_of_library(library: str) -> str:
+    """The first task whose native folders `library` writes (else the first task): what a model folder whose spec
+    names no task holds."""
+    return next((name for name in TASKS if get_task(name).library == library), next(iter(TASKS)))

@@ -150,10 +150,10 @@ def load_recipe_checked(recipe_arg: str, overrides: list[str]):
 
 def load_splits_of(recipe):
     if recipe.task == "image-classification":
-        from finetune.images import load_image_splits
+        from finetune.tasks.image_classification.reading import load_image_splits
 
         return load_image_splits(recipe)
-    from finetune.data import load_splits
+    from finetune.tasks.text_classification.reading import load_text_splits as load_splits
 
     return load_splits(recipe)
 
@@ -218,7 +218,7 @@ def write_rows(splits, task: str, folder: Path) -> dict:
             continue
         labels = [names[i] for i in table["label"]]
         if task == "image-classification":
-            from finetune.images import load_image
+            from finetune.tasks.image_classification.files import load_image
 
             root = folder / key
             for i, (entry, label) in enumerate(zip(table["image"], labels)):
@@ -290,7 +290,7 @@ def timm_job(recipe, splits, files: dict, threads: int, options: dict, folder: P
     import torch
     from timm.models import save_for_hf
 
-    from finetune.images import auto_augment_policy
+    from finetune.tasks.image_classification.transforms import auto_augment_policy
     from finetune.model import TimmClassifier, build_vision_model, timm_model_of
     from finetune.precision import choose_precision
 
@@ -525,10 +525,10 @@ def rescore_text_model(model_dir: Path, test_table: dict, max_length: int, batch
     import torch
     from transformers import DataCollatorWithPadding
 
-    from finetune.model import load
+    from finetune.model import load_model_folder
     from finetune.loop import logits_of
 
-    model, tokenizer, _ = load(model_dir)
+    model, tokenizer, _ = load_model_folder(model_dir)
     dataset = tokenize(test_table, tokenizer, max_length)
     collate = DataCollatorWithPadding(tokenizer)
     predictions = []
@@ -546,12 +546,12 @@ def rescore_image_model(model_dir: Path, test_table: dict, batch_size: int) -> d
     import torch
     from timm.data import create_transform, resolve_model_data_config
 
-    from finetune.images import load_image
+    from finetune.tasks.image_classification.files import load_image
 
     if (model_dir / "finetune.json").is_file():  # the kit's own format (an mlp head): timm cannot load it alone
-        from finetune.model import load
+        from finetune.model import load_model_folder
 
-        model, transform, _ = load(model_dir)
+        model, transform, _ = load_model_folder(model_dir)
         call, how = (lambda x: model(pixel_values=x)), "finetune.load (kit format)"
     else:
         model = timm.create_model(f"local-dir:{model_dir.resolve()}", pretrained=True).eval()

@@ -1,24 +1,27 @@
-"""Image classification: an image per row (folders, tables of paths or bytes, the zoo), one label, a label set or a
-number; a timm backbone and head, timm's transforms and Mixup, a native timm folder."""
+"""The image-classification task: an image per row (folders, tables of paths or bytes, the zoo), one label, a label
+set or a number; a timm backbone and head, timm's transforms and Mixup, a native timm folder."""
 
 from __future__ import annotations
 
 import os
 import warnings
 
-import torch
-
 from finetune import checks
 from finetune.tasks import Job
+from finetune.tasks.batching import train_sampler
+from finetune.tasks.image_classification.inputs import image_logits, parse_image_input, read_image_inputs
+from finetune.tasks.image_classification.reading import check_images, load_image_splits, read_image_split
+from finetune.tasks.image_classification.transforms import build_mixup, build_transforms, draft_side
+from finetune.tasks.rows import RowTask
 
 
-class ImageClassification:
+class ImageClassification(RowTask):
     name = "image-classification"
     problems = ("single_label", "multi_label", "regression")
     inputs = "image"
     library = "timm"
     column_key = "image_column"  # the data.* key naming the input column (predict --column's default)
-    serve_input = "image"  # what one /predict input is (finetune.serve.INPUT_PARSERS)
+    step_choice_applies = True
 
     def check_recipe(self, recipe, need) -> None:
         need(not recipe.train.group_by_length, "train.group_by_length: text only")
@@ -26,8 +29,6 @@ class ImageClassification:
              "data.text_pair_column: is for text-classification sentence pairs, not images")
 
     def read(self, spec: str, recipe, key: str) -> dict:
-        from finetune.images import read_image_split
-
         return read_image_split(spec, recipe, key)
 
     def onnx_usage(self, info: dict) -> str:
@@ -49,15 +50,54 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
 {get(info["problem"]).onnx_decode}
 """
 
-    def check_eval_inputs(self, raw, recipe):
-        from finetune.images import _check_images
+    def read_inputs(self, items: list[str], column: str, pair_column: str | None = None) -> list:
+        return read_image_inputs(items, column)
 
-        raw, _ = _check_images(raw, "--data", recipe.data.skip_bad_images, recipe.data.image_column)
+    def parse_input(self, value, position: int):
+        return parse_image_input(value, position)
+
+    def logits(self, predictor, inputs: list, batch_size: int, show: bool):
+        return image_logits(predictor, inputs, batch_size, show)
+
+    def card_usage(self, recipe, reference: str, native: bool) -> str:
+        from finetune.export import row_usage
+
+        return row_usage(recipe, reference, native, vision=True)
+
+    def card_input_limits(self, recipe) -> str:
+        size = f"{recipe.data.image_size} px" if recipe.data.image_size else "the backbone's input size"
+        return f"- Images are resized and cropped to {size} and normalised as recorded in `config.json`."
+
+    def card_tags(self, native: bool) -> list[str]:
+        return [] if native else ["timm"]  # the kit's own format around a timm backbone
+
+    def model_reference(self, folder: str, native: bool) -> str:
+        return f"local-dir:{folder}" if native else folder  # timm loads a folder by that prefix
+
+    def base_model(self, name: str) -> str | None:
+        from finetune.tasks.image_classification.timm_folder import timm_base_model
+
+        return timm_base_model(name)
+
+    def onnx_image_graph(self) -> bool:
+        return True
+
+    def onnx_preprocess(self, folder, info: dict):
+        from finetune.tasks.image_classification.timm_folder import export_transform
+
+        return export_transform(folder)
+
+    def settings_note(self, data: dict) -> str | None:
+        return f"{data['image_size']}px" if data.get("image_size") else "native px"
+
+    def backbone_offline(self, backbone: dict) -> bool:
+        return backbone.get("pretrained") is False  # timm builds an architecture by name with no download
+
+    def check_eval_inputs(self, raw, recipe):
+        raw, _ = check_images(raw, "--data", recipe.data.skip_bad_images, recipe.data.image_column)
         return raw
 
     def load_splits(self, recipe):
-        from finetune.images import load_image_splits
-
         with warnings.catch_warnings():  # skipped images are one of the report's warnings
             warnings.simplefilter("ignore", UserWarning)
             return load_image_splits(recipe)
@@ -66,28 +106,35 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
         splits = self.load_splits(recipe)
         checks.check_vision_backbone(recipe)
         checks.check_augmentation(recipe, splits)
-        return checks.data_report(recipe, splits)
+        return checks.data_report(recipe, splits, images=True)
 
     def job(self, recipe, accelerator) -> Job:
-        from finetune import images
+        import torch
+
         from finetune.model import build_vision_model, save_vision_model
+        from finetune.tasks.image_classification.loaders import (
+            DecodedImages,
+            ImageDataset,
+            decoded_cache_budget,
+            make_image_loader,
+        )
 
         t = recipe.train
         splits = self.load_splits(recipe)
-        report = checks.data_report(recipe, splits)
+        report = checks.data_report(recipe, splits, images=True)
         model, data_config = build_vision_model(recipe, splits.label_names)
         if _use_channels_last(recipe, model, accelerator):
             model = model.to(memory_format=torch.channels_last)
-        mixup = images.build_mixup(recipe, len(splits.label_names or []))
+        mixup = build_mixup(recipe, len(splits.label_names or []))
         augmenting = not augmentation_off(recipe)
         # training crops are resized down to the input size: a large JPEG needs no full decode for them (evaluation
         # decodes whole, as timm and every exported model's users do)
-        draft = images.draft_side(data_config, recipe) if augmenting else None
+        draft = draft_side(data_config, recipe) if augmenting else None
         workers, notes = loader_workers(recipe, accelerator)
         # in the training process the decoded training and validation images can stay in memory across epochs
-        decoded = images.DecodedImages(images.decoded_cache_budget()) if workers == 0 else None
+        decoded = DecodedImages(decoded_cache_budget()) if workers == 0 else None
         datasets = {
-            key: images.ImageDataset(table, images.build_transforms(data_config, recipe, training=key == "train"
+            key: ImageDataset(table, build_transforms(data_config, recipe, training=key == "train"
                                                                       and augmenting),
                                      draft if key == "train" else None, decoded if key != "test" else None)
             for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
@@ -95,12 +142,10 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
         }
 
         def make_loader(dataset, batch, training):
-            from finetune.tasks.text_classification import train_sampler
-
             # mixup pairs each image with the batch reversed: an odd last batch would pair one image with itself
             drop_last = training and mixup is not None
             sampler = train_sampler(recipe, dataset, batch) if training else None
-            return images.make_image_loader(dataset, batch, training, t.seed, workers, drop_last, sampler)
+            return make_image_loader(dataset, batch, training, t.seed, workers, drop_last, sampler)
 
         return Job(
             splits,
@@ -120,6 +165,8 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
         """A CPU run's fastest memory format and precision for a convolutional model that trains (finetune.step_choice),
         or None: nothing left open (step_choice.choose), nothing convolutional, or the backbone frozen (its features
         or the head's steps dominate, not its training step)."""
+        import torch
+
         from finetune import step_choice
         from finetune.model import build_vision_model
 
@@ -142,6 +189,8 @@ def loader_workers(recipe, accelerator) -> tuple[int, list[str]]:
     have no core of its own and would take CPU time from the step's threads (on 2 cores: 3-7% faster in the process
     on the digits, even on a folder of JPEG photos, where the decoded images then stay in memory for the later
     epochs); elsewhere (a GPU, or cores left free) up to 4 workers."""
+    import torch
+
     n = recipe.data.num_workers
     if n is not None:
         return n, []
@@ -162,6 +211,8 @@ def augmentation_off(recipe) -> bool:
 def _use_channels_last(recipe, model, accelerator) -> bool:
     """channels_last speeds up convolutions on GPUs; on CPUs it depends on the CPU and the model, so train measures
     it there (finetune.step_choice) unless the recipe says; for transformers it is not worth the copies."""
+    import torch
+
     if recipe.train.channels_last is not None:
         return recipe.train.channels_last
     has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())

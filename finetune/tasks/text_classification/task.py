@@ -1,48 +1,69 @@
-"""Text classification (and sentence pairs): a text per row, one label, a label set or a number; a transformers
+"""The text-classification task (and sentence pairs): a text per row, one label, a label set or a number; a transformers
 backbone and head, tokenised rows in length-grouped batches, a native `*ForSequenceClassification` folder."""
 
 from __future__ import annotations
 
 from finetune import checks
-from finetune import data as data_module
+from finetune.data import where_row
 from finetune.errors import FinetuneError
 from finetune.tasks import Job
+from finetune.tasks.batching import longest_first, train_sampler
+from finetune.tasks.rows import RowTask
+from finetune.tasks.text_classification.inputs import parse_text_input
+from finetune.tasks.text_classification.reading import load_text_splits, read_text_split
+from finetune.tasks.text_classification.tokens import make_text_loader, tokenize_texts
+from finetune.tasks.text_inputs import onnx_text_usage, read_text_inputs, text_input_limits, text_logits
 
 
-class TextClassification:
+class TextClassification(RowTask):
     name = "text-classification"
     problems = ("single_label", "multi_label", "regression")
     inputs = "text"
     library = "transformers"
     column_key = "text_column"  # the data.* key naming the input column (predict --column's default)
-    serve_input = "text"  # what one /predict input is (finetune.serve.INPUT_PARSERS)
 
     def check_recipe(self, recipe, need) -> None:
         pass  # every text key applies
 
     def read(self, spec: str, recipe, key: str) -> dict:
-        return data_module.read_split(spec, recipe, key)
+        return read_text_split(spec, recipe, key)
 
     def onnx_usage(self, info: dict) -> str:
         from finetune.problems import get
-        from finetune.tasks import onnx_text_usage
 
         pairs = ((info.get("recipe") or {}).get("data") or {}).get("text_pair_column")
         inputs = ('[("a first text", "the text paired with it"), ("another", "pair")]  # encoded as the pair'
                   if pairs else '["a text to label", "another one"]')
         return onnx_text_usage(inputs, "", get(info["problem"]).onnx_decode)
 
+    def read_inputs(self, items: list[str], column: str, pair_column: str | None = None) -> list:
+        return read_text_inputs(items, column, pair_column)
+
+    def parse_input(self, value, position: int):
+        return parse_text_input(value, position)
+
+    def logits(self, predictor, inputs: list, batch_size: int, show: bool):
+        return text_logits(predictor, inputs, batch_size, show)
+
+    def card_usage(self, recipe, reference: str, native: bool) -> str:
+        from finetune.export import row_usage
+
+        return row_usage(recipe, reference, native, vision=False)
+
+    def card_input_limits(self, recipe) -> str:
+        return text_input_limits(recipe)
+
     def check_eval_inputs(self, raw, recipe):
         for i, text in enumerate(raw.texts):
             if not isinstance(text, str) or not text.strip():
                 raise FinetuneError(
-                    f"{data_module._where(raw, i)}: empty text in column '{recipe.data.text_column}'; "
+                    f"{where_row(raw, i)}: empty text in column '{recipe.data.text_column}'; "
                     "fill it or drop the row"
                 )
         return raw
 
     def load_splits(self, recipe):
-        return data_module.load_splits(recipe)
+        return load_text_splits(recipe)
 
     def check_data(self, recipe):
         from finetune.backbones import load_text_config, load_tokenizer
@@ -65,7 +86,7 @@ class TextClassification:
         model, tokenizer = build_text_model(recipe, splits.label_names, tokenizer)
         with accelerator.main_process_first():  # the main process tokenises and caches; the others read the cache
             datasets = {
-                key: data_module.tokenize(table, tokenizer, recipe.data.max_length)
+                key: tokenize_texts(table, tokenizer, recipe.data.max_length)
                 for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
                 if table is not None
             }
@@ -73,34 +94,13 @@ class TextClassification:
             splits,
             model,
             datasets,
-            make_loader=lambda dataset, batch, training: data_module.make_loader(
+            make_loader=lambda dataset, batch, training: make_text_loader(
                 dataset, tokenizer, batch, training, t.seed,
                 train_sampler(recipe, dataset, batch) if training else longest_first(dataset),
             ),
             save=lambda unwrapped, directory: save_model(unwrapped, tokenizer, directory, recipe, splits.label_names),
             warnings=report.warnings,
         )
-
-
-def longest_first(dataset) -> list[int]:
-    """Evaluation order for text: rows sorted by length, so each batch pads to little more than its own rows
-    (metrics do not depend on the order; features computed this way are put back in row order)."""
-    from finetune.sampling import token_lengths
-
-    lengths = token_lengths(dataset)
-    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
-
-
-def train_sampler(recipe, dataset, batch_size: int):
-    """The training order when it is not a plain shuffle: length-grouped batches or class-balanced draws."""
-    from finetune import sampling, transfer
-
-    t = recipe.train
-    if t.group_by_length:
-        return sampling.LengthGroupedSampler(sampling.token_lengths(dataset), batch_size, t.seed)
-    if t.sampler == "balanced":
-        return sampling.ClassBalancedSampler(transfer.labels_of(dataset), t.seed)
-    return None
 
 
 TASK = TextClassification()

@@ -1,0 +1,17 @@
+"""The row-of-logits defaults of `Task` that score with the kit's metrics (one row of logits per input: text and
+image classification). Kept out of `finetune.tasks` itself, which `finetune.problems` imports through the token task's
+tag functions."""
+
+from __future__ import annotations
+
+from finetune.tasks import Task
+
+
+class RowTask(Task):
+    """A task whose model gives one row of logits per input, decoded and scored by the head's problem."""
+
+    def evaluate(self, predictor, raw, recipe, split: str = "test", batch_size: int = 32,
+                 progress: bool | None = None) -> dict:
+        from finetune.evaluate import evaluate_rows
+
+        return evaluate_rows(predictor, raw, recipe, split, batch_size, progress)
