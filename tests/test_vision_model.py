@@ -20,7 +20,7 @@ from finetune.model import (
     build_vision_model,
     fold_target_scaling,
     head_parameter_names,
-    load,
+    load_model_folder,
     output_layer,
     save_vision_model,
     timm_model_of,
@@ -289,7 +289,7 @@ def test_native_export_loads_through_finetune_load(tmp_path):
     recipe = vision_recipe(CNN, **{"head.problem": "multi_label", "head.threshold": 0.3})
     model, data_config = build_vision_model(recipe, LABELS)
     save_vision_model(model.eval(), tmp_path, recipe, LABELS, data_config)
-    loaded, transform, spec = load(tmp_path)
+    loaded, transform, spec = load_model_folder(tmp_path)
     assert isinstance(loaded, TimmClassifier)
     assert spec == {
         "format": "timm", "task": "image-classification", "problem": "multi_label", "labels": LABELS, "threshold": 0.3
@@ -306,7 +306,7 @@ def test_kit_export_round_trips_through_finetune_load(tmp_path):
     model.eval()
     save_vision_model(model, tmp_path, recipe, LABELS, data_config)
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors", "finetune.json"}
-    loaded, transform, spec = load(tmp_path)
+    loaded, transform, spec = load_model_folder(tmp_path)
     assert isinstance(loaded, VisionClassifier)
     assert spec["format"] == "finetune" and spec["task"] == "image-classification" and spec["labels"] == LABELS
     image = transform(sample_image("china.jpg"))
