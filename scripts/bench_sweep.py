@@ -192,7 +192,7 @@ def trainer_side(job_path: str, result_path: str) -> None:
 
 
 def first_prunable_epoch(epochs: int) -> int:
-    """The kit's default pruner warm-up (finetune.sweep.first_prunable_epoch with sweep.min_epochs null)."""
+    """The kit's default pruner warm-up (finetune.sweep.study.first_prunable_epoch with sweep.min_epochs null)."""
     return epochs // 2 + 1
 
 
