@@ -1,4 +1,5 @@
-"""Data: reading splits (files, hub, offline zoo), the label space, the validation split, tokenisation, loaders."""
+"""The split machinery the tasks share: files and hub sets read into a RawSplit, where a row came from, the held-out
+validation part, the label space and encoding (asked of the problem), and the Splits a task hands the loop."""
 
 from __future__ import annotations
 
@@ -50,19 +51,7 @@ class Splits:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Offline zoo data sets: each brings a fixed, deduplicated train/validation/test split.
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Reading files and hub data sets.
-
-
 
 
 def open_dataset(*args, what: str, path: Path | None = None, **kwargs):

@@ -100,13 +100,6 @@ def _is_image(predictor) -> bool:
     return get_task(predictor.task).onnx_image_graph()
 
 
-def _per_token(predictor) -> bool:
-    """Tasks whose outputs are not one row of logits per input (a tag per sub-token) predict through the task."""
-    from finetune.tasks import get_task
-
-    return not get_task(predictor.task).row_outputs
-
-
 class SampleLogits(np.ndarray):
     """Logits of the parity sample; for a per-token task [inputs, sub-tokens, tags] with `mask` of the real ones."""
 
@@ -255,12 +248,7 @@ def _write_preprocessing(predictor, out: Path, names: list[str]) -> None:
         config.setdefault("pretrained_cfg", {}).update(_image_config(predictor))
     else:
         predictor.preprocess.save_pretrained(out)
-        if _per_token(predictor):  # one tag per token: the config's id2label is the tag set
-            labels = predictor.labels or []
-            config["id2label"] = {str(i): name for i, name in enumerate(labels)}
-            config["label2id"] = {name: i for i, name in enumerate(labels)}
-        else:
-            config.update(get(predictor.problem).native_config(predictor.labels))
+        config.update(get(predictor.problem).native_config(predictor.labels))  # tags: id2label is the tag set
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 

@@ -88,11 +88,6 @@ def _one_spelling(values: list, kinds: dict[str, list[int]], where: Where, key: 
         )
 
 
-def predictions_from_logits(logits: np.ndarray, problem: str, threshold: float = 0.5) -> np.ndarray:
-    """What a model predicts: a class index, a 0/1 row per label set, the regression value, a tag per token."""
-    return get(problem).predict(logits, threshold)
-
-
 class Problem:
     """What the loop, data, evaluation, predict and export ask of a problem; one subclass per problem, listed in
     PROBLEMS. Callers ask these methods and never compare a problem's name."""
@@ -390,7 +385,7 @@ class MultiLabel(Problem):
         return truth.astype(np.int64), predictions
 
     def label_counts(self, encoded: list, count: int) -> list[int]:
-        return [int(v) for v in np.asarray(encoded, dtype=np.float64).reshape(-1, count).sum(axis=0)]
+        return [int(v) for v in np.asarray(encoded, dtype=np.float64).reshape(len(encoded), count).sum(axis=0)]
 
     def summary(self, encoded, splits) -> dict:
         return {**super().summary(encoded, splits), "unlabelled": sum(1 for row in encoded if not any(row))}

@@ -129,12 +129,6 @@ def _prefix_of(model: nn.Module, inner: nn.Module) -> str:
     return ""
 
 
-def layer_decay_scales(model: nn.Module, decay: float) -> dict[str, float]:
-    """lr multiplier per backbone parameter: decay ** (layers between it and the head)."""
-    ids, top = layer_ids(model)
-    return {name: decay ** (top + 1 - depth) for name, depth in ids.items()}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Freezing
 

@@ -332,3 +332,14 @@ def test_the_augment_section_is_checked_without_a_model(tmp_path, augment, train
     }
     with pytest.raises(FinetuneError, match=expected):
         check_data(to_recipe(raw))
+
+
+def test_multi_label_counts_hold_for_rows_without_any_label():
+    """A label-less multi-label set has an empty label space: its report counts nothing (it raised a numpy reshape
+    error once the counting moved into the problem)."""
+    from finetune.problems import get
+
+    problem = get("multi_label")
+    assert problem.label_counts([[], [], []], 0) == []
+    assert problem.label_counts([], 2) == [0, 0]
+    assert problem.label_counts([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]], 2) == [2, 1]

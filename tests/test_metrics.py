@@ -13,7 +13,7 @@ from finetune.metrics import (
     is_improvement,
     metrics_for,
 )
-from finetune.problems import predictions_from_logits
+from finetune.problems import get
 from finetune.recipe import DEFAULT_METRICS
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,32 +212,32 @@ def test_is_improvement_higher_is_better():
 
 def test_single_label_prediction_is_argmax():
     logits = np.array([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0], [-5.0, -4.0, -3.0]])
-    np.testing.assert_array_equal(predictions_from_logits(logits, "single_label"), [1, 0, 2])
+    np.testing.assert_array_equal(get("single_label").predict(logits), [1, 0, 2])
 
 
 def test_multi_label_prediction_thresholds_the_sigmoid():
     logits = np.array([[2.0, -2.0, 0.0], [1.0, 0.5, -0.1]])
     # sigmoid: [0.881, 0.119, 0.5], [0.731, 0.622, 0.475]; 0.5 itself is not above the threshold
-    predicted = predictions_from_logits(logits, "multi_label")
+    predicted = get("multi_label").predict(logits)
     np.testing.assert_array_equal(predicted, [[1, 0, 0], [1, 1, 0]])
     assert predicted.dtype == np.int64
-    np.testing.assert_array_equal(predictions_from_logits(logits, "multi_label", threshold=0.7), [[1, 0, 0], [1, 0, 0]])
-    np.testing.assert_array_equal(predictions_from_logits(logits, "multi_label", threshold=0.1), [[1, 1, 1], [1, 1, 1]])
+    np.testing.assert_array_equal(get("multi_label").predict(logits, threshold=0.7), [[1, 0, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(get("multi_label").predict(logits, threshold=0.1), [[1, 1, 1], [1, 1, 1]])
 
 
 def test_multi_label_prediction_with_extreme_logits():
     with np.errstate(over="ignore"):
-        predicted = predictions_from_logits(np.array([[1000.0, -1000.0]], dtype=np.float32), "multi_label")
+        predicted = get("multi_label").predict(np.array([[1000.0, -1000.0]], dtype=np.float32))
     np.testing.assert_array_equal(predicted, [[1, 0]])
 
 
 def test_regression_prediction_is_the_flat_output():
-    predicted = predictions_from_logits(np.array([[0.5], [-1.25], [3.0]]), "regression")
+    predicted = get("regression").predict(np.array([[0.5], [-1.25], [3.0]]))
     assert predicted.shape == (3,)
     np.testing.assert_allclose(predicted, [0.5, -1.25, 3.0])
 
 
 def test_predictions_feed_metrics_end_to_end():
     logits = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]])
-    predicted = predictions_from_logits(logits, "single_label")
+    predicted = get("single_label").predict(logits)
     assert compute_metrics(["accuracy"], np.array([0, 1, 1, 0]), predicted) == {"accuracy": pytest.approx(0.75)}
