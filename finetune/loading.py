@@ -7,6 +7,7 @@ from pathlib import Path
 
 from finetune.errors import FinetuneError
 from finetune.predictor import RUN_CONFIG, Predictor, read_run_recipe
+from finetune.tasks import task_of_model_folder
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -43,9 +44,15 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
+def load_model_folder(directory: str | Path):
+    """(model, tokenizer or image transform, spec) from a `model/` folder: transformers, timm or finetune's format,
+    loaded by the task whose folder it is. Vision models are called as `model(pixel_values=...)`."""
+    directory = Path(directory)
+    return task_of_model_folder(directory).load_model_folder(directory)
+
+
 def load_predictor(source: str | Path, device: str | None = None) -> Predictor:
     """A Predictor for a run folder, a model folder (transformers, timm or finetune's format) or a hub model id."""
-    from finetune.model import load_model_folder
     from finetune.onnx_runtime import is_export_folder
 
     if is_export_folder(source):  # `finetune export` output: onnxruntime behind the same interface

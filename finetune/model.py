@@ -1,4 +1,4 @@
-"""The model: a backbone plus a head (the ecosystem's own class where it computes the same) and the interface to ask."""
+"""The model interface every caller asks, the wrappers that implement it, and what the tasks' model folders share."""
 
 from __future__ import annotations
 
@@ -10,15 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.backbones import HEAD_DROPOUT_KEYS, TIMM_POOLING, create_vision_backbone, load_text_config, load_tokenizer
 from finetune.errors import FinetuneError
 from finetune.heads import ClassificationHead, pool
 
-NATIVE_PROBLEM_TYPES = {
-    "single_label": "single_label_classification",
-    "multi_label": "multi_label_classification",
-    "regression": "regression",
-}
 KIT_FORMAT_FILE = "finetune.json"
 TIMM_CONFIG_KEY = "finetune"  # our extra block in a timm config.json: problem and threshold (timm ignores it)
 
@@ -350,88 +344,6 @@ def num_outputs(problem: str, label_names: list[str] | None) -> int:
     return get(problem).num_outputs(label_names)
 
 
-def build_text_model(recipe, label_names: list[str] | None, tokenizer=None):
-    """(model, tokenizer) for the recipe; label_names is None for regression; `tokenizer`: the backbone's, when the
-    caller has loaded it already."""
-    from transformers import AutoModel, AutoModelForSequenceClassification
-
-    problem = recipe.head.problem
-    outputs = num_outputs(problem, label_names)
-    names = label_names or ["value"]
-    source, config = load_text_config(
-        recipe,
-        num_labels=outputs,
-        id2label=dict(enumerate(names)),
-        label2id={name: i for i, name in enumerate(names)},
-        problem_type=NATIVE_PROBLEM_TYPES[problem],
-    )
-    trust = recipe.backbone.trust_remote_code
-    if tokenizer is None:
-        tokenizer = load_tokenizer(source, trust)
-    if getattr(config, "pad_token_id", None) is None:
-        config.pad_token_id = tokenizer.pad_token_id
-    try:
-        if is_native(recipe):
-            for key in HEAD_DROPOUT_KEYS:
-                if hasattr(config, key):
-                    setattr(config, key, recipe.head.dropout)
-            if recipe.backbone.pretrained:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    source, config=config, trust_remote_code=trust
-                )
-            else:
-                model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust)
-        else:
-            if recipe.backbone.pretrained:
-                backbone = AutoModel.from_pretrained(source, config=config, trust_remote_code=trust)
-            else:
-                backbone = AutoModel.from_config(config, trust_remote_code=trust)
-            head = ClassificationHead(config.hidden_size, outputs, recipe.head.hidden, recipe.head.dropout)
-            model = TextClassifier(backbone, head, recipe.head.pooling)
-    except (OSError, ValueError) as error:
-        raise FinetuneError(f"backbone.name: cannot build a model from '{recipe.backbone.name}' ({error})") from None
-    return model, tokenizer
-
-
-def build_vision_model(recipe, label_names: list[str] | None):
-    """(model, data_config) for the recipe; data_config is timm's preprocessing for it (input_size, mean, std, ...)."""
-    outputs = num_outputs(recipe.head.problem, label_names)
-    if is_native(recipe):
-        backbone = create_vision_backbone(recipe, outputs)
-        model = TimmClassifier(backbone, recipe.backbone.dropout or 0.0)
-    else:
-        backbone = create_vision_backbone(recipe, 0, global_pool=TIMM_POOLING[recipe.head.pooling])
-        width = getattr(backbone, "head_hidden_size", backbone.num_features)  # what pre_logits returns
-        model = VisionClassifier(backbone, ClassificationHead(width, outputs, recipe.head.hidden, recipe.head.dropout))
-    activations_out_of_place(model)
-    return model, vision_data_config(backbone, recipe.data.image_size)
-
-
-# Activations whose backward reads their input: called in place on a tensor that needs a gradient, autograd first
-# copies the whole input to keep it (aten::clone inside the call), where the plain call only writes its output. Same
-# values and gradients, the same memory (the input is kept either way), one pass over the activation less: ReLU6
-# (timm's EfficientNet-Lite, MobileNetV2), SiLU (EfficientNet), Hardswish (MobileNetV3). ReLU, LeakyReLU and ELU
-# read their output and copy nothing: they stay in place.
-COPIED_IN_PLACE = (nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Threshold)  # ReLU6 is a Hardtanh
-
-
-def activations_out_of_place(model: nn.Module) -> int:
-    """Set the COPIED_IN_PLACE activations of the model to out of place; returns how many were in place."""
-    flipped = 0
-    for module in model.modules():
-        if isinstance(module, COPIED_IN_PLACE) and getattr(module, "inplace", False):
-            module.inplace = False
-            flipped += 1
-    return flipped
-
-
-def vision_data_config(timm_model: nn.Module, image_size: int | None = None) -> dict:
-    """timm's preprocessing from the model's pretrained_cfg, at image_size when one is given."""
-    from timm.data import resolve_model_data_config
-
-    return resolve_model_data_config(timm_model, args={"img_size": image_size} if image_size else None)
-
-
 def timm_model_of(model: nn.Module) -> nn.Module:
     """The timm model inside either vision kind (what carries pretrained_cfg and takes channels_last)."""
     return interface_of(model).library_model()
@@ -456,18 +368,13 @@ def fold_target_scaling(model: nn.Module, mean: float, std: float) -> None:
         layer.bias.mul_(std).add_(mean)
 
 
-def save_model(model: nn.Module, tokenizer, directory: Path, recipe, label_names: list[str] | None) -> None:
-    """The ecosystem's own format when native; else backbone config + safetensors + finetune.json."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(directory)
-    if not isinstance(model, TextClassifier):
-        model.save_pretrained(directory)
-        return
-    model.backbone.config.save_pretrained(directory)
-    _save_kit_weights_and_spec(model, directory, recipe, label_names)
+# ---------------------------------------------------------------------------------------------------------------
+# What the tasks' model folders share: finetune's own format (weights + finetune.json) and reading a folder's files
 
 
-def _save_kit_weights_and_spec(model: nn.Module, directory: Path, recipe, label_names: list[str] | None) -> None:
+def save_kit_weights_and_spec(model: nn.Module, directory: Path, recipe, label_names: list[str] | None) -> None:
+    """finetune's own format: the whole model's weights as safetensors and finetune.json (task, problem, labels,
+    head), which its task reads back."""
     from safetensors.torch import save_file
 
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
@@ -484,119 +391,13 @@ def _save_kit_weights_and_spec(model: nn.Module, directory: Path, recipe, label_
     (directory / KIT_FORMAT_FILE).write_text(json.dumps(spec, indent=2) + "\n")
 
 
-def save_vision_model(model: nn.Module, directory: Path, recipe, label_names: list[str] | None, data_config: dict):
-    """timm's own folder when native (config.json + model.safetensors); else backbone config + weights + finetune.json.
-
-    Either way config.json's pretrained_cfg holds the preprocessing the model was trained with (data_config), so
-    `timm.create_model("local-dir:...")` and `resolve_model_data_config` give back the training image size.
-    """
-    from timm.models import save_for_hf
-    from timm.models._hub import save_config_for_hf  # what save_for_hf writes config.json with; not re-exported
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, TimmClassifier):
-        extra = {TIMM_CONFIG_KEY: {"problem": recipe.head.problem, "threshold": recipe.head.threshold}}
-        if label_names:
-            extra["label_names"] = list(label_names)
-        save_for_hf(model.model, directory, model_config=extra, safe_serialization=True, data_config=data_config)
-        return
-    # the kit's config.json describes the backbone alone (num_classes 0); labels and head live in finetune.json
-    save_config_for_hf(model.backbone, directory / "config.json", data_config=data_config)
-    _save_kit_weights_and_spec(model, directory, recipe, label_names)
+def read_kit_spec(directory: Path) -> dict | None:
+    """A model folder's finetune.json (finetune's own format), or None for a transformers or timm folder."""
+    spec_path = Path(directory) / KIT_FORMAT_FILE
+    return json.loads(spec_path.read_text()) if spec_path.is_file() else None
 
 
-def load_model_folder(directory: str | Path):
-    """(model, tokenizer or image transform, spec) from a `model/` folder: transformers, timm or finetune's format.
-
-    Weights come from safetensors only. Vision models are called as `model(pixel_values=...)`.
-    """
-    directory = Path(directory)
-    spec_path = directory / KIT_FORMAT_FILE
-    spec = json.loads(spec_path.read_text()) if spec_path.is_file() else None
-    if spec is not None and _is_timm_folder(directory):  # a timm backbone with the kit's head
-        return _load_vision_kit(directory, spec)
-    if spec is None and _is_timm_folder(directory):
-        return _load_timm(directory)
-    return _load_text(directory, spec)
-
-
-def _is_token_classifier(directory: Path) -> bool:
-    config_path = directory / "config.json"
-    architectures = json.loads(config_path.read_text()).get("architectures") or [] if config_path.is_file() else []
-    return any(name.endswith("ForTokenClassification") for name in architectures)
-
-
-def _is_timm_folder(directory: Path) -> bool:
-    config_path = directory / "config.json"
-    return config_path.is_file() and "architecture" in json.loads(config_path.read_text())
-
-
-def _eval_transform(timm_model: nn.Module):
-    from timm.data import create_transform, resolve_model_data_config
-
-    return create_transform(**resolve_model_data_config(timm_model), is_training=False)
-
-
-def _load_timm(directory: Path):
-    import timm
-
-    model = timm.create_model(f"local-dir:{directory.resolve()}", pretrained=True)
-    config = json.loads((directory / "config.json").read_text())
-    extra = config.get(TIMM_CONFIG_KEY, {})
-    labels = config.get("label_names")
-    if isinstance(labels, dict):  # timm allows {index: name}
-        labels = [labels[key] for key in sorted(labels, key=int)]
-    spec = {
-        "format": "timm",
-        "task": "image-classification",
-        "problem": extra.get("problem", "single_label"),
-        "labels": labels,
-        "threshold": extra.get("threshold", 0.5),
-    }
-    return TimmClassifier(model).eval(), _eval_transform(model), spec
-
-
-def _load_vision_kit(directory: Path, spec: dict):
-    import timm
-    from safetensors.torch import load_file
-
-    backbone = timm.create_model(f"local-dir:{directory.resolve()}", pretrained=False)  # weights below
-    width = getattr(backbone, "head_hidden_size", backbone.num_features)
-    model = VisionClassifier(backbone, ClassificationHead(width, spec["num_outputs"], spec["head"]["hidden"]))
-    model.load_state_dict(load_file(directory / "model.safetensors"))
-    return model.eval(), _eval_transform(backbone), spec
-
-
-def _load_text(directory: Path, spec: dict | None):
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
-
-    from finetune.problems import get
-
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    if spec is None and _is_token_classifier(directory):
-        from transformers import AutoModelForTokenClassification
-
-        model = AutoModelForTokenClassification.from_pretrained(directory)
-        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        spec = {"format": "transformers", "task": "token-classification", "problem": "tags", "labels": labels}
-        return model.eval(), tokenizer, spec
-    if spec is None:
-        model = AutoModelForSequenceClassification.from_pretrained(directory)
-        config = model.config
-        problem = {v: k for k, v in NATIVE_PROBLEM_TYPES.items()}.get(config.problem_type, "single_label")
-        labels = get(problem).labels_of_config(config)
-        spec = {"format": "transformers", "problem": problem, "labels": labels}
-        kept = getattr(config, TIMM_CONFIG_KEY, None)  # the trained head.threshold (finetune.export._keep_threshold)
-        spec.update(get(problem).read_config_fields(kept))
-        return model.eval(), tokenizer, spec
-    config = AutoConfig.from_pretrained(directory)
-    head = spec["head"]
-    model = TextClassifier(
-        AutoModel.from_config(config),
-        ClassificationHead(config.hidden_size, spec["num_outputs"], head["hidden"]),
-        head["pooling"],
-    )
-    model.load_state_dict(load_file(directory / "model.safetensors"))
-    return model.eval(), tokenizer, spec
+def read_folder_config(directory: Path) -> dict:
+    """A model folder's config.json (transformers' or timm's), or {} where it has none."""
+    config_path = Path(directory) / "config.json"
+    return json.loads(config_path.read_text()) if config_path.is_file() else {}

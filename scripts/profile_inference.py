@@ -3,10 +3,11 @@
 
     python scripts/profile_inference.py [RECIPE] [key=value ...] [--batches 12] [--batch-size 64] [--threads N]
 
-The model is the kit's (finetune.model.build_text_model, eval mode, torch.inference_mode), the batches the recipe's
-own training rows tokenized at data.max_length and padded per batch. Each round runs one batch at fp32 and the same
-batch under torch.autocast("cpu", bfloat16) (what finetune.predict does for a bf16 run on a CPU with native bf16),
-alternating which goes first, so a neighbour's load hits both alike; medians are reported with the CPU's flags.
+The model is the kit's (finetune.tasks.text_classification.model.build_text_model, eval mode, torch.inference_mode), the
+batches the recipe's own training rows tokenized at data.max_length and padded per batch. Each round runs one batch at
+fp32 and the same batch under torch.autocast("cpu", bfloat16) (what finetune.predict does for a bf16 run on a CPU with
+native bf16), alternating which goes first, so a neighbour's load hits both alike; medians are reported with the CPU's
+flags.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> int:
 
     from finetune.tasks.text_classification import tokens as data_module
     from finetune.tasks.text_classification.reading import load_text_splits as load_splits
-    from finetune.model import build_text_model
+    from finetune.tasks.text_classification.model import build_text_model
     from finetune.precision import autocast, cpu_flags
     from finetune.recipe import find_recipe, load_recipe
 

@@ -4,15 +4,15 @@
     python scripts/profile_step.py [RECIPE] [key=value ...] [--steps 12] [--warmup 3] [--threads 2]
                                    [--variants base,frozen-embeddings,...] [--trace DIR] [--markdown FILE]
 
-The step is the kit's own: the model from finetune.model.build_text_model, the rows and tokens from finetune.data
-(load_splits, tokenize, make_loader: shuffled, padded per batch), param groups from finetune.optim, AdamW with
-fused=True, the schedule from finetune.optim.build_scheduler, everything through accelerate's prepare(), and the
-kit's own step, finetune.loop.train_step (accumulate, forward, loss, backward, clip, step, schedule, zero_grad).
-An image recipe's step is built from the image task's own job (finetune.tasks.image_classification: the timm
-model, the datasets with their decoding and augmentation, the loader with the recipe's data.num_workers, mixup);
-its base is fp32 in the contiguous layout, the plain timm loop's step, and the kit's step choice
-(finetune.step_choice) picks among base, channels-last, bf16 and bf16+channels-last.
-Each phase is timed with perf_counter (CPU ops are synchronous, so the split is exact on a CPU):
+The step is the kit's own: the model from finetune.tasks.text_classification.model.build_text_model, the rows and tokens
+from finetune.data (load_splits, tokenize, make_loader: shuffled, padded per batch), param groups from finetune.optim,
+AdamW with fused=True, the schedule from finetune.optim.build_scheduler, everything through accelerate's prepare(), and
+the kit's own step, finetune.loop.train_step (accumulate, forward, loss, backward, clip, step, schedule, zero_grad). An
+image recipe's step is built from the image task's own job (finetune.tasks.image_classification: the timm model, the
+datasets with their decoding and augmentation, the loader with the recipe's data.num_workers, mixup); its base is fp32
+in the contiguous layout, the plain timm loop's step, and the kit's step choice (finetune.step_choice) picks among base,
+channels-last, bf16 and bf16+channels-last. Each phase is timed with perf_counter (CPU ops are synchronous, so the split
+is exact on a CPU):
 
   data       the prepared DataLoader's next batch (collation, padding; images: decoding and transforms, or the wait
              for the loader's workers)
@@ -139,7 +139,7 @@ def build(name: str, recipe, accelerator, splits, threads: int) -> Variant:
 
     from finetune.tasks.text_classification import tokens as data_module
     from finetune import transfer
-    from finetune.model import build_text_model
+    from finetune.tasks.text_classification.model import build_text_model
     from finetune.optim import build_param_groups, build_scheduler
     from finetune.sampling import LengthGroupedSampler, token_lengths
 

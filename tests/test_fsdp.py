@@ -26,7 +26,7 @@ WORKER = textwrap.dedent('''
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     from finetune.checkpoints import full_state_dict, is_sharded, load_full_state_dict, rebuild_unsharded, skeleton
-    from finetune.model import save_model
+    from finetune.tasks.text_classification.model import save_model
 
     bert, out = Path(sys.argv[1]), Path(sys.argv[2])
     dist.init_process_group("gloo")

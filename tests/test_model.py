@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from finetune.heads import ClassificationHead, pool
-from finetune.model import TextClassifier, build_text_model, fold_target_scaling, head_parameter_names, is_native
+from finetune.model import TextClassifier, fold_target_scaling, head_parameter_names, is_native
+from finetune.tasks.text_classification.model import build_text_model
 
 
 def build(make_recipe, labels=LABELS, **dotted):

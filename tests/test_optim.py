@@ -10,7 +10,8 @@ import torch
 from conftest import LABELS, to_recipe
 from torch import nn
 
-from finetune.model import build_text_model, head_parameter_names
+from finetune.model import head_parameter_names
+from finetune.tasks.text_classification.model import build_text_model
 from finetune.optim import build_param_groups, build_scheduler, warmup_steps
 
 

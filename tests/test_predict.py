@@ -38,7 +38,7 @@ def runs(tiny_bert, tiny_data, multi_label_data, regression_data, tmp_path_facto
 
 @torch.no_grad()
 def logits_by_hand(model_dir, texts) -> np.ndarray:
-    from finetune.model import load_model_folder
+    from finetune.loading import load_model_folder
 
     model, tokenizer, _ = load_model_folder(model_dir)
     output = model(**tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt"))

@@ -16,7 +16,8 @@ from test_vision_train import image_data, vision_raw  # noqa: F401 — a fixture
 
 from finetune import transfer
 from finetune.heads import ClassificationHead
-from finetune.model import TimmClassifier, VisionClassifier, build_text_model, head_parameter_names
+from finetune.model import TimmClassifier, VisionClassifier, head_parameter_names
+from finetune.tasks.text_classification.model import build_text_model
 from finetune.optim import build_param_groups
 from finetune.train import train
 

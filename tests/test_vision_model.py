@@ -14,17 +14,16 @@ from torch import nn
 
 from finetune.backbones import create_vision_backbone, efficientnet_lite0_state_dict
 from finetune.errors import FinetuneError
+from finetune.loading import load_model_folder
 from finetune.model import (
     TimmClassifier,
     VisionClassifier,
-    build_vision_model,
     fold_target_scaling,
     head_parameter_names,
-    load_model_folder,
     output_layer,
-    save_vision_model,
     timm_model_of,
 )
+from finetune.tasks.image_classification.model import build_vision_model, save_vision_model
 
 # Tiny timm architectures from its own registry (random weights: nothing is downloaded). test_efficientnet is a
 # CNN (any input size), test_vit a fixed-size ViT (a new image size rebuilds its position embedding).
@@ -319,7 +318,7 @@ def test_kit_export_round_trips_through_finetune_load(tmp_path):
 def test_an_in_place_activation_that_reads_its_input_copies_it_and_out_of_place_gives_the_same_gradients(activation):
     from torch.profiler import ProfilerActivity, profile
 
-    from finetune.model import COPIED_IN_PLACE, activations_out_of_place
+    from finetune.tasks.image_classification.model import COPIED_IN_PLACE, activations_out_of_place
 
     assert issubclass(activation, COPIED_IN_PLACE)
     layer = nn.Linear(8, 8)
@@ -342,7 +341,7 @@ def test_an_in_place_activation_that_reads_its_input_copies_it_and_out_of_place_
 def test_a_built_vision_model_trains_its_activations_out_of_place():
     import timm
 
-    from finetune.model import COPIED_IN_PLACE
+    from finetune.tasks.image_classification.model import COPIED_IN_PLACE
 
     plain = [m for m in timm.create_model(CNN, pretrained=False).modules() if isinstance(m, COPIED_IN_PLACE)]
     assert plain and all(m.inplace for m in plain)  # timm builds them in place

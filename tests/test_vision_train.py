@@ -232,7 +232,7 @@ def kit_test_logits(out: Path) -> tuple[torch.Tensor, list[int]]:
     from finetune.tasks.image_classification.loaders import ImageDataset, collate_images
     from finetune.tasks.image_classification.reading import load_image_splits
     from finetune.tasks.image_classification.transforms import build_transforms
-    from finetune.model import build_vision_model
+    from finetune.tasks.image_classification.model import build_vision_model
 
     recipe = to_recipe(yaml.safe_load((out / "config.yaml").read_text()))
     splits = load_image_splits(recipe)
@@ -318,7 +318,7 @@ def train_batches(image_data, tmp_path, num_workers: int, **augment) -> list[dic
     from finetune.tasks.image_classification.loaders import ImageDataset, make_image_loader
     from finetune.tasks.image_classification.reading import load_image_splits
     from finetune.tasks.image_classification.transforms import build_transforms
-    from finetune.model import build_vision_model
+    from finetune.tasks.image_classification.model import build_vision_model
 
     raw = vision_raw(image_data, tmp_path / "unused")
     raw["augment"] = augment

@@ -81,6 +81,18 @@ class Task:
         to measure. Asked only where `step_choice_applies`."""
         return None
 
+    # -- the model folder -------------------------------------------------------------------------------------------
+
+    def owns_model_folder(self, directory: Path) -> bool:
+        """True when `directory` (a `model/` folder: transformers', timm's or finetune's format) holds this task's
+        model, as its own save wrote it; `task_of_model_folder` asks each task in TASKS order."""
+        return False
+
+    def load_model_folder(self, directory: Path) -> tuple:
+        """(model in eval mode, its preprocessing: tokenizer or image transform, spec) from a folder this task owns;
+        spec: {"format", "problem", "labels", ...} as finetune.json holds it. Weights come from safetensors only."""
+        raise NotImplementedError
+
     # -- inputs for predict and serve ------------------------------------------------------------------------------
 
     def read_inputs(self, items: list[str], column: str, pair_column: str | None = None) -> list[tuple[str, Any]]:
@@ -179,3 +191,10 @@ def task_of_library(library: str) -> str:
     """The first task whose native folders `library` writes (else the first task): what a model folder whose spec
     names no task holds."""
     return next((name for name in TASKS if get_task(name).library == library), next(iter(TASKS)))
+
+
+def task_of_model_folder(directory: Path) -> Task:
+    """The first task (in TASKS order) that owns the model folder; else the first task, which loads any other
+    transformers folder (a bare backbone, a hub model) as it always has."""
+    tasks = [get_task(name) for name in TASKS]
+    return next((task for task in tasks if task.owns_model_folder(directory)), tasks[0])

@@ -67,7 +67,7 @@ def image_flops(recipe, label_names) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from finetune.model import build_vision_model
+    from finetune.tasks.image_classification.model import build_vision_model
 
     model, data_config = build_vision_model(recipe, label_names)
     size = data_config["input_size"]

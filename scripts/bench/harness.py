@@ -291,7 +291,8 @@ def timm_job(recipe, splits, files: dict, threads: int, options: dict, folder: P
     from timm.models import save_for_hf
 
     from finetune.tasks.image_classification.transforms import auto_augment_policy
-    from finetune.model import TimmClassifier, build_vision_model, timm_model_of
+    from finetune.model import TimmClassifier, timm_model_of
+    from finetune.tasks.image_classification.model import build_vision_model
     from finetune.precision import choose_precision
 
     t, d, a = recipe.train, recipe.data, recipe.augment
@@ -525,7 +526,7 @@ def rescore_text_model(model_dir: Path, test_table: dict, max_length: int, batch
     import torch
     from transformers import DataCollatorWithPadding
 
-    from finetune.model import load_model_folder
+    from finetune.loading import load_model_folder
     from finetune.loop import logits_of
 
     model, tokenizer, _ = load_model_folder(model_dir)
@@ -549,7 +550,7 @@ def rescore_image_model(model_dir: Path, test_table: dict, batch_size: int) -> d
     from finetune.tasks.image_classification.files import load_image
 
     if (model_dir / "finetune.json").is_file():  # the kit's own format (an mlp head): timm cannot load it alone
-        from finetune.model import load_model_folder
+        from finetune.loading import load_model_folder
 
         model, transform, _ = load_model_folder(model_dir)
         call, how = (lambda x: model(pixel_values=x)), "finetune.load (kit format)"

@@ -50,6 +50,16 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
 {get(info["problem"]).onnx_decode}
 """
 
+    def owns_model_folder(self, directory) -> bool:
+        from finetune.tasks.image_classification.model import is_timm_folder
+
+        return is_timm_folder(directory)
+
+    def load_model_folder(self, directory):
+        from finetune.tasks.image_classification.model import load_vision_model
+
+        return load_vision_model(directory)
+
     def read_inputs(self, items: list[str], column: str, pair_column: str | None = None) -> list:
         return read_image_inputs(items, column)
 
@@ -111,7 +121,7 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
     def job(self, recipe, accelerator) -> Job:
         import torch
 
-        from finetune.model import build_vision_model, save_vision_model
+        from finetune.tasks.image_classification.model import build_vision_model, save_vision_model
         from finetune.tasks.image_classification.loaders import (
             DecodedImages,
             ImageDataset,
@@ -168,7 +178,7 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
         import torch
 
         from finetune import step_choice
-        from finetune.model import build_vision_model
+        from finetune.tasks.image_classification.model import build_vision_model
 
         t = recipe.train
         if recipe.lora is not None or t.freeze == "backbone" or t.gradient_checkpointing:

@@ -36,6 +36,16 @@ class TextClassification(RowTask):
                   if pairs else '["a text to label", "another one"]')
         return onnx_text_usage(inputs, "", get(info["problem"]).onnx_decode)
 
+    def owns_model_folder(self, directory) -> bool:
+        from finetune.tasks.text_classification.model import is_text_folder
+
+        return is_text_folder(directory)
+
+    def load_model_folder(self, directory):
+        from finetune.tasks.text_classification.model import load_text_model
+
+        return load_text_model(directory)
+
     def read_inputs(self, items: list[str], column: str, pair_column: str | None = None) -> list:
         return read_text_inputs(items, column, pair_column)
 
@@ -75,7 +85,7 @@ class TextClassification(RowTask):
 
     def job(self, recipe, accelerator) -> Job:
         from finetune.backbones import load_text_config, load_tokenizer
-        from finetune.model import build_text_model, save_model
+        from finetune.tasks.text_classification.model import build_text_model, save_model
 
         t = recipe.train
         splits = self.load_splits(recipe)  # bad data fails here, before any run folder is made or removed

@@ -94,39 +94,16 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
         _, _, tokenizer = self._tokenizer(recipe)
         return self.report(recipe, splits, tokenizer)
 
-    def build_model(self, recipe, names: list[str], config, source: str, tokenizer):
-        """transformers' `AutoModelForTokenClassification` with the tags as id2label (what exports natively)."""
-        from transformers import AutoModelForTokenClassification
-
-        from finetune.backbones import HEAD_DROPOUT_KEYS
-
-        config.num_labels = len(names)
-        config.id2label = dict(enumerate(names))
-        config.label2id = {name: i for i, name in enumerate(names)}
-        for key in HEAD_DROPOUT_KEYS:
-            if hasattr(config, key):
-                setattr(config, key, recipe.head.dropout)
-        if getattr(config, "pad_token_id", None) is None:
-            config.pad_token_id = tokenizer.pad_token_id
-        trust = recipe.backbone.trust_remote_code
-        try:
-            if recipe.backbone.pretrained:
-                return AutoModelForTokenClassification.from_pretrained(source, config=config, trust_remote_code=trust)
-            return AutoModelForTokenClassification.from_config(config, trust_remote_code=trust)
-        except (OSError, ValueError) as error:
-            raise FinetuneError(
-                f"backbone.name: cannot build a token-classification model from '{recipe.backbone.name}' ({error})"
-            ) from None
-
     def job(self, recipe, accelerator):
         from finetune.tasks.batching import longest_first, train_sampler
+        from finetune.tasks.token_classification.model import build_token_model, save_token_model
 
         t, d = recipe.train, recipe.data
         splits = self.load_splits(recipe)  # bad data fails here, before any run folder is made or removed
         source, config, tokenizer = self._tokenizer(recipe)
         report = self.report(recipe, splits, tokenizer)
         names = splits.label_names
-        model = self.build_model(recipe, names, config, source, tokenizer)
+        model = build_token_model(recipe, names, config, source, tokenizer)
         with accelerator.main_process_first():  # the main process tokenises and caches; the others read the cache
             datasets = {
                 # evaluation scores each word once, on its first sub-token, whatever training labels
@@ -134,11 +111,6 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
                 for key, table in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
                 if table is not None
             }
-
-        def save(unwrapped, directory):
-            directory.mkdir(parents=True, exist_ok=True)
-            tokenizer.save_pretrained(directory)
-            unwrapped.save_pretrained(directory)
 
         return Job(
             splits,
@@ -148,9 +120,19 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
                 dataset, tokenizer, batch, training, t.seed,
                 train_sampler(recipe, dataset, batch) if training else longest_first(dataset),
             ),
-            save=save,
+            save=lambda unwrapped, directory: save_token_model(unwrapped, tokenizer, directory),
             warnings=report.warnings,
         )
+
+    def owns_model_folder(self, directory) -> bool:
+        from finetune.tasks.token_classification.model import is_token_folder
+
+        return is_token_folder(directory)
+
+    def load_model_folder(self, directory):
+        from finetune.tasks.token_classification.model import load_token_model
+
+        return load_token_model(directory)
 
     def read_inputs(self, items: list[str], column: str, pair_column: str | None = None) -> list:
         return read_token_inputs(items, column, pair_column)
