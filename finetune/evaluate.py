@@ -82,7 +82,8 @@ def evaluate(source: str, data: str, split: str = "test", text_column=None, labe
     predictor = load_predictor(source)
     recipe = eval_recipe(predictor, data, text_column, label_column, image_column, pair_column)
     raw = read_labelled(recipe, data, split)
-    report = get_task(recipe.task).evaluate(predictor, raw, recipe, split, batch_size, progress)
+    report = get_task(recipe.task).evaluate(predictor, raw, recipe, split, batch_size, progress,
+                                            records=output is not None)
     records, details = report.pop("records"), report.pop("details")
     report.update(data=data, model=str(source), **details)
     if output is not None:
@@ -91,7 +92,7 @@ def evaluate(source: str, data: str, split: str = "test", text_column=None, labe
 
 
 def evaluate_rows(predictor: Predictor, raw, recipe, split: str = "test", batch_size: int = 32,
-                  progress: bool | None = None) -> dict:
+                  progress: bool | None = None, records: bool = False) -> dict:
     """`Task.evaluate` for one row of logits per input: the split's labels and inputs checked as `run` checks
     them, the run's loss and metrics, the problem's details (confusion matrix, per-label F1), and a record per row."""
     from finetune.data import check_labels, encode_labels
@@ -112,8 +113,8 @@ def evaluate_rows(predictor: Predictor, raw, recipe, split: str = "test", batch_
     results.update(compute_metrics(recipe.eval.metrics, truth, predictions))  # the run's, else the problem's defaults
     found = problem.details(truth, predictions, predictor.labels)
     details = {name: {"split": split, **value} for name, value in found.items()}
-    records = prediction_records(predictor, raw, truth, logits)
-    return {"metrics": results, "rows": len(truth), "details": details, "records": records}
+    rows = prediction_records(predictor, raw, truth, logits) if records else []
+    return {"metrics": results, "rows": len(truth), "details": details, "records": rows}
 
 
 def prediction_records(predictor: Predictor, raw, truth, logits: np.ndarray) -> list[dict]:

@@ -174,10 +174,6 @@ class Problem:
         """Encoded labels as metrics read them."""
         return np.asarray(encoded, dtype=np.int64)
 
-    def truth_in_units(self, encoded: list, splits) -> np.ndarray:
-        """A split's encoded labels as metrics read them, in the units the exported model predicts."""
-        return self.truth_array(encoded)
-
     # outputs
 
     def loss(self, logits, labels, label_smoothing: float = 0.0, class_weights=None):
@@ -472,9 +468,6 @@ class Regression(Problem):
 
     def truth_array(self, encoded):
         return np.asarray(encoded, dtype=np.float64)
-
-    def truth_in_units(self, encoded, splits):
-        return self.truth_array(encoded).reshape(-1) * splits.target_std + splits.target_mean
 
     def loss(self, logits, labels, label_smoothing: float = 0.0, class_weights=None):
         import torch.nn.functional as F

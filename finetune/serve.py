@@ -60,8 +60,7 @@ class Batcher:
         from finetune.tasks import get_task
 
         self.predictor = predictor
-        # tasks whose outputs are not a row of logits per input (a tag per word) decode through the task
-        self.per_input = not get_task(predictor.task).row_outputs
+        self.task = get_task(predictor.task)  # what a micro-batch computes, and how a request's slice is decoded
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -88,9 +87,9 @@ class Batcher:
                 jobs.append(job)
                 size += len(job[0])
             inputs = [entry for job in jobs for entry in job[0]]
-            run = self._predict if self.per_input else self._logits
             try:  # the model runs in a thread: the event loop keeps accepting requests meanwhile
-                logits = await loop.run_in_executor(None, run, inputs)
+                outputs = await loop.run_in_executor(None, self.task.batch_outputs, self.predictor, inputs,
+                                                     self.max_batch)
             except Exception as error:  # a bad input the parsers let through fails its batch, not the server
                 for *_, future in jobs:
                     if not future.done():
@@ -98,17 +97,10 @@ class Batcher:
                 continue
             start = 0
             for batch_inputs, top_k, future in jobs:
-                rows = logits[start:start + len(batch_inputs)]
+                rows = outputs[start:start + len(batch_inputs)]
                 start += len(batch_inputs)
                 if not future.done():
-                    decoded = rows if self.per_input else self.predictor.decode(rows, top_k)
-                    future.set_result((decoded, len(inputs)))
-
-    def _logits(self, inputs: list):
-        return self.predictor.logits(inputs, self.max_batch, False)
-
-    def _predict(self, inputs: list):
-        return self.predictor.predict(inputs, batch_size=self.max_batch)
+                    future.set_result((self.task.decode_outputs(self.predictor, rows, top_k), len(inputs)))
 
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>finetune serve</title>

@@ -123,9 +123,7 @@ def _trial_data(run_dir: Path):
 def _test_once(run_dir: Path, recipe, splits, say) -> dict | None:
     """The best trial's kept model on the test split its recipe defines (the first and only look at it), read and
     scored as `finetune eval` scores a run: by the task (texts, pairs, images, a tag per word)."""
-    from finetune.metrics import compute_metrics
     from finetune.loading import load_predictor
-    from finetune.problems import get
     from finetune.tasks import get_task
 
     task = get_task(recipe.task)
@@ -134,17 +132,8 @@ def _test_once(run_dir: Path, recipe, splits, say) -> dict | None:
     predictor = load_predictor(run_dir)
     raw = splits.parts["test"]
     batch_size = recipe.train.eval_batch_size or 2 * recipe.train.batch_size
-    if not task.row_outputs:  # a tag per word: scored by the task, as `finetune eval` scores it
-        scored = task.evaluate(predictor, raw, recipe, batch_size=batch_size)["metrics"]
-        metrics, rows = {name: scored[name] for name in recipe.eval.metrics}, len(raw.texts)
-    else:
-        pairs = getattr(raw, "pairs", None)
-        inputs = raw.texts if pairs is None else [{"text": a, "text_pair": b} for a, b in zip(raw.texts, pairs)]
-        logits = predictor.logits(inputs, batch_size, False)
-        problem = get(recipe.head.problem)
-        predictions = problem.predict(logits, recipe.head.threshold)
-        truth = problem.truth_in_units(splits.test["label"], splits)  # the exported model predicts in units
-        metrics, rows = compute_metrics(recipe.eval.metrics, truth, predictions), len(truth)
+    scored = task.evaluate(predictor, raw, recipe, batch_size=batch_size)  # as `finetune eval` scores the split
+    metrics, rows = {name: scored["metrics"][name] for name in recipe.eval.metrics}, scored["rows"]
     metrics_path = run_dir / "metrics.json"
     run_metrics = _read_json(metrics_path)
     if run_metrics:

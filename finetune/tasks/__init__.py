@@ -47,7 +47,6 @@ class Task:
     inputs: str  # what one input is, in the card's words: "text" or "image"
     library: str  # whose folder a native model/ is: "transformers" or "timm"
     column_key: str  # the data.* key that names a table's input column ("text_column", "image_column", ...)
-    row_outputs: bool = True  # one row of logits per input (serve decodes each request's rows with its own top_k)
     step_choice_applies: bool = False  # a CPU run measures its memory format and precision (`step_choice`)
 
     # -- data ------------------------------------------------------------------------------------------------------
@@ -118,10 +117,19 @@ class Task:
         return predictor.decode(predictor.logits(inputs, batch_size, progress), top_k)
 
     def evaluate(self, predictor, raw, recipe, split: str = "test", batch_size: int = 32,
-                 progress: bool | None = None) -> dict:
+                 progress: bool | None = None, records: bool = False) -> dict:
         """`finetune eval` on a checked split: {"metrics", "rows", "details": {name: {..., "split"}}, "records":
-        one dict per row for --output}."""
+        one dict per row for --output, built only when `records` asks (else empty)}."""
         raise NotImplementedError
+
+    def batch_outputs(self, predictor, inputs: list, batch_size: int) -> list:
+        """What `serve` computes for one micro-batch of several requests' inputs, one item per input; each request's
+        slice then goes through `decode_outputs` with its own top_k. Default: rows of logits."""
+        return predictor.logits(inputs, batch_size, False)
+
+    def decode_outputs(self, predictor, outputs, top_k: int | None) -> list[dict]:
+        """One request's slice of `batch_outputs` as `predict --json` prints it. Default: the problem decodes."""
+        return predictor.decode(outputs, top_k)
 
     # -- the model card --------------------------------------------------------------------------------------------
 

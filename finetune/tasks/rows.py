@@ -11,7 +11,7 @@ class RowTask(Task):
     """A task whose model gives one row of logits per input, decoded and scored by the head's problem."""
 
     def evaluate(self, predictor, raw, recipe, split: str = "test", batch_size: int = 32,
-                 progress: bool | None = None) -> dict:
+                 progress: bool | None = None, records: bool = False) -> dict:
         from finetune.evaluate import evaluate_rows
 
-        return evaluate_rows(predictor, raw, recipe, split, batch_size, progress)
+        return evaluate_rows(predictor, raw, recipe, split, batch_size, progress, records)

@@ -26,7 +26,6 @@ class TokenClassification(Task):
     inputs = "text"
     library = "transformers"
     column_key = "tokens_column"  # the data.* key naming the input column (predict --column's default)
-    row_outputs = False  # a tag per word: predict and eval decode through the task
 
     def check_recipe(self, recipe, need) -> None:
         h = recipe.head
@@ -155,7 +154,7 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
                        batch_size=batch_size, forward=predictor.forward)
 
     def evaluate(self, predictor, raw: RawSplit, recipe, split: str = "test", batch_size: int = 32,
-                 progress: bool | None = None) -> dict:
+                 progress: bool | None = None, records: bool = False) -> dict:
         """`finetune eval`: the run's metrics on labelled sentences (empty ones dropped), each word scored on its
         first sub-token (as the run's own evaluation), and per sentence its words, true and predicted tags."""
         import types
@@ -175,6 +174,13 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
         details: dict = {}
         metrics = get("tags").score(batches, recipe.eval.metrics, types.SimpleNamespace(label_names=names),
                                     details=details)
+        for value in details.values():
+            value["split"] = split
+        rows = self._records(raw, encoded, batches, names) if records else []
+        return {"metrics": metrics, "rows": len(raw.texts), "details": details, "records": rows}
+
+    def _records(self, raw: RawSplit, encoded: list, batches: list, names: list[str]) -> list[dict]:
+        """Per sentence: its words, true and predicted tags, and whether every tag is right."""
         predicted: list[list[int]] = []
         for logits, labels in batches:
             predicted += labelled_sequences(labels.tolist(), logits.argmax(-1).tolist())[1]
@@ -184,9 +190,13 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
             shown = [names[t] for t in guess] + [""] * (len(words) - len(guess))
             records.append({"row": row, "tokens": " ".join(words), "tags": " ".join(names[t] for t in truth),
                             "predicted": " ".join(shown).strip(), "correct": guess == truth})
-        for value in details.values():
-            value["split"] = split
-        return {"metrics": metrics, "rows": len(raw.texts), "details": details, "records": records}
+        return records
+
+    def batch_outputs(self, predictor, inputs: list, batch_size: int) -> list:
+        return self.predict(predictor, inputs, batch_size=batch_size)  # decoded here: entities need the words
+
+    def decode_outputs(self, predictor, outputs, top_k: int | None) -> list[dict]:
+        return list(outputs)
 
     def card_usage(self, recipe, reference: str, native: bool) -> str:
         # trained on first sub-tokens only, a word's later pieces carry no learnt tag: "first" reads the word's tag
