@@ -13,13 +13,14 @@ def of_run(history: list[dict], splits) -> dict:
     """metrics.json's `health`: whether the run learned, why not (reasons), and the numbers it was judged on."""
     problem = problems.get(splits.problem)
     baseline = problem.baseline_loss(splits.train["label"], len(splits.label_names or []))
-    return assess(history, baseline, problem.answer)
+    return assess(history, baseline, problem.answer, problem.baseline_guess)
 
 
-def assess(history: list[dict], baseline: float | None, answer: str = "class") -> dict:
+def assess(history: list[dict], baseline: float | None, answer: str = "class",
+           guess: str = "the training label frequencies") -> dict:
     """Learned nothing: every evaluation predicted one `answer` for every row (where the truth holds several), or
-    the best validation loss (raw or EMA weights) stayed at `baseline`, the loss of predicting training's label
-    frequencies for every row."""
+    the best validation loss (raw or EMA weights) stayed at `baseline`, the loss of predicting `guess` (training's
+    label frequencies) for every row."""
     losses = [entry[key]["loss"] for entry in history for key in ("validation", "validation_ema") if key in entry]
     best = min(losses) if losses else None
     predicted = [entry["distinct_predictions"] for entry in history if "distinct_predictions" in entry]
@@ -30,7 +31,7 @@ def assess(history: list[dict], baseline: float | None, answer: str = "class") -
                        "validation")
     if baseline is not None and best is not None and best >= baseline * (1 - TOLERANCE):
         reasons.append(f"the best validation loss {best:.4f} is no better than {baseline:.4f}, the loss of predicting "
-                       "the training label frequencies for every row")
+                       f"{guess} for every row")
     return {"learned": not reasons, "reasons": reasons, "baseline_loss": baseline, "best_validation_loss": best,
             "distinct_predictions": max(predicted) if predicted else None}
 

@@ -105,6 +105,7 @@ class Problem:
     single_class: bool = False  # one class per row: class weights, the balanced sampler and mixup apply to it
     empty_rows: bool = False  # a row may hold no label at all (the data report counts those rows)
     answer: str = "class"  # what one prediction is, in words (finetune.health's "a single class")
+    baseline_guess: str = "the training label frequencies"  # what baseline_loss predicts for every row, in words
     # the export card's last line: numpy that prints what `finetune predict` names, from `logits` and export.json
     onnx_decode: str = 'print([info["labels"][i] for i in logits.argmax(-1)])'
     # the timm card's last lines, after `logits = model(...)[0]`: what the model says about one image
@@ -461,6 +462,7 @@ class Regression(Problem):
     native_type = "regression"
     default_metrics = ("rmse", "mae", "r2", "pearson", "spearman")
     has_labels = False
+    baseline_guess = "the training targets' mean"
     onnx_decode = "print(logits[:, 0].tolist())"  # the value in the targets' units, as predict prints it
     timm_decode = "print(logits.item())\n"
 

@@ -177,3 +177,19 @@ def test_a_sweep_records_a_trial_that_learned_nothing_as_pruned(tiny_bert, tiny_
     assert report["best"]["params"]["train.lr"] == 3e-3
     trial = json.loads((tmp_path / "sw" / "trials" / str(rows[1.0]["number"]) / "trial.json").read_text())
     assert trial["state"] == "pruned" and "single class" in trial["reason"]
+
+
+@pytest.mark.parametrize(("problem", "lr", "learned"), [("multi_label", 3e-3, True), ("multi_label", 1e-7, False),
+                                                        ("regression", 3e-3, True), ("regression", 1e-7, False)])
+def test_label_sets_and_numbers_are_judged_on_their_own_baselines(tiny_bert, multi_label_data, regression_data,
+                                                                    tmp_path, problem, lr, learned):
+    data = multi_label_data if problem == "multi_label" else regression_data
+    raw = recipe_dict(tiny_bert, {"train": data, "validation": data, "test": data}, tmp_path / "run",
+                      **{"head.problem": problem, "train.epochs": 6, "train.batch_size": 4, "train.lr": lr})
+    found = run(raw)["health"]
+    print(problem, lr, found)
+    assert found["learned"] is learned, found
+    if problem == "regression":
+        assert found["baseline_loss"] == 1.0 and found["distinct_predictions"] is None
+        assert learned or "predicting the training targets' mean" in found["reasons"][0]
+    assert (log_of(raw).count(WARNING) == 1) is not learned
