@@ -106,11 +106,11 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     timer.mark("training")
     _test_best(run, metrics)
     timer.mark("test")
+    if (line := health.warning(metrics["health"])) is not None:
+        say(line)  # after the test line, as the run's last words before the saving and timing lines
     final = _model_to_export(run, template)
     if accelerator.is_main_process:
         _save_run(final, run, metrics, plots, timer)
-    if (line := health.warning(metrics["health"])) is not None:
-        say(line)  # last, where it is seen
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it closes the trackers and the process group
     return metrics
