@@ -166,6 +166,7 @@ def test_baselines_per_problem():
 def test_a_sweep_records_a_trial_that_learned_nothing_as_pruned(tiny_bert, tiny_data, tmp_path):
     from conftest import write_recipe
 
+    from finetune.sweep.report import format_table
     from finetune.sweep.trials import sweep
 
     raw = recipe_dict(tiny_bert, tiny_data, tmp_path / "sw", **{"sweep.sampler": "grid", "sweep.pruner": "none",
@@ -176,6 +177,8 @@ def test_a_sweep_records_a_trial_that_learned_nothing_as_pruned(tiny_bert, tiny_
     rows = {row["params"]["train.lr"]: row for row in report["trials"]}
     assert rows[3e-3]["state"] == "complete" and "reason" not in rows[3e-3]
     assert rows[1.0]["state"] == "pruned" and rows[1.0]["reason"].startswith("learned nothing: ")
+    assert rows[1.0]["learned"] is False and "learned" not in rows[3e-3]
+    assert "pruned (learned nothing)" in format_table(report)
     assert report["best"]["params"]["train.lr"] == 3e-3
     trial = json.loads((tmp_path / "sw" / "trials" / str(rows[1.0]["number"]) / "trial.json").read_text())
     assert trial["state"] == "pruned" and "single class" in trial["reason"]

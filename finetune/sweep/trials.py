@@ -180,6 +180,7 @@ def run_trial(setup: Setup, study, trial, values: dict, say, ranks: Ranks | None
         state, value = TrialState.COMPLETE, best_of(metrics["epochs"], metric)
         if not metrics["health"]["learned"]:  # a value to rank below every trial that learned (see learned_nothing)
             state, why = TrialState.PRUNED, learned_nothing(metrics["health"])
+            trial.set_user_attr("learned", False)  # sweep.json's row and table say so
     except optuna.TrialPruned as pruned:
         state, value, why = TrialState.PRUNED, best_of([{"validation": {metric: v}} for v in seen], metric), str(pruned)
         with contextlib.suppress(OSError), (run_dir / "train.log").open("a") as log:
