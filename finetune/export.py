@@ -412,6 +412,16 @@ def _limits(recipe, splits, metrics: dict, kind: str) -> list[str]:
     return lines + [""]
 
 
+def _health_section(metrics: dict) -> list[str]:
+    """A run that learned nothing (finetune.health) says so where its numbers are read."""
+    found = metrics.get("health") or {}
+    if found.get("learned", True):
+        return []
+    return [f"**This run learned nothing:** {'; '.join(found['reasons'])}. Before using it, retrain with a lower "
+            "`train.lr`, `train.head_lr: null` or more `train.epochs`, and read `finetune validate`'s label report.",
+            ""]
+
+
 def _plots_section(plots: dict) -> list[str]:
     shown = [(title, name) for title, name in plots.items() if title in ("Loss", "Validation metrics", "Learning rate")]
     if not shown:
@@ -457,6 +467,7 @@ def model_card(recipe, splits, metrics: dict, native: bool, plots: list | None =
         ]
     if metrics.get("test"):
         sections += ["Test:", "", _table(metrics["test"]), ""]
+    sections += _health_section(metrics)
     sections += _confusion_section(metrics, plots)
     sections += _per_label_section(metrics, plots)
     sections += _plots_section(plots)

@@ -36,10 +36,12 @@ def peak_memory_mb() -> float:
 
 
 @torch.no_grad()
-def evaluate_split(accelerator, model, loader, splits, recipe, details: dict | None = None) -> dict:
+def evaluate_split(accelerator, model, loader, splits, recipe, details: dict | None = None,
+                   variety: dict | None = None) -> dict:
     """Loss and metrics over a whole split, gathered from every process without the padding of uneven batches.
 
     details: a dict to fill with what the averages hide (the confusion matrix, per-label or per-entity F1).
+    variety: a dict to fill with how many different answers the predictions and the truth hold (finetune.health).
     """
     problem = problems.get(splits.problem)
     model.eval()
@@ -50,7 +52,7 @@ def evaluate_split(accelerator, model, loader, splits, recipe, details: dict | N
             output = logits_of(model(**batch))
         logits, labels = problem.gather(accelerator, output.float(), labels)
         batches.append((logits.cpu(), labels.cpu()))
-    return problem.score(batches, recipe.eval.metrics, splits, recipe.head.threshold, details)
+    return problem.score(batches, recipe.eval.metrics, splits, recipe.head.threshold, details, variety)
 
 
 class _Interrupt:
@@ -186,13 +188,16 @@ def validate(run: Training, epoch: int) -> bool:
     """One evaluation at step p.step: recorded, the best kept, the lr schedule told; True: stop early."""
     t, p, select = run.recipe.train, run.progress, run.recipe.eval.select_best
     loss = epoch_loss(p)
-    details, ema_details = {}, {}
+    details, ema_details, variety, ema_variety = {}, {}, {}, {}
     validation = evaluate_split(run.accelerator, run.model, run.loaders["validation"], run.job.splits, run.recipe,
-                                details)
+                                details, variety)
     entry = {"epoch": epoch, "step": p.step, "loss": loss, "validation": validation}
     if run.ema is not None:
         entry["validation_ema"] = evaluate_split(run.accelerator, run.ema.module, run.loaders["validation"],
-                                                 run.job.splits, run.recipe, ema_details)
+                                                 run.job.splits, run.recipe, ema_details, ema_variety)
+    if variety.get("predicted") is not None:  # kept in the history, so a resumed run's health counts them all
+        entry["distinct_predictions"] = max(variety["predicted"], ema_variety.get("predicted") or 0)
+        entry["distinct_truths"] = variety["true"]
     p.history.append(entry)
     run.accelerator.log({f"validation/{k}": v for k, v in validation.items()} | {"train/epoch_loss": loss},
                         step=p.step)

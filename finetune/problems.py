@@ -61,6 +61,12 @@ def sort_key(name: str):
         return (1, 0.0, name)
 
 
+def entropy(counts: Sequence[int]) -> float:
+    """The entropy (nats) of the frequencies `counts` make: the loss of predicting them for every row."""
+    shares = np.asarray(counts, dtype=np.float64) / max(sum(counts), 1)
+    return float(-(shares[shares > 0] * np.log(shares[shares > 0])).sum())
+
+
 def _present(values: list, where: Where, key: str, what: str, blank_is_missing: bool) -> dict[str, list[int]]:
     """Positions per kind of cell (value_kind); a missing cell (or a blank one, where that means missing) is refused."""
     kinds: dict[str, list[int]] = {}
@@ -98,6 +104,8 @@ class Problem:
     has_labels: bool = True  # False: the model predicts a number (no label space, no class folders, no label table)
     single_class: bool = False  # one class per row: class weights, the balanced sampler and mixup apply to it
     empty_rows: bool = False  # a row may hold no label at all (the data report counts those rows)
+    answer: str = "class"  # what one prediction is, in words (finetune.health's "a single class")
+    baseline_guess: str = "the training label frequencies"  # what baseline_loss predicts for every row, in words
     # the export card's last line: numpy that prints what `finetune predict` names, from `logits` and export.json
     onnx_decode: str = 'print([info["labels"][i] for i in logits.argmax(-1)])'
     # the timm card's last lines, after `logits = model(...)[0]`: what the model says about one image
@@ -216,8 +224,9 @@ class Problem:
         return accelerator.gather_for_metrics((logits, labels))
 
     def score(self, batches: list, metric_names: Sequence[str], splits, threshold: float = 0.5,
-              details: dict | None = None) -> dict:
-        """{"loss", metric: value} over (logits, labels) batches on the host; `details` filled when given."""
+              details: dict | None = None, variety: dict | None = None) -> dict:
+        """{"loss", metric: value} over (logits, labels) batches on the host; `details` filled when given, and
+        `variety` with {"predicted", "true"}: how many different answers the predictions and the truth hold."""
         import torch
 
         from finetune.metrics import compute_metrics
@@ -229,6 +238,8 @@ class Problem:
         results.update(compute_metrics(list(metric_names), truth, predictions))
         if details is not None:
             details.update(self.details(truth, predictions, splits.label_names))
+        if variety is not None:
+            variety.update(predicted=self.distinct(predictions), true=self.distinct(truth))
         return results
 
     def in_units(self, truth: np.ndarray, predictions: np.ndarray, splits) -> tuple[np.ndarray, np.ndarray]:
@@ -260,6 +271,19 @@ class Problem:
         scores = {item["label"]: item["score"] for item in result["scores"]}
         return {"predicted": predicted, "correct": predicted == self.label_text(truth, labels),
                 **{f"score:{name}": scores[name] for name in labels}}
+
+    # whether a run learned anything (finetune.health asks these)
+
+    def baseline_loss(self, encoded: list, count: int) -> float | None:
+        """The validation loss of a model that learned only how often each label is in training (those frequencies
+        predicted for every row, the best a model blind to its inputs can do): their entropy, ln K for K balanced
+        labels. `encoded`: training's labels as the splits hold them; `count`: the labels."""
+        return entropy(self.label_counts(encoded, count))
+
+    def distinct(self, values: np.ndarray) -> int | None:
+        """How many different answers `values` (predictions or truth, as metrics read them) hold; None where the
+        answer is a number (there the loss alone says whether the run learned)."""
+        return int(len(np.unique(np.asarray(values))))
 
     # exports and the model card
 
@@ -338,6 +362,7 @@ class MultiLabel(Problem):
     native_type = "multi_label_classification"
     default_metrics = ("f1_micro", "f1_macro", "accuracy")
     empty_rows = True
+    answer = "label set"
     onnx_decode = ('print([[name for name, x in zip(info["labels"], row) if 1 / (1 + np.exp(-x)) > info["threshold"]]'
                    ' for row in logits])')
     timm_decode = ('labels = model.pretrained_cfg["label_names"]\n'
@@ -386,6 +411,15 @@ class MultiLabel(Problem):
     def summary(self, encoded, splits) -> dict:
         return {**super().summary(encoded, splits), "unlabelled": sum(1 for row in encoded if not any(row))}
 
+    def baseline_loss(self, encoded, count):
+        """Each label's own prior (its binary entropy), averaged over the labels as the loss averages them."""
+        rows = max(len(encoded), 1)
+        return float(np.mean([entropy([n, rows - n]) for n in self.label_counts(encoded, count)] or [0.0]))
+
+    def distinct(self, values):
+        values = np.asarray(values)
+        return int(len(np.unique(values.reshape(len(values), -1), axis=0)))  # label sets, not labels
+
     def details(self, truth, predictions, label_names) -> dict:
         from sklearn.metrics import precision_recall_fscore_support
 
@@ -424,6 +458,7 @@ class Regression(Problem):
     native_type = "regression"
     default_metrics = ("rmse", "mae", "r2", "pearson", "spearman")
     has_labels = False
+    baseline_guess = "the training targets' mean"
     onnx_decode = "print(logits[:, 0].tolist())"  # the value in the targets' units, as predict prints it
     timm_decode = "print(logits.item())\n"
 
@@ -460,6 +495,13 @@ class Regression(Problem):
 
     def target_scaling(self, splits):
         return splits.target_mean, splits.target_std
+
+    def baseline_loss(self, encoded, count):
+        """Training standardises the targets: predicting their mean scores their variance, 1."""
+        return 1.0
+
+    def distinct(self, values):
+        return None
 
     def summary(self, encoded, splits) -> dict:
         targets = np.asarray(encoded, dtype=np.float64) * splits.target_std + splits.target_mean
@@ -523,6 +565,7 @@ class Tags(Problem):
 
     name = "tags"
     native_type = None
+    answer = "tag"
     default_metrics = ("f1", "precision", "recall", "token_accuracy")
 
     def loss(self, logits, labels, label_smoothing: float = 0.0, class_weights=None):
@@ -545,7 +588,8 @@ class Tags(Problem):
         labels = accelerator.pad_across_processes(labels, dim=1, pad_index=IGNORE_INDEX)
         return accelerator.gather_for_metrics((logits, labels))
 
-    def score(self, batches, metric_names, splits, threshold: float = 0.5, details: dict | None = None) -> dict:
+    def score(self, batches, metric_names, splits, threshold: float = 0.5, details: dict | None = None,
+              variety: dict | None = None) -> dict:
         import torch
         import torch.nn.functional as F
 
@@ -568,6 +612,9 @@ class Tags(Problem):
                 if is_evaluate(name) else scores[name]
         if details is not None:
             details.update(tc.tag_details(true_rows, predicted_rows, names))
+        if variety is not None:  # the words' tags
+            variety.update(predicted=self.distinct([t for row in predicted_rows for t in row]),
+                           true=self.distinct([t for row in true_rows for t in row]))
         return results
 
     def native_config(self, labels) -> dict:

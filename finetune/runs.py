@@ -115,6 +115,7 @@ def run_summary(run_dir: Path, root: Path) -> dict:
         "test": test.get(select),
         "seconds": (metrics.get("train") or {}).get("seconds"),
         "finished": finished,
+        "learned": (metrics.get("health") or {}).get("learned"),  # False: finetune.health found it learned nothing
         "status": "done" if metrics else (_trial_state(run_dir) or ("unfinished" if config else "unreadable")),
     }
 
@@ -141,6 +142,7 @@ def format_runs(rows: list[dict]) -> str:
         else:
             at = f"step {row['best_step']}" if row.get("best_step") is not None else row["best_epoch"]
             best = f"{row['metric']} {row['best']:.4f} @{at}" if isinstance(row["best"], float) else "-"
+            best += " (learned nothing)" if row.get("learned") is False else ""
             test = f"{row['test']:.4f}" if isinstance(row["test"], float) else "-"
         table.append((
             _short(row["run"], 32), _short(row["backbone"], 24), _short(row["data"], 24), row["settings"], best, test,

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from finetune import allocator, export, recipe as recipe_module
+from finetune import allocator, export, health, recipe as recipe_module
 from finetune import phases, precision, problems, step_choice, tracking, transfer
 from finetune.checkpoints import (
     Progress,
@@ -99,12 +99,15 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     timer.mark("preparing")
     run = Training(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress, ema)
     metrics = _fit(run, on_epoch, checkpoints)
+    metrics["health"] = health.of_run(metrics["epochs"], job.splits)  # the card and `ls` show it too
     metrics["train"]["precision"] = precision.name(accelerator.mixed_precision)  # predict runs at it too
     if choice is not None:
         metrics["train"]["step_choice"] = choice.record()
     timer.mark("training")
     _test_best(run, metrics)
     timer.mark("test")
+    if (line := health.warning(metrics["health"])) is not None:
+        say(line)  # after the test line, as the run's last words before the saving and timing lines
     final = _model_to_export(run, template)
     if accelerator.is_main_process:
         _save_run(final, run, metrics, plots, timer)

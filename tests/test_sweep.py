@@ -27,7 +27,9 @@ def feature_cache(tmp_path, monkeypatch):
 
 
 def sweep_recipe(tiny_bert, tiny_data, tmp_path, space: dict, name: str = "sweep.yaml", **dotted) -> Path:
-    raw = recipe_dict(tiny_bert, tiny_data, tmp_path / "sw", **dotted)
+    # validated on the training rows, which a 2-epoch tiny run learns (its 9 validation rows it does not): a trial
+    # that learned nothing ends pruned (finetune.health)
+    raw = recipe_dict(tiny_bert, tiny_data, tmp_path / "sw", **{"data.validation": str(tiny_data["train"]), **dotted})
     raw["sweep"] = {"space": space, **raw.get("sweep", {})}
     return write_recipe(tmp_path / name, raw)
 
@@ -49,7 +51,9 @@ def test_a_sweep_writes_its_folder_and_best_yaml_reproduces_the_best_value(tiny_
     report = read_json(out / "sweep.json")
     assert report["metric"] == "accuracy" and report["direction"] == "maximize" and report["finished"]
     assert sorted(t["number"] for t in report["trials"]) == [0, 1]
-    assert {t["state"] for t in report["trials"]} == {"complete"}
+    # 1e-6 learned nothing (finetune.health): pruned with that reason, never a result to rank
+    assert {t["params"]["train.lr"]: t["state"] for t in report["trials"]} == {3e-3: "complete", 1e-6: "pruned"}
+    assert next(t for t in report["trials"] if t["state"] == "pruned")["reason"].startswith("learned nothing: ")
     assert sorted(t["params"]["train.lr"] for t in report["trials"]) == [1e-6, 3e-3]
     best = report["best"]
     trials = {t["number"]: t for t in report["trials"]}
@@ -133,18 +137,20 @@ def test_a_hopeless_trial_is_pruned_past_half_its_epochs_and_its_folder_says_so(
     assert states == {"0": "done", "1": "pruned"}
 
 
-@pytest.mark.parametrize(("min_epochs", "state", "epochs"), [(None, "complete", 2), (1, "pruned", 1)])
+@pytest.mark.parametrize(("min_epochs", "reason", "epochs"), [(None, "learned nothing: ", 2), (1, "epoch 1: ", 1)])
 def test_the_pruner_waits_min_epochs_and_never_stops_a_trial_after_its_last(tiny_bert, tiny_data, tmp_path,
-                                                                             min_epochs, state, epochs):
+                                                                             min_epochs, reason, epochs):
     """Two epochs: by default (2 // 2 + 1 = 2) the hopeless trial runs both, since pruning after the last epoch saves
-    nothing and would throw away a finished trial; sweep.min_epochs=1 prunes it after its first, as before."""
+    nothing and would throw away a finished trial (it ends pruned all the same, having learned nothing);
+    sweep.min_epochs=1 prunes it after its first, as before."""
     space = {"train.lr": {"choice": [3e-3, 1e-7]}}
     path = sweep_recipe(tiny_bert, tiny_data, tmp_path, space, **{
         "train.epochs": 2, "sweep.sampler": "grid", "sweep.seed": 1, "sweep.pruner": "median",
         "sweep.startup_trials": 1, "sweep.min_epochs": min_epochs})
     rows = {t["params"]["train.lr"]: t for t in sweep(str(path))["trials"]}
     assert rows[3e-3]["number"] == 0 and rows[3e-3]["state"] == "complete"
-    assert (rows[1e-7]["state"], rows[1e-7]["epochs"]) == (state, epochs)
+    assert (rows[1e-7]["state"], rows[1e-7]["epochs"]) == ("pruned", epochs)
+    assert rows[1e-7]["reason"].startswith(reason)
     assert rows[1e-7]["value"] < rows[3e-3]["value"]  # below the median: the pruner would have stopped it
 
 

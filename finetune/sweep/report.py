@@ -27,6 +27,7 @@ def _trial_row(setup: Setup, trial) -> dict:
         "epochs": len(trial.intermediate_values),
         "seconds": trial.user_attrs.get("seconds"),
         **({"reason": _reason(trial)} if _reason(trial) else {}),
+        **({"learned": False} if trial.user_attrs.get("learned") is False else {}),  # pruned: it learned nothing
     }
 
 
@@ -207,7 +208,8 @@ def format_table(report: dict) -> str:
         seconds = f"{row['seconds']:.0f}s" if isinstance(row.get("seconds"), (int, float)) else "-"
         mark = "*" if row["number"] == best else ""
         params = [_cell(row["params"][k]) if k in row["params"] else "-" for k in keys]
-        lines.append([f"{row['number']}{mark}", *params, value, row["state"], seconds])
+        state = row["state"] + (" (learned nothing)" if row.get("learned") is False else "")
+        lines.append([f"{row['number']}{mark}", *params, value, state, seconds])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
     test = (report.get("best") or {}).get("test")

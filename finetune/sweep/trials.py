@@ -178,6 +178,9 @@ def run_trial(setup: Setup, study, trial, values: dict, say, ranks: Ranks | None
         with heartbeat(study, trial):
             metrics = train(recipe, on_epoch=report, evaluate_test=False, plots=False, checkpoints=False)
         state, value = TrialState.COMPLETE, best_of(metrics["epochs"], metric)
+        if not metrics["health"]["learned"]:  # a value to rank below every trial that learned (see learned_nothing)
+            state, why = TrialState.PRUNED, learned_nothing(metrics["health"])
+            trial.set_user_attr("learned", False)  # sweep.json's row and table say so
     except optuna.TrialPruned as pruned:
         state, value, why = TrialState.PRUNED, best_of([{"validation": {metric: v}} for v in seen], metric), str(pruned)
         with contextlib.suppress(OSError), (run_dir / "train.log").open("a") as log:
@@ -204,6 +207,14 @@ def run_trial(setup: Setup, study, trial, values: dict, say, ranks: Ranks | None
     say(f"trial {trial.number}: {STATE_NAMES[state.name]}" + (f" {metric} {value:.4f}" if value is not None else "")
         + (f" ({why})" if why else ""))
     return why if state == TrialState.FAIL else None
+
+
+def learned_nothing(health: dict) -> str:
+    """A trial that learned nothing (finetune.health) ends pruned, neither complete nor failed: the study never
+    calls it best, Optuna's TPE sampler (the sweep's default) ranks it below every complete trial yet still learns
+    from where it was (a failed trial it ignores, so it would keep sampling the lr that collapsed), and it counts
+    towards --trials as a trial that ran, where failed ones are run again and three in a row stop the sweep."""
+    return "learned nothing: " + "; ".join(health["reasons"])
 
 
 def sweep(recipe_path: str, overrides: list[str] = (), trials: int | None = None, timeout: float | None = None,
