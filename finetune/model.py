@@ -134,22 +134,11 @@ def interface_of(model: nn.Module) -> ModelInterface:
     return model if isinstance(model, ModelInterface) else TransformersModel(model)
 
 
-class TextClassifier(ModelInterface, nn.Module):
-    """A transformers backbone, a pooling rule and our head: for heads no transformers class computes."""
+class BackboneAndHead(ModelInterface, nn.Module):
+    """The kit's own composition, a backbone and our head (`self.backbone`, `self.head`): what its interface answers
+    is the same whether the backbone is transformers' or timm's."""
 
     kit_format = True
-
-    def __init__(self, backbone: nn.Module, head: ClassificationHead, pooling: str):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.pooling = pooling
-        if pooling != "auto" and getattr(backbone, "pooler", None) is not None:
-            backbone.pooler = None  # unused weights would also stall DDP's gradient sync
-
-    def forward(self, input_ids=None, attention_mask=None, **inputs) -> torch.Tensor:
-        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **inputs)
-        return self.head(pool(outputs, attention_mask, self.pooling))
 
     def library_model(self) -> nn.Module:
         return self.backbone
@@ -163,13 +152,29 @@ class TextClassifier(ModelInterface, nn.Module):
     def separable_head(self) -> bool:
         return True
 
+    def head_on_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+
+class TextClassifier(BackboneAndHead):
+    """A transformers backbone, a pooling rule and our head: for heads no transformers class computes."""
+
+    def __init__(self, backbone: nn.Module, head: ClassificationHead, pooling: str):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.pooling = pooling
+        if pooling != "auto" and getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None  # unused weights would also stall DDP's gradient sync
+
+    def forward(self, input_ids=None, attention_mask=None, **inputs) -> torch.Tensor:
+        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **inputs)
+        return self.head(pool(outputs, attention_mask, self.pooling))
+
     def features(self, batch: dict) -> torch.Tensor:
         outputs = self.backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                 **{k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")})
         return pool(outputs, batch.get("attention_mask"), self.pooling)
-
-    def head_on_features(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
 
     def lora_targets(self, head: set[str]) -> list[str]:
         return transformers_lora_targets(self, self.backbone.config, head)
@@ -218,10 +223,8 @@ class TimmClassifier(ModelInterface, nn.Module):
         return timm_lora_targets(self, head)
 
 
-class VisionClassifier(ModelInterface, nn.Module):
+class VisionClassifier(BackboneAndHead):
     """A timm backbone's pooled features and our head: for heads timm's own classifier does not compute."""
-
-    kit_format = True
 
     def __init__(self, backbone: nn.Module, head: ClassificationHead):
         super().__init__()
@@ -232,23 +235,8 @@ class VisionClassifier(ModelInterface, nn.Module):
         features = self.backbone.forward_features(pixel_values)
         return self.head(self.backbone.forward_head(features, pre_logits=True))
 
-    def library_model(self) -> nn.Module:
-        return self.backbone
-
-    def head_parameter_names(self) -> set[str]:
-        return {name for name, _ in self.named_parameters() if name.startswith("head.")}
-
-    def output_layer(self) -> nn.Module:
-        return self.head.output
-
-    def separable_head(self) -> bool:
-        return True
-
     def features(self, batch: dict) -> torch.Tensor:
         return self.backbone.forward_head(self.backbone.forward_features(batch["pixel_values"]), pre_logits=True)
-
-    def head_on_features(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
 
     def layer_ids(self, names: list[str]) -> tuple[list[int], int]:
         return timm_layer_ids(self.backbone, "backbone.", names)
