@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -549,9 +550,30 @@ def _silence_stdout() -> None:
         pass
 
 
+OVERRIDE_VERBS = ("validate", "run", "sweep")  # the verbs whose positional key=value items change the recipe
+DASHED = re.compile(r"--([A-Za-z_][\w.-]*)=(.*)", re.S)
+
+
+def dashed_overrides(argv: list[str]) -> list[str]:
+    """`--train.lr=3e-5` (and another tool's `--learning_rate=3e-5`, which the recipe then answers with our key) as
+    the override `train.lr=3e-5`, for the verbs that take overrides; every other argument as it is."""
+    from finetune.foreign_names import ours
+
+    verb = next((item for item in argv if not item.startswith("-")), None)
+    if verb not in OVERRIDE_VERBS:
+        return list(argv)
+    converted = []
+    for item in argv:
+        match = DASHED.fullmatch(item)
+        if match and ("." in match.group(1) or ours(match.group(1)) is not None):
+            item = f"{match.group(1)}={match.group(2)}"
+        converted.append(item)
+    return converted
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(dashed_overrides(sys.argv[1:] if argv is None else argv))
     _quiet_libraries(args.debug)
     try:
         code = args.func(args)

@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from finetune import foreign_names
 from finetune.errors import FinetuneError
 from finetune.problems import PROBLEMS
 from finetune.tasks import TASKS
@@ -358,7 +359,8 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     for key in raw:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            hint = foreign_names.hint(key, prefix.rstrip(".")) or (
+                f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})")
             problems.append(f"{prefix}{key}: unknown key{hint}")
     values = {}
     for name, f in fields.items():
