@@ -79,6 +79,18 @@ def cmd_cp(args) -> int:
     return 0
 
 
+def cmd_schema(args) -> int:
+    from finetune.schema import recipe_schema
+
+    text = json.dumps(recipe_schema(), indent=1) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    Path(args.output).write_text(text, encoding="utf-8")
+    print(f"recipe schema written to {args.output}")
+    return 0
+
+
 def _need_recipe(args) -> None:
     if args.recipe is None:
         raise FinetuneError(
@@ -360,7 +372,7 @@ BATCH_HELP = "inputs per forward pass (default: %(default)s); lower it if memory
 
 
 def _add_recipe_verbs(verbs) -> None:
-    """ls, cat, cp and validate: the recipes, before any training."""
+    """ls, cat, cp, schema and validate: the recipes, before any training."""
     ls = _verb(verbs, "ls", "list the built-in recipes, or the runs in a folder",
                "Without a folder: the built-in recipes, one line each (task, backbone, data, and what a recipe needs "
                "beyond pip: an apt package or the network). With a folder: its runs compared in one table.",
@@ -380,6 +392,14 @@ def _add_recipe_verbs(verbs) -> None:
     cp.add_argument("dest", help="file or folder to copy to")
     cp.add_argument("--force", action="store_true", help="replace an existing file")
     cp.set_defaults(func=cmd_cp)
+
+    schema = _verb(verbs, "schema", "print the recipe's JSON Schema (for editors that complete and check YAML)",
+                   "The recipe's JSON Schema: every key with its type, default, choices and help, made from the "
+                   "schema `run` checks recipes with. The built-in recipes name theirs in their first line "
+                   "(# yaml-language-server: $schema=...); point a recipe of yours at a copy.",
+                   "  finetune schema > recipe.schema.json\n  finetune schema --output recipe.schema.json")
+    schema.add_argument("--output", help="write it to this file instead of stdout")
+    schema.set_defaults(func=cmd_schema)
 
     validate = _verb(verbs, "validate", "check a recipe and its data, and print the recipe resolved",
                      "Check the recipe (every problem at once, with its dotted key) and its data (files, columns, "
@@ -524,8 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Versions, help="versions of finetune, its libraries and the device")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     verbs = parser.add_subparsers(
-        dest="verb", required=True, metavar="{ls,cat,cp,validate,run,sweep,eval,predict,export,serve,push,cache}",
-        parser_class=_Parser,
+        dest="verb", required=True, parser_class=_Parser,
+        metavar="{ls,cat,cp,schema,validate,run,sweep,eval,predict,export,serve,push,cache}",
     )
 
     for add in (_add_recipe_verbs, _add_training_verbs, _add_model_verbs, _add_sharing_verbs):

@@ -368,7 +368,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             count = len(problems)
             value = _convert(hints[name], raw[name], f"{prefix}{name}", problems)
             if len(problems) > count and not dataclasses.is_dataclass(value):
-                value = _default(f)  # already reported; a valid stand-in lets the value checks run on the rest
+                value = field_default(f)  # already reported; a valid stand-in lets the value checks run on the rest
             values[name] = value
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{prefix}{name}: required key is missing")
@@ -379,7 +379,8 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         return None
 
 
-def _default(f: dataclasses.Field) -> Any:
+def field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (made anew from its factory); None when it has none (a required key)."""
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
