@@ -49,6 +49,13 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from finetune.report import write_runs_page
+
+    print(write_runs_page(Path(args.folder), args.output))
+    return 0
+
+
 def cmd_cat(args) -> int:
     sys.stdout.write(find_recipe(args.recipe).read_text(encoding="utf-8"))
     return 0
@@ -381,6 +388,15 @@ def _add_recipe_verbs(verbs) -> None:
     ls.add_argument("--json", action="store_true", help="the recipes (or runs) as JSON")
     ls.set_defaults(func=cmd_ls)
 
+    report = _verb(verbs, "report", "one HTML page comparing the runs in a folder",
+                   "Write one self-contained HTML page comparing the runs at or under a folder (a sweep's trials "
+                   "included): a sortable table of their differing settings and metrics, their validation curves "
+                   "on one plot, each run's confusion matrix and reliability plot, and the recipe differences.",
+                   "  finetune report runs/\n  finetune report runs/sweep --output sweep.html")
+    report.add_argument("folder", help="a folder of runs (e.g. runs/, or a sweep's output.dir)")
+    report.add_argument("--output", help="where to write the page (default: FOLDER/report.html)")
+    report.set_defaults(func=cmd_report)
+
     cat = _verb(verbs, "cat", "print a built-in recipe", "Print a built-in recipe (or a recipe file) as it is.",
                 "  finetune cat text/minilm-bbc-news\n  finetune cat vision/efficientnet-lite0-digits > my.yaml")
     cat.add_argument("recipe", help="built-in recipe name (see `finetune ls`) or a recipe file")
@@ -545,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     verbs = parser.add_subparsers(
         dest="verb", required=True, parser_class=_Parser,
-        metavar="{ls,cat,cp,schema,validate,run,sweep,eval,predict,export,serve,push,cache}",
+        metavar="{ls,report,cat,cp,schema,validate,run,sweep,eval,predict,export,serve,push,cache}",
     )
 
     for add in (_add_recipe_verbs, _add_training_verbs, _add_model_verbs, _add_sharing_verbs):

@@ -35,7 +35,8 @@ def find_runs(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _read(path: Path, reader) -> dict:
+def read_mapping(path: Path, reader) -> dict:
+    """The mapping a file holds (reader: json.loads or yaml.safe_load); {} when missing, unreadable or not a mapping."""
     try:
         value = reader(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):
@@ -93,9 +94,9 @@ def _settings(config: dict, metrics: dict) -> str:
 
 def run_summary(run_dir: Path, root: Path) -> dict:
     """What `finetune ls RUNS` shows of one run, from its config.yaml and metrics.json (either may be missing)."""
-    config = _read(run_dir / "config.yaml", yaml.safe_load)
+    config = read_mapping(run_dir / "config.yaml", yaml.safe_load)
     metrics_path = run_dir / "metrics.json"
-    metrics = _read(metrics_path, json.loads)
+    metrics = read_mapping(metrics_path, json.loads)
     select = (config.get("eval") or {}).get("select_best") or "loss"
     best, test = metrics.get("best") or {}, metrics.get("test") or {}
     relative = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
@@ -122,7 +123,7 @@ def run_summary(run_dir: Path, root: Path) -> dict:
 
 def _trial_state(run_dir: Path) -> str | None:
     """A sweep's unfinished trial says why in trial.json (finetune.sweep writes it): pruned or failed."""
-    state = _read(run_dir / "trial.json", json.loads).get("state")
+    state = read_mapping(run_dir / "trial.json", json.loads).get("state")
     return state if state in ("pruned", "failed") else None
 
 
