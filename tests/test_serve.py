@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -106,6 +109,69 @@ def test_a_request_without_the_key_is_401(server):
     assert post(url, {"inputs": TEXTS}, key=None).status_code == 401
     assert post(url, {"inputs": TEXTS}, key="wrong").status_code == 401
     assert httpx.get(url + "/health").status_code == 200
+
+
+def test_a_body_over_the_limit_reaches_a_plain_client_as_its_413(server):
+    """20 MB sent whole by urllib (Content-Length) and by http.client (chunked): the server reads and drops the rest
+    before it answers, so the client, still sending, reads the 413 instead of a connection reset."""
+    url, _, _ = server
+    big = b"x" * (20 * 1024 * 1024)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    request = urllib.request.Request(url + "/predict", data=big, headers=headers, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 413
+    assert json.loads(refused.value.read()) == {"error": "body: larger than --max-body-mb 0.01"}
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    chunks = (big[i:i + 65536] for i in range(0, len(big), 65536))  # no Content-Length: read until over the limit
+    connection.request("POST", "/predict", body=chunks, headers=headers, encode_chunked=True)
+    answer = connection.getresponse()
+    assert answer.status == 413
+    assert json.loads(answer.read()) == {"error": "body: larger than --max-body-mb 0.01"}
+    connection.close()
+    assert post(url, {"inputs": TEXTS}).status_code == 200  # still answering
+
+
+def test_the_page_is_public_and_holds_no_data_while_docs_need_the_key(server):
+    url, _, _ = server
+    page = httpx.get(url + "/")  # no key: the page asks for it and sends it itself
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    info = httpx.get(url + "/info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["inputs"] == "text" and info["pairs"] is False
+    assert not [word for word in [info["task"], *info["labels"]] if word in page.text]
+    assert "Bearer" in page.text and "sessionStorage" in page.text
+    for path in ("/docs", "/openapi.json", "/info"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
+                        {"Authorization": "Bearer"}, {"Authorization": f"Bearer {KEY}x"},
+                        {"Authorization": f"Bearer {KEY[:-1]}"}):
+            refused = httpx.get(url + path, headers=headers)
+            assert refused.status_code == 401, (path, headers)
+            assert set(refused.json()) == {"error"} and "\n" not in refused.json()["error"]
+            assert refused.json()["error"].startswith("Authorization: ")
+    docs = httpx.get(url + "/docs", headers={"Authorization": f"Bearer {KEY}"})
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_the_openapi_schema_takes_what_the_server_takes_and_refuses_what_it_refuses(server):
+    from jsonschema import Draft202012Validator
+
+    url, _, _ = server
+    spec = httpx.get(url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    validator = Draft202012Validator({**body, "components": spec["components"]})
+    answer = spec["paths"]["/predict"]["post"]["responses"]
+    assert {"200", "400", "401", "413"} <= set(answer) and spec["components"]["securitySchemes"]
+    good = [{"inputs": TEXTS}, {"inputs": TEXTS[:1], "top_k": 2}, {"inputs": [{"text": "a", "text_pair": "b"}]}]
+    for request in good:
+        assert validator.is_valid(request) and post(url, request).status_code == 200, request
+    # the malformed bodies that are JSON, less the one only a text model refuses (a list of words is a token model's
+    # input) and the one refused for its size in bytes
+    structural = [json.loads(body) for body in MALFORMED[1:14] if body != b'{"inputs": [["a"]]}']
+    assert len(structural) == 12
+    for request in structural:
+        assert not validator.is_valid(request), request
+        assert 400 <= post(url, request).status_code < 500
 
 
 def send_raw(url: str, body: dict) -> socket.socket:
