@@ -207,3 +207,21 @@ def test_sigterm_lets_requests_in_flight_finish(server):
     assert process.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after its graceful stop
     log = process.stdout.read()
     assert "POST /predict 200" in log and KEY not in log
+
+
+def test_serve_help_gives_every_option_a_help_and_its_default_and_export_takes_a_hub_id(capfd):
+    import argparse
+
+    from conftest import call_main
+
+    from finetune.cli import build_parser
+
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    options = [a for a in verbs["serve"]._actions
+               if a.option_strings and a.help != argparse.SUPPRESS and a.dest != "help"]  # --debug is shared, hidden
+    assert {"host", "port", "api_key_env", "max_body_mb"} <= {a.dest for a in options}
+    for action in options:
+        assert action.help and (action.default is None or "%(default)s" in action.help), action.dest
+    shown = call_main(capfd, "serve", "--help").stdout
+    assert "(default: 127.0.0.1" in shown and "(default: 8000)" in shown and "(default: 8.0)" in shown
+    assert "hub model id (owner/name)" in " ".join(call_main(capfd, "export", "--help").stdout.split())
