@@ -129,6 +129,9 @@ async def discard(request, chunks=None) -> None:
 
     if request.headers.get("expect", "").lower() == "100-continue":
         return  # the client waits for a go-ahead before it sends the body, and none is coming
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > DISCARD_BYTES:
+        return  # more than the bound: the client sees a reset whatever is read first
 
     async def drop():
         seen = 0
