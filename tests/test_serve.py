@@ -130,6 +130,14 @@ def test_a_body_over_the_limit_reaches_a_plain_client_as_its_413(server):
     assert answer.status == 413
     assert json.loads(answer.read()) == {"error": "body: larger than --max-body-mb 0.01"}
     connection.close()
+    request = urllib.request.Request(url + "/predict", data=big, headers={**headers, "Authorization": "Bearer no"})
+    with pytest.raises(urllib.error.HTTPError) as refused:  # a refused key: the body is dropped the same way
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 401 and set(json.loads(refused.value.read())) == {"error"}
+    with socket.create_connection((host, int(port)), timeout=30) as waiting:  # asks before sending: answered at once
+        waiting.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\nExpect: "
+                        f"100-continue\r\nContent-Length: {len(big)}\r\n\r\n".encode())
+        assert waiting.recv(65536).startswith(b"HTTP/1.1 413 ")
     assert post(url, {"inputs": TEXTS}).status_code == 200  # still answering
 
 
