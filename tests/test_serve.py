@@ -224,7 +224,7 @@ def test_serve_help_gives_every_option_a_help_and_its_default_and_export_takes_a
 
     from finetune.cli import build_parser
 
-    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    verbs = next(a for a in build_parser()._actions if a.dest == "verb").choices
     options = [a for a in verbs["serve"]._actions
                if a.option_strings and a.help != argparse.SUPPRESS and a.dest != "help"]  # --debug is shared, hidden
     assert {"host", "port", "api_key_env", "max_body_mb"} <= {a.dest for a in options}
