@@ -500,10 +500,11 @@ def _add_model_verbs(verbs) -> None:
                    "Export a trained model to one model.onnx with its tokenizer or preprocessing, labels, a card and "
                    "export.json (parity against the torch model, measured before it finishes).",
                    "  finetune export runs/my --format onnx\n  finetune export runs/my --quantize int8")
-    export.add_argument("model", help="a run folder or its model/ folder")
-    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("model", help=MODEL_HELP)
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="the export's format (default: %(default)s)")
     export.add_argument("--quantize", choices=["int8"], help="int8 weights (parity and test metric measured)")
-    export.add_argument("--output", help="default: <run>/export/onnx[-int8]/")
+    export.add_argument("--output", help="default: <run>/export/onnx[-int8]/ (for a model folder or hub id: "
+                                         "<MODEL>/export/onnx[-int8]/)")
     export.set_defaults(func=cmd_export)
 
 
@@ -514,14 +515,22 @@ def _add_sharing_verbs(verbs) -> None:
                   "concurrent requests are batched together.",
                   "  finetune serve runs/my\n  finetune serve runs/my/export/onnx-int8 --port 8080 "
                   "--api-key-env FINETUNE_API_KEY")
-    serve.add_argument("model", help=MODEL_HELP + ", or an ONNX export folder")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key-env", help="require Authorization: Bearer <the value of this variable>")
-    serve.add_argument("--max-batch", type=int, default=32, help="inputs per model call across requests")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
-    serve.add_argument("--max-inputs", type=int, default=256, help="inputs one request may send")
-    serve.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body")
+    serve.add_argument("model", help="a run folder, its model/ folder, an ONNX export folder, or a hub model id "
+                                     "(owner/name)")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s, this "
+                                                             "machine only; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="the TCP port (default: %(default)s)")
+    serve.add_argument("--api-key-env", metavar="VAR",
+                       help="the environment variable holding an API key: every path but / (the page, which asks "
+                            "for the key) and /health then needs Authorization: Bearer <key> (default: no key)")
+    serve.add_argument("--max-batch", type=int, default=32,
+                       help="inputs per model call, across requests (default: %(default)s)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long a model call waits for more inputs (default: %(default)s)")
+    serve.add_argument("--max-inputs", type=int, default=256,
+                       help="inputs one request may send (default: %(default)s)")
+    serve.add_argument("--max-body-mb", type=float, default=8.0,
+                       help="the largest request body in MB; a larger one gets 413 (default: %(default)s)")
     serve.set_defaults(func=cmd_serve)
 
     push = _verb(verbs, "push", "upload a run's model/ (and adapter/) with its card to the hub",

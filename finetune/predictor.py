@@ -76,6 +76,11 @@ class Predictor:
         return float(self.spec.get("threshold") or 0.5)
 
     @property
+    def pairs(self) -> bool:
+        """True for a model trained on sentence pairs (the run's data.text_pair_column): each input is two texts."""
+        return self.recipe is not None and self.recipe.data.text_pair_column is not None
+
+    @property
     def max_length(self) -> int | None:
         """Tokens per text: the run's data.max_length, else the tokenizer's (set to it at export), else the model's."""
         if self.recipe is not None:

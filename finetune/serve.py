@@ -5,11 +5,18 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import time
+from types import SimpleNamespace
 
 from finetune.errors import FinetuneError
 
 SERVE_EXTRA = 'pip install "finetune[serve]"'
+PUBLIC = {"/", "/health"}  # the page holds no data (it asks for the key and sends it), and probes carry no key
+# a refused body is read and dropped up to this much more and this long before the answer, as nginx's lingering close
+# does: a server that closes on a client still sending makes the client see "connection reset" instead of the answer
+DISCARD_BYTES = 64 * 1024 * 1024
+DISCARD_SECONDS = 10.0
 log = logging.getLogger("finetune.serve")
 
 
@@ -103,15 +110,163 @@ class Batcher:
                     future.set_result((self.task.decode_outputs(self.predictor, rows, top_k), len(inputs)))
 
 
+def key_refusal(header: str | None, key: bytes) -> str | None:
+    """None when an Authorization header carries the bearer key, else the one-line reason; compared in constant time."""
+    if not header:
+        return "Authorization: missing; send Authorization: Bearer <key>"
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return "Authorization: not a bearer key; send Authorization: Bearer <key>"
+    # starlette decodes header bytes as latin-1: encoding back gives the bytes the client sent
+    if not secrets.compare_digest(token.strip().encode("latin-1"), key):
+        return "Authorization: missing or wrong bearer key"
+    return None
+
+
+async def discard(request, chunks=None) -> None:
+    """Read and drop what is left of a refused request's body, up to DISCARD_BYTES and DISCARD_SECONDS."""
+    from starlette.requests import ClientDisconnect
+
+    if request.headers.get("expect", "").lower() == "100-continue":
+        return  # the client waits for a go-ahead before it sends the body, and none is coming
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > DISCARD_BYTES:
+        return  # more than the bound: the client sees a reset whatever is read first
+
+    async def drop():
+        seen = 0
+        async for chunk in chunks if chunks is not None else request.stream():
+            seen += len(chunk)
+            if seen > DISCARD_BYTES:
+                return
+
+    try:
+        await asyncio.wait_for(drop(), DISCARD_SECONDS)
+    except (asyncio.TimeoutError, ClientDisconnect, RuntimeError):  # slow, gone, or already read: answer now
+        pass
+
+
+async def read_body(request, limit: int) -> bytes | None:
+    """The request's body, or None when it is over `limit` bytes (what is left then read and dropped: `discard`)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        await discard(request)
+        return None
+    body = bytearray()
+    chunks = request.stream()
+    async for chunk in chunks:  # chunked bodies declare no length: counted as they come
+        body += chunk
+        if len(body) > limit:
+            await discard(request, chunks)
+            return None
+    return bytes(body)
+
+
+def api_models(max_inputs: int) -> SimpleNamespace:
+    """The pydantic models of the requests and answers, for the OpenAPI schema at /openapi.json and /docs. Requests
+    are read by parse_request, which names the field of a malformed one in one line, as pydantic's errors do not."""
+    from typing import Annotated, Any, Union
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    Text = Annotated[str, Field(min_length=1)]
+
+    class TextPair(BaseModel):
+        """A sentence pair, for a model trained on pairs (GET /info says `pairs`)."""
+
+        model_config = ConfigDict(extra="forbid")
+        text: Text
+        text_pair: Text
+
+    class PredictRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        inputs: list[Union[Text, TextPair, list[Text]]] = Field(
+            min_length=1, max_length=max_inputs,
+            description="one input each: a text, an image as base64 (a data: URL too), a sentence pair, or a list of "
+                        "words for token classification; GET /info says what this model takes")
+        top_k: int | None = Field(None, ge=1, description="the K best labels with scores (default: all)")
+
+    class Score(BaseModel):
+        label: str
+        score: float
+
+    class Prediction(BaseModel):
+        """As `finetune predict --json` prints it; which fields depends on the problem."""
+
+        model_config = ConfigDict(extra="allow")
+        input: str = Field(description="the input as shown: the text, 'text | text_pair', or 'input N' for images")
+        label: str | None = Field(None, description="single_label: the best label")
+        score: float | None = None
+        labels: list[str] | None = Field(None, description="multi_label: the labels over the threshold")
+        scores: list[Score] | None = Field(None, description="the top labels with their scores, best first")
+        value: float | None = Field(None, description="regression: the prediction")
+        entities: list[dict[str, Any]] | None = Field(None, description="token classification: the entities found")
+
+    class PredictResponse(BaseModel):
+        predictions: list[Prediction]
+
+    class Info(BaseModel):
+        task: str
+        labels: list[str] | None
+        backbone: str | None
+        format: str
+        problem: str
+        inputs: str = Field(description="what one input is: text or image")
+        pairs: bool = Field(description="each input is a sentence pair {text, text_pair}")
+
+    class Health(BaseModel):
+        status: str
+
+    class Error(BaseModel):
+        error: str = Field(description="one line: the field at fault and what to send instead")
+
+    return SimpleNamespace(TextPair=TextPair, PredictRequest=PredictRequest, PredictResponse=PredictResponse,
+                           Info=Info, Health=Health, Error=Error)
+
+
 PAGE = """<!doctype html><meta charset="utf-8"><title>finetune serve</title>
-<h1>finetune serve</h1><p id="info"></p>
-<textarea id="text" rows="4" cols="60" placeholder="a text to label"></textarea><br>
-<input type="file" id="image" accept="image/*"> <button id="go">predict</button>
-<p>label: <b id="label"></b></p><pre id="out"></pre>
+<style>body{font:15px system-ui,sans-serif;max-width:44em;margin:2em auto;padding:0 1em}textarea{width:100%}
+.error{color:#b00020}[hidden]{display:none!important}td{padding:0 1em 0 0}</style>
+<h1>finetune serve</h1>
+<form id="key-form" hidden><p>This server needs its API key (the value of the variable named by
+<code>--api-key-env</code>). The page keeps it in this tab only and sends it with each request.</p>
+<input type="password" id="key" autocomplete="off" size="40" aria-label="API key"> <button id="key-go">use key</button>
+</form>
+<p id="message" class="error" role="alert"></p>
+<div id="main" hidden><p id="info"></p>
+<textarea id="text" rows="4" placeholder="a text to label"></textarea>
+<textarea id="text-pair" rows="4" placeholder="the second text of the pair" hidden></textarea>
+<input type="file" id="image" accept="image/*" hidden> <button id="go">predict</button>
+<p>label: <b id="label"></b></p><table id="top"></table>
+<details><summary>the answer</summary><pre id="out"></pre></details></div>
 <script>
-const out = document.getElementById("out"), shown = document.getElementById("label");
-fetch("info").then(r => r.json()).then(i => document.getElementById("info").textContent = i.task + ": " +
-  (i.labels || []).join(", "));
+const $ = id => document.getElementById(id);
+let key = sessionStorage.getItem("finetune-key") || "", info = null;
+function askKey(refused) {  // the server has a key: ask for it (again, when the one sent was refused)
+  sessionStorage.removeItem("finetune-key"); key = "";
+  $("main").hidden = true; $("key-form").hidden = false; $("key").focus();
+  $("message").textContent = refused ? "The server refused this key (401): check it and enter it again." : "";
+}
+async function call(path, options = {}) {  // [status, JSON answer]; a 401 asks for the key
+  const headers = Object.assign({}, options.headers, key ? {Authorization: "Bearer " + key} : {});
+  const r = await fetch(path, Object.assign({}, options, {headers}));
+  if (r.status === 401) { askKey(key !== ""); throw new Error("401"); }
+  return [r.status, await r.json()];
+}
+async function start() {
+  const [status, answer] = await call("info");
+  if (status !== 200) { $("message").textContent = "error: " + answer.error; return; }
+  info = answer;
+  $("key-form").hidden = true; $("main").hidden = false; $("message").textContent = "";
+  $("info").textContent = info.task + ": " + (info.labels || []).join(", ");
+  $("image").hidden = info.inputs !== "image"; $("text").hidden = info.inputs === "image";
+  $("text-pair").hidden = !info.pairs;
+}
+$("key-form").onsubmit = event => {
+  event.preventDefault();
+  key = $("key").value.trim(); $("key").value = "";
+  if (key) { sessionStorage.setItem("finetune-key", key); start().catch(() => {}); }
+};
 function summary(p) {  // the label, the labels over the threshold, the value, or the entities
   if (p.label !== undefined) return p.label;
   if (p.labels !== undefined) return p.labels.join(", ") || "(none)";
@@ -119,18 +274,28 @@ function summary(p) {  // the label, the labels over the threshold, the value, o
   if (p.entities !== undefined) return p.entities.map(e => e.word + ": " + e.label).join(", ") || "(no entities)";
   return "";
 }
-document.getElementById("go").onclick = async () => {
-  const file = document.getElementById("image").files[0];
-  let input = document.getElementById("text").value;
-  if (file) input = await new Promise(ok => { const r = new FileReader();
-    r.onload = () => ok(r.result.split(",")[1]); r.readAsDataURL(file); });
-  shown.textContent = "";
-  const r = await fetch("predict", {method: "POST", headers: {"Content-Type": "application/json"},
-    body: JSON.stringify({inputs: [input], top_k: 3})});
-  const answer = await r.json();
-  out.textContent = JSON.stringify(answer, null, 1);
-  shown.textContent = answer.predictions ? summary(answer.predictions[0]) : "error: " + answer.error;
+async function input() {  // one input as /predict takes it: a text, a pair, or an image as base64
+  if (info.inputs === "image") {
+    const file = $("image").files[0];
+    return file ? await new Promise(ok => { const r = new FileReader();
+      r.onload = () => ok(r.result.split(",")[1]); r.readAsDataURL(file); }) : "";
+  }
+  return info.pairs ? {text: $("text").value, text_pair: $("text-pair").value} : $("text").value;
+}
+$("go").onclick = async () => {
+  $("label").textContent = ""; $("top").replaceChildren(); $("message").textContent = "";
+  const [status, answer] = await call("predict", {method: "POST", headers: {"Content-Type": "application/json"},
+    body: JSON.stringify({inputs: [await input()], top_k: 3})});
+  $("out").textContent = JSON.stringify(answer, null, 1);
+  if (status !== 200) { $("message").textContent = "error: " + answer.error; return; }
+  const p = answer.predictions[0];
+  $("label").textContent = summary(p);
+  for (const s of p.scores || []) {
+    const row = $("top").insertRow(), name = row.insertCell(), score = row.insertCell();
+    name.textContent = s.label; score.textContent = s.score.toFixed(3);
+  }
 };
+start().catch(() => {});
 </script>
 """
 
@@ -140,34 +305,29 @@ def build_app(predictor, api_key: str | None = None, max_batch: int = 32, max_wa
     """The FastAPI app serving `predictor` (anything finetune.load returns)."""
     try:
         from fastapi import FastAPI, Request
-        from fastapi.responses import HTMLResponse, JSONResponse
+        from fastapi.responses import JSONResponse
     except ImportError:
         raise FinetuneError(f"fastapi: not installed, and serve needs it; {SERVE_EXTRA}") from None
 
-    app = FastAPI(title="finetune serve", docs_url=None, redoc_url=None, openapi_url=None)
-    batcher = Batcher(predictor, max_batch, max_wait_ms)
-    max_bytes = int(max_body_mb * 1024 * 1024)
-    info = {"task": predictor.task, "labels": predictor.labels,
-            "backbone": predictor.spec.get("backbone") or predictor.source,
-            "format": predictor.spec.get("format", "torch"), "problem": predictor.problem}
-
-    def error(message: str, status: int):
-        return JSONResponse({"error": message}, status_code=status)
+    app = FastAPI(title="finetune serve", version="1", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
+                  description="A fine-tuned model. Every path but / and /health needs `Authorization: Bearer <key>` "
+                              "when the server runs with --api-key-env.")
+    key = api_key.encode("utf-8") if api_key is not None else None
 
     @app.middleware("http")
     async def guard_and_log(request: Request, call_next):
         start = time.perf_counter()
-        request.state.batch = 0
-        guarded = api_key is not None and request.url.path != "/health"
-        if guarded and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            response = error("Authorization: missing or wrong bearer key", 401)
+        refusal = key_refusal(request.headers.get("authorization"), key) if key is not None else None
+        if refusal is not None and request.url.path not in PUBLIC:
+            await discard(request)
+            response = JSONResponse({"error": refusal}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
             _log(request, response, start)
             return response
         try:
             response = await call_next(request)
         except Exception as failure:  # never a traceback to the client; the log says what broke
             log.error("internal error: %s: %s", failure.__class__.__name__, failure)
-            response = error("internal error; see the server log", 500)
+            response = JSONResponse({"error": "internal error; see the server log"}, status_code=500)
         _log(request, response, start)
         return response
 
@@ -176,30 +336,50 @@ def build_app(predictor, api_key: str | None = None, max_batch: int = 32, max_wa
         ms = (time.perf_counter() - start) * 1000
         log.info("%s %s %d %.1fms batch=%s", request.method, request.url.path, response.status_code, ms, batch)
 
-    @app.get("/health")
+    _add_routes(app, predictor, api_models(max_inputs), Batcher(predictor, max_batch, max_wait_ms), max_inputs,
+                max_body_mb)
+    return app
+
+
+def _add_routes(app, predictor, models: SimpleNamespace, batcher: Batcher, max_inputs: int, max_body_mb: float):
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+
+    info = {"task": predictor.task, "labels": predictor.labels,
+            "backbone": predictor.spec.get("backbone") or predictor.source,
+            "format": predictor.spec.get("format", "torch"), "problem": predictor.problem,
+            "inputs": batcher.task.inputs, "pairs": predictor.pairs}
+    max_bytes = int(max_body_mb * 1024 * 1024)
+    errors = {status: {"model": models.Error} for status in (400, 401, 413, 501)}
+
+    def error(message: str, status: int):
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.get("/health", response_model=models.Health, summary="alive (no key needed)",
+             openapi_extra={"security": []})
     async def health():
         return {"status": "ok"}
 
-    @app.get("/info")
+    @app.get("/info", response_model=models.Info, responses={401: errors[401]}, summary="the model and its inputs")
     async def get_info():
         return info
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return PAGE
 
-    @app.post("/predict")
+    # the body is read by hand (its size bounded as it comes, its errors named in one line); the model documents it
+    body_schema = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
+                   "required": True}
+
+    @app.post("/predict", response_model=models.PredictResponse, responses=errors, summary="labels for inputs",
+              openapi_extra={"requestBody": body_schema})
     async def predict(request: Request):
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+        body = await read_body(request, max_bytes)
+        if body is None:
             return error(f"body: larger than --max-body-mb {max_body_mb:g}", 413)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_bytes:
-                return error(f"body: larger than --max-body-mb {max_body_mb:g}", 413)
         try:
-            shown, inputs, top_k = parse_request(bytes(body), predictor.task, max_inputs)
+            shown, inputs, top_k = parse_request(body, predictor.task, max_inputs)
             results, batch = await batcher.submit(inputs, top_k)
         except BadRequest as bad:
             return error(str(bad), bad.status)
@@ -208,15 +388,29 @@ def build_app(predictor, api_key: str | None = None, max_batch: int = 32, max_wa
         predictions = [{"input": s, **r} for s, r in zip(shown, results)]
         return JSONResponse({"predictions": predictions}, headers={"X-Batch-Size": str(batch)})
 
+    schema = app.openapi
+    app.openapi = lambda: _with_models(schema(), models)
+
     @app.exception_handler(404)
     async def not_found(request, exc):
-        return error(f"{request.url.path}: no such endpoint (GET /health, /info, /; POST /predict)", 404)
+        return error(f"{request.url.path}: no such endpoint (GET /health, /info, /, /docs, /openapi.json; "
+                     "POST /predict)", 404)
 
     @app.exception_handler(405)
     async def wrong_method(request, exc):
         return error(f"{request.url.path}: method {request.method} not allowed", 405)
 
-    return app
+
+def _with_models(schema: dict, models: SimpleNamespace) -> dict:
+    """The OpenAPI schema with the request models /predict's hand-read body refers to, and the bearer key."""
+    components = schema.setdefault("components", {})
+    found = components.setdefault("schemas", {})
+    request = models.PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    found.update(request.pop("$defs", {}))
+    found["PredictRequest"] = request
+    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    schema["security"] = [{"bearer": []}]
+    return schema
 
 
 def serve(source: str, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -108,6 +111,77 @@ def test_a_request_without_the_key_is_401(server):
     assert httpx.get(url + "/health").status_code == 200
 
 
+def test_a_body_over_the_limit_reaches_a_plain_client_as_its_413(server):
+    """20 MB sent whole by urllib (Content-Length) and by http.client (chunked): the server reads and drops the rest
+    before it answers, so the client, still sending, reads the 413 instead of a connection reset."""
+    url, _, _ = server
+    big = b"x" * (20 * 1024 * 1024)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    request = urllib.request.Request(url + "/predict", data=big, headers=headers, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 413
+    assert json.loads(refused.value.read()) == {"error": "body: larger than --max-body-mb 0.01"}
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    chunks = (big[i:i + 65536] for i in range(0, len(big), 65536))  # no Content-Length: read until over the limit
+    connection.request("POST", "/predict", body=chunks, headers=headers, encode_chunked=True)
+    answer = connection.getresponse()
+    assert answer.status == 413
+    assert json.loads(answer.read()) == {"error": "body: larger than --max-body-mb 0.01"}
+    connection.close()
+    request = urllib.request.Request(url + "/predict", data=big, headers={**headers, "Authorization": "Bearer no"})
+    with pytest.raises(urllib.error.HTTPError) as refused:  # a refused key: the body is dropped the same way
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 401 and set(json.loads(refused.value.read())) == {"error"}
+    with socket.create_connection((host, int(port)), timeout=30) as waiting:  # asks before sending: answered at once
+        waiting.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\nExpect: "
+                        f"100-continue\r\nContent-Length: {len(big)}\r\n\r\n".encode())
+        assert waiting.recv(65536).startswith(b"HTTP/1.1 413 ")
+    assert post(url, {"inputs": TEXTS}).status_code == 200  # still answering
+
+
+def test_the_page_is_public_and_holds_no_data_while_docs_need_the_key(server):
+    url, _, _ = server
+    page = httpx.get(url + "/")  # no key: the page asks for it and sends it itself
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    info = httpx.get(url + "/info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["inputs"] == "text" and info["pairs"] is False
+    assert not [word for word in [info["task"], *info["labels"]] if word in page.text]
+    assert "Bearer" in page.text and "sessionStorage" in page.text
+    for path in ("/docs", "/openapi.json", "/info"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
+                        {"Authorization": "Bearer"}, {"Authorization": f"Bearer {KEY}x"},
+                        {"Authorization": f"Bearer {KEY[:-1]}"}):
+            refused = httpx.get(url + path, headers=headers)
+            assert refused.status_code == 401, (path, headers)
+            assert set(refused.json()) == {"error"} and "\n" not in refused.json()["error"]
+            assert refused.json()["error"].startswith("Authorization: ")
+    docs = httpx.get(url + "/docs", headers={"Authorization": f"Bearer {KEY}"})
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_the_openapi_schema_takes_what_the_server_takes_and_refuses_what_it_refuses(server):
+    from jsonschema import Draft202012Validator
+
+    url, _, _ = server
+    spec = httpx.get(url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    validator = Draft202012Validator({**body, "components": spec["components"]})
+    answer = spec["paths"]["/predict"]["post"]["responses"]
+    assert {"200", "400", "401", "413"} <= set(answer) and spec["components"]["securitySchemes"]
+    good = [{"inputs": TEXTS}, {"inputs": TEXTS[:1], "top_k": 2}, {"inputs": [{"text": "a", "text_pair": "b"}]}]
+    for request in good:
+        assert validator.is_valid(request) and post(url, request).status_code == 200, request
+    # the malformed bodies that are JSON, less the one only a text model refuses (a list of words is a token model's
+    # input) and the one refused for its size in bytes
+    structural = [json.loads(body) for body in MALFORMED[1:14] if body != b'{"inputs": [["a"]]}']
+    assert len(structural) == 12
+    for request in structural:
+        assert not validator.is_valid(request), request
+        assert 400 <= post(url, request).status_code < 500
+
+
 def send_raw(url: str, body: dict) -> socket.socket:
     """A whole POST /predict written to a socket of its own; the answer is read later (read_status)."""
     host, port = url.removeprefix("http://").split(":")
@@ -141,3 +215,21 @@ def test_sigterm_lets_requests_in_flight_finish(server):
     assert process.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after its graceful stop
     log = process.stdout.read()
     assert "POST /predict 200" in log and KEY not in log
+
+
+def test_serve_help_gives_every_option_a_help_and_its_default_and_export_takes_a_hub_id(capfd):
+    import argparse
+
+    from conftest import call_main
+
+    from finetune.cli import build_parser
+
+    verbs = next(a for a in build_parser()._actions if a.dest == "verb").choices
+    options = [a for a in verbs["serve"]._actions
+               if a.option_strings and a.help != argparse.SUPPRESS and a.dest != "help"]  # --debug is shared, hidden
+    assert {"host", "port", "api_key_env", "max_body_mb"} <= {a.dest for a in options}
+    for action in options:
+        assert action.help and (action.default is None or "%(default)s" in action.help), action.dest
+    shown = call_main(capfd, "serve", "--help").stdout
+    assert "(default: 127.0.0.1" in shown and "(default: 8000)" in shown and "(default: 8.0)" in shown
+    assert "hub model id (owner/name)" in " ".join(call_main(capfd, "export", "--help").stdout.split())

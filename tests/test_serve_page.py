@@ -1,4 +1,5 @@
-"""The page at `/` in a real headless Chromium: a text typed into it comes back as the model's label.
+"""The page at `/` in a real headless Chromium: a text typed into it comes back as the model's label and top labels;
+behind --api-key-env the page asks for the key once and sends it, and a pair model's page sends both texts.
 
 Drives Debian's `chromium` over the DevTools protocol (a websocket, with the `websockets` package uvicorn[standard]
 brings): focus the text box, type with Input.insertText, click predict, read the label the page shows.
@@ -12,11 +13,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
-from test_serve import free_port
+from conftest import recipe_dict, subprocess_env, to_recipe, write_csv
+from test_serve import KEY, free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
@@ -39,6 +41,21 @@ def wait_for(check, seconds: float, what: str):
     raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
 
 
+@contextmanager
+def serving(source: Path, *options: str, **env):
+    """`finetune serve source` on a loopback port until the block ends; yields its url."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "finetune", "serve", str(source), "--port", str(port), *options],
+                               env=subprocess_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: urllib.request.urlopen(url + "/health", timeout=1).status == 200, 90, "finetune serve")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def served(tiny_bert, tmp_path_factory):
     """A tiny transformers model folder (untrained head, three labels) behind a real `finetune serve` on a
@@ -53,16 +70,26 @@ def served(tiny_bert, tmp_path_factory):
         tiny_bert, num_labels=3, id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "finetune", "serve", str(folder), "--port", str(port)],
-                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: urllib.request.urlopen(url + "/health", timeout=1).status == 200, 90, "finetune serve")
+    with serving(folder) as url:
         yield url, folder
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def pair_served(tiny_bert, tmp_path_factory):
+    """A tiny run trained one epoch on sentence pairs behind `finetune serve --api-key-env`; yields (url, run)."""
+    from test_pairs import pair_rows
+
+    from finetune.train import train
+
+    root = tmp_path_factory.mktemp("page-pairs")
+    header = ["premise", "hypothesis", "relation"]
+    data = {key: write_csv(root / f"{key}.csv", header, pair_rows(count, seed))
+            for seed, (key, count) in enumerate((("train", 24), ("validation", 9), ("test", 9)))}
+    train(to_recipe(recipe_dict(tiny_bert, data, root / "run", **{
+        "data.text_column": "premise", "data.text_pair_column": "hypothesis", "data.label_column": "relation",
+        "train.epochs": 1})))
+    with serving(root / "run", "--api-key-env", "PAGE_KEY", PAGE_KEY=KEY) as url:
+        yield url, root / "run"
 
 
 class Page:
@@ -84,16 +111,30 @@ class Page:
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
         return result["result"].get("value")
 
+    def text(self, element: str) -> str:
+        return self.js(f"document.getElementById({element!r}).textContent")
 
-def test_a_text_typed_into_the_page_returns_the_models_label(served, tmp_path):
+    def shown(self, element: str) -> bool:
+        return self.js(f"document.getElementById({element!r}).offsetParent !== null")
+
+    def type(self, element: str, text: str) -> None:
+        self.js(f"document.getElementById({element!r}).focus()")
+        self.call("Input.insertText", text=text)  # typed, as a keyboard would enter it
+        assert self.js(f"document.getElementById({element!r}).value") == text
+
+    def click(self, element: str) -> None:
+        self.js(f"document.getElementById({element!r}).click()")
+
+    def top_labels(self) -> list:
+        return self.js("[...document.querySelectorAll('#top tr')].map(r => [r.cells[0].textContent, "
+                       "Number(r.cells[1].textContent)])")
+
+
+@contextmanager
+def open_page(url: str, profile: Path):
+    """Chromium on `url` with a profile of its own; yields the Page once the document has loaded."""
     from websockets.sync.client import connect
 
-    import finetune
-
-    url, run = served
-    text = "the bread and the soup today"
-    expected = finetune.load(run).predict(text)["label"]
-    profile = tmp_path / "profile"
     browser = subprocess.Popen([CHROMIUM, *FLAGS, "--remote-debugging-port=0", f"--user-data-dir={profile}",
                                 url + "/"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -107,17 +148,8 @@ def test_a_text_typed_into_the_page_returns_the_models_label(served, tmp_path):
 
         with connect(wait_for(page_socket, 30, "the page's tab"), max_size=None) as socket:
             page = Page(socket)
-            wait_for(lambda: page.js("document.readyState") == "complete"
-                     and page.js("document.getElementById('info').textContent"), 30, "the page and /info")
-            assert "text-classification" in page.js("document.getElementById('info').textContent")
-            page.js("document.getElementById('text').focus()")
-            page.call("Input.insertText", text=text)  # typed, as a keyboard would enter it
-            assert page.js("document.getElementById('text').value") == text
-            page.js("document.getElementById('go').click()")
-            shown = wait_for(lambda: page.js("document.getElementById('label').textContent"), 30, "the label")
-            assert shown == expected
-            answer = json.loads(page.js("document.getElementById('out').textContent"))
-            assert answer["predictions"][0]["input"] == text and len(answer["predictions"][0]["scores"]) == 3
+            wait_for(lambda: page.js("document.readyState") == "complete", 30, "the page")
+            yield page
     finally:
         browser.terminate()
         try:
@@ -125,3 +157,55 @@ def test_a_text_typed_into_the_page_returns_the_models_label(served, tmp_path):
         except subprocess.TimeoutExpired:
             browser.kill()
         shutil.rmtree(Path(profile), ignore_errors=True)
+
+
+def test_a_text_typed_into_the_page_returns_the_models_label(served, tmp_path):
+    import finetune
+
+    url, run = served
+    text = "the bread and the soup today"
+    expected = finetune.load(run).predict(text)
+    with open_page(url, tmp_path / "profile") as page:
+        wait_for(lambda: page.text("info"), 30, "/info on the page")
+        assert "text-classification" in page.text("info")
+        assert not page.shown("key-form") and not page.shown("text-pair")  # no key, no pairs: not asked
+        page.type("text", text)
+        page.click("go")
+        shown = wait_for(lambda: page.text("label"), 30, "the label")
+        assert shown == expected["label"]
+        answer = json.loads(page.text("out"))
+        assert answer["predictions"][0]["input"] == text and len(answer["predictions"][0]["scores"]) == 3
+        top = page.top_labels()  # the three labels, best first, with their scores
+        assert [label for label, _ in top] == [s["label"] for s in expected["scores"]]
+        assert all(abs(score - s["score"]) < 1e-3 for (_, score), s in zip(top, expected["scores"]))
+
+
+def test_with_a_key_the_page_asks_for_it_once_and_a_pair_model_gets_both_texts(pair_served, tmp_path):
+    import finetune
+
+    url, run = pair_served
+    first, second = "the bread", "a goal"
+    expected = finetune.load(run).predict({"text": first, "text_pair": second})
+    with open_page(url, tmp_path / "profile") as page:
+        wait_for(lambda: page.shown("key-form"), 30, "the page to ask for the key")
+        assert not page.shown("main")
+        page.type("key", "not-the-key")
+        page.click("key-go")
+        refused = wait_for(lambda: page.text("message"), 30, "the refusal")
+        assert "refused this key" in refused and page.shown("key-form") and not page.shown("main")
+        page.type("key", KEY)
+        page.click("key-go")
+        wait_for(lambda: page.shown("main") and page.text("info"), 30, "/info with the key")
+        assert page.text("message") == "" and not page.shown("key-form") and page.shown("text-pair")
+        page.type("text", first)
+        page.type("text-pair", second)
+        page.click("go")
+        assert wait_for(lambda: page.text("label"), 30, "the label") == expected["label"]
+        answer = json.loads(page.text("out"))
+        assert answer["predictions"][0]["input"] == f"{first} | {second}"
+        assert [label for label, _ in page.top_labels()] == [s["label"] for s in expected["scores"]]
+        page.js("window.before = 1")
+        page.call("Page.reload")  # the key is asked for once: the tab keeps it
+        wait_for(lambda: page.js("window.before === undefined && document.readyState === 'complete'")
+                 and page.text("info"), 30, "the page again")
+        assert page.shown("main") and not page.shown("key-form")
