@@ -53,10 +53,24 @@ class Page:
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
         return result["result"].get("value")
 
+    def text(self, element: str) -> str:
+        return self.js(f"document.getElementById({element!r}).textContent")
+
+    def shown(self, element: str) -> bool:
+        return self.js(f"document.getElementById({element!r}).offsetParent !== null")
+
+    def type(self, element: str, text: str) -> None:
+        self.js(f"document.getElementById({element!r}).focus()")
+        self.call("Input.insertText", text=text)  # typed, as a keyboard would enter it
+        assert self.js(f"document.getElementById({element!r}).value") == text
+
+    def click(self, element: str) -> None:
+        self.js(f"document.getElementById({element!r}).click()")
+
 
 @contextlib.contextmanager
-def open_page(url: str, profile: Path):
-    """A headless Chromium showing url; yields its Page once the document has loaded."""
+def open_page(url: str, profile: Path, page_class=Page):
+    """A headless Chromium showing url; yields its page (a page_class) once the document has loaded."""
     from websockets.sync.client import connect
 
     browser = subprocess.Popen([CHROMIUM, *FLAGS, "--remote-debugging-port=0", f"--user-data-dir={profile}", url],
@@ -71,7 +85,7 @@ def open_page(url: str, profile: Path):
             return pages[0]["webSocketDebuggerUrl"] if pages else None
 
         with connect(wait_for(page_socket, 30, "the page's tab"), max_size=None) as socket:
-            page = Page(socket)
+            page = page_class(socket)
             wait_for(lambda: page.js("document.readyState") == "complete", 30, "the page")
             yield page
     finally:

@@ -8,37 +8,18 @@ brings): focus the text box, type with Input.insertText, click predict, read the
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from browser import Page, needs_chromium, open_page, wait_for
 from conftest import recipe_dict, subprocess_env, to_recipe, write_csv
 from test_serve import KEY, free_port
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--remote-allow-origins=*", "--remote-debugging-address=127.0.0.1"]
-
-
-def wait_for(check, seconds: float, what: str):
-    """check() until it returns something truthy, for at most `seconds` (bounded: a hung browser fails the test)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-        except OSError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
+pytestmark = needs_chromium
 
 
 @contextmanager
@@ -92,71 +73,16 @@ def pair_served(tiny_bert, tmp_path_factory):
         yield url, root / "run"
 
 
-class Page:
-    """One Chromium tab over the DevTools websocket: evaluate JavaScript, type text."""
-
-    def __init__(self, socket):
-        self.socket, self.next_id = socket, 0
-
-    def call(self, method: str, **params):
-        self.next_id += 1
-        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:  # events arrive in between; the answer carries our id
-            message = json.loads(self.socket.recv(timeout=30))
-            if message.get("id") == self.next_id:
-                assert "error" not in message, message
-                return message["result"]
-
-    def js(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        return result["result"].get("value")
-
-    def text(self, element: str) -> str:
-        return self.js(f"document.getElementById({element!r}).textContent")
-
-    def shown(self, element: str) -> bool:
-        return self.js(f"document.getElementById({element!r}).offsetParent !== null")
-
-    def type(self, element: str, text: str) -> None:
-        self.js(f"document.getElementById({element!r}).focus()")
-        self.call("Input.insertText", text=text)  # typed, as a keyboard would enter it
-        assert self.js(f"document.getElementById({element!r}).value") == text
-
-    def click(self, element: str) -> None:
-        self.js(f"document.getElementById({element!r}).click()")
+class ServePage(Page):
+    """The serve page's own reading: its table of top labels."""
 
     def top_labels(self) -> list:
         return self.js("[...document.querySelectorAll('#top tr')].map(r => [r.cells[0].textContent, "
                        "Number(r.cells[1].textContent)])")
 
 
-@contextmanager
-def open_page(url: str, profile: Path):
-    """Chromium on `url` with a profile of its own; yields the Page once the document has loaded."""
-    from websockets.sync.client import connect
-
-    browser = subprocess.Popen([CHROMIUM, *FLAGS, "--remote-debugging-port=0", f"--user-data-dir={profile}",
-                                url + "/"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        active = profile / "DevToolsActivePort"  # Chromium writes the port it picked here
-        port = wait_for(lambda: active.is_file() and active.read_text().split("\n")[0].strip(), 60, "Chromium")
-
-        def page_socket():
-            targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2).read())
-            pages = [t for t in targets if t.get("type") == "page" and t.get("url", "").startswith(url)]
-            return pages[0]["webSocketDebuggerUrl"] if pages else None
-
-        with connect(wait_for(page_socket, 30, "the page's tab"), max_size=None) as socket:
-            page = Page(socket)
-            wait_for(lambda: page.js("document.readyState") == "complete", 30, "the page")
-            yield page
-    finally:
-        browser.terminate()
-        try:
-            browser.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            browser.kill()
-        shutil.rmtree(Path(profile), ignore_errors=True)
+def open_served_page(url: str, profile: Path):
+    return open_page(url + "/", profile, page_class=ServePage)
 
 
 def test_a_text_typed_into_the_page_returns_the_models_label(served, tmp_path):
@@ -165,7 +91,7 @@ def test_a_text_typed_into_the_page_returns_the_models_label(served, tmp_path):
     url, run = served
     text = "the bread and the soup today"
     expected = finetune.load(run).predict(text)
-    with open_page(url, tmp_path / "profile") as page:
+    with open_served_page(url, tmp_path / "profile") as page:
         wait_for(lambda: page.text("info"), 30, "/info on the page")
         assert "text-classification" in page.text("info")
         assert not page.shown("key-form") and not page.shown("text-pair")  # no key, no pairs: not asked
@@ -186,7 +112,7 @@ def test_with_a_key_the_page_asks_for_it_once_and_a_pair_model_gets_both_texts(p
     url, run = pair_served
     first, second = "the bread", "a goal"
     expected = finetune.load(run).predict({"text": first, "text_pair": second})
-    with open_page(url, tmp_path / "profile") as page:
+    with open_served_page(url, tmp_path / "profile") as page:
         wait_for(lambda: page.shown("key-form"), 30, "the page to ask for the key")
         assert not page.shown("main")
         page.type("key", "not-the-key")
