@@ -50,6 +50,15 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
 {get(info["problem"]).onnx_decode}
 """
 
+    def teacher_on_batch(self, teacher, batch: dict, student):
+        """The student's (augmented, mixed) pixels in the teacher's normalisation and input size (timm's distillation
+        task renormalises the same way)."""
+        from finetune.model import timm_model_of
+        from finetune.tasks.image_classification.transforms import teacher_pixels
+
+        return teacher.model(pixel_values=teacher_pixels(batch["pixel_values"], timm_model_of(student),
+                                                         timm_model_of(teacher.model)))
+
     def owns_model_folder(self, directory) -> bool:
         from finetune.tasks.image_classification.model import is_timm_folder
 
