@@ -132,10 +132,16 @@ def make_distiller(recipe, job, device) -> Distiller | None:
 
     started = time.perf_counter()
     splits, task = job.splits, get_task(recipe.task)
+    import torch
+
     teacher = load_teacher(recipe, splits.label_names)
-    teacher.model.to(device)
-    teacher.device = str(device)
     outputs = task.teacher_outputs(teacher, splits.train)
+    if isinstance(teacher.model, torch.nn.Module):
+        teacher.model.to(device)
+        teacher.device = str(device)
+    elif outputs is None:  # an ONNX session cannot run on the student's augmented tensors
+        raise FinetuneError(f"distill.teacher: '{recipe.distill.teacher}' is an export, which teaches only where its "
+                            "outputs are computed once per row (text, tags); give its run folder or model/ folder")
     unlabeled = read_unlabeled(recipe) if recipe.distill.unlabeled is not None else []
     labelled_rows = len(job.datasets["train"])
     problem = get(recipe.head.problem)

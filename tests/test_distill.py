@@ -253,3 +253,71 @@ def test_resume_in_the_middle_of_distilling_equals_the_uninterrupted_run(runs, b
     drop = ("train",)
     assert {k: v for k, v in metrics_of(cut).items() if k not in drop} == \
         {k: v for k, v in metrics_of(whole).items() if k not in drop}
+
+
+def test_cached_teacher_outputs_equal_the_teachers_own_on_those_rows(runs, bert4, tiny_data, tmp_path):
+    from accelerate import Accelerator
+
+    from finetune.tasks import get_task
+
+    recipe = to_recipe(recipe_dict(bert4, tiny_data, tmp_path / "out", distill={"teacher": str(runs["teacher"])}))
+    job = get_task(recipe.task).job(recipe, Accelerator(cpu=True))
+    from finetune.distill import make_distiller
+
+    distiller = make_distiller(recipe, job, torch.device("cpu"))
+    fresh = finetune.load(runs["teacher"]).logits(job.splits.train["text"])
+    rows = job.datasets["train"]["row"]
+    assert rows == list(range(len(fresh)))
+    cached = distiller.problem.soft_targets([distiller.outputs[r] for r in rows], torch.zeros(len(rows)))
+    assert torch.equal(cached, torch.from_numpy(fresh))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distill on tags and images
+
+
+@pytest.mark.slow  # two token runs
+def test_a_tagger_distils_from_a_tagger_per_token(tmp_path):
+    from test_token_classification import PIECES, SPECIAL, corpus, write
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from test_token_task import token_raw
+
+    backbone = tmp_path / "tagger-bert"
+    BertTokenizer(vocab={word: i for i, word in enumerate(SPECIAL + PIECES)}).save_pretrained(backbone)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(SPECIAL + PIECES), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, initializer_range=0.1)
+              ).save_pretrained(backbone)
+    data = {key: write(tmp_path / f"{key}.conll", corpus(seed, count))
+            for seed, (key, count) in enumerate((("train", 48), ("validation", 16), ("test", 16)))}
+    teacher = tmp_path / "teacher"
+    train(to_recipe(token_raw(backbone, data, teacher)))
+    raw = token_raw(backbone, data, tmp_path / "student")
+    raw["backbone"]["layers"] = 1
+    raw["train"]["epochs"] = 3
+    raw["distill"] = {"teacher": str(teacher), "alpha": 0.7}
+    metrics = train(to_recipe(raw))
+    assert metrics["distill"]["teacher_outputs"] == "cached per row"
+    assert metrics["distill"]["teacher_test"]["f1"] == pytest.approx(metrics_of(teacher)["test"]["f1"], abs=1e-6)
+    assert metrics["backbone_layers"] == {"kept": [0], "of": 2}
+    assert metrics["test"]["f1"] > 0.5
+
+
+@pytest.mark.slow  # two image runs
+def test_a_vit_student_distils_from_a_cnn_on_mixed_augmented_batches(tmp_path):
+    from test_vision_train import CNN, save_split, vision_raw
+
+    data = {split: save_split(tmp_path / split, count, seed)
+            for seed, (split, count) in enumerate((("train", 8), ("validation", 4), ("test", 4)))}
+    teacher = tmp_path / "teacher"
+    train(to_recipe(vision_raw(data, teacher, **{"train.epochs": 2})))
+    student = vision_raw(data, tmp_path / "student", **{
+        "backbone.name": "test_vit", "backbone.layers": 2, "train.epochs": 1, "augment.mixup": 0.4,
+        "augment.hflip": 0.5, "augment.scale": [0.5, 1.0], "distill": {"teacher": str(teacher)}})
+    metrics = train(to_recipe(student))
+    assert metrics["distill"]["teacher_outputs"] == "per batch"
+    assert metrics["distill"]["teacher_test"] == pytest.approx(metrics_of(teacher)["test"], abs=1e-5)
+    assert np.isfinite([e["loss"] for e in metrics["epochs"]]).all()
+    assert json.loads((tmp_path / "student" / "model" / "config.json").read_text())["model_args"]["depth"] == 2
+    assert CNN in (tmp_path / "teacher" / "model" / "config.json").read_text()
