@@ -127,13 +127,13 @@ def make_distiller(recipe, job, device) -> Distiller | None:
     (unlabelled inputs joined to the training set); what metrics.json records put in `job.record`."""
     if recipe.distill is None:
         return None
+    import torch
+
     from finetune.problems import get
     from finetune.tasks import get_task
 
     started = time.perf_counter()
     splits, task = job.splits, get_task(recipe.task)
-    import torch
-
     teacher = load_teacher(recipe, splits.label_names)
     outputs = task.teacher_outputs(teacher, splits.train)
     if isinstance(teacher.model, torch.nn.Module):
