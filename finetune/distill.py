@@ -71,12 +71,12 @@ class Distiller:
     the loss that mixes them with the labels'. Not a module of the student: LoRA, checkpoints and the export never
     see it."""
 
-    def __init__(self, recipe, job, teacher, outputs: list | None, labelled_rows: int, device):
+    def __init__(self, recipe, job, teacher, outputs: list | None, placeholder, device):
         from finetune.problems import get
 
         self.recipe, self.job, self.teacher, self.outputs = recipe, job, teacher, outputs
         self.problem = get(recipe.head.problem)
-        self.labelled_rows = labelled_rows  # rows at or past this index are unlabelled (the KL part only)
+        self.placeholder = placeholder  # the label of the unlabelled rows (the KL part only); None: there are none
         self.student = job.model  # as built, before LoRA: what the task's teacher_on_batch compares inputs with
         self.device = device
 
@@ -94,7 +94,7 @@ class Distiller:
         with torch.no_grad():
             teacher = self.teacher_logits(rows, batch, labels)
         soft = self.problem.soft_loss(logits, teacher, labels, d.temperature)
-        labelled = None if rows is None or self.labelled_rows is None else rows < self.labelled_rows
+        labelled = None if self.placeholder is None else ~_is_placeholder(labels, self.placeholder)
         if labelled is not None and not bool(labelled.all()):
             logits, targets = logits[labelled], targets[labelled]
         if job.mixup is not None:
@@ -116,6 +116,17 @@ class Distiller:
             return self.problem.soft_targets([self.outputs[int(r)] for r in rows], labels)
         raw = _logits(get_task(self.recipe.task).teacher_on_batch(self.teacher, batch, self.student))
         return self.problem.teacher_space(raw.float(), self.job.splits)
+
+
+def _is_placeholder(labels, placeholder):
+    """Rows whose labels are the placeholder `Problem.unlabelled` gave (NaN matching NaN)."""
+    import torch
+
+    value = torch.as_tensor(placeholder, dtype=labels.dtype, device=labels.device)
+    same = labels == value
+    if labels.is_floating_point():
+        same |= labels.isnan() & value.isnan()
+    return same.view(len(labels), -1).all(-1)
 
 
 def _logits(output):
@@ -145,17 +156,21 @@ def make_distiller(recipe, job, device) -> Distiller | None:
     unlabeled = read_unlabeled(recipe) if recipe.distill.unlabeled is not None else []
     labelled_rows = len(job.datasets["train"])
     problem = get(recipe.head.problem)
+    placeholder = problem.unlabelled(splits.label_names) if unlabeled else None
     if unlabeled:
-        if outputs is None or job.add_unlabeled is None:
+        if job.add_unlabeled is None:
             raise FinetuneError(f"distill.unlabeled: not supported for {recipe.task} yet; set distill.unlabeled=null")
+        if job.mixup is not None:
+            raise FinetuneError("distill.unlabeled: mixup and cutmix would mix the unlabelled images' placeholder "
+                                "labels into real ones; set augment.mixup=0 and augment.cutmix=0")
         # placeholder labels, left out of the labels' loss: only the teacher's soft targets teach these rows
-        job.datasets["train"], table = job.add_unlabeled(job.datasets["train"], unlabeled,
-                                                         problem.unlabelled(splits.label_names))
-        outputs = outputs + task.teacher_outputs(teacher, table)
+        job.datasets["train"], table = job.add_unlabeled(job.datasets["train"], unlabeled, placeholder)
+        if outputs is not None:
+            outputs = outputs + task.teacher_outputs(teacher, table)
     if outputs is not None:
         outputs = [problem.teacher_space(row, splits) for row in outputs]
         job.datasets["train"] = job.datasets["train"].add_column(ROW, list(range(len(job.datasets["train"]))))
-    distiller = Distiller(recipe, job, teacher, outputs, labelled_rows if unlabeled else None, device)
+    distiller = Distiller(recipe, job, teacher, outputs, placeholder, device)
     rows = labelled_rows + len(unlabeled)
     how = "cached per row" if outputs is not None else "per batch"
     job.record["distill"] = {

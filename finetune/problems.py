@@ -288,8 +288,9 @@ class Problem:
     # distillation (finetune.distill): a teacher's outputs as soft targets beside the labels
 
     def unlabelled(self, names: list[str] | None):
-        """A placeholder label for a row without one (distill.unlabeled): the labels' loss leaves those rows out."""
-        return 0
+        """The placeholder label of a row without one (distill.unlabeled): no real label equals it, and the labels'
+        loss leaves those rows out."""
+        return IGNORE_INDEX
 
     def teacher_space(self, logits, splits):
         """A teacher's outputs in the space the student's logits train in (a number: standardised as its targets)."""
@@ -297,9 +298,9 @@ class Problem:
 
     def soft_targets(self, rows: list, labels):
         """One batch's teacher outputs (an array per row, from the per-row cache) as a tensor like the logits."""
-        import torch
+        from finetune.soft_targets import stacked
 
-        return torch.as_tensor(np.stack(rows), dtype=torch.float32, device=labels.device)
+        return stacked(rows, labels.device)
 
     def soft_loss(self, logits, teacher, labels, temperature: float):
         """The distillation loss against the teacher's outputs: T^2 * KL of the softmaxes at T, averaged over rows."""
@@ -455,7 +456,7 @@ class MultiLabel(Problem):
         return "|".join(sorted(result["labels"], key=labels.index))
 
     def unlabelled(self, names):
-        return [0.0] * len(names)
+        return [float("nan")] * len(names)
 
     def soft_loss(self, logits, teacher, labels, temperature: float):
         from finetune.soft_targets import binary_kl  # per label: the labels are independent
@@ -577,16 +578,15 @@ class Regression(Problem):
         return {"predicted": result["value"], "error": result["value"] - float(truth)}
 
     def unlabelled(self, names):
-        return 0.0
+        return float("nan")
 
     def teacher_space(self, logits, splits):
         return (logits - splits.target_mean) / splits.target_std  # the teacher predicts in the targets' units
 
     def soft_loss(self, logits, teacher, labels, temperature: float):
-        """The squared distance to the teacher's prediction (a number has no distribution to soften: no T)."""
-        import torch.nn.functional as F
+        from finetune.soft_targets import squared_distance  # a number has no distribution to soften: no T
 
-        return F.mse_loss(logits.float().view(-1), teacher.float().view(-1))
+        return squared_distance(logits, teacher)
 
     def native_config(self, labels) -> dict:
         return {"num_labels": 1, "problem_type": self.native_type}

@@ -42,3 +42,18 @@ def masked_softmax_kl(logits, teacher, mask, temperature: float):
     if not bool(mask.any()):
         return logits.float().sum() * 0.0
     return softmax_kl(logits[mask], teacher[mask], temperature)
+
+
+def stacked(rows: list, device):
+    """An array per row (a teacher's cached outputs) as one float tensor."""
+    import numpy as np
+    import torch
+
+    return torch.as_tensor(np.stack(rows), dtype=torch.float32, device=device)
+
+
+def squared_distance(logits, teacher):
+    """Regression's soft loss: the mean squared distance to the teacher's (standardised) prediction."""
+    import torch.nn.functional as F
+
+    return F.mse_loss(logits.float().view(-1), teacher.float().view(-1))

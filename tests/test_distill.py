@@ -16,6 +16,7 @@ from conftest import VOCAB, call_main, one_error_line, recipe_dict, to_recipe, w
 from safetensors.torch import load_file
 
 import finetune
+from finetune.errors import FinetuneError
 from finetune.problems import IGNORE_INDEX, get
 from finetune.train import latest_checkpoint, train
 
@@ -118,7 +119,6 @@ def test_a_layer_dropped_run_records_its_layers_and_its_folder_runs_in_pipeline_
 def test_timm_blocks_are_trimmed_where_timm_has_a_stack_and_refused_in_one_line_elsewhere(tmp_path):
     import timm
 
-    from finetune.errors import FinetuneError
     from finetune.model import interface_of
     from finetune.tasks.image_classification.model import build_vision_model, save_vision_model
 
@@ -333,3 +333,12 @@ def test_a_vit_student_distils_from_a_cnn_on_mixed_augmented_batches(tmp_path):
     assert np.isfinite([e["loss"] for e in metrics["epochs"]]).all()
     assert json.loads((tmp_path / "student" / "model" / "config.json").read_text())["model_args"]["depth"] == 2
     assert CNN in (tmp_path / "teacher" / "model" / "config.json").read_text()
+    # a folder of unlabelled images joins training (mixup would mix their placeholder labels in: refused)
+    unlabeled = save_split(tmp_path / "unlabeled", 2, 9)
+    student["distill"]["unlabeled"] = str(unlabeled)
+    with pytest.raises(FinetuneError, match="distill.unlabeled: mixup and cutmix"):
+        train(to_recipe(student | {"output": {"dir": str(tmp_path / "refused")}}))
+    student["augment"]["mixup"] = 0.0
+    student["output"]["dir"] = str(tmp_path / "with-unlabeled")
+    metrics = train(to_recipe(student))
+    assert metrics["distill"]["unlabeled_rows"] == 6 and metrics["distill"]["unlabeled_share"] == pytest.approx(6 / 30)

@@ -177,6 +177,7 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
             warnings=report.warnings,
             augmenting=augmenting,
             notes=notes,
+            add_unlabeled=with_unlabeled_images,
         )
 
 
@@ -200,6 +201,17 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
         key = {"task": self.name, "backbone": recipe.backbone.name, "head": [recipe.head.type, recipe.head.hidden],
                "freeze": str(t.freeze), "drop_path": recipe.backbone.drop_path}
         return step_choice.choose(recipe, model, (t.batch_size, *data_config["input_size"]), key, native_bf16)
+
+
+def with_unlabeled_images(rows, inputs: list, label):
+    """distill.unlabeled: the training images followed by the unlabelled ones with the placeholder label, decoded
+    and augmented as they are; and those inputs' table."""
+    from finetune.tasks.image_classification.loaders import ImageDataset
+
+    table = {"image": list(inputs), "label": [label] * len(inputs)}
+    joined = {"image": list(rows.images) + table["image"], "label": list(rows.labels) + table["label"],
+              "row": list(rows.rows) + [str(item) for item in inputs]}
+    return ImageDataset(joined, rows.transform, rows.min_side, rows.decoded), table
 
 
 def loader_workers(recipe, accelerator) -> tuple[int, list[str]]:
