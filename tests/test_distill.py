@@ -216,8 +216,22 @@ def test_bad_teachers_layers_and_unlabeled_files_are_one_line_at_validate(runs, 
     config["id2label"] = {"0": "cats", "1": "dogs", "2": "fish"}
     config["label2id"] = {"cats": 0, "dogs": 1, "fish": 2}
     (other / "config.json").write_text(json.dumps(config))
+    multi = tmp_path / "multi-label"
+    shutil.copytree(runs["teacher"] / "model", multi)
+    config = json.loads((multi / "config.json").read_text())
+    (multi / "config.json").write_text(json.dumps(config | {"problem_type": "multi_label_classification"}))
+    from transformers import BertForTokenClassification
+
+    tagger = tmp_path / "tagger"
+    BertForTokenClassification.from_pretrained(bert4, num_labels=3).save_pretrained(tagger)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(bert4 / name, tagger)
     (tmp_path / "no-column.csv").write_text("words\nthe soup\n")
     cases = [
+        ({"distill": {"teacher": str(tagger)}},
+         r"^finetune: error: distill.teacher: '.*' is a token-classification model, but the recipe's task is "
+         r"text-classification; give a teacher trained for the same task"),
+        ({"distill": {"teacher": str(multi)}}, r"solves head.problem=multi_label, the student single_label"),
         ({"distill": {"teacher": str(other)}},
          r"^finetune: error: distill.teacher: '.*' has the labels \(cats, dogs, fish\), the training data "
          r"\(food, sports, tech\); give a teacher"),
