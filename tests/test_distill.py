@@ -247,7 +247,6 @@ def test_bad_teachers_layers_and_unlabeled_files_are_one_line_at_validate(runs, 
         assert re.search(message, line), (message, line)
 
 
-@pytest.mark.slow  # three more runs
 def test_resume_in_the_middle_of_distilling_equals_the_uninterrupted_run(runs, bert4, tiny_data, tmp_path):
     dotted = {**STUDENT, "backbone.dropout": 0.1, "train.batch_size": 4, "train.checkpoint_every": 3,
               "train.keep_checkpoints": 10, "distill": {"teacher": str(runs["teacher"])}}
@@ -330,7 +329,6 @@ def test_a_tagger_distils_from_a_tagger_per_token(tmp_path):
     assert metrics["test"]["f1"] > 0.5
 
 
-@pytest.mark.slow  # two image runs
 def test_a_vit_student_distils_from_a_cnn_on_mixed_augmented_batches(tmp_path):
     from test_vision_train import CNN, save_split, vision_raw
 
