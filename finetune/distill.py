@@ -163,6 +163,9 @@ def make_distiller(recipe, job, device) -> Distiller | None:
         if job.mixup is not None:
             raise FinetuneError("distill.unlabeled: mixup and cutmix would mix the unlabelled images' placeholder "
                                 "labels into real ones; set augment.mixup=0 and augment.cutmix=0")
+        if recipe.train.sampler == "balanced":
+            raise FinetuneError("distill.unlabeled: train.sampler=balanced draws by label, and unlabelled rows have "
+                                "none; set train.sampler=random")
         # placeholder labels, left out of the labels' loss: only the teacher's soft targets teach these rows
         job.datasets["train"], table = job.add_unlabeled(job.datasets["train"], unlabeled, placeholder)
         if outputs is not None:
