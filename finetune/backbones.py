@@ -233,3 +233,115 @@ def _create_timm_model(name: str, pretrained: bool, image_size: int | None, kwar
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else error.__class__.__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backbone.layers: a shallower student made of some of the pretrained layers (DistilBERT's initialisation, spread out)
+
+
+def evenly_spaced(total: int, count: int) -> list[int]:
+    """`count` of `total` layer indices, evenly spaced with the first and the last kept (one: the first)."""
+    import numpy as np
+
+    return sorted({int(i) for i in np.round(np.linspace(0, total - 1, count))})
+
+
+def _check_layer_count(count: int, total: int, what: str) -> None:
+    if not 1 <= count <= total:
+        raise FinetuneError(
+            f"backbone.layers: {count} is not between 1 and the {total} layers of {what}; give 1 to {total}, "
+            "or null for all"
+        )
+
+
+def transformers_layer_stack(model) -> tuple[str, object]:
+    """(name, ModuleList) of a transformers model's repeated layers: the outermost numbered list as long as
+    config.num_hidden_layers (BERT's encoder.layer, DistilBERT's transformer.layer, GPT-2's h, Llama's layers)."""
+    from torch import nn
+
+    total = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.ModuleList) and len(module) == total and last in ("layer", "layers", "h", "block",
+                                                                                   "blocks"):
+            return name, module
+    raise FinetuneError(f"backbone.layers: no stack of {total} layers found in {type(model).__name__}; "
+                        "pick a smaller model name instead")
+
+
+def keep_transformers_layers(model, count: int) -> tuple[list[int], int]:
+    """Keep `count` of a transformers model's layers (their weights as they are) and write the new depth into its
+    config, so the saved folder loads with `num_hidden_layers: count`; returns (kept indices, layers before)."""
+    from torch import nn
+
+    name, stack = transformers_layer_stack(model)
+    total = len(stack)
+    _check_layer_count(count, total, f"'{getattr(model.config, '_name_or_path', '') or type(model).__name__}'")
+    kept = evenly_spaced(total, count)
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.rsplit(".", 1)[-1], nn.ModuleList([stack[i] for i in kept]))
+    config = model.config
+    for key, value in vars(config).items():  # per-layer settings (layer_types, ...) follow their layers
+        if isinstance(value, list) and len(value) == total and key not in ("id2label", "label2id"):
+            setattr(config, key, [value[i] for i in kept])
+    config.num_hidden_layers = len(kept)
+    for position, index in enumerate(kept):  # a decoder's cache is indexed by the layer's new position
+        for module in model.get_submodule(name)[position].modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
+    return kept, total
+
+
+def keep_timm_blocks(model, count: int) -> tuple[list[int], int]:
+    """Keep `count` of a timm model's `blocks` (ViT, DeiT, EVA: one nn.Sequential built from a `depth` argument), and
+    record the new depth where timm's export reads its reconstruction arguments; other timm models are refused."""
+    import inspect
+
+    from torch import nn
+
+    name = getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__
+    blocks = getattr(model, "blocks", None)
+    takes_depth = "depth" in inspect.signature(type(model).__init__).parameters
+    if not (isinstance(blocks, nn.Sequential) and takes_depth):
+        raise FinetuneError(
+            f"backbone.layers: timm's '{name}' has no single stack of blocks to trim (only ViT-style models do); "
+            "pick a smaller model name instead (e.g. a smaller variant of the family)"
+        )
+    total = len(blocks)
+    _check_layer_count(count, total, f"'{name}'")
+    kept = evenly_spaced(total, count)
+    model.blocks = nn.Sequential(*[blocks[i] for i in kept])
+    # timm's save_for_hf writes these as config.json's model_args: `local-dir:` then builds `depth` blocks
+    recorded = dict(getattr(model, "_model_args", {}) or {})
+    model._model_args = {**recorded, "depth": len(kept)}
+    return kept, total
+
+
+def text_layer_count(recipe) -> int | None:
+    """The transformers backbone's layers, from its config alone."""
+    return getattr(load_text_config(recipe)[1], "num_hidden_layers", None)
+
+
+def timm_layer_count(recipe) -> int | None:
+    """A timm backbone's trimmable blocks (its architecture built without weights); refused where it has none."""
+    import copy
+
+    unweighted = copy.deepcopy(recipe)
+    unweighted.backbone.pretrained = False
+    model = create_vision_backbone(unweighted, 0)
+    kept, total = keep_timm_blocks(model, 1)
+    return total
+
+
+# a backbone's depth for `validate`, by the library its task builds with (Task.library)
+LAYER_COUNTS = {"transformers": text_layer_count, "timm": timm_layer_count}
+
+
+def check_backbone_layers(recipe, library: str) -> None:
+    """backbone.layers within the backbone's depth (and, for timm, a model whose blocks can be trimmed)."""
+    count = recipe.backbone.layers
+    if count is None:
+        return
+    total = LAYER_COUNTS[library](recipe)
+    if total is not None:
+        _check_layer_count(count, total, f"'{recipe.backbone.name}'")

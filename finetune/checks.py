@@ -101,9 +101,16 @@ def check_data(recipe) -> DataReport:
     Bad input raises FinetuneError (one line naming the file, column or row); what is legal but suspicious becomes a
     warning. Nothing here builds a model: text loads only the backbone's config and tokenizer.
     """
+    from finetune.backbones import check_backbone_layers
     from finetune.tasks import get_task
 
-    report = get_task(recipe.task).check_data(recipe)
+    task = get_task(recipe.task)
+    report = task.check_data(recipe)
+    check_backbone_layers(recipe, task.library)  # backbone.layers within the backbone's depth
+    if recipe.distill is not None:  # the teacher's task, problem and labels against the data's: one line each
+        from finetune.distill import check_teacher
+
+        check_teacher(recipe, task.load_splits(recipe).label_names)
     report.warnings.extend(check_output(recipe))
     return report
 

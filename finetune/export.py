@@ -14,6 +14,7 @@ import numpy as np
 
 from finetune import __version__
 from finetune import recipe as recipe_module
+from finetune.distill import card_lines
 
 PLOTS_DIR = "plots"
 # The hub ids of what the offline zoo ships, so the card links the model to its parent and its data.
@@ -467,6 +468,7 @@ def model_card(recipe, splits, metrics: dict, native: bool, plots: list | None =
         ]
     if metrics.get("test"):
         sections += ["Test:", "", _table(metrics["test"]), ""]
+    sections += card_lines(metrics)  # distill: the teacher's metrics beside these
     sections += _health_section(metrics)
     sections += _confusion_section(metrics, plots)
     sections += _per_label_section(metrics, plots)

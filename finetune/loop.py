@@ -376,7 +376,9 @@ def train_step(accelerator, model, optimizer, scheduler, batch: dict, job, recip
     t = recipe.train
     with accelerator.accumulate(model):
         labels = batch.pop("labels")
-        if job.mixup is not None:  # soft targets; label smoothing is already inside them
+        if job.distiller is not None:  # the teacher's soft targets beside the labels (finetune.distill)
+            loss = job.distiller.loss(model, batch, labels)
+        elif job.mixup is not None:  # soft targets; label smoothing is already inside them
             from timm.loss import SoftTargetCrossEntropy
 
             batch["pixel_values"], soft = job.mixup(batch["pixel_values"], labels)

@@ -85,6 +85,12 @@ class ModelInterface:
         """The plain model the run exports (for a cached-feature head: the whole model it belongs to)."""
         return self
 
+    def keep_layers(self, count: int) -> tuple[list[int], int]:
+        """backbone.layers: keep `count` of the backbone's pretrained layers, evenly spaced (the first and the last
+        kept), their weights as they are; the saved folder then describes the shallower model. Returns (kept
+        indices, layers before)."""
+        raise FinetuneError(f"backbone.layers: {type(self).__name__} has no layers to trim; pick a smaller model")
+
 
 class TransformersModel(ModelInterface):
     """The interface over a bare transformers model (`*ForSequenceClassification`, `*ForTokenClassification`): a
@@ -127,6 +133,11 @@ class TransformersModel(ModelInterface):
 
     def model_to_save(self) -> nn.Module:
         return self.model
+
+    def keep_layers(self, count: int) -> tuple[list[int], int]:
+        from finetune.backbones import keep_transformers_layers
+
+        return keep_transformers_layers(self.model, count)
 
 
 def interface_of(model: nn.Module) -> ModelInterface:
@@ -179,6 +190,11 @@ class TextClassifier(BackboneAndHead):
     def lora_targets(self, head: set[str]) -> list[str]:
         return transformers_lora_targets(self, self.backbone.config, head)
 
+    def keep_layers(self, count: int) -> tuple[list[int], int]:
+        from finetune.backbones import keep_transformers_layers
+
+        return keep_transformers_layers(self.backbone, count)
+
 
 class TimmClassifier(ModelInterface, nn.Module):
     """A timm model with its own classifier, called as `model(pixel_values=...)`: the native vision model.
@@ -222,6 +238,11 @@ class TimmClassifier(ModelInterface, nn.Module):
     def lora_targets(self, head: set[str]) -> list[str]:
         return timm_lora_targets(self, head)
 
+    def keep_layers(self, count: int) -> tuple[list[int], int]:
+        from finetune.backbones import keep_timm_blocks
+
+        return keep_timm_blocks(self.model, count)
+
 
 class VisionClassifier(BackboneAndHead):
     """A timm backbone's pooled features and our head: for heads timm's own classifier does not compute."""
@@ -243,6 +264,11 @@ class VisionClassifier(BackboneAndHead):
 
     def lora_targets(self, head: set[str]) -> list[str]:
         return timm_lora_targets(self, head)
+
+    def keep_layers(self, count: int) -> tuple[list[int], int]:
+        from finetune.backbones import keep_timm_blocks
+
+        return keep_timm_blocks(self.backbone, count)
 
 
 # ---------------------------------------------------------------------------------------------------------------

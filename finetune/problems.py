@@ -285,6 +285,29 @@ class Problem:
         answer is a number (there the loss alone says whether the run learned)."""
         return int(len(np.unique(np.asarray(values))))
 
+    # distillation (finetune.distill): a teacher's outputs as soft targets beside the labels
+
+    def unlabelled(self, names: list[str] | None):
+        """The placeholder label of a row without one (distill.unlabeled): no real label equals it, and the labels'
+        loss leaves those rows out."""
+        return IGNORE_INDEX
+
+    def teacher_space(self, logits, splits):
+        """A teacher's outputs in the space the student's logits train in (a number: standardised as its targets)."""
+        return logits
+
+    def soft_targets(self, rows: list, labels):
+        """One batch's teacher outputs (an array per row, from the per-row cache) as a tensor like the logits."""
+        from finetune.soft_targets import stacked
+
+        return stacked(rows, labels.device)
+
+    def soft_loss(self, logits, teacher, labels, temperature: float):
+        """The distillation loss against the teacher's outputs: T^2 * KL of the softmaxes at T, averaged over rows."""
+        from finetune.soft_targets import softmax_kl
+
+        return softmax_kl(logits, teacher, temperature)
+
     # exports and the model card
 
     def native_config(self, labels: list[str] | None) -> dict:
@@ -432,6 +455,14 @@ class MultiLabel(Problem):
     def predicted_text(self, result, labels):
         return "|".join(sorted(result["labels"], key=labels.index))
 
+    def unlabelled(self, names):
+        return [float("nan")] * len(names)
+
+    def soft_loss(self, logits, teacher, labels, temperature: float):
+        from finetune.soft_targets import binary_kl  # per label: the labels are independent
+
+        return binary_kl(logits, teacher, temperature)
+
     def config_fields(self, head) -> dict:
         return {"threshold": head.threshold}
 
@@ -546,6 +577,17 @@ class Regression(Problem):
     def record(self, result, truth, labels) -> dict:
         return {"predicted": result["value"], "error": result["value"] - float(truth)}
 
+    def unlabelled(self, names):
+        return float("nan")
+
+    def teacher_space(self, logits, splits):
+        return (logits - splits.target_mean) / splits.target_std  # the teacher predicts in the targets' units
+
+    def soft_loss(self, logits, teacher, labels, temperature: float):
+        from finetune.soft_targets import squared_distance  # a number has no distribution to soften: no T
+
+        return squared_distance(logits, teacher)
+
     def native_config(self, labels) -> dict:
         return {"num_labels": 1, "problem_type": self.native_type}
 
@@ -616,6 +658,17 @@ class Tags(Problem):
             variety.update(predicted=self.distinct([t for row in predicted_rows for t in row]),
                            true=self.distinct([t for row in true_rows for t in row]))
         return results
+
+    def soft_targets(self, rows, labels):
+        from finetune.soft_targets import words_on_labelled_positions  # per word, on its first sub-token
+
+        return words_on_labelled_positions(rows, labels, IGNORE_INDEX)
+
+    def soft_loss(self, logits, teacher, labels, temperature: float):
+        """The KL per tagged sub-token (labels not ignored, the word seen by the teacher), averaged over them."""
+        from finetune.soft_targets import masked_softmax_kl
+
+        return masked_softmax_kl(logits, teacher, (labels != IGNORE_INDEX) & teacher.isfinite().all(-1), temperature)
 
     def native_config(self, labels) -> dict:
         labels = labels or []  # transformers' token classes have no problem_type

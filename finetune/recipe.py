@@ -31,6 +31,9 @@ class Backbone:
     drop_path: float = 0.0  # timm stochastic depth
     pretrained: bool = True  # false: same architecture, random weights (the from-scratch baseline)
     trust_remote_code: bool = False  # run model code from the hub; only for sources you trust
+    # keep N of the pretrained layers, evenly spaced (the first and the last kept): a shallower, faster student
+    # (transformers text backbones; timm models with one stack of blocks, such as ViT); null: all of them
+    layers: Optional[int] = None
 
 
 @dataclass
@@ -203,6 +206,18 @@ class Sweep:
     seed: Optional[int] = None  # sampler seed; null: every worker draws differently
 
 
+@dataclass
+class Distill:
+    """Train the model (the student) on a trained teacher's soft outputs as well as on the labels."""
+
+    teacher: str  # a run folder, its model/ folder, an export folder or a hub id, of the same task and labels
+    temperature: float = 2.0  # both models' logits are divided by it before the KL (the loss is scaled by its square)
+    alpha: float = 0.5  # loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * the labels' loss
+    # a file or folder of inputs without labels (a text per line, a table's text column, images): the teacher labels
+    # them softly and they join training (their loss is the KL part only); null: none
+    unlabeled: Optional[str] = None
+
+
 @dataclass(kw_only=True)
 class Recipe:
     task: TaskName
@@ -216,6 +231,7 @@ class Recipe:
     output: Output = field(default_factory=Output)
     hub: Hub = field(default_factory=Hub)
     sweep: Optional[Sweep] = None  # read by `finetune sweep` only; `finetune run` ignores it
+    distill: Optional[Distill] = None  # {teacher: runs/big, temperature: 2.0, alpha: 0.5, unlabeled: null}
 
 
 DEFAULT_METRICS = {name: list(problem.default_metrics) for name, problem in PROBLEMS.items()}
@@ -525,7 +541,7 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
         if not ok:
             problems.append(message)
 
-    for check in (_check_training, _check_data, _check_model, _check_steps, _check_task):
+    for check in (_check_training, _check_data, _check_model, _check_steps, _check_task, _check_distill):
         check(recipe, need)
     _check_metrics(recipe, problems, need)
 
@@ -632,6 +648,13 @@ def _check_task(recipe: Recipe, need) -> None:
         need(h.problem in task.problems, f"head.problem: {recipe.task} takes {' or '.join(task.problems)}, "
                                           f"not {h.problem}")
         task.check_recipe(recipe, need)
+
+
+def _check_distill(recipe: Recipe, need) -> None:
+    layers, d = recipe.backbone.layers, recipe.distill  # the teacher itself: `validate` and `run` (finetune.distill)
+    need(layers is None or layers >= 1, f"backbone.layers: must be at least 1, or null for all; got {layers}")
+    need(d is None or d.temperature > 0, "distill.temperature: must be > 0")
+    need(d is None or 0 <= d.alpha <= 1, "distill.alpha: must be in [0, 1]")
 
 
 def _check_metrics(recipe: Recipe, problems: list[str], need) -> None:

@@ -28,6 +28,7 @@ from finetune.checkpoints import (
     rebuild_unsharded,
     skeleton,
 )
+from finetune.distill import make_distiller
 from finetune.dropout import use_fast_dropout
 from finetune.errors import FinetuneError
 from finetune.loop import INTERRUPT, Training, evaluate_split, fit
@@ -100,6 +101,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     run = Training(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress, ema)
     metrics = _fit(run, on_epoch, checkpoints)
     metrics["health"] = health.of_run(metrics["epochs"], job.splits)  # the card and `ls` show it too
+    metrics.update(job.record)  # backbone.layers' kept layers, the teacher and its metrics
     metrics["train"]["precision"] = precision.name(accelerator.mixed_precision)  # predict runs at it too
     if choice is not None:
         metrics["train"]["step_choice"] = choice.record()
@@ -156,6 +158,11 @@ def _make_job(recipe, accelerator, choice, evaluate_test: bool) -> Job:
         job.model = job.model.to(memory_format=torch.channels_last)
     if not evaluate_test:
         job.datasets.pop("test", None)
+    if recipe.backbone.layers is not None:  # before LoRA, which wraps the layers that stay
+        kept, total = interface_of(job.model).keep_layers(recipe.backbone.layers)
+        job.record["backbone_layers"] = {"kept": kept, "of": total}
+        job.notes.append(f"backbone.layers: kept {len(kept)} of the {total} pretrained layers: {kept}")
+    job.distiller = make_distiller(recipe, job, accelerator.device)
     if recipe.lora is not None:
         job.model = transfer.apply_lora(job.model, recipe.lora)
     job.class_weights = _class_weights(recipe, job.splits, accelerator.device)
@@ -406,6 +413,8 @@ def _use_cached_features(job: Job, recipe, accelerator, eval_batch: int, say) ->
         why = f"the head of {type(job.model).__name__} cannot be separated from its backbone (use head.pooling=mean)"
     elif recipe.train.ema is not None:
         why = "train.ema averages the whole model"
+    elif job.distiller is not None:
+        why = "distillation gives the teacher each batch's rows"
     if why:
         if wanted:
             raise FinetuneError(f"train.cache_features: cannot cache features: {why}")

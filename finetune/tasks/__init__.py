@@ -31,6 +31,11 @@ class Job:
     saved_names: set | None = None  # what checkpoints hold when the backbone stays frozen; None: everything
     augmenting: bool = False  # training inputs change from epoch to epoch (their features cannot be cached)
     notes: list = field(default_factory=list)  # how the task set the run up, for its log (how it loads the data)
+    # distill.unlabeled: (training rows, inputs as read_inputs gives them, placeholder label) -> (the rows with the
+    # inputs after them, the inputs' table as `Task.teacher_outputs` reads it); None: the task takes none
+    add_unlabeled: Callable | None = None
+    distiller: object = None  # distill: the teacher and the loss that mixes its outputs in (finetune.distill)
+    record: dict = field(default_factory=dict)  # what the set-up adds to metrics.json (kept layers, the teacher)
 
 
 class Task:
@@ -79,6 +84,17 @@ class Task:
         """A CPU run's measured memory format and precision (`finetune.step_choice.StepChoice`), or None: nothing
         to measure. Asked only where `step_choice_applies`."""
         return None
+
+    # -- distillation (finetune.distill) ----------------------------------------------------------------------------
+
+    def teacher_outputs(self, teacher, table: dict) -> list | None:
+        """A teacher's (a Predictor's) outputs for each row of a split's table, computed once for a run: a row of
+        logits per input; None where inputs change between epochs, so the teacher runs on each training batch."""
+        return None
+
+    def teacher_on_batch(self, teacher, batch: dict, student):
+        """The teacher's outputs on a training batch exactly as the student (its model as built) sees it."""
+        return teacher.model(**batch)
 
     # -- the model folder -------------------------------------------------------------------------------------------
 

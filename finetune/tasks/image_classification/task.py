@@ -50,6 +50,15 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
 {get(info["problem"]).onnx_decode}
 """
 
+    def teacher_on_batch(self, teacher, batch: dict, student):
+        """The student's (augmented, mixed) pixels in the teacher's normalisation and input size (timm's distillation
+        task renormalises the same way)."""
+        from finetune.model import timm_model_of
+        from finetune.tasks.image_classification.transforms import teacher_pixels
+
+        return teacher.model(pixel_values=teacher_pixels(batch["pixel_values"], timm_model_of(student),
+                                                         timm_model_of(teacher.model)))
+
     def owns_model_folder(self, directory) -> bool:
         from finetune.tasks.image_classification.model import is_timm_folder
 
@@ -168,6 +177,7 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
             warnings=report.warnings,
             augmenting=augmenting,
             notes=notes,
+            add_unlabeled=with_unlabeled_images,
         )
 
 
@@ -191,6 +201,17 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
         key = {"task": self.name, "backbone": recipe.backbone.name, "head": [recipe.head.type, recipe.head.hidden],
                "freeze": str(t.freeze), "drop_path": recipe.backbone.drop_path}
         return step_choice.choose(recipe, model, (t.batch_size, *data_config["input_size"]), key, native_bf16)
+
+
+def with_unlabeled_images(rows, inputs: list, label):
+    """distill.unlabeled: the training images followed by the unlabelled ones with the placeholder label, decoded
+    and augmented as they are; and those inputs' table."""
+    from finetune.tasks.image_classification.loaders import ImageDataset
+
+    table = {"image": list(inputs), "label": [label] * len(inputs)}
+    joined = {"image": list(rows.images) + table["image"], "label": list(rows.labels) + table["label"],
+              "row": list(rows.rows) + [str(item) for item in inputs]}
+    return ImageDataset(joined, rows.transform, rows.min_side, rows.decoded), table
 
 
 def loader_workers(recipe, accelerator) -> tuple[int, list[str]]:

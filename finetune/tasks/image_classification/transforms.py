@@ -127,3 +127,21 @@ def build_mixup(recipe, num_classes: int):
         label_smoothing=recipe.train.label_smoothing,
         num_classes=num_classes,
     )
+
+
+def teacher_pixels(pixels, student, teacher):
+    """A batch normalised for the `student` timm model, as the `teacher` expects it: renormalised where their means
+    or stds differ, resized where their input sizes do."""
+    import torch
+    import torch.nn.functional as F
+    from timm.data import resolve_model_data_config
+
+    mine, theirs = resolve_model_data_config(student), resolve_model_data_config(teacher)
+    if (mine["mean"], mine["std"]) != (theirs["mean"], theirs["std"]):
+        shape = (1, -1, 1, 1)
+        mean, std = (torch.tensor(mine[k], device=pixels.device).view(shape) for k in ("mean", "std"))
+        their_mean, their_std = (torch.tensor(theirs[k], device=pixels.device).view(shape) for k in ("mean", "std"))
+        pixels = (pixels * std + mean - their_mean) / their_std
+    if tuple(theirs["input_size"][1:]) != tuple(pixels.shape[-2:]):
+        pixels = F.interpolate(pixels, size=tuple(theirs["input_size"][1:]), mode="bilinear", align_corners=False)
+    return pixels

@@ -36,6 +36,11 @@ class TextClassification(RowTask):
                   if pairs else '["a text to label", "another one"]')
         return onnx_text_usage(inputs, "", get(info["problem"]).onnx_decode)
 
+    def teacher_outputs(self, teacher, table: dict) -> list:
+        pairs = table.get("text_pair")
+        texts = table["text"] if pairs is None else [{"text": a, "text_pair": b} for a, b in zip(table["text"], pairs)]
+        return list(teacher.logits(texts, batch_size=64, progress=False)) if texts else []
+
     def owns_model_folder(self, directory) -> bool:
         from finetune.tasks.text_classification.model import is_text_folder
 
@@ -110,7 +115,20 @@ class TextClassification(RowTask):
             ),
             save=lambda unwrapped, directory: save_model(unwrapped, tokenizer, directory, recipe, splits.label_names),
             warnings=report.warnings,
+            add_unlabeled=lambda rows, inputs, label: with_unlabeled(rows, inputs, label, tokenizer,
+                                                                     recipe.data.max_length),
         )
+
+
+def with_unlabeled(rows, inputs: list, label, tokenizer, max_length: int):
+    """distill.unlabeled: the tokenised training rows followed by the unlabelled texts (or pairs), each with the
+    placeholder label; and those inputs' table."""
+    import datasets
+
+    pairs = [item["text_pair"] for item in inputs if isinstance(item, dict)]
+    texts = [item["text"] if isinstance(item, dict) else item for item in inputs]
+    table = {"text": texts, "label": [label] * len(inputs), **({"text_pair": pairs} if pairs else {})}
+    return datasets.concatenate_datasets([rows, tokenize_texts(table, tokenizer, max_length)]), table
 
 
 TASK = TextClassification()

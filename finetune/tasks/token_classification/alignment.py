@@ -100,3 +100,24 @@ def make_loader(dataset, tokenizer, batch_size: int, shuffle: bool, seed: int, s
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       generator=generator, collate_fn=collator(tokenizer))
+
+
+def word_logits(predictor, sentences: list, batch_size: int = 64) -> list:
+    """A tagger's (a Predictor's) logits for each word of each sentence, read on the word's first sub-token of its
+    own tokenizer (distillation: a teacher with another tokenizer still gives one row per word); (words, tags) per
+    sentence, fewer words where its max_length cuts the sentence."""
+    import numpy as np
+
+    rows = []
+    for start in range(0, len(sentences), batch_size):
+        words = [list(sentence) for sentence in sentences[start:start + batch_size]]
+        encoded = predictor.preprocess(words, is_split_into_words=True, truncation=True,
+                                       max_length=predictor.max_length, padding=True, return_tensors="pt")
+        logits = predictor.forward(dict(encoded))
+        for i in range(len(words)):
+            first: dict[int, int] = {}
+            for position, word in enumerate(encoded.word_ids(i)):
+                if word is not None:
+                    first.setdefault(word, position)
+            rows.append(np.asarray(logits[i, [first[w] for w in sorted(first)]], dtype=np.float32))
+    return rows

@@ -33,6 +33,8 @@ class TokenClassification(Task):
              "head.type: token-classification tags each token with a linear head (transformers' "
              "*ForTokenClassification); set head.type=linear and head.pooling=auto")
         need(recipe.data.text_pair_column is None, "data.text_pair_column: is for text-classification pairs")
+        need(recipe.distill is None or not recipe.data.label_all_tokens,  # a word's pieces would look like words
+             "distill: the teacher's tags are matched to each word's first sub-token; set data.label_all_tokens=false")
 
     def read(self, spec: str, recipe, key: str) -> dict:
         return read_split(spec, recipe, key)
@@ -122,6 +124,11 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
             save=lambda unwrapped, directory: save_token_model(unwrapped, tokenizer, directory),
             warnings=report.warnings,
         )
+
+    def teacher_outputs(self, teacher, table: dict) -> list:
+        from finetune.tasks.token_classification.alignment import word_logits
+
+        return word_logits(teacher, table["tokens"])
 
     def owns_model_folder(self, directory) -> bool:
         from finetune.tasks.token_classification.model import is_token_folder
