@@ -122,3 +122,58 @@ def test_two_workers_on_postgresql_one_killed_mid_trial_then_every_trial_ran_onc
     # each finished trial's folder on the machine that ran it, once
     folders = [p.parent.name for p in tmp_path.glob("[ab]/trials/*/trial.json")]
     assert sorted(map(int, folders)) == sorted(t.number for t in finished)
+
+
+# fast: the database's parts alone, no training (what CI runs where PostgreSQL is installed)
+
+
+def test_a_silent_trial_on_postgresql_is_failed_and_its_values_queued_again_once(postgres_url, monkeypatch):
+    from optuna.trial import TrialState
+
+    from finetune.sweep.study import fail_stale_trials, open_storage
+
+    monkeypatch.setenv("FINETUNE_SWEEP_HEARTBEAT", "1,2")
+    storage = open_storage(postgres_url)  # a bare postgresql:// URL, through psycopg
+    study = optuna.create_study(storage=storage, study_name=f"silent-{os.getpid()}-{time.monotonic_ns()}")
+    trial = study.ask()
+    trial.suggest_float("train.lr", 1e-5, 1e-2, log=True)
+    for number in (0, 1):  # the trial, then its one retry, each left by a worker killed after one heartbeat
+        assert trial.number == number
+        storage.record_heartbeat(trial._trial_id)
+        assert fail_stale_trials(study) == []  # beating: running elsewhere
+        time.sleep(2.5)
+        assert fail_stale_trials(study) == [number]
+        waiting = study.get_trials(states=(TrialState.WAITING,))
+        if number == 0:
+            assert len(waiting) == 1 and waiting[0].params == study.trials[0].params
+            trial = study.ask()  # the queued values, as the next worker's ask takes them
+            assert trial.params == study.trials[0].params
+        else:
+            assert waiting == []  # a second kill on the same values: left failed
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+
+
+def test_workers_on_postgresql_take_turns_through_the_study_lock(postgres_url):
+    import threading
+
+    from finetune.sweep.study import open_storage, study_lock
+
+    name = f"lock-{os.getpid()}-{time.monotonic_ns()}"
+    first = optuna.create_study(storage=open_storage(postgres_url), study_name=name)
+    second = optuna.load_study(storage=open_storage(postgres_url), study_name=name)  # another engine: a machine
+    order: list[str] = []
+    holding = threading.Event()
+
+    def other() -> None:
+        holding.wait()
+        with study_lock(second):
+            order.append("second in")
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with study_lock(first):
+        holding.set()
+        time.sleep(0.5)  # the other worker is waiting on the database meanwhile
+        order.append("first out")
+    thread.join(timeout=30)
+    assert order == ["first out", "second in"]
