@@ -177,3 +177,15 @@ def test_workers_on_postgresql_take_turns_through_the_study_lock(postgres_url):
         order.append("first out")
     thread.join(timeout=30)
     assert order == ["first out", "second in"]
+
+
+def test_an_unreachable_postgresql_is_one_line_naming_it():
+    from finetune.errors import FinetuneError
+    from finetune.sweep.study import open_storage
+
+    pytest.importorskip("psycopg")
+    url = "postgresql://nobody@127.0.0.1:9/sweeps"  # the discard port: nothing listens
+    with pytest.raises(FinetuneError) as refused:
+        open_storage(url)
+    message = str(refused.value)
+    assert "\n" not in message and f"--storage: cannot open '{url}' (OperationalError" in message
