@@ -1,9 +1,11 @@
 """The run's state on disk: the run folder's guard, resumable checkpoints (accelerate's state and our progress,
-written atomically), the best epoch's weights, and the check that a resumed run is the same run."""
+written atomically, with a manifest that proves them whole), the best epoch's weights, and the check that a resumed
+run is the same run."""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -49,10 +51,47 @@ def _replace_with_temporary(directory: Path) -> None:
 
 
 def atomic_save(directory: Path, write) -> None:
-    """Write into a temporary folder, then rename it into place."""
+    """Write into a temporary folder, then rename it into place; a full disk stops the run with one line."""
     shutil.rmtree(_temporary(directory), ignore_errors=True)
-    write(_temporary(directory))
+    try:
+        write(_temporary(directory))
+    except Exception as error:
+        if not is_no_space(error, _temporary(directory)):
+            raise
+        shutil.rmtree(_temporary(directory), ignore_errors=True)
+        raise no_space(directory) from None
     _replace_with_temporary(directory)
+
+
+def is_no_space(error: BaseException, folder: Path) -> bool:
+    """A write into `folder` that failed for lack of space. torch.save loses the errno (a RuntimeError "unexpected
+    pos 77952 vs 77840" on a full tmpfs), so a disk left with almost nothing free says it as well."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(mark in str(error) for mark in ("No space left on device", "StorageFull", "os error 28")):
+        return True
+    try:
+        return shutil.disk_usage(folder if folder.exists() else folder.parent).free < NEARLY_FULL
+    except OSError:
+        return False
+
+
+NEARLY_FULL = 16 * 2**20  # bytes: a save that failed with less than this free failed for lack of space
+
+
+def no_space(folder: Path) -> FinetuneError:
+    """The one line for a save that found the disk full: where, what is kept, and what to do."""
+    out = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+    try:
+        free = f"{shutil.disk_usage(out).free / 2**20:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    kept = latest_checkpoint(out)
+    keeps = f"the last good checkpoint {kept} is kept: " if kept else ""
+    return FinetuneError(
+        f"save: no space left on the device of '{out}' writing {folder.name} ({free}); {keeps}free some space or "
+        f"set output.dir to another disk, then resume with finetune run {out / 'config.yaml'} --resume"
+    )
 
 
 def check_same_recipe(saved: Path, recipe) -> None:
@@ -114,42 +153,144 @@ CHECKPOINT_PREFIX = "step-"
 
 
 PROGRESS_FILE = "progress.json"
+# written last, into the temporary folder before its rename: the size of every file. A checkpoint without it, or
+# whose files differ from it, is not whole (a copy cut short, a disk that filled, a file removed by hand)
+MANIFEST_FILE = "manifest.json"
 
 
 def save_checkpoint(accelerator, out: Path, progress: Progress, keep: int) -> None:
     """A resumable checkpoint, checkpoints/step-N: accelerate's state (model, optimizer, scheduler, RNG, registered
-    EMA) and our progress, written under a temporary name and renamed into place; then the oldest beyond `keep` go."""
+    EMA), our progress and the manifest, written under a temporary name and renamed into place; then the oldest
+    beyond `keep` go. A full disk ends the run with one line and leaves the checkpoints before this one as they were.
+    """
     folder = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{progress.step:08d}"
     if accelerator.is_main_process:
         shutil.rmtree(_temporary(folder), ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(_temporary(folder)))  # every process writes its own part
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(_temporary(folder)))  # every process writes its own part
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (_temporary(folder) / PROGRESS_FILE).write_text(json.dumps(dataclasses.asdict(progress)) + "\n")
+            _write_manifest(_temporary(folder))
+    except Exception as error:
+        if not is_no_space(error, _temporary(folder)):
+            raise
+        shutil.rmtree(_temporary(folder), ignore_errors=True)
+        raise no_space(folder) from None
     if accelerator.is_main_process:
-        (_temporary(folder) / PROGRESS_FILE).write_text(json.dumps(dataclasses.asdict(progress)) + "\n")
         _replace_with_temporary(folder)
-        for old in _checkpoints(out)[:-keep]:
+        _sync(folder.parent)
+        for old in checkpoint_folders(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a temporary folder left by a kill during a save is not one)."""
+def _sync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to the disk: a manifest must not reach it before the files it lists."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in files:
+        _sync(path)
+    sizes = {str(p.relative_to(folder)): p.stat().st_size for p in files}
+    temporary = folder / (MANIFEST_FILE + ".tmp")
+    temporary.write_text(json.dumps({"files": sizes}, indent=1) + "\n")
+    _sync(temporary)
+    os.replace(temporary, folder / MANIFEST_FILE)
+    _sync(folder)
+
+
+def checkpoint_folders(out: Path) -> list[Path]:
+    """Every checkpoint folder, whole or not, oldest first (a temporary one left by a kill during a save is none)."""
     folder = out / "checkpoints"
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / PROGRESS_FILE).is_file()]
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+def damage(folder: Path) -> str | None:
+    """What makes a checkpoint unusable, naming the file; None when it is whole. Cheap: sizes against the manifest,
+    progress.json parsed, each safetensors file's header read and its length checked against it (no hashing)."""
+    manifest = folder / MANIFEST_FILE
+    try:
+        sizes = json.loads(manifest.read_text())["files"]
+        sizes = {str(name): int(size) for name, size in sizes.items()}
+    except FileNotFoundError:
+        return f"{manifest} is missing (the save did not finish)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{manifest} is unreadable"
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} is cut short or changed ({path.stat().st_size} bytes, {size} written)"
+        if name.endswith(".safetensors") and not _whole_safetensors(path):
+            return f"{path} is not a whole safetensors file"
+    if PROGRESS_FILE not in sizes:
+        return f"{folder / PROGRESS_FILE} is missing"
+    try:
+        Progress(**json.loads((folder / PROGRESS_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return f"{folder / PROGRESS_FILE} is unreadable"
+    return None
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """The header parses and the tensors it lists end where the file does."""
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if length <= 0 or length > 100 * 2**20:
+                return False
+            header = json.loads(handle.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+    return 8 + length + end == path.stat().st_size
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    found = _checkpoints(out)
-    return found[-1] if found else None
+    """The newest whole checkpoint."""
+    return next((p for p in reversed(checkpoint_folders(out)) if damage(p) is None), None)
+
+
+def resume_point(out: Path) -> tuple[Path | None, list[str]]:
+    """Where --resume starts: the newest whole checkpoint, and a line for each newer one skipped. None when the run
+    saved none yet (it starts again); a FinetuneError when it saved some and none is whole."""
+    folders = checkpoint_folders(out)
+    problems: list[tuple[str, str]] = []
+    for folder in reversed(folders):
+        problem = damage(folder)
+        if problem is None:
+            return folder, [f"--resume: skipped checkpoint {name}: {why}; resuming from {folder.name}"
+                            for name, why in problems]
+        problems.append((folder.name, problem))
+    if folders:
+        more = f" and {len(problems) - 1} older ones" if len(problems) > 1 else ""
+        raise FinetuneError(f"--resume: no whole checkpoint in {out / 'checkpoints'} ({problems[0][1]}{more}); "
+                            "start the run again with --overwrite")
+    return None, []
 
 
 def load_checkpoint(accelerator, folder: Path, strict: bool = True) -> Progress:
-    accelerator.load_state(str(folder), strict=strict)
+    try:
+        accelerator.load_state(str(folder), strict=strict)
+    except (OSError, RuntimeError, ValueError, EOFError) as error:  # whole by size, yet damaged inside
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise FinetuneError(
+            f"--resume: checkpoint {folder} cannot be loaded ({error.__class__.__name__}: {first}); move it away to "
+            "resume from an older one"
+        ) from None
     return Progress(**json.loads((folder / PROGRESS_FILE).read_text()))
 
 

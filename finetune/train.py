@@ -25,6 +25,7 @@ from finetune.checkpoints import (
     load_checkpoint,
     load_full_state_dict,
     prepare_output_dir,
+    resume_point,
     rebuild_unsharded,
     skeleton,
 )
@@ -62,7 +63,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     # on a CPU, each step's activations reuse the pages the last step freed (the step choice measures with it too)
     memory_note = allocator.keep_freed_memory() if not torch.accelerator.is_available() else None
     # auto resumes at the precision the run started at (a checkpoint says which): resume stays exact
-    kept = latest_checkpoint(out) if resume else None
+    kept, skipped = resume_point(out) if resume else (None, [])  # a damaged checkpoint: the newest whole one
     resumed = precision.of_checkpoint(kept)
     choice = _step_choice(recipe, kept, resumed)  # a convolutional model on a CPU: its fastest layout, precision
     if choice is not None and choice.how == "measured":
@@ -73,6 +74,8 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     # data and model first: bad input fails here, before any run folder is made or removed
     job = _make_job(recipe, accelerator, choice, evaluate_test)
     say = _open_run_folder(accelerator, out, overwrite, recipe, resume)
+    for line in skipped:
+        say(line)
     _log_job(accelerator, out, job, memory_note, say)
     timer.mark("data and model")
     eval_batch = t.eval_batch_size or 2 * t.batch_size
@@ -96,7 +99,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     _start_logging(accelerator, model, job, recipe, choice, say)
     _checkpoint_only_what_trains(accelerator, model, job, recipe)
     ema = _make_ema(accelerator, model, t.ema)
-    progress = _starting_progress(accelerator, model, out if resume else None, job, say)
+    progress = _starting_progress(accelerator, model, kept, job, say)
     timer.mark("preparing")
     run = Training(accelerator, model, optimizer, scheduler, loaders, job, recipe, say, progress, ema)
     metrics = _fit(run, on_epoch, checkpoints)
@@ -254,10 +257,9 @@ def _make_ema(accelerator, model, ema_recipe):
     return ema
 
 
-def _starting_progress(accelerator, model, resume_from: Path | None, job: Job, say) -> Progress:
-    """Where training starts: the newest checkpoint's state and progress when resuming from `resume_from`."""
+def _starting_progress(accelerator, model, checkpoint: Path | None, job: Job, say) -> Progress:
+    """Where training starts: the state and progress of `checkpoint` when resuming from one."""
     progress = Progress()
-    checkpoint = latest_checkpoint(resume_from) if resume_from is not None else None
     if checkpoint is not None:
         progress = load_checkpoint(accelerator, checkpoint, strict=job.saved_names is None)
         say(f"resumed from {checkpoint}: epoch {progress.epoch}, {progress.batch} batches in, step {progress.step}")

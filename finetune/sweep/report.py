@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from finetune import recipe as recipe_module
-from finetune.sweep.space import flow
+from finetune.sweep.space import flow, trial_recipe_dict
 from finetune.sweep.study import FINISHED, STATE_NAMES, Setup, best_of, count_states, sweep_lock, write_json
 
 
@@ -68,15 +68,18 @@ def write_report(setup: Setup, study, target: int, say) -> dict:
             row = next(r for r in rows if r["number"] == best.number)
             report["best"] = {k: row[k] for k in ("number", "params", "value", "run_dir")}
             report["best"]["recipe"] = str(setup.out / "best.yaml")
-            _write_best_yaml(setup, best.number, row["value"])
+            _write_best_yaml(setup, best.number, row["value"], row["params"])
             old_test = (previous.get("best") or {}).get("test")
             run_dir = Path(row["run_dir"])
-            recipe, splits = _trial_data(run_dir)
-            if old_test is not None and old_test.get("trial") == best.number:
-                report["best"]["test"] = old_test
-            elif done:
-                report["best"]["test"] = _test_once(run_dir, recipe, splits, say)
-            _card_for_best(run_dir, recipe, splits)
+            if not (run_dir / "config.yaml").is_file():  # run by a worker on another machine: its folder is there
+                report["best"]["host"] = (best.user_attrs.get("worker") or {}).get("host")
+            else:
+                recipe, splits = _trial_data(run_dir)
+                if old_test is not None and old_test.get("trial") == best.number:
+                    report["best"]["test"] = old_test
+                elif done:
+                    report["best"]["test"] = _test_once(run_dir, recipe, splits, say)
+                _card_for_best(run_dir, recipe, splits)
             report["test_note"] = (
                 "the search saw validation values only; the test split is evaluated once, for the best trial only, "
                 "when the study has finished" + ("" if done else " (not yet: trials are still to run)")
@@ -98,9 +101,12 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _write_best_yaml(setup: Setup, number: int, value: float) -> None:
+def _write_best_yaml(setup: Setup, number: int, value: float, params: dict) -> None:
     config = setup.out / "trials" / str(number) / "config.yaml"
-    raw = recipe_module.parse_yaml(config.read_text(), str(config))
+    if config.is_file():
+        raw = recipe_module.parse_yaml(config.read_text(), str(config))
+    else:  # a trial another machine ran: its recipe made again, as run_trial made it
+        raw = trial_recipe_dict(setup.base, params, config.parent)
     raw["output"]["dir"] = str(setup.out / "best")
     recipe = recipe_module.from_dict(raw, source=str(config))
     header = (

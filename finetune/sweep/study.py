@@ -73,7 +73,7 @@ def _storage_path(text: str) -> Path | None:
 
 def open_storage(text: str):
     """An Optuna storage: journal:<file> (processes on one machine) or a database URL (with heartbeats, so a
-    killed worker's trial ends failed)."""
+    killed worker's trial ends failed, on any machine)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
@@ -83,9 +83,7 @@ def open_storage(text: str):
             if not journal.parent.is_dir():
                 raise FinetuneError(f"--storage: '{text}': the folder {journal.parent} does not exist; create it first")
             return optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
-        interval, grace = heartbeat_settings()
-        return optuna.storages.RDBStorage(text, heartbeat_interval=interval, grace_period=grace,
-                                          engine_kwargs={"pool_pre_ping": True})
+        return _database(database_url(text))
     except FinetuneError:
         raise
     except Exception as error:  # sqlalchemy and drivers raise many kinds; all mean the same thing here
@@ -94,6 +92,78 @@ def open_storage(text: str):
             f"--storage: cannot open '{text}' ({error.__class__.__name__}: {first}); give journal:<file> or a "
             "reachable database URL (sqlite:///file.db, postgresql://user@host/db)"
         ) from None
+
+
+def database_url(text: str) -> str:
+    """SQLAlchemy reads a bare postgresql:// as psycopg2's; the sweep extra installs psycopg (3): say so."""
+    scheme, sep, rest = text.partition("://")
+    if scheme not in ("postgresql", "postgres") or not sep:
+        return text
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        try:
+            import psycopg2  # noqa: F401
+        except ImportError:
+            raise FinetuneError(f"--storage: '{text}' needs a PostgreSQL driver; pip install \"finetune[sweep]\" "
+                                "(it brings psycopg)") from None
+        return f"postgresql://{rest}"
+    return f"postgresql+psycopg://{rest}"
+
+
+def _database(url: str):
+    """Optuna's RDBStorage with heartbeats; a trial whose worker was killed is failed and queued again once with the
+    same values (RetryFailedTrialCallback), so a rerun fills the study with every trial once. Workers started at
+    the same moment on a new database race to create its tables: the loser tries again."""
+    import time
+
+    import optuna
+    import sqlalchemy.exc
+
+    interval, grace = heartbeat_settings()
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=interval, grace_period=grace, failed_trial_callback=retry_once(),
+                engine_kwargs={"pool_pre_ping": True},
+            )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == 2:
+                raise
+            time.sleep(0.5 + attempt)
+
+
+def retry_once():
+    """A killed worker's trial runs again once with its values (a grid point is not lost); a second kill on the same
+    values (they exhaust the memory?) leaves it failed and the sampler moves on."""
+    import optuna
+
+    return optuna.storages.RetryFailedTrialCallback(max_retry=1)
+
+
+@contextlib.contextmanager
+def study_lock(study):
+    """Workers on other machines share no sweep folder (its file lock): on PostgreSQL they take turns to count the
+    finished trials and start one through an advisory lock on the study, released by the database when a worker
+    dies holding it. Other storages: the sweep folder's lock alone (workers on one machine)."""
+    storage = study._storage
+    engine = getattr(getattr(storage, "_backend", storage), "engine", None)
+    if engine is None or engine.dialect.name != "postgresql":
+        yield
+        return
+    from sqlalchemy import text
+
+    key = {"kind": ADVISORY_LOCK_KIND, "study": study._study_id}
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:kind, :study)"), key)
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:kind, :study)"), key)
+            connection.commit()
+
+
+ADVISORY_LOCK_KIND = 0x5357EE  # the first key of the sweep's advisory locks (the second: the study's id)
 
 
 HEARTBEAT_ENV = "FINETUNE_SWEEP_HEARTBEAT"

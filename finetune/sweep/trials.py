@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import socket
@@ -27,6 +28,8 @@ from finetune.sweep.study import (
     load_setup,
     open_storage,
     open_study,
+    retry_once,
+    study_lock,
     sweep_lock,
     write_json,
 )
@@ -55,6 +58,9 @@ def fail_dead_trials(study) -> list[int]:
         if worker.get("host") == host and worker.get("pid") != os.getpid() and not _alive(int(worker.get("pid", 0))):
             study._storage.set_trial_user_attr(trial._trial_id, "error", "its worker died")
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            failed_trial = copy.deepcopy(study._storage.get_trial(trial._trial_id))
+            failed_trial.user_attrs = {k: v for k, v in failed_trial.user_attrs.items() if k != "error"}
+            retry_once()(study, failed_trial)  # queued again as the heartbeat's check does, without the error
             failed.append(trial.number)
     return failed
 
@@ -289,7 +295,7 @@ def _optimize(setup: Setup, study, target: int, timeout: float | None, say, rank
     deadline = None if timeout is None else time.monotonic() + timeout
     failures: list[str] = []  # this worker's trials that failed in a row
     while deadline is None or time.monotonic() < deadline:
-        with sweep_lock(setup.out):
+        with sweep_lock(setup.out), study_lock(study):
             for number in fail_dead_trials(study):
                 say(f"trial {number}: failed (its worker died)")
             for number in fail_stale_trials(study):
@@ -303,6 +309,9 @@ def _optimize(setup: Setup, study, target: int, timeout: float | None, say, rank
                 say(shared)
             trial = study.ask()
             trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+            retried = study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+            if retried is not None:
+                say(f"trial {trial.number}: the values of trial {retried} again (its worker stopped)")
             try:
                 values = sample(setup.params, trial)
             except Exception:
