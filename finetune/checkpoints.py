@@ -225,7 +225,9 @@ def damage(folder: Path) -> str | None:
         sizes = json.loads(manifest.read_text())["files"]
         sizes = {str(name): int(size) for name, size in sizes.items()}
     except FileNotFoundError:
-        return f"{manifest} is missing (the save did not finish)"
+        # Saves are renamed into place whole, so a named folder without a manifest was written by a version before
+        # manifests: judged by what can be read (safetensors lengths, progress.json), not refused.
+        sizes = {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"{manifest} is unreadable"
     for name, size in sizes.items():

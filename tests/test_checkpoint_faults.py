@@ -69,12 +69,14 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before_exactly(whole, 
     assert_identical(out, whole)
 
 
-def test_a_checkpoint_without_its_manifest_or_with_a_bad_header_is_not_whole(whole, tmp_path):
+def test_a_checkpoint_from_before_manifests_is_judged_by_its_files_and_a_bad_header_is_not_whole(whole, tmp_path):
     step = whole / "checkpoints" / "step-00000012"
     assert damage(step) is None
     copy = shutil.copytree(step, tmp_path / "step-00000012")
-    (copy / "manifest.json").unlink()
-    assert "manifest.json is missing" in damage(copy)
+    (copy / "manifest.json").unlink()  # as an older version saved it: still resumable
+    assert damage(copy) is None
+    truncate(copy / "model.safetensors")
+    assert damage(copy) == f"{copy / 'model.safetensors'} is not a whole safetensors file"
     copy = shutil.copytree(step, tmp_path / "other" / "step-00000012")
     weights = copy / "model.safetensors"
     data = bytearray(weights.read_bytes())

@@ -91,7 +91,9 @@ def test_a_killed_worker_on_a_database_fails_by_heartbeat_and_a_rerun_completes(
     import optuna
 
     path = sweep_recipe(tiny_bert, tiny_data, tmp_path / "r.yaml", tmp_path / "sw",
-                        {"train.lr": {"loguniform": [1e-4, 1e-2]}}, **{"train.epochs": 40, "sweep.pruner": "none"})
+                        {"train.lr": {"loguniform": [1e-4, 1e-2]}},
+                        # validated on the training rows, which it learns (its 9 validation rows end "learned nothing")
+                        **{"train.epochs": 40, "sweep.pruner": "none", "data.validation": str(tiny_data["train"])})
     url = f"sqlite:///{tmp_path / 'study.db'}"
     env = subprocess_env(FINETUNE_SWEEP_HEARTBEAT="1,3")
     worker = subprocess.Popen([sys.executable, "-m", "finetune", "sweep", str(path), "--trials", "1", "--storage", url],
