@@ -13,6 +13,7 @@ from finetune.errors import FinetuneError
 
 IGNORE_INDEX = -100  # label of a position that has none (special tokens, continuation sub-tokens, padding)
 Where = Callable[[int], str]  # a row's position -> where its user finds it ("train.csv line 12")
+NO_LABEL = "(no label)"  # the class of rows without a label or entity, when N rows per class are kept
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,6 +286,21 @@ class Problem:
         answer is a number (there the loss alone says whether the run learned)."""
         return int(len(np.unique(np.asarray(values))))
 
+    # few labels: what a row counts for when N rows per class are kept, how alike two rows' labels are (contrastive)
+
+    def few_label_refusal(self) -> str | None:
+        """Why rows cannot be counted per class nor paired by label (data.*_per_class, contrastive); None: they can."""
+        return None
+
+    def row_classes(self, value: Any) -> list[str]:
+        """The classes one label cell counts for when N rows per class are kept (data.train_per_class)."""
+        return self.names_in(value)
+
+    def label_similarity(self, a, b):
+        """How alike encoded labels are, a (len(a), len(b)) tensor in [0, 1]: a contrastive pair's target and
+        SupCon's positive weight; 0 is a pair of different classes."""
+        raise FinetuneError(f"contrastive: head.problem={self.name} has no labels to pair rows by")
+
     # exports and the model card
 
     def native_config(self, labels: list[str] | None) -> dict:
@@ -355,6 +371,12 @@ class SingleLabel(Problem):
 
         matrix = confusion_matrix(truth, predictions, labels=list(range(len(label_names))))
         return {"confusion": {"labels": list(label_names), "matrix": matrix.tolist()}}
+
+    # few labels
+
+    def label_similarity(self, a, b):
+        """1 for the same class, else 0 (sentence-transformers' pairs for CosineSimilarityLoss)."""
+        return (a[:, None] == b[None, :]).float()
 
 
 class MultiLabel(Problem):
@@ -451,6 +473,19 @@ class MultiLabel(Problem):
 
     def card_data_note(self):
         return "A row can carry several labels, so the label counts can add up to more than the rows."
+
+    # few labels
+
+    def row_classes(self, value):
+        """Each label of the row; a row without any counts for one more class, so some label-free rows stay."""
+        return label_set(value) or [NO_LABEL]
+
+    def label_similarity(self, a, b):
+        """The Jaccard similarity of the two label sets (1 for the same set, two empty sets included; 0 disjoint)."""
+        a, b = a.float(), b.float()
+        shared = a @ b.T
+        union = a.sum(1)[:, None] + b.sum(1)[None, :] - shared
+        return (shared / union.clamp(min=1)).masked_fill(union == 0, 1.0)
 
 
 class Regression(Problem):
@@ -558,6 +593,14 @@ class Regression(Problem):
     def card_output_note(self, head) -> str:
         return "\nThe output is the predicted value, in the training targets' own units.\n"
 
+    # few labels
+
+    def few_label_refusal(self):
+        return "head.problem=regression predicts a number: its rows have no classes to count or pair"
+
+    def row_classes(self, value):
+        raise FinetuneError(f"data.train_per_class: {self.few_label_refusal()}")
+
 
 class Tags(Problem):
     """A tag per word (token classification): logits are (batch, tokens, tags), labels IGNORE_INDEX where a token
@@ -632,6 +675,14 @@ class Tags(Problem):
 
     def card_data_note(self):
         return "Rows are sentences; the tag counts are words."
+
+    # few labels
+
+    def row_classes(self, value):
+        """A sentence counts for each entity type it holds; one without any entity counts for one more class."""
+        from finetune.tasks.token_classification.tags import entity_types
+
+        return entity_types(list(value)) or [NO_LABEL]
 
 
 PROBLEMS: dict[str, Problem] = {p.name: p for p in (SingleLabel(), MultiLabel(), Regression(), Tags())}

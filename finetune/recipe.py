@@ -62,6 +62,11 @@ class Data:
     image_size: Optional[int] = None  # vision; null: the backbone's pretrained input size
     skip_bad_images: bool = False  # vision: skip (and count) unreadable images instead of stopping with an error
     num_workers: Optional[int] = None  # loader processes; null: 0 for text, images: tasks.image_classification
+    # few labels: N training rows per class (seeded by train.seed, listed in split.json), cut after validation is
+    # held out; a smaller class keeps all its rows (a warning says so). multi_label: greedy, rarest label first,
+    # until each label is on N rows; tags: sentences holding each entity type; label-free rows: one more class
+    train_per_class: Optional[int] = None
+    validation_per_class: Optional[int] = None  # the same for validation (its file, or the part held out of train)
 
 
 @dataclass
@@ -166,6 +171,20 @@ class Lora:
 
 
 @dataclass
+class Contrastive:
+    """SetFit's first stage, before the head trains: the backbone tuned so that the embeddings the head reads (mean
+    pooled with head.pooling=mean) of rows of one class are alike. The head then trains as train.freeze says."""
+
+    pairs: int = 20  # pairs per labelled row: half with a row of its class (target 1), half another's (0); seeded
+    epochs: int = 1
+    lr: float = 2.0e-5  # linear warm-up over 10% of the steps, then linear decay
+    batch_size: int = 16  # pairs per step
+    # cosine: MSE between cos(u, v) and the pair's target (CosineSimilarityLoss); supcon: each batch's rows contrasted
+    # together (SupConLoss, temperature 0.07). multi_label targets: the Jaccard similarity of the two label sets
+    loss: Literal["cosine", "supcon"] = "cosine"
+
+
+@dataclass
 class Eval:
     metrics: Optional[list[str]] = None  # null: the usual ones for head.problem (see DEFAULT_METRICS)
     select_best: Optional[str] = None  # the metric that picks the kept checkpoint; null: the first of eval.metrics
@@ -212,6 +231,7 @@ class Recipe:
     augment: Augment = field(default_factory=Augment)  # vision only
     train: Train = field(default_factory=Train)
     lora: Optional[Lora] = None  # {r: 8, alpha: 16, dropout: 0.05, target_modules: auto}
+    contrastive: Optional[Contrastive] = None  # {pairs: 20, epochs: 1, lr: 2.0e-5, loss: cosine}: text only
     eval: Eval = field(default_factory=Eval)
     output: Output = field(default_factory=Output)
     hub: Hub = field(default_factory=Hub)
@@ -525,7 +545,10 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
         if not ok:
             problems.append(message)
 
-    for check in (_check_training, _check_data, _check_model, _check_steps, _check_task):
+    from finetune import contrastive, data  # the few-label keys' owners check them
+
+    for check in (_check_training, _check_data, _check_model, _check_steps, _check_task, data.check_per_class,
+                  contrastive.check_recipe):
         check(recipe, need)
     _check_metrics(recipe, problems, need)
 
