@@ -96,6 +96,8 @@ def supcon_loss(embeddings, similarity):
     weights = similarity.masked_fill(itself, 0.0)
     total = weights.sum(1)
     has = total > 0
+    if not has.any():  # no row has a positive in this batch: nothing to pull together (and no nan)
+        return (weights * log_prob).sum() * 0.0
     return (-(weights * log_prob).sum(1)[has] / total[has]).mean()
 
 

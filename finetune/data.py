@@ -372,12 +372,13 @@ def keep_per_class(parts: dict, recipe) -> list[str]:
     """data.train_per_class / data.validation_per_class: those splits cut to N rows per class (the problem says what
     a row's classes are), seeded by train.seed. Validation is held out before, so no row is in both. A class with
     fewer rows keeps them all, as SetFit's sample_dataset does; returns the warnings that name them."""
-    d, problem, warnings = recipe.data, get(recipe.head.problem), []
+    d, warnings = recipe.data, []
     for key, n in (("train", d.train_per_class), ("validation", d.validation_per_class)):
         split = parts.get(key)
         if n is None or split is None:
             continue
-        kept, short = per_class_positions([problem.row_classes(v) for v in split.labels], n, recipe.train.seed)
+        classes = [get(recipe.head.problem).row_classes(value) for value in split.labels]
+        kept, short = per_class_positions(classes, n, recipe.train.seed)
         parts[key] = subset_rows(split, kept)
         if short:
             named = ", ".join(f"'{name}' {count}" for name, count in sorted(short.items())[:5])

@@ -246,3 +246,59 @@ def test_with_lora_the_stage_tunes_the_adapters(tiny_bert, few_data, tmp_path):
     assert tuned and all("lora_" in name for name in tuned), sorted(tuned)[:4]
     assert metrics["train"]["contrastive"]["margin_after"] > metrics["train"]["contrastive"]["margin_before"]
     assert (out / "adapter").is_dir() and (out / "model").is_dir()
+
+
+def test_pairs_are_balanced_seeded_and_their_targets_are_the_label_similarity():
+    from finetune.contrastive import draw_pairs
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    left, right, target = draw_pairs(labels, get("single_label"), 4, seed=0)
+    assert Counter(left.tolist()) == dict.fromkeys(range(8), 4)
+    same = labels[left] == labels[right]
+    assert same.sum() == 16 and (torch.from_numpy(target) == same.float()).all()
+    assert not (same & torch.from_numpy(left == right)).any()  # a row has others of its class: never itself
+    assert (draw_pairs(labels, get("single_label"), 4, seed=0)[1] == right).all()
+    assert not (draw_pairs(labels, get("single_label"), 4, seed=1)[1] == right).all()
+    sets = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 0, 0], [0, 0, 0]])
+    similarity = get("multi_label").label_similarity(sets, sets)
+    assert similarity[0, 1] == 0.5 and similarity[0, 2] == 0 and similarity[3, 4] == 1 and similarity[2, 3] == 0
+
+
+def test_both_losses_prefer_embeddings_that_group_the_classes():
+    from finetune.contrastive import cosine_loss, supcon_loss
+
+    torch.manual_seed(0)
+    centres = torch.randn(3, 16)
+    labels = torch.tensor([0, 1, 2, 0, 0, 1, 2, 1])  # pairs (0, 4), (1, 5), (2, 6), (3, 7): 1, 1, 1, 0
+    grouped = centres[labels] + 0.1 * torch.randn(8, 16)
+    scattered = torch.randn(8, 16)
+    targets = (labels[:4] == labels[4:]).float()
+    assert cosine_loss(grouped, targets) < cosine_loss(scattered, targets)
+    similarity = get("single_label").label_similarity(labels, labels)
+    assert supcon_loss(grouped, similarity) < supcon_loss(scattered, similarity)
+    lonely = torch.tensor([0, 1, 2, 3])  # no row has a positive: nothing to learn, not a nan
+    assert supcon_loss(torch.randn(4, 8), get("single_label").label_similarity(lonely, lonely)) == 0
+
+
+def test_supcon_tunes_the_backbone_too(tiny_bert, few_data, tmp_path):
+    from finetune.train import train
+
+    settings = CONTRASTIVE | {"contrastive": {"pairs": 20, "lr": 3e-3, "loss": "supcon"}, "train.epochs": 2,
+                              "train.checkpoint_every": None}
+    stage = train(to_recipe(recipe_dict(tiny_bert, few_data, tmp_path / "run", **settings)))["train"]["contrastive"]
+    assert stage["margin_after"] > stage["margin_before"] + 0.2, stage
+
+
+@pytest.mark.slow
+def test_the_tuned_model_exports_to_onnx_with_the_same_logits(contrastive_run):
+    import numpy as np
+
+    import finetune
+    from finetune.onnx_export import export
+
+    export(contrastive_run)
+    folder = contrastive_run / "export" / "onnx"
+    assert json.loads((folder / "export.json").read_text())["parity"]["max_abs_logit_diff"] < 1e-4
+    texts = ["the bread of news", "a goal today", "chip"]
+    np.testing.assert_allclose(finetune.load(folder).logits(texts), finetune.load(contrastive_run).logits(texts),
+                               atol=1e-4)
