@@ -302,3 +302,20 @@ def test_the_tuned_model_exports_to_onnx_with_the_same_logits(contrastive_run):
     texts = ["the bread of news", "a goal today", "chip"]
     np.testing.assert_allclose(finetune.load(folder).logits(texts), finetune.load(contrastive_run).logits(texts),
                                atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["multi_label", "pairs"])
+def test_the_stage_runs_on_label_sets_and_sentence_pairs(kind, tiny_bert, few_data, multi_label_data, tmp_path):
+    from finetune.train import train
+
+    settings = CONTRASTIVE | {"train.epochs": 2, "train.checkpoint_every": None}
+    if kind == "multi_label":
+        data = dict.fromkeys(("train", "validation", "test"), multi_label_data)
+        settings |= {"head.problem": "multi_label", "data.train_per_class": 6}
+    else:
+        rows = [(text, "and the news", label) for text, label in one_word_rows(20, 0)]
+        data = dict.fromkeys(("train", "validation", "test"),
+                             write_csv(tmp_path / "pairs.csv", ["sentence", "other", "topic"], rows))
+        settings |= {"data.text_pair_column": "other"}
+    stage = train(to_recipe(recipe_dict(tiny_bert, data, tmp_path / "run", **settings)))["train"]["contrastive"]
+    assert stage["margin_after"] > stage["margin_before"] + 0.1, stage
