@@ -6,6 +6,7 @@ torch is imported inside the functions: loading a recipe checks `contrastive:` h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -269,11 +270,13 @@ def checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def tune(job, recipe, accelerator, say, resume: bool, save: bool = True) -> dict | None:
+def tune(job, recipe, accelerator, say, resume: bool, save: bool = True, stop=None) -> dict | None:
     """The stage, when the recipe asks for it, on job.model in place (LoRA: its adapters); None without it.
 
     resume: continue from the stage's newest checkpoint (or skip the stage when it finished). save: false writes no
-    checkpoint (a sweep's trial). Returns metrics.json's record of it (train.contrastive)."""
+    checkpoint (a sweep's trial). stop: the loop's Ctrl-C/SIGTERM handler (a context with `.requested`): in one
+    process, the stage then stops at a step boundary with a checkpoint. Returns metrics.json's record of it
+    (train.contrastive)."""
     if recipe.contrastive is None:
         return None
     from finetune.dropout import use_fast_dropout
@@ -289,13 +292,15 @@ def tune(job, recipe, accelerator, say, resume: bool, save: bool = True) -> dict
         return progress["record"]
     if progress is not None:
         say(f"contrastive stage: resumed from {kept} at step {stage.step}")
-    return run(stage, say, root if save and accelerator.is_main_process else None,
-               not accelerator.is_local_main_process)
+    stop = stop if accelerator.num_processes == 1 else None
+    with stop if stop is not None else contextlib.nullcontext():
+        return run(stage, say, root if save and accelerator.is_main_process else None,
+                   not accelerator.is_local_main_process, stop)
 
 
-def run(stage: Stage, say, root: Path | None, quiet: bool = False) -> dict:
+def run(stage: Stage, say, root: Path | None, quiet: bool = False, stop=None) -> dict:
     """The stage's steps from where it stands to its end; checkpoints (when `root`) every train.checkpoint_every
-    steps and at the end. Returns its record."""
+    steps, at a requested stop and at the end. Returns its record."""
     from finetune.progress import epoch_progress
 
     c, every = stage.recipe.contrastive, stage.recipe.train.checkpoint_every
@@ -313,11 +318,18 @@ def run(stage: Stage, say, root: Path | None, quiet: bool = False) -> dict:
         for pairs in bar:
             stage.loss_sum += stage.train_step(pairs)
             stage.step += 1
-            if root is not None and every is not None and stage.step % every == 0 and stage.step < stage.steps:
+            stopping = stop is not None and stop.requested
+            periodic = every is not None and stage.step % every == 0 and stage.step < stage.steps
+            if root is not None and (periodic or stopping):
                 stage.seconds += time.perf_counter() - start
                 _refuse_a_non_finite_loss(stage)
                 stage.save(root, done=False)
                 start = time.perf_counter()
+            if stopping:
+                if root is not None:
+                    config = Path(stage.recipe.output.dir) / "config.yaml"
+                    say(f"interrupted in the contrastive stage at step {stage.step}: finetune run {config} --resume")
+                raise KeyboardInterrupt
         stage.seconds += time.perf_counter() - start
     _refuse_a_non_finite_loss(stage)
     record = {"pairs": len(stage.left), "steps": stage.steps, "loss": float(stage.loss_sum) / max(stage.steps, 1),

@@ -75,7 +75,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     _log_job(accelerator, out, job, memory_note, say)
     timer.mark("data and model")
     # contrastive: SetFit's first stage tunes the backbone before the head trains (finetune.contrastive)
-    if (stage := contrastive.tune(job, recipe, accelerator, say, resume, checkpoints)) is not None:
+    if (stage := contrastive.tune(job, recipe, accelerator, say, resume, checkpoints, INTERRUPT)) is not None:
         timer.mark("contrastive stage")
     eval_batch = t.eval_batch_size or 2 * t.batch_size
     depths = _set_what_trains(job, recipe, accelerator)

@@ -335,3 +335,40 @@ def test_at_four_rows_per_class_the_stage_beats_the_head_alone_over_three_seeds(
 
     alone, tuned = mean_accuracy(None), mean_accuracy(CONTRASTIVE["contrastive"])
     assert tuned > alone + 0.1, (alone, tuned)  # measured: 0.46 alone, 0.62 with the stage
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_stage_checkpoints_and_resumes_exactly(tiny_bert, few_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import subprocess_env
+    from test_resume import assert_identical
+
+    from finetune.train import train
+
+    settings = CONTRASTIVE | {"contrastive": {"pairs": 100, "lr": 3e-3, "epochs": 2}, "train.checkpoint_every": None,
+                              "train.epochs": 2}
+    whole = tmp_path / "whole"
+    train(to_recipe(recipe_dict(tiny_bert, few_data, whole, **settings)))
+    out = tmp_path / "run"
+    raw = recipe_dict(tiny_bert, few_data, out, **settings)
+    path = write_recipe(tmp_path / "recipe.yaml", raw)
+    code = ("from finetune.recipe import load_recipe; from finetune.train import train; "
+            f"train(load_recipe({str(path)!r}))")
+    child = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    log = out / "train.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and "contrastive stage: 1200 pairs" not in (log.read_text() if log.is_file() else ""):
+        time.sleep(0.01)
+    time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    output, _ = child.communicate(timeout=120)
+    assert child.returncode != 0 and "interrupted in the contrastive stage at step" in output, output[-2000:]
+    assert list((out / "checkpoints").glob("contrastive-*")) and not list((out / "checkpoints").glob("step-*"))
+    train(to_recipe(raw), resume=True)
+    assert "contrastive stage: resumed from" in log.read_text()
+    assert_identical(out, whole)
