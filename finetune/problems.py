@@ -372,8 +372,6 @@ class SingleLabel(Problem):
         matrix = confusion_matrix(truth, predictions, labels=list(range(len(label_names))))
         return {"confusion": {"labels": list(label_names), "matrix": matrix.tolist()}}
 
-    # few labels
-
     def label_similarity(self, a, b):
         """1 for the same class, else 0 (sentence-transformers' pairs for CosineSimilarityLoss)."""
         return (a[:, None] == b[None, :]).float()
@@ -473,8 +471,6 @@ class MultiLabel(Problem):
 
     def card_data_note(self):
         return "A row can carry several labels, so the label counts can add up to more than the rows."
-
-    # few labels
 
     def row_classes(self, value):
         """Each label of the row; a row without any counts for one more class, so some label-free rows stay."""
@@ -593,8 +589,6 @@ class Regression(Problem):
     def card_output_note(self, head) -> str:
         return "\nThe output is the predicted value, in the training targets' own units.\n"
 
-    # few labels
-
     def few_label_refusal(self):
         return "head.problem=regression predicts a number: its rows have no classes to count or pair"
 
@@ -675,8 +669,6 @@ class Tags(Problem):
 
     def card_data_note(self):
         return "Rows are sentences; the tag counts are words."
-
-    # few labels
 
     def row_classes(self, value):
         """A sentence counts for each entity type it holds; one without any entity counts for one more class."""
