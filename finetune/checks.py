@@ -182,6 +182,8 @@ def data_report(recipe, splits: Splits, tokenizer=None, max_positions: int | Non
     fingerprint = _text_key if text else _image_key
     keys = {key: [fingerprint(entry) for entry in _row_inputs(part)] for key, part in splits.parts.items()}
 
+    for warning in splits.warnings:  # the splitting's own (a class short of data.train_per_class)
+        say(warning)
     for key, summary in summaries.items():
         if summary.skipped:
             what = "empty or blank text(s) dropped" if text else "unreadable image(s) skipped (data.skip_bad_images)"

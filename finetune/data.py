@@ -48,6 +48,7 @@ class Splits:
     target_std: float = 1.0
     info: dict = field(default_factory=dict)  # what split.json records
     parts: dict = field(default_factory=dict, repr=False)  # split name -> the RawSplit its table came from
+    warnings: list = field(default_factory=list)  # legal but worth saying (the data report repeats them)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,6 +339,79 @@ def cap_rows(split: RawSplit, max_samples: int | None, seed: int) -> RawSplit:
 
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Few labels: N rows per class.
+
+
+def per_class_positions(classes: list[list[str]], n: int, seed: int) -> tuple[list[int], dict[str, int]]:
+    """(positions of n rows per class in file order, {class: rows} of the classes that had fewer and keep all).
+
+    `classes[i]`: the classes row i counts for. Greedy, rarest class first, in one seeded order of the rows: each
+    class is topped up to n rows holding it, counting the rows already taken for other classes. A row of one class
+    (single_label) makes it exactly n per class; a row of several (multi_label, a sentence's entity types) gives
+    every class at least n and the common ones more, in far fewer rows than n per class taken apart.
+    """
+    holding: dict[str, list[int]] = {}
+    for i in np.random.RandomState(seed).permutation(len(classes)).tolist():
+        for name in classes[i]:
+            holding.setdefault(name, []).append(i)
+    taken: set[int] = set()
+    counts = dict.fromkeys(holding, 0)
+    for name in sorted(holding, key=lambda c: (len(holding[c]), c)):
+        for i in holding[name]:
+            if counts[name] >= n:
+                break
+            if i not in taken:
+                taken.add(i)
+                for other in classes[i]:
+                    counts[other] += 1
+    return sorted(taken), {name: len(rows) for name, rows in holding.items() if len(rows) < n}
+
+
+def keep_per_class(parts: dict, recipe) -> list[str]:
+    """data.train_per_class / data.validation_per_class: those splits cut to N rows per class (the problem says what
+    a row's classes are), seeded by train.seed. Validation is held out before, so no row is in both. A class with
+    fewer rows keeps them all, as SetFit's sample_dataset does; returns the warnings that name them."""
+    d, warnings = recipe.data, []
+    for key, n in (("train", d.train_per_class), ("validation", d.validation_per_class)):
+        split = parts.get(key)
+        if n is None or split is None:
+            continue
+        classes = [get(recipe.head.problem).row_classes(value) for value in split.labels]
+        kept, short = per_class_positions(classes, n, recipe.train.seed)
+        parts[key] = subset_rows(split, kept)
+        if short:
+            named = ", ".join(f"'{name}' {count}" for name, count in sorted(short.items())[:5])
+            more = f" and {len(short) - 5} more" if len(short) > 5 else ""
+            warnings.append(f"data.{key}_per_class: {n} rows per class asked, but {len(short)} class(es) of "
+                            f"{split.source} have fewer ({named}{more}); all their rows are kept")
+    return warnings
+
+
+def per_class_info(recipe) -> dict:
+    """What split.json says of the per-class cut (the rows themselves are each split's `rows`)."""
+    d = recipe.data
+    wanted = {key: n for key, n in (("train", d.train_per_class), ("validation", d.validation_per_class)) if n}
+    return {"per_class": wanted | {"seed": recipe.train.seed}} if wanted else {}
+
+
+def check_per_class(recipe, need) -> None:
+    """data.*_per_class: a positive count, for a problem whose rows have classes."""
+    refusal = get(recipe.head.problem).few_label_refusal()
+    for key in ("train_per_class", "validation_per_class"):
+        n = getattr(recipe.data, key)
+        if n is not None:
+            need(n >= 1, f"data.{key}: must be at least 1 row per class, or null for every row; got {n}")
+            need(refusal is None, f"data.{key}: {refusal}; use data.max_samples to cap the rows")
+
+
+def per_class_note(recipe) -> str:
+    """The card's words on a per-class cut of the training rows."""
+    n = recipe.data.train_per_class
+    seed = recipe.train.seed
+    return "" if n is None else f" {n} rows per class of it were kept (`data.train_per_class`, seed {seed})."
+
+
 def read_parts(recipe, read) -> dict[str, RawSplit | None]:
     """The train, validation and test parts as data.* names them: a set's own splits, replaced by the files given."""
     d = recipe.data
@@ -377,6 +451,7 @@ def assemble_splits(recipe, read, input_name: str, check_inputs, skipped_as: str
         parts["train"], parts["validation"] = subset_rows(train, kept), subset_rows(train, held)
 
     names = label_space(parts["train"], problem)  # from all of train, before any max_samples cap
+    few = keep_per_class(parts, recipe)
     skipped: dict[str, list[str]] = {}
     for key in SPLITS:
         if parts[key] is not None:
@@ -397,6 +472,7 @@ def assemble_splits(recipe, read, input_name: str, check_inputs, skipped_as: str
         "labels": names,
         **get(problem).split_info(mean, std),
         "validation_held_out_from_train": held_out_from_train,
+        **per_class_info(recipe),
         "splits": {
             key: {
                 "source": split.source,
@@ -409,7 +485,7 @@ def assemble_splits(recipe, read, input_name: str, check_inputs, skipped_as: str
         },
     }
     kept = {key: split for key, split in parts.items() if split is not None}
-    return Splits(problem, tables["train"], tables["validation"], tables["test"], names, mean, std, info, kept)
+    return Splits(problem, tables["train"], tables["validation"], tables["test"], names, mean, std, info, kept, few)
 
 
 # ---------------------------------------------------------------------------------------------------------------

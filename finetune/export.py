@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune import __version__
+from finetune import __version__, contrastive
 from finetune import recipe as recipe_module
 from finetune.distill import card_lines
+from finetune.data import per_class_note
 
 PLOTS_DIR = "plots"
 # The hub ids of what the offline zoo ships, so the card links the model to its parent and its data.
@@ -217,6 +218,7 @@ def _data_section(recipe, splits) -> list[str]:
         lines[0] += (
             f" Validation is a stratified {recipe.data.val_fraction:.0%} of it, held out (rows in `split.json`)."
         )
+    lines[0] += per_class_note(recipe)
     lines.append("")
     if labels and len(labels) <= _MAX_TABLE_LABELS:
         lines += ["| split | source | rows | " + " | ".join(labels) + " |", "|---" * (len(labels) + 3) + "|"]
@@ -366,6 +368,7 @@ def _what_it_does(recipe, splits, kind: str) -> str:
     head = {"mlp": "an mlp"}.get(recipe.head.type, f"a {recipe.head.type}")
     task = _problem(recipe).card_sentence(kind, labels, recipe.data.label_column)
     text = f"A {backbone} with {head} head, fine-tuned with finetune {__version__}: it {task}."
+    text += contrastive.card_note(recipe)
     if recipe.lora is not None:
         text += (
             f" Fine-tuned with LoRA (r={getattr(recipe.lora, 'r', '?')}, alpha={getattr(recipe.lora, 'alpha', '?')}): "

@@ -10,88 +10,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from finetune.errors import FinetuneError
+from finetune.label_cells import (
+    Where, class_name, entropy, label_set, one_spelling, present_kinds, sort_key,
+)
 
 IGNORE_INDEX = -100  # label of a position that has none (special tokens, continuation sub-tokens, padding)
-Where = Callable[[int], str]  # a row's position -> where its user finds it ("train.csv line 12")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Label cells as users write them.
-
-
-def class_name(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # pandas turns an int column with a gap into floats
-    return str(value).strip()
-
-
-def label_set(value: Any) -> list[str]:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return []
-    if isinstance(value, (list, tuple)):
-        return [class_name(v) for v in value if v is not None and class_name(v)]
-    return [part.strip() for part in str(value).split("|") if part.strip()]
-
-
-def is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def value_kind(value: Any) -> str:
-    """What a cell holds, in words: a number (numeric strings too, as a csv gives them), text, true/false, a list..."""
-    if isinstance(value, (bool, np.bool_)):
-        return "true/false"
-    if isinstance(value, (int, float, np.number)):
-        return "a number"
-    if isinstance(value, str):
-        try:
-            float(value)
-            return "a number"
-        except ValueError:
-            return "text"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    return "a mapping" if isinstance(value, dict) else type(value).__name__
-
-
-def sort_key(name: str):
-    try:
-        return (0, float(name), name)
-    except ValueError:
-        return (1, 0.0, name)
-
-
-def entropy(counts: Sequence[int]) -> float:
-    """The entropy (nats) of the frequencies `counts` make: the loss of predicting them for every row."""
-    shares = np.asarray(counts, dtype=np.float64) / max(sum(counts), 1)
-    return float(-(shares[shares > 0] * np.log(shares[shares > 0])).sum())
-
-
-def _present(values: list, where: Where, key: str, what: str, blank_is_missing: bool) -> dict[str, list[int]]:
-    """Positions per kind of cell (value_kind); a missing cell (or a blank one, where that means missing) is refused."""
-    kinds: dict[str, list[int]] = {}
-    for i, label in enumerate(values):
-        if is_missing(label) or (blank_is_missing and not class_name(label)):
-            raise FinetuneError(f"{where(i)}: missing {what}; every row of {key} needs one")
-        kinds.setdefault(value_kind(label), []).append(i)
-    return kinds
-
-
-def _one_spelling(values: list, kinds: dict[str, list[int]], where: Where, key: str) -> None:
-    """One class per row, all spelt the same way (a list or a mapping is several labels; mixed kinds a mistake)."""
-    for kind in ("a list", "a mapping"):
-        if kind in kinds:
-            raise FinetuneError(
-                f"{where(kinds[kind][0])}: the label is {kind}; several labels per row need head.problem=multi_label"
-            )
-    if len(kinds) > 1:  # e.g. 0/1 labels with a stray "positive": one of the two spellings is a mistake
-        major, *others = sorted(kinds, key=lambda kind: len(kinds[kind]), reverse=True)
-        odd = kinds[others[0]][0]
-        example = values[kinds[major][0]]
-        raise FinetuneError(
-            f"{where(odd)}: label {values[odd]!r} is {others[0]}, but most labels of {key} are "
-            f"{major} (such as {example!r}); mixed label types: spell every class the same way"
-        )
+NO_LABEL = "(no label)"  # the class of rows without a label or entity, when N rows per class are kept
 
 
 class Problem:
@@ -127,7 +51,7 @@ class Problem:
 
     def check_labels(self, values: list, where: Where, key: str) -> None:
         """Refuse cells no encoding reads (FinetuneError naming the row by `where(position)`)."""
-        _one_spelling(values, _present(values, where, key, "label", blank_is_missing=False), where, key)
+        one_spelling(values, present_kinds(values, where, key, "label", blank_is_missing=False), where, key)
 
     def label_space(self, values: list, source: str) -> list[str] | None:
         """The label names training's cells hold, sorted (numbers numerically); None where outputs are a number."""
@@ -308,6 +232,21 @@ class Problem:
 
         return softmax_kl(logits, teacher, temperature)
 
+    # few labels: what a row counts for when N rows per class are kept, how alike two rows' labels are (contrastive)
+
+    def few_label_refusal(self) -> str | None:
+        """Why rows cannot be counted per class nor paired by label (data.*_per_class, contrastive); None: they can."""
+        return None
+
+    def row_classes(self, value: Any) -> list[str]:
+        """The classes one label cell counts for when N rows per class are kept (data.train_per_class)."""
+        return self.names_in(value)
+
+    def label_similarity(self, a, b):
+        """How alike encoded labels are, a (len(a), len(b)) tensor in [0, 1]: a contrastive pair's target and
+        SupCon's positive weight; 0 is a pair of different classes."""
+        raise FinetuneError(f"contrastive: head.problem={self.name} has no labels to pair rows by")
+
     # exports and the model card
 
     def native_config(self, labels: list[str] | None) -> dict:
@@ -352,7 +291,7 @@ class SingleLabel(Problem):
     single_class = True
 
     def check_labels(self, values, where, key) -> None:
-        _one_spelling(values, _present(values, where, key, "label", blank_is_missing=True), where, key)
+        one_spelling(values, present_kinds(values, where, key, "label", blank_is_missing=True), where, key)
 
     def label_space(self, values, source):
         ordered = super().label_space(values, source)
@@ -378,6 +317,10 @@ class SingleLabel(Problem):
 
         matrix = confusion_matrix(truth, predictions, labels=list(range(len(label_names))))
         return {"confusion": {"labels": list(label_names), "matrix": matrix.tolist()}}
+
+    def label_similarity(self, a, b):
+        """1 for the same class, else 0 (sentence-transformers' pairs for CosineSimilarityLoss)."""
+        return (a[:, None] == b[None, :]).float()
 
 
 class MultiLabel(Problem):
@@ -483,6 +426,17 @@ class MultiLabel(Problem):
     def card_data_note(self):
         return "A row can carry several labels, so the label counts can add up to more than the rows."
 
+    def row_classes(self, value):
+        """Each label of the row; a row without any counts for one more class, so some label-free rows stay."""
+        return label_set(value) or [NO_LABEL]
+
+    def label_similarity(self, a, b):
+        """The Jaccard similarity of the two label sets (1 for the same set, two empty sets included; 0 disjoint)."""
+        a, b = a.float(), b.float()
+        shared = a @ b.T
+        union = a.sum(1)[:, None] + b.sum(1)[None, :] - shared
+        return (shared / union.clamp(min=1)).masked_fill(union == 0, 1.0)
+
 
 class Regression(Problem):
     name = "regression"
@@ -498,7 +452,7 @@ class Regression(Problem):
 
     def check_labels(self, values, where, key) -> None:
         # encode names any target that is not a finite number
-        _present(values, where, key, "regression target (empty or NaN)", blank_is_missing=False)
+        present_kinds(values, where, key, "regression target (empty or NaN)", blank_is_missing=False)
 
     def label_space(self, values, source):
         return None
@@ -600,6 +554,12 @@ class Regression(Problem):
     def card_output_note(self, head) -> str:
         return "\nThe output is the predicted value, in the training targets' own units.\n"
 
+    def few_label_refusal(self):
+        return "head.problem=regression predicts a number: its rows have no classes to count or pair"
+
+    def row_classes(self, value):
+        raise FinetuneError(f"data.train_per_class: {self.few_label_refusal()}")
+
 
 class Tags(Problem):
     """A tag per word (token classification): logits are (batch, tokens, tags), labels IGNORE_INDEX where a token
@@ -685,6 +645,12 @@ class Tags(Problem):
 
     def card_data_note(self):
         return "Rows are sentences; the tag counts are words."
+
+    def row_classes(self, value):
+        """A sentence counts for each entity type it holds; one without any entity counts for one more class."""
+        from finetune.tasks.token_classification.tags import entity_types
+
+        return entity_types(list(value)) or [NO_LABEL]
 
 
 PROBLEMS: dict[str, Problem] = {p.name: p for p in (SingleLabel(), MultiLabel(), Regression(), Tags())}

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from finetune import allocator, export, health, recipe as recipe_module
+from finetune import allocator, contrastive, export, health, recipe as recipe_module
 from finetune import phases, precision, problems, step_choice, tracking, transfer
 from finetune.checkpoints import (
     Progress,
@@ -78,6 +78,9 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         say(line)
     _log_job(accelerator, out, job, memory_note, say)
     timer.mark("data and model")
+    # contrastive: SetFit's first stage tunes the backbone before the head trains (finetune.contrastive)
+    if (stage := contrastive.tune(job, recipe, accelerator, say, resume, checkpoints, INTERRUPT)) is not None:
+        timer.mark("contrastive stage")
     eval_batch = t.eval_batch_size or 2 * t.batch_size
     depths = _set_what_trains(job, recipe, accelerator)
     _use_cached_features(job, recipe, accelerator, eval_batch, say)
@@ -108,6 +111,8 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     metrics["train"]["precision"] = precision.name(accelerator.mixed_precision)  # predict runs at it too
     if choice is not None:
         metrics["train"]["step_choice"] = choice.record()
+    if stage is not None:
+        metrics["train"]["contrastive"] = stage
     timer.mark("training")
     _test_best(run, metrics)
     timer.mark("test")

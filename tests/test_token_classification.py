@@ -189,7 +189,8 @@ def test_read_split_takes_the_columns_from_the_recipe(tmp_path):
 def recipe_for(train, validation=None, test=None, **data):
     return SimpleNamespace(
         data=SimpleNamespace(train=str(train), validation=validation and str(validation), test=test and str(test),
-                             val_fraction=0.25, max_samples=None, tokens_column="tokens", tags_column="tags", **data),
+                             val_fraction=0.25, max_samples=None, tokens_column="tokens", tags_column="tags",
+                             train_per_class=None, validation_per_class=None, **data),
         train=SimpleNamespace(seed=0),
     )
 

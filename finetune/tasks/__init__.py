@@ -53,6 +53,7 @@ class Task:
     library: str  # whose folder a native model/ is: "transformers" or "timm"
     column_key: str  # the data.* key that names a table's input column ("text_column", "image_column", ...)
     step_choice_applies: bool = False  # a CPU run measures its memory format and precision (`step_choice`)
+    contrastive_applies: bool = False  # `contrastive:` tunes its backbone on pairs of labelled inputs first
 
     # -- data ------------------------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from finetune.data import (
     where_rows,
 )
 from finetune.errors import FinetuneError
-from finetune.problems import is_missing, value_kind
+from finetune.label_cells import is_missing, value_kind
 
 
 def _bbc_news() -> dict[str, RawSplit]:

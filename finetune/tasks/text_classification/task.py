@@ -21,6 +21,7 @@ class TextClassification(RowTask):
     inputs = "text"
     library = "transformers"
     column_key = "text_column"  # the data.* key naming the input column (predict --column's default)
+    contrastive_applies = True  # SetFit's first stage: texts (and pairs) of one class embedded alike
 
     def check_recipe(self, recipe, need) -> None:
         pass  # every text key applies

@@ -24,9 +24,11 @@ from finetune.data import (
     Splits,
     cap_rows,
     check_utf8,
+    keep_per_class,
     label_values,
     load_table,
     open_dataset,
+    per_class_info,
     read_parts,
     require_columns,
     stratified_split,
@@ -35,7 +37,7 @@ from finetune.data import (
     where_rows,
 )
 from finetune.errors import FinetuneError
-from finetune.problems import value_kind
+from finetune.label_cells import value_kind
 from finetune.tasks.token_classification.tags import OUTSIDE, tag_scheme
 
 CONLL_SUFFIXES = (".conll", ".txt", ".iob")
@@ -213,7 +215,8 @@ def load_splits(recipe) -> Splits:
     if held_out_from_train:
         kept, held = stratified_split([0] * len(train.texts), d.val_fraction, recipe.train.seed)
         parts["train"], parts["validation"] = subset_rows(train, kept), subset_rows(train, held)
-    names = tag_names(parts["train"])
+    names = tag_names(parts["train"])  # from all of train, before the per-class cut
+    few = keep_per_class(parts, recipe)
     skipped: dict[str, list[str]] = {}
     for key in SPLITS:
         if parts[key] is not None:
@@ -229,6 +232,7 @@ def load_splits(recipe) -> Splits:
         "labels": names,
         "scheme": tag_scheme(names),
         "validation_held_out_from_train": held_out_from_train,
+        **per_class_info(recipe),
         "splits": {
             key: {"source": split.source, "count": len(split.rows), "rows": split.rows,
                   **({"skipped": skipped[key]} if skipped.get(key) else {})}
@@ -236,7 +240,8 @@ def load_splits(recipe) -> Splits:
         },
     }
     kept_parts = {key: split for key, split in parts.items() if split is not None}
-    return Splits("tags", tables["train"], tables["validation"], tables["test"], names, info=info, parts=kept_parts)
+    return Splits("tags", tables["train"], tables["validation"], tables["test"], names, info=info, parts=kept_parts,
+                  warnings=few)
 
 
 def check_sentences(split: RawSplit, key: str) -> tuple[RawSplit, list[str]]:

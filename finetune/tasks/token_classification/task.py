@@ -78,6 +78,8 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
         def say(warning: str) -> None:
             report.warnings.append(" ".join(warning.split()))
 
+        for warning in splits.warnings:  # the splitting's own (an entity type short of data.train_per_class)
+            say(warning)
         for key, summary in summaries.items():
             if summary.skipped:
                 say(f"data.{key}: {len(summary.skipped)} empty sentence(s) dropped, first {summary.skipped[0]}; "
