@@ -144,7 +144,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from finetune.evaluate import evaluate
+    from finetune.evaluation import evaluate_model as evaluate
 
     report = evaluate(
         args.model, args.data, split=args.split, text_column=args.text_column, label_column=args.label_column,
@@ -194,7 +194,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from finetune.onnx_export import export
+    from finetune.onnx_export import export_onnx as export
 
     info = export(args.model, output=args.output, quantize=args.quantize)
     parity = info["parity"]

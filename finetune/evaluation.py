@@ -71,7 +71,7 @@ def _target_scaling(predictor: Predictor) -> tuple[float, float] | None:
     return (float(target["mean"]), float(target["std"])) if target else None
 
 
-def evaluate(source: str, data: str, split: str = "test", text_column=None, label_column=None, image_column=None,
+def evaluate_model(source, data: str, split: str = "test", text_column=None, label_column=None, image_column=None,
              batch_size: int = 32, output: str | None = None, progress: bool | None = None,
              pair_column: str | None = None) -> dict:
     """{"metrics": {loss, metric: value}, "rows": n, "data": ..., "confusion"/"per_label"/...: ...} for the model."""
