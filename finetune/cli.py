@@ -201,7 +201,7 @@ def cmd_serve(args) -> int:
 
 def _keep_freed_memory() -> None:
     """A verb that runs a model on the CPU: its batches reuse the pages the last one freed (finetune.allocator). The
-    setting is process-wide, so the CLI, whose process this is, makes it; finetune.load and the API leave it alone."""
+    setting is process-wide, so the CLI, whose process this is, makes it (as `run` does); finetune.load does not."""
     import torch
 
     from finetune import allocator
