@@ -1,15 +1,11 @@
-"""finetune: transfer learning from a YAML recipe — a pretrained backbone, a task head, an Accelerate trainer."""
+"""finetune: transfer learning from a YAML recipe — a pretrained backbone, a task head, an Accelerate trainer.
+
+The Python API (finetune.api): run, validate, evaluate, load and export, with Run and FinetuneError. Importing the
+package is cheap (the libraries load when a function first needs them) and changes nothing in the process.
+"""
+
+from finetune.api import Run, evaluate, export, load, run, validate
+from finetune.errors import FinetuneError
 
 __version__ = "0.1.0"
-
-
-def load(source, device=None):
-    """A trained model ready to use, from a run folder, its `model/` folder or a hub model id (owner/name).
-
-    `finetune.load(path).predict(["a text"])` gives label names and scores (a number for regression), batched; the
-    object also unpacks as `model, preprocess, spec` (the eval-mode module, the tokenizer or timm eval transform, and
-    the labels and problem) for use in your own loop.
-    """
-    from finetune.loading import load_predictor
-
-    return load_predictor(source, device=device)
+__all__ = ["FinetuneError", "Run", "evaluate", "export", "load", "run", "validate"]

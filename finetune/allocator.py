@@ -15,6 +15,9 @@ The process keeps at most `trim` bytes of freed memory at the top of its heap (1
 smaller machine): what a step frees, the next one takes again, so the resident size stays at the step's peak. A
 process that sets any MALLOC_*_ variable of glibc's own (MALLOC_TRIM_THRESHOLD_=131072 restores the default), or that
 runs on another C library, is left as it is.
+
+It is process-wide, so only code that owns the process sets it: a training run (`finetune run`, `finetune.run`) and
+the CLI's verbs that run a model. Importing finetune and `finetune.load` leave the allocator as it was.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ TOP_PAD = 64 << 20  # the heap grows by this much more than asked, so that a gro
 _USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_")
 
 _kept: str | None = None  # what keep_freed_memory did in this process (it is process-wide: once is enough)
+
+
+def kept() -> str | None:
+    """What keep_freed_memory set in this process (its log line), or None: glibc's malloc as the process had it."""
+    return _kept
 
 
 def trim_threshold() -> int:

@@ -10,9 +10,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from finetune import __version__
+from finetune import __version__, api
 from finetune.errors import FinetuneError
-from finetune.recipe import find_recipe, list_recipes, load_recipe, to_yaml
+from finetune.recipe import find_recipe, list_recipes, to_yaml
 
 EXIT_BAD_INPUT = 2
 
@@ -108,17 +108,8 @@ def _need_recipe(args) -> None:
 
 def cmd_validate(args) -> int:
     _need_recipe(args)
-    recipe = load_recipe(find_recipe(args.recipe), args.overrides)
-    from finetune.checks import check_data
-    from finetune.tracking import check_trackers
-
-    check_trackers(recipe.train.log_with)
-    from finetune.optim import check_scheduler
-
-    check_scheduler(recipe.train.scheduler, recipe.train.scheduler_args)
-
-    # files, columns, labels, leakage, token lengths, backbone, output folder: what `run` checks, without a model
-    report = check_data(recipe)
+    recipe = api.resolve_recipe(args.recipe, args.overrides)
+    report = api.validate(recipe)
     print(to_yaml(recipe), end="")  # stdout stays the resolved recipe, so it can be piped into a file
     print(report.table(), file=sys.stderr)
     for warning in report.warnings:
@@ -130,15 +121,10 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     _need_recipe(args)
-    source = Path(args.recipe)
-    if source.is_dir() and (source / "config.yaml").is_file():  # a run folder: its own resolved recipe
-        source = source / "config.yaml"
-    recipe = load_recipe(find_recipe(str(source)), args.overrides)  # before importing torch: typos report fast
-    from finetune.train import train
-
+    recipe = api.resolve_recipe(args.recipe, args.overrides)  # before importing torch: typos report fast
     if _is_main_process():
         print(to_yaml(recipe), end="")
-    train(recipe, overwrite=args.overwrite, resume=args.resume)
+    api.run(recipe, overwrite=args.overwrite, resume=args.resume)
     return 0
 
 
@@ -151,12 +137,11 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from finetune.evaluate import evaluate
-
-    report = evaluate(
+    _keep_freed_memory()
+    report = api.evaluate(
         args.model, args.data, split=args.split, text_column=args.text_column, label_column=args.label_column,
         image_column=args.image_column, batch_size=args.batch_size, output=args.output, pair_column=args.pair_column,
-    )
+    ).report
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -180,12 +165,12 @@ def _print_confusion(confusion: dict | None) -> None:
 
 
 def cmd_predict(args) -> int:
-    from finetune.loading import load_predictor
     from finetune.predict import default_column, expand_inputs
 
     if args.top_k is not None and args.top_k < 1:
         raise FinetuneError(f"--top-k: must be at least 1, got {args.top_k}")
-    predictor = load_predictor(args.model)
+    _keep_freed_memory()
+    predictor = api.load(args.model)
     pair_column = args.pair_column or (predictor.recipe.data.text_pair_column if predictor.recipe else None)
     inputs = expand_inputs(args.inputs, predictor.task, args.column or default_column(predictor), pair_column)
     if not inputs:
@@ -201,12 +186,14 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from finetune.onnx_export import export
+    from finetune.onnx_runtime import EXPORT_FILE
 
-    info = export(args.model, output=args.output, quantize=args.quantize)
+    _keep_freed_memory()
+    folder = api.export(args.model, format=args.format, quantize=args.quantize, output=args.output)
+    info = json.loads((folder / EXPORT_FILE).read_text(encoding="utf-8"))
     parity = info["parity"]
     agreement = "" if parity.get("agreement") is None else f", labels agree {parity['agreement']:.1%}"
-    print(f"{info['path']}: {info['bytes'] / 1e6:.1f} MB, max abs logit diff {parity['max_abs_logit_diff']:.2e}"
+    print(f"{folder}: {info['bytes'] / 1e6:.1f} MB, max abs logit diff {parity['max_abs_logit_diff']:.2e}"
           f"{agreement}", file=sys.stderr)
     return 0
 
@@ -214,8 +201,20 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from finetune.serve import serve
 
+    _keep_freed_memory()
     return serve(args.model, host=args.host, port=args.port, api_key_env=args.api_key_env, max_batch=args.max_batch,
                  max_wait_ms=args.max_wait_ms, max_inputs=args.max_inputs, max_body_mb=args.max_body_mb)
+
+
+def _keep_freed_memory() -> None:
+    """A verb that runs a model on the CPU: its batches reuse the pages the last one freed (finetune.allocator). The
+    setting is process-wide, so the CLI, whose process this is, makes it (as `run` does); finetune.load does not."""
+    import torch
+
+    from finetune import allocator
+
+    if not torch.accelerator.is_available():
+        allocator.keep_freed_memory()
 
 
 def _clip(text: str, width: int) -> str:

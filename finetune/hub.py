@@ -26,7 +26,7 @@ def _local_files(run_dir: Path) -> dict[str, Path]:
 
 def _card_for_repo(card: Path, repo_id: str) -> bytes:
     """The card with its usage snippet loading the repo instead of the local folder (the local file is unchanged)."""
-    from finetune.export import for_hub
+    from finetune.model_folder import for_hub
 
     return for_hub(card.read_text(encoding="utf-8"), repo_id).encode()
 

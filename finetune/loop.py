@@ -168,7 +168,7 @@ def end_epoch(run: Training, epoch: int, stopping: bool, checkpoints: bool) -> b
     finished = stopping or epoch >= run.epochs or (t.max_steps is not None and p.step >= t.max_steps)
     just_evaluated = bool(p.history) and p.history[-1].get("step") == p.step
     if t.eval_every is None or (finished and not just_evaluated):
-        stopping = validate(run, epoch) or stopping  # eval_every: the last step's weights are evaluated too
+        stopping = validate_epoch(run, epoch) or stopping  # eval_every: the last step's weights are evaluated too
     if t.eval_every is not None:
         run.say(f"epoch {epoch}/{run.epochs}: train loss {epoch_loss(p):.4f} | "
                 f"{samples / max(seconds, 1e-9):.1f} samples/s")
@@ -184,7 +184,7 @@ def epoch_loss(p: Progress) -> float:
     return (torch.tensor(p.epoch_loss) / max(p.batch, 1)).mean().item()  # the epoch's mean so far
 
 
-def validate(run: Training, epoch: int) -> bool:
+def validate_epoch(run: Training, epoch: int) -> bool:
     """One evaluation at step p.step: recorded, the best kept, the lr schedule told; True: stop early."""
     t, p, select = run.recipe.train, run.progress, run.recipe.eval.select_best
     loss = epoch_loss(p)
@@ -360,7 +360,7 @@ def validate_within_epoch(run: Training, clock: EpochClock) -> bool:
     """train.eval_every's evaluation in the middle of an epoch; back to training after it. True: stop early."""
     clock.record()
     evaluation_start = time.perf_counter()
-    stopping = validate(run, run.progress.epoch)
+    stopping = validate_epoch(run, run.progress.epoch)
     clock.pause(time.perf_counter() - evaluation_start)
     run.model.train()
     transfer.freeze_modes(run.model)

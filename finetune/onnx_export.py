@@ -35,7 +35,7 @@ def vnni_cpu() -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def export(source: str | Path, output: str | Path | None = None, quantize: str | None = None) -> dict:
+def export_onnx(source: str | Path, output: str | Path | None = None, quantize: str | None = None) -> dict:
     """Write the export folder for a run or model folder; returns export.json's content."""
     require_onnx()
     from finetune.loading import load_predictor, resolve
@@ -120,7 +120,7 @@ def _default_output(predictor, source, quantize) -> Path:
 
 def _sample_inputs(predictor) -> list:
     """Inputs the parity check runs on: the run's validation/test/train texts or images, else made-up ones."""
-    from finetune.evaluate import read_labelled
+    from finetune.evaluation import read_labelled
 
     recipe = predictor.recipe
     if recipe is not None:
@@ -455,7 +455,7 @@ def _quantize_static(predictor, fp32: Path, out: Path, reduce_range: bool) -> No
 
 def _calibration_images(predictor) -> list:
     """A fixed sample of the run's training images (made-up pixels when the run is not known)."""
-    from finetune.evaluate import read_labelled
+    from finetune.evaluation import read_labelled
 
     recipe = predictor.recipe
     if recipe is not None and recipe.data.train:
@@ -493,7 +493,7 @@ def _parity(predictor, out: Path, sample: list, torch_logits, quantize) -> dict:
 def _test_metrics(predictor, out: Path) -> dict | None:
     """{"torch": metrics, "onnx": metrics} on the run's test split: data.test, or the test split of the data set
     data.train names (the zoo's, a hub set's, a split folder's) when the run tested on it; None when it had none."""
-    from finetune.evaluate import evaluate
+    from finetune.evaluation import evaluate_model
 
     recipe = predictor.recipe
     if recipe is None:
@@ -503,11 +503,11 @@ def _test_metrics(predictor, out: Path) -> dict | None:
         data = recipe.data.train
     if not data:
         return None
-    torch_metrics = evaluate(str(predictor.run_dir), data, split="test", progress=False)["metrics"]
+    torch_metrics = evaluate_model(str(predictor.run_dir), data, split="test", progress=False)["metrics"]
     d = recipe.data
     columns = {"text_column": d.text_column, "label_column": d.label_column, "image_column": d.image_column,
                "pair_column": d.text_pair_column}
-    onnx_metrics = evaluate(str(out), data, split="test", progress=False, **columns)["metrics"]
+    onnx_metrics = evaluate_model(str(out), data, split="test", progress=False, **columns)["metrics"]
     return {"torch": torch_metrics, "onnx": onnx_metrics, "data": data}
 
 

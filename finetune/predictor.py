@@ -36,11 +36,8 @@ class Predictor:
                  device: str | None = None):
         import torch
 
+        # nothing process-wide here (a notebook's kernel is the user's): the CLI's verbs set the allocator themselves
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if torch.device(self.device).type == "cpu":  # batches of predictions reuse the pages the last one freed
-            from finetune import allocator
-
-            allocator.keep_freed_memory()
         self.model = model.eval()  # moved to the device at the first prediction: unpacked, it is on the CPU as loaded
         self.preprocess = preprocess
         self.spec = spec

@@ -106,7 +106,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def read_recipe_file(path: str | Path) -> dict:
+    """A recipe file's mapping as written, before overrides, defaults and checks."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -117,7 +118,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raw = {}
     if not isinstance(raw, dict):
         raise FinetuneError(f"{path}: a recipe is a YAML mapping of sections (task, backbone, data, ...)")
-    raw = apply_overrides(raw, list(overrides))
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    raw = apply_overrides(read_recipe_file(path), list(overrides))
     recipe = from_dict(raw, source=str(path))
     if recipe.output.dir is None:
         recipe.output.dir = str(Path("runs") / path.stem)

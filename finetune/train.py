@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from finetune import allocator, contrastive, export, health, recipe as recipe_module
+from finetune import allocator, contrastive, health, recipe as recipe_module
 from finetune import phases, precision, problems, step_choice, tracking, transfer
 from finetune.checkpoints import (
     Progress,
@@ -35,6 +35,7 @@ from finetune.errors import FinetuneError
 from finetune.loop import INTERRUPT, Training, evaluate_split, fit
 from finetune.metrics import higher_is_better
 from finetune.model import fold_target_scaling, interface_of
+from finetune.model_folder import export_model
 from finetune.optim import build_param_groups, build_scheduler, warmup_steps
 from finetune.tasks import Job, get_task
 
@@ -345,7 +346,7 @@ def _save_run(final, run: Training, metrics: dict, plots: bool, timer) -> None:
     # weights, which safetensors refuses to write: the exported model is in the default layout
     final = final.to(memory_format=torch.contiguous_format)
     splits = run.job.splits
-    atomic_save(out / "model", lambda d: export.export_model(run.job.save, final, d, recipe, splits, metrics, plots))
+    atomic_save(out / "model", lambda d: export_model(run.job.save, final, d, recipe, splits, metrics, plots))
     timer.mark("saving")
     metrics["train"].update(timer.report())
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

@@ -101,7 +101,7 @@ def bench_text(args, work: Path) -> tuple[dict, Path]:
     from transformers import pipeline
 
     import finetune
-    from finetune.onnx_export import export
+    from finetune.onnx_export import export_onnx
 
     short = Path(args.short)
     overrides = [f"data.train={short / 'train.csv'}", f"data.validation={short / 'validation.csv'}",
@@ -110,7 +110,7 @@ def bench_text(args, work: Path) -> tuple[dict, Path]:
     if args.text_backbone:
         overrides.append(f"backbone.name={args.text_backbone}")
     run = train_run("text/minilm-bbc-news", work / "text-run", overrides)
-    exports = {q or "fp32": export(run, quantize=q) for q in (None, "int8")}
+    exports = {q or "fp32": export_onnx(run, quantize=q) for q in (None, "int8")}
     test = pd.read_csv(short / "test.csv")
     texts, truth = list(test["text"]), list(test["label"])
     pipe = pipeline("text-classification", model=str(run / "model"), device="cpu")
@@ -156,9 +156,9 @@ def bench_image(args, work: Path) -> dict:
     from timm.data import create_transform, resolve_model_data_config
 
     import finetune
-    from finetune.evaluate import read_labelled
+    from finetune.evaluation import read_labelled
     from finetune.tasks.image_classification.files import load_image
-    from finetune.onnx_export import export
+    from finetune.onnx_export import export_onnx
 
     overrides = ["train.epochs=1", *args.image_override]
     if args.image_backbone:
@@ -166,7 +166,7 @@ def bench_image(args, work: Path) -> dict:
     if args.image_size:
         overrides.append(f"data.image_size={args.image_size}")
     run = train_run("vision/efficientnet-lite0-digits", work / "image-run", overrides)
-    exports = {q or "fp32": export(run, quantize=q) for q in (None, "int8")}
+    exports = {q or "fp32": export_onnx(run, quantize=q) for q in (None, "int8")}
     predictor = finetune.load(run)
     raw = read_labelled(predictor.recipe, "digits", "test")
     labels = predictor.labels

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import LABELS, recipe_dict, subprocess_env, to_recipe
 
-from finetune.export import base_model, for_hub
+from finetune.model_folder import base_model, for_hub
 from finetune.train import train
 
 

@@ -14,7 +14,7 @@ from test_images import save_image
 from test_pairs import pair_data  # noqa: F401  (fixture)
 from test_token_classification import corpus, write
 
-from finetune.export import model_card
+from finetune.model_folder import model_card
 from finetune.model import is_native
 from finetune.tasks import TASKS, get_task
 

@@ -13,7 +13,7 @@ from conftest import call_main, recipe_dict, run_export_card, run_without_finetu
 from test_predict import COLOURS, colour_image  # the same toy images
 
 import finetune
-from finetune.onnx_export import export
+from finetune.onnx_export import export_onnx
 from finetune.train import train
 
 TEXTS = ["the bread today", "a goal of news", "very robot story code", "salad and soup", "chip"]
@@ -39,7 +39,7 @@ def runs(tiny_bert, tiny_data, multi_label_data, regression_data, tmp_path_facto
 
 @pytest.mark.parametrize("name", ["single", "multi", "regression"])
 def test_fp32_export_gives_the_torch_logits(runs, name):
-    info = export(runs[name])
+    info = export_onnx(runs[name])
     folder = runs[name] / "export" / "onnx"
     written = json.loads((folder / "export.json").read_text())
     assert {"format", "quantize", "opset", "bytes", "source", "parity", "test"} <= set(written)
@@ -60,7 +60,7 @@ def test_int8_export_agrees_and_reports_the_test_metric(runs, capfd):
 
 
 def test_eval_and_predict_take_the_export(runs, tiny_data, capfd):
-    export(runs["single"])
+    export_onnx(runs["single"])
     folder = runs["single"] / "export" / "onnx"
     torch_eval = call_main(capfd, "eval", runs["single"], "--data", tiny_data["test"], "--json")
     onnx_eval = call_main(capfd, "eval", folder, "--data", tiny_data["test"], "--json", "--text-column", "sentence",
@@ -95,7 +95,7 @@ print(json.dumps(logits.tolist()))
 
 
 def test_onnxruntime_alone_runs_the_export(runs, tmp_path):
-    export(runs["multi"])
+    export_onnx(runs["multi"])
     folder = runs["multi"] / "export" / "onnx"
     logits = run_without_finetune(STANDALONE, folder, *TEXTS, cwd=tmp_path)
     np.testing.assert_allclose(np.array(logits), finetune.load(runs["multi"]).logits(TEXTS), atol=1e-4)
@@ -121,12 +121,12 @@ def test_an_image_export_matches_and_quantises(tmp_path):
         "output": {"dir": str(root / "run")},
     }
     metrics = train(to_recipe(raw))
-    info = export(root / "run")
+    info = export_onnx(root / "run")
     assert info["parity"]["max_abs_logit_diff"] < 1e-4
     assert info["test"]["data"] == str(root / "data")  # its test split, as the run tested on it
     assert info["test"]["torch"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
     assert info["test"]["onnx"]["accuracy"] == pytest.approx(info["test"]["torch"]["accuracy"])
-    info8 = export(root / "run", quantize="int8")
+    info8 = export_onnx(root / "run", quantize="int8")
     assert info8["quantization"]["method"] in ("static-qdq", "dynamic") and info8["parity"]["agreement"] >= 0.75
     images = [str(p) for p in sorted((root / "data" / "test").rglob("*.png"))]
     np.testing.assert_allclose(finetune.load(root / "run" / "export" / "onnx").logits(images),
@@ -138,7 +138,7 @@ def test_an_image_export_matches_and_quantises(tmp_path):
 
 
 def test_exporting_an_export_is_one_line(runs, capfd):
-    export(runs["single"])
+    export_onnx(runs["single"])
     result = call_main(capfd, "export", runs["single"] / "export" / "onnx")
     assert result.returncode == 2 and "already an ONNX export" in result.stderr
 
@@ -148,7 +148,7 @@ def test_serve_runs_an_export_like_the_torch_model(runs):
 
     from finetune.serve import build_app
 
-    export(runs["single"])
+    export_onnx(runs["single"])
     answers = []
     for source in (runs["single"], runs["single"] / "export" / "onnx"):
         with TestClient(build_app(finetune.load(source))) as client:
@@ -173,7 +173,7 @@ def test_text_exports_run_fused_attention_that_masks_the_padding(runs):
     # int8 quantises activations with one scale per batch, so a neighbour moves the logits a little (0.04 here);
     # a QAttention that attends to the padding moved them by 3
     for quantize, tolerance in ((None, 1e-4), ("int8", 0.5)):
-        info = export(runs["single"], quantize=quantize)
+        info = export_onnx(runs["single"], quantize=quantize)
         assert info["fusion"]["Attention"] == 2  # 2 layers
         ops = collections.Counter(node.op_type for node in onnx.load(Path(info["path"]) / "model.onnx").graph.node)
         # residual + LayerNorm back as Add + LayerNormalization (the fused CPU kernel is 3x slower), 2 a layer
@@ -186,7 +186,7 @@ def test_text_exports_run_fused_attention_that_masks_the_padding(runs):
 
 @pytest.mark.parametrize("name", ["single", "multi", "regression"])
 def test_the_cards_lines_run_with_onnxruntime_alone_and_print_what_predict_gives(runs, name):
-    export(runs[name])
+    export_onnx(runs[name])
     inputs, printed = run_export_card(runs[name] / "export" / "onnx")
     results = finetune.load(runs[name]).predict(inputs)
     if name == "single":

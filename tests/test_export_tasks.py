@@ -13,7 +13,7 @@ from test_pairs import pair_data, pair_raw  # noqa: F401  (fixtures)
 from test_token_task import conll, tagger_backbone, token_raw  # noqa: F401  (fixtures)
 
 import finetune
-from finetune.onnx_export import export, sample_logits
+from finetune.onnx_export import export_onnx, sample_logits
 from finetune.train import train
 
 SENTENCES = ["John visited Paris", "Mary and Washington", "the Parisian robot"]
@@ -42,7 +42,7 @@ def _pairs(path) -> list[dict]:
 
 
 def test_a_pair_export_takes_token_type_ids_and_gives_the_torch_logits(pair_run, pair_data):  # noqa: F811
-    info = export(pair_run)
+    info = export_onnx(pair_run)
     folder = pair_run / "export" / "onnx"
     assert "token_type_ids" in info["inputs"] and info["parity"]["max_abs_logit_diff"] < 1e-4
     assert info["test"]["onnx"]["accuracy"] == pytest.approx(info["test"]["torch"]["accuracy"])
@@ -69,7 +69,7 @@ def test_a_pair_int8_export_agrees_on_the_separable_pairs(pair_run, pair_data, c
 
 
 def test_a_token_export_gives_the_torch_logits_per_token_and_the_same_entities(token_run, conll, capfd):  # noqa: F811
-    info = export(token_run)
+    info = export_onnx(token_run)
     folder = token_run / "export" / "onnx"
     assert info["problem"] == "tags" and info["parity"]["agreement_of"] == "sub-tokens"
     assert info["parity"]["max_abs_logit_diff"] < 1e-4 and info["parity"]["agreement"] == 1.0
@@ -105,7 +105,7 @@ def test_a_token_export_gives_the_torch_logits_per_token_and_the_same_entities(t
 
 
 def test_a_token_int8_export_keeps_the_tags(token_run):
-    info = export(token_run, quantize="int8")
+    info = export_onnx(token_run, quantize="int8")
     assert info["quantization"]["method"] == "dynamic"
     assert info["parity"]["agreement"] >= 0.95  # sub-token argmax agreement on the test sentences
     assert info["test"]["onnx"]["f1"] >= info["test"]["torch"]["f1"] - 0.1
@@ -118,7 +118,7 @@ def test_serve_tags_words_and_scores_pairs_from_an_export(token_run, pair_run):
 
     for run in (token_run, pair_run):  # the exports the tests above wrote, when they ran first
         if not (run / "export" / "onnx" / "export.json").is_file():
-            export(run)
+            export_onnx(run)
     answers = []
     for source in (token_run, token_run / "export" / "onnx"):
         with TestClient(build_app(finetune.load(source))) as client:
@@ -176,7 +176,7 @@ def test_predict_and_eval_on_an_export_read_tables_with_the_runs_columns(table_t
     also once the export is copied away from its run."""
     token_run, token_data = table_token_run
     for run, test_file, rows in ((pair_run, pair_data["test"], 24), (token_run, token_data["test"], 16)):
-        export(run)
+        export_onnx(run)
         moved = tmp_path / run.parent.name
         shutil.copytree(run / "export" / "onnx", moved)
         info = json.loads((moved / "export.json").read_text())
@@ -201,7 +201,7 @@ def test_the_cards_of_pair_and_token_exports_run_with_onnxruntime_alone(pair_run
     """Each task's card encodes its own inputs: pairs as the tokenizer's pair, word lists with a tag per word."""
     for run in (pair_run, token_run):
         if not (run / "export" / "onnx" / "export.json").is_file():
-            export(run)
+            export_onnx(run)
     inputs, printed = run_export_card(pair_run / "export" / "onnx")
     assert all(isinstance(pair, tuple) and len(pair) == 2 for pair in inputs)
     assert printed == [[r["label"] for r in finetune.load(pair_run).predict(inputs)]]

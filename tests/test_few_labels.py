@@ -294,9 +294,9 @@ def test_the_tuned_model_exports_to_onnx_with_the_same_logits(contrastive_run):
     import numpy as np
 
     import finetune
-    from finetune.onnx_export import export
+    from finetune.onnx_export import export_onnx
 
-    export(contrastive_run)
+    export_onnx(contrastive_run)
     folder = contrastive_run / "export" / "onnx"
     assert json.loads((folder / "export.json").read_text())["parity"]["max_abs_logit_diff"] < 1e-4
     texts = ["the bread of news", "a goal today", "chip"]

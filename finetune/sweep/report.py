@@ -153,14 +153,14 @@ def _card_for_best(run_dir: Path, recipe, splits) -> None:
     """The best trial's plots and model card, with its test metrics once it has them. Trials train without plots
     (drawing them took a third of a cached probe trial); the best one gets what any run folder has. Each report
     redraws them for the best trial so far, so a sweep stopped early still leaves a complete best model."""
-    from finetune import export
     from finetune.model import KIT_FORMAT_FILE
+    from finetune.model_folder import write_card
 
     model_dir = run_dir / "model"
     metrics = _read_json(run_dir / "metrics.json")
     if not metrics or not (model_dir / "README.md").is_file():
         return
-    export.write_card(model_dir, recipe, splits, metrics, native=not (model_dir / KIT_FORMAT_FILE).is_file())
+    write_card(model_dir, recipe, splits, metrics, native=not (model_dir / KIT_FORMAT_FILE).is_file())
 
 
 def write_sweep_plots(study, setup: Setup, directory: Path) -> list[Path]:

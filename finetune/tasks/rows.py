@@ -12,6 +12,6 @@ class RowTask(Task):
 
     def evaluate(self, predictor, raw, recipe, split: str = "test", batch_size: int = 32,
                  progress: bool | None = None, records: bool = False) -> dict:
-        from finetune.evaluate import evaluate_rows
+        from finetune.evaluation import evaluate_rows
 
         return evaluate_rows(predictor, raw, recipe, split, batch_size, progress, records)

@@ -79,7 +79,7 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
         return image_logits(predictor, inputs, batch_size, show)
 
     def card_usage(self, recipe, reference: str, native: bool) -> str:
-        from finetune.export import row_usage
+        from finetune.model_folder import row_usage
 
         return row_usage(recipe, reference, native, vision=True)
 

@@ -106,7 +106,7 @@ def load_text_model(directory: Path):
         problem = {v: k for k, v in NATIVE_PROBLEM_TYPES.items()}.get(config.problem_type, "single_label")
         labels = get(problem).labels_of_config(config)
         spec = {"format": "transformers", "problem": problem, "labels": labels}
-        kept = getattr(config, TIMM_CONFIG_KEY, None)  # the trained head.threshold (finetune.export._keep_threshold)
+        kept = getattr(config, TIMM_CONFIG_KEY, None)  # the trained head.threshold (model_folder._keep_threshold)
         spec.update(get(problem).read_config_fields(kept))
         return model.eval(), tokenizer, spec
     config = AutoConfig.from_pretrained(directory)

@@ -62,7 +62,7 @@ class TextClassification(RowTask):
         return text_logits(predictor, inputs, batch_size, show)
 
     def card_usage(self, recipe, reference: str, native: bool) -> str:
-        from finetune.export import row_usage
+        from finetune.model_folder import row_usage
 
         return row_usage(recipe, reference, native, vision=False)
 

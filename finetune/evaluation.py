@@ -71,21 +71,22 @@ def _target_scaling(predictor: Predictor) -> tuple[float, float] | None:
     return (float(target["mean"]), float(target["std"])) if target else None
 
 
-def evaluate(source: str, data: str, split: str = "test", text_column=None, label_column=None, image_column=None,
-             batch_size: int = 32, output: str | None = None, progress: bool | None = None,
-             pair_column: str | None = None) -> dict:
-    """{"metrics": {loss, metric: value}, "rows": n, "data": ..., "confusion"/"per_label"/...: ...} for the model."""
+def evaluate_model(source, data: str, split: str = "test", text_column=None, label_column=None, image_column=None,
+                   batch_size: int = 32, output: str | None = None, progress: bool | None = None,
+                   pair_column: str | None = None) -> dict:
+    """{"metrics": {loss, metric: value}, "rows": n, "data": ..., "confusion"/"per_label"/...: ...} for the model
+    (`source`: what load_predictor takes, or a Predictor already loaded)."""
     from finetune.tasks import get_task
 
     if output is not None and Path(output).suffix.lower() not in OUTPUT_FORMATS:
         raise FinetuneError(f"--output: '{output}' must end in {' or '.join(OUTPUT_FORMATS)}")
-    predictor = load_predictor(source)
+    predictor = source if isinstance(source, Predictor) else load_predictor(source)
     recipe = eval_recipe(predictor, data, text_column, label_column, image_column, pair_column)
     raw = read_labelled(recipe, data, split)
     report = get_task(recipe.task).evaluate(predictor, raw, recipe, split, batch_size, progress,
                                             records=output is not None)
     records, details = report.pop("records"), report.pop("details")
-    report.update(data=data, model=str(source), **details)
+    report.update(data=data, model=predictor.source, **details)
     if output is not None:
         write_records(Path(output), records)
     return report
