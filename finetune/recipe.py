@@ -35,9 +35,9 @@ class Backbone:
 
 @dataclass
 class Head:
-    type: Literal["linear", "mlp"] = "linear"
+    type: Literal["linear", "mlp"] = "linear"  # linear: one layer on the pooled output | mlp: head.hidden layers first
     hidden: list[int] = field(default_factory=list)  # mlp layer widths
-    dropout: float = 0.1
+    dropout: float = 0.1  # on the head's input (and between mlp layers)
     pooling: Literal["auto", "cls", "mean"] = "auto"  # auto: what the ecosystem's own class pools
     # tags: a tag per word, token-classification's only problem (it takes it whatever this says by default)
     problem: Literal["single_label", "multi_label", "regression", "tags"] = "single_label"
@@ -48,15 +48,15 @@ class Head:
 class Data:
     train: str  # offline zoo data set | csv/tsv/json/jsonl/parquet file | image folder | hub:<id>
     validation: Optional[str] = None  # null: a stratified val_fraction of train (seeded), saved in split.json
-    test: Optional[str] = None
-    val_fraction: float = 0.1
+    test: Optional[str] = None  # null: the data set's own test split when it has one, else no test pass
+    val_fraction: float = 0.1  # the share of train held out for validation when data.validation is null
     max_samples: Optional[int] = None  # cap the rows of each split (quick experiments)
-    text_column: str = "text"
+    text_column: str = "text"  # tables: the column holding each row's text
     text_pair_column: Optional[str] = None  # sentence pairs (NLI, paraphrase, STS): the second text of each row
     tokens_column: str = "tokens"  # token-classification tables: a list of words per row
     tags_column: str = "tags"  # token-classification tables: a list of tags per row, one per word
     label_all_tokens: bool = False  # token-classification: a word's tag on all its sub-tokens (B- becoming I-)
-    image_column: str = "image"
+    image_column: str = "image"  # image tables: paths (relative to the file) or image bytes
     label_column: str = "label"  # multi_label: a list column or an "a|b|c" string; regression: a number
     max_length: int = 256  # text: tokens per example, longer texts are truncated
     image_size: Optional[int] = None  # vision; null: the backbone's pretrained input size
@@ -97,13 +97,14 @@ class Freeze:
 
 @dataclass
 class Train:
-    epochs: int = 3
-    max_steps: Optional[int] = None  # stop after this many optimizer steps, whatever train.epochs says (the schedule
-    # spans them, as in the transformers Trainer); null: train.epochs
+    epochs: int = 3  # passes over the training data
+    # stop after this many optimizer steps, whatever train.epochs says (the schedule spans them, as in the
+    # transformers Trainer); null: train.epochs
+    max_steps: Optional[int] = None
     eval_every: Optional[int] = None  # validate every N optimizer steps (and at the last); null: after each epoch
     batch_size: int = 32  # per process; the global batch is batch_size x processes x grad_accum
     eval_batch_size: Optional[int] = None  # null: 2 x batch_size
-    lr: float = 5.0e-5
+    lr: float = 5.0e-5  # peak learning rate (AdamW), reached after train.warmup
     head_lr: Optional[float] = None  # null: same as lr
     weight_decay: float = 0.01  # never on biases and norm weights
     # transformers' schedules (SchedulerType): cosine | linear | constant (with warmup) | cosine_with_min_lr |
@@ -119,11 +120,11 @@ class Train:
     # {lr_end: 1.0e-7, power: 2.0} (polynomial), {num_cycles: 3} (cosine_with_restarts), {timescale: 100}
     scheduler_args: dict[str, Any] = field(default_factory=dict)
     warmup: Union[int, float] = 0.1  # float < 1: fraction of steps; int: steps
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches summed into one optimizer step
     max_grad_norm: Optional[float] = 1.0  # null: no clipping
     # auto: bf16/fp16 on GPUs, bf16 autocast on CPUs with native bf16 (AVX512_BF16/AMX), fp32 on the others
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    seed: int = 42
+    seed: int = 42  # weights of the new head, data order, dropout, the held-out validation split
     early_stopping: Optional[EarlyStopping] = None  # {metric: accuracy, patience: 2}
     label_smoothing: float = 0.0  # single_label cross-entropy (and mixup/cutmix targets)
     ema: Optional[Ema] = None  # {decay: 0.9998}: keep an exponential moving average of the weights
@@ -183,8 +184,8 @@ class Output:
 
 @dataclass
 class Hub:
-    repo_id: Optional[str] = None
-    private: bool = True
+    repo_id: Optional[str] = None  # OWNER/NAME: push model/ there at the end of the run; null: no push
+    private: bool = True  # a new repo is private; `finetune push --public` overrides
 
 
 @dataclass
@@ -194,27 +195,28 @@ class Sweep:
     # dotted key -> {loguniform: [lo, hi]} | {uniform: [lo, hi]} | {int: [lo, hi], log: false} | {choice: [...]}
     space: dict = field(default_factory=dict)
     metric: Optional[str] = None  # null: eval.select_best; on validation, the trial's best epoch
-    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    sampler: Literal["tpe", "random", "grid"] = "tpe"  # Optuna's TPE | random | grid (choices and int ranges)
     pruner: Literal["median", "hyperband", "none"] = "median"  # judged on each epoch's validation value
     trials: int = 10  # finished (complete or pruned) trials the study should hold; --trials overrides
     startup_trials: int = 3  # trials drawn at random and never pruned before the sampler and pruner use the rest
-    min_epochs: Optional[int] = None  # epochs a trial runs before the pruner may stop it; null: train.epochs // 2 + 1
-    # (past the middle of a decaying lr schedule, which ranks high-lr trials unfairly early); never after the last
+    # epochs a trial runs before the pruner may stop it; null: train.epochs // 2 + 1 (past the middle of a decaying
+    # lr schedule, which ranks high-lr trials unfairly early); never after the last
+    min_epochs: Optional[int] = None
     seed: Optional[int] = None  # sampler seed; null: every worker draws differently
 
 
 @dataclass(kw_only=True)
 class Recipe:
-    task: TaskName
-    backbone: Backbone
-    head: Head = field(default_factory=Head)
-    data: Data
-    augment: Augment = field(default_factory=Augment)  # vision only
-    train: Train = field(default_factory=Train)
-    lora: Optional[Lora] = None  # {r: 8, alpha: 16, dropout: 0.05, target_modules: auto}
-    eval: Eval = field(default_factory=Eval)
-    output: Output = field(default_factory=Output)
-    hub: Hub = field(default_factory=Hub)
+    task: TaskName  # what the model learns: a label per text, per image, or a tag per word
+    backbone: Backbone  # the pretrained model under the head
+    head: Head = field(default_factory=Head)  # the new layers on top, and the problem they solve
+    data: Data  # the training, validation and test data, and how to read them
+    augment: Augment = field(default_factory=Augment)  # image-classification only: train-time augmentation
+    train: Train = field(default_factory=Train)  # the optimisation: epochs, lrs, schedule, precision, freezing
+    lora: Optional[Lora] = None  # low-rank adapters instead of training every weight: {r: 8} (peft); null: off
+    eval: Eval = field(default_factory=Eval)  # the metrics, and the one that picks the kept model
+    output: Output = field(default_factory=Output)  # where the run folder goes
+    hub: Hub = field(default_factory=Hub)  # pushing the model to the Hugging Face hub
     sweep: Optional[Sweep] = None  # read by `finetune sweep` only; `finetune run` ignores it
 
 
