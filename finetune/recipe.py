@@ -46,7 +46,9 @@ class Head:
 
 @dataclass
 class Data:
-    train: str  # offline zoo data set | csv/tsv/json/jsonl/parquet file | image folder | hub:<id>
+    # offline zoo data set | csv/tsv/json/jsonl/parquet file | image folder | hub:<id> | token-classification:
+    # a CoNLL file (.conll, .iob, and .txt, which `finetune predict` reads as one text per line instead)
+    train: str
     validation: Optional[str] = None  # null: a stratified val_fraction of train (seeded), saved in split.json
     test: Optional[str] = None  # null: the data set's own test split when it has one, else no test pass
     val_fraction: float = 0.1  # the share of train held out for validation when data.validation is null
