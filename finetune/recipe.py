@@ -60,10 +60,12 @@ class Data:
     label_all_tokens: bool = False  # token-classification: a word's tag on all its sub-tokens (B- becoming I-)
     image_column: str = "image"  # image tables: paths (relative to the file) or image bytes
     label_column: str = "label"  # multi_label: a list column or an "a|b|c" string; regression: a number
-    max_length: int = 256  # text: tokens per example, longer texts are truncated
+    max_length: int = 256  # text: tokens per example, longer texts are truncated; batches padded to their longest row
     image_size: Optional[int] = None  # vision; null: the backbone's pretrained input size
     skip_bad_images: bool = False  # vision: skip (and count) unreadable images instead of stopping with an error
-    num_workers: Optional[int] = None  # loader processes; null: 0 for text, images: tasks.image_classification
+    # loader processes; null: 0 for text; images: 0 on CPUs whose every core trains (decoded images then stay in
+    # memory), else up to 4 (tasks.image_classification)
+    num_workers: Optional[int] = None
 
 
 @dataclass
@@ -108,7 +110,7 @@ class Train:
     eval_batch_size: Optional[int] = None  # null: 2 x batch_size
     lr: float = 5.0e-5  # peak learning rate (AdamW), reached after train.warmup
     head_lr: Optional[float] = None  # null: same as lr
-    weight_decay: float = 0.01  # never on biases and norm weights
+    weight_decay: float = 0.01  # never on biases, norm weights, nor what timm's no_weight_decay() names
     # transformers' schedules (SchedulerType): cosine | linear | constant (with warmup) | cosine_with_min_lr |
     # cosine_warmup_with_min_lr | warmup_stable_decay | polynomial | cosine_with_restarts | inverse_sqrt |
     # constant_with_warmup; each takes its own train.scheduler_args. reduce_lr_on_plateau | greedy: the lr follows
@@ -170,7 +172,9 @@ class Lora:
 
 @dataclass
 class Eval:
-    metrics: Optional[list[str]] = None  # null: the usual ones for head.problem (see DEFAULT_METRICS)
+    # null: the usual ones for head.problem: [accuracy, f1_macro] | multi_label [f1_micro, f1_macro, accuracy] |
+    # regression [rmse, mae, r2, pearson, spearman] | tags [f1, precision, recall, token_accuracy]
+    metrics: Optional[list[str]] = None
     select_best: Optional[str] = None  # the metric that picks the kept checkpoint; null: the first of eval.metrics
     # eval.metrics may name Hugging Face evaluate modules, 'evaluate:<folder or hub id>[#key]'; evaluate.load runs
     # their Python code, so they load only with trust_metric_code: true (as transformers' trust_remote_code)
