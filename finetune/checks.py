@@ -378,9 +378,14 @@ def _token_warnings(report: DataReport, recipe, max_positions: int | None, say) 
     if over:
         shares = ", ".join(f"{_percent(n, report.splits[key].rows)} of {key} ({n})" for key, n in over.items())
         first = report.splits[next(iter(over))].tokens
+        room = f" ({recipe.backbone.name} takes up to {max_positions})" if max_positions else ""
+        # a short max_length can be the recipe's choice (the quickstart's 64: a headline carries the topic), so the
+        # line says when truncation is fine instead of only counting it
         say(
             f"data.max_length: {shares} texts are longer than {max_length} tokens and will be truncated "
-            f"({next(iter(over))}: p50 {first['p50']}, p90 {first['p90']}, max {first['max']} tokens)"
+            f"({next(iter(over))}: p50 {first['p50']}, p90 {first['p90']}, max {first['max']} tokens): the model reads "
+            f"each text's first {max_length} tokens, enough when a text's start carries its label (a headline, a "
+            f"subject line); otherwise raise data.max_length{room}"
         )
 
 

@@ -381,7 +381,8 @@ def _add_recipe_verbs(verbs) -> None:
     """ls, cat, cp, schema and validate: the recipes, before any training."""
     ls = _verb(verbs, "ls", "list the built-in recipes, or the runs in a folder",
                "Without a folder: the built-in recipes, one line each (task, backbone, data, and what a recipe needs "
-               "beyond pip: an apt package or the network). With a folder: its runs compared in one table.",
+               "beyond pip: files (a data key names your own files), an apt package or the network). With a "
+               "folder: its runs compared in one table.",
                "  finetune ls\n  finetune ls --json\n  finetune ls runs/")
     ls.add_argument("folder", nargs="?", help="a folder of runs (e.g. runs/): compare them in one table")
     ls.add_argument("--json", action="store_true", help="the recipes (or runs) as JSON")
@@ -484,7 +485,9 @@ def _add_model_verbs(verbs) -> None:
     predict.add_argument("model", help=MODEL_HELP)
     predict.add_argument(
         "inputs", nargs="+", metavar="INPUT",
-        help="texts, .txt files (one text per line), images, image folders, or csv/jsonl/parquet files (see --column)",
+        help="texts, .txt files (one text per line, for a tagging model too: training reads .txt as CoNLL, predict "
+             "does not; give CoNLL sentences as .conll/.iob), images, image folders, or csv/jsonl/parquet files (see "
+             "--column)",
     )
     predict.add_argument("--top-k", type=int, help="show the K best labels (default: the best one; multi-label: all "
                                                   "over the threshold)")

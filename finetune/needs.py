@@ -1,5 +1,6 @@
-"""What a recipe needs beyond the pip install: an apt package for a zoo data set, or the network for a hub data
-set or a backbone that is not in the offline zoo. Read from the recipe's own data and backbone keys."""
+"""What a recipe needs beyond the pip install: your own files for a data key that names a file or folder not
+there, an apt package for a zoo data set, or the network for a hub data set or a backbone that is not in the offline
+zoo. Read from the recipe's own data and backbone keys."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ APT_DATA = {"fashion-mnist": ("dataset-fashion-mnist", Path("/usr/share/datasets
 
 
 def recipe_needs(raw: dict) -> list[str]:
-    """E.g. ["apt:dataset-fashion-mnist", "network"]; [] when the recipe runs offline on a plain install.
+    """E.g. ["files"], ["apt:dataset-fashion-mnist", "network"]; [] when the recipe runs offline on a plain install.
 
     raw: the recipe as YAML data (unvalidated), so `finetune ls` stays fast and lists even a broken recipe.
     """
@@ -19,6 +20,9 @@ def recipe_needs(raw: dict) -> list[str]:
 
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     backbone = raw.get("backbone") if isinstance(raw.get("backbone"), dict) else {}
+    task = raw.get("task")
+    task = get_task(task) if isinstance(task, str) and task in TASKS else None
+    zoo = task.zoo_data() if task is not None else ()
     found: list[str] = []
     network = False
     for key in ("train", "validation", "test"):
@@ -27,10 +31,11 @@ def recipe_needs(raw: dict) -> list[str]:
             continue
         if spec in APT_DATA:
             found.append(f"apt:{APT_DATA[spec][0]}")
+        elif not spec.startswith("hub:") and spec not in zoo and not Path(spec).expanduser().exists():
+            found.append("files")  # the recipe names a file of yours (token-classification's train.conll)
         network |= spec.startswith("hub:")
     name = str(backbone.get("name", ""))
     local = name.startswith("local-dir:") or (bool(name) and Path(name).expanduser().exists())
-    task = raw.get("task")
-    built_offline = isinstance(task, str) and task in TASKS and get_task(task).backbone_offline(backbone)
+    built_offline = task is not None and task.backbone_offline(backbone)
     network |= not (name in TEXT_ZOO or name in VISION_ZOO or local or built_offline)
     return list(dict.fromkeys(found)) + (["network"] if network else [])

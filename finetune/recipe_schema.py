@@ -27,9 +27,9 @@ class Backbone:
 
 @dataclass
 class Head:
-    type: Literal["linear", "mlp"] = "linear"
+    type: Literal["linear", "mlp"] = "linear"  # linear: one layer on the pooled output | mlp: head.hidden layers first
     hidden: list[int] = field(default_factory=list)  # mlp layer widths
-    dropout: float = 0.1
+    dropout: float = 0.1  # on the head's input (and between mlp layers)
     pooling: Literal["auto", "cls", "mean"] = "auto"  # auto: what the ecosystem's own class pools
     # tags: a tag per word, token-classification's only problem (it takes it whatever this says by default)
     problem: Literal["single_label", "multi_label", "regression", "tags"] = "single_label"
@@ -38,22 +38,26 @@ class Head:
 
 @dataclass
 class Data:
-    train: str  # offline zoo data set | csv/tsv/json/jsonl/parquet file | image folder | hub:<id>
+    # offline zoo data set | csv/tsv/json/jsonl/parquet file | image folder | hub:<id> | token-classification:
+    # a CoNLL file (.conll, .iob, and .txt, which `finetune predict` reads as one text per line instead)
+    train: str
     validation: Optional[str] = None  # null: a stratified val_fraction of train (seeded), saved in split.json
-    test: Optional[str] = None
-    val_fraction: float = 0.1
+    test: Optional[str] = None  # null: the data set's own test split when it has one, else no test pass
+    val_fraction: float = 0.1  # the share of train held out for validation when data.validation is null
     max_samples: Optional[int] = None  # cap the rows of each split (quick experiments)
-    text_column: str = "text"
+    text_column: str = "text"  # tables: the column holding each row's text
     text_pair_column: Optional[str] = None  # sentence pairs (NLI, paraphrase, STS): the second text of each row
     tokens_column: str = "tokens"  # token-classification tables: a list of words per row
     tags_column: str = "tags"  # token-classification tables: a list of tags per row, one per word
     label_all_tokens: bool = False  # token-classification: a word's tag on all its sub-tokens (B- becoming I-)
-    image_column: str = "image"
+    image_column: str = "image"  # image tables: paths (relative to the file) or image bytes
     label_column: str = "label"  # multi_label: a list column or an "a|b|c" string; regression: a number
-    max_length: int = 256  # text: tokens per example, longer texts are truncated
+    max_length: int = 256  # text: tokens per example, longer texts are truncated; batches padded to their longest row
     image_size: Optional[int] = None  # vision; null: the backbone's pretrained input size
     skip_bad_images: bool = False  # vision: skip (and count) unreadable images instead of stopping with an error
-    num_workers: Optional[int] = None  # loader processes; null: 0 for text, images: tasks.image_classification
+    # loader processes; null: 0 for text; images: 0 on CPUs whose every core trains (decoded images then stay in
+    # memory), else up to 4 (tasks.image_classification)
+    num_workers: Optional[int] = None
     # few labels: N training rows per class (seeded by train.seed, listed in split.json), cut after validation is
     # held out; a smaller class keeps all its rows (a warning says so). multi_label: greedy, rarest label first,
     # until each label is on N rows; tags: sentences holding each entity type; label-free rows: one more class
@@ -94,15 +98,16 @@ class Freeze:
 
 @dataclass
 class Train:
-    epochs: int = 3
-    max_steps: Optional[int] = None  # stop after this many optimizer steps, whatever train.epochs says (the schedule
-    # spans them, as in the transformers Trainer); null: train.epochs
+    epochs: int = 3  # passes over the training data
+    # stop after this many optimizer steps, whatever train.epochs says (the schedule spans them, as in the
+    # transformers Trainer); null: train.epochs
+    max_steps: Optional[int] = None
     eval_every: Optional[int] = None  # validate every N optimizer steps (and at the last); null: after each epoch
     batch_size: int = 32  # per process; the global batch is batch_size x processes x grad_accum
     eval_batch_size: Optional[int] = None  # null: 2 x batch_size
-    lr: float = 5.0e-5
+    lr: float = 5.0e-5  # peak learning rate (AdamW), reached after train.warmup
     head_lr: Optional[float] = None  # null: same as lr
-    weight_decay: float = 0.01  # never on biases and norm weights
+    weight_decay: float = 0.01  # never on biases, norm weights, nor what timm's no_weight_decay() names
     # transformers' schedules (SchedulerType): cosine | linear | constant (with warmup) | cosine_with_min_lr |
     # cosine_warmup_with_min_lr | warmup_stable_decay | polynomial | cosine_with_restarts | inverse_sqrt |
     # constant_with_warmup; each takes its own train.scheduler_args. reduce_lr_on_plateau | greedy: the lr follows
@@ -116,11 +121,11 @@ class Train:
     # {lr_end: 1.0e-7, power: 2.0} (polynomial), {num_cycles: 3} (cosine_with_restarts), {timescale: 100}
     scheduler_args: dict[str, Any] = field(default_factory=dict)
     warmup: Union[int, float] = 0.1  # float < 1: fraction of steps; int: steps
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches summed into one optimizer step
     max_grad_norm: Optional[float] = 1.0  # null: no clipping
     # auto: bf16/fp16 on GPUs, bf16 autocast on CPUs with native bf16 (AVX512_BF16/AMX), fp32 on the others
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    seed: int = 42
+    seed: int = 42  # weights of the new head, data order, dropout, the held-out validation split
     early_stopping: Optional[EarlyStopping] = None  # {metric: accuracy, patience: 2}
     label_smoothing: float = 0.0  # single_label cross-entropy (and mixup/cutmix targets)
     ema: Optional[Ema] = None  # {decay: 0.9998}: keep an exponential moving average of the weights
@@ -178,7 +183,9 @@ class Contrastive:
 
 @dataclass
 class Eval:
-    metrics: Optional[list[str]] = None  # null: the usual ones for head.problem (see DEFAULT_METRICS)
+    # null: the usual ones for head.problem: [accuracy, f1_macro] | multi_label [f1_micro, f1_macro, accuracy] |
+    # regression [rmse, mae, r2, pearson, spearman] | tags [f1, precision, recall, token_accuracy]
+    metrics: Optional[list[str]] = None
     select_best: Optional[str] = None  # the metric that picks the kept checkpoint; null: the first of eval.metrics
     # eval.metrics may name Hugging Face evaluate modules, 'evaluate:<folder or hub id>[#key]'; evaluate.load runs
     # their Python code, so they load only with trust_metric_code: true (as transformers' trust_remote_code)
@@ -194,8 +201,8 @@ class Output:
 
 @dataclass
 class Hub:
-    repo_id: Optional[str] = None
-    private: bool = True
+    repo_id: Optional[str] = None  # OWNER/NAME: push model/ there at the end of the run; null: no push
+    private: bool = True  # a new repo is private; `finetune push --public` overrides
 
 
 @dataclass
@@ -205,12 +212,13 @@ class Sweep:
     # dotted key -> {loguniform: [lo, hi]} | {uniform: [lo, hi]} | {int: [lo, hi], log: false} | {choice: [...]}
     space: dict = field(default_factory=dict)
     metric: Optional[str] = None  # null: eval.select_best; on validation, the trial's best epoch
-    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    sampler: Literal["tpe", "random", "grid"] = "tpe"  # Optuna's TPE | random | grid (choices and int ranges)
     pruner: Literal["median", "hyperband", "none"] = "median"  # judged on each epoch's validation value
     trials: int = 10  # finished (complete or pruned) trials the study should hold; --trials overrides
     startup_trials: int = 3  # trials drawn at random and never pruned before the sampler and pruner use the rest
-    min_epochs: Optional[int] = None  # epochs a trial runs before the pruner may stop it; null: train.epochs // 2 + 1
-    # (past the middle of a decaying lr schedule, which ranks high-lr trials unfairly early); never after the last
+    # epochs a trial runs before the pruner may stop it; null: train.epochs // 2 + 1 (past the middle of a decaying
+    # lr schedule, which ranks high-lr trials unfairly early); never after the last
+    min_epochs: Optional[int] = None
     seed: Optional[int] = None  # sampler seed; null: every worker draws differently
 
 
@@ -228,16 +236,16 @@ class Distill:
 
 @dataclass(kw_only=True)
 class Recipe:
-    task: TaskName
-    backbone: Backbone
-    head: Head = field(default_factory=Head)
-    data: Data
-    augment: Augment = field(default_factory=Augment)  # vision only
-    train: Train = field(default_factory=Train)
-    lora: Optional[Lora] = None  # {r: 8, alpha: 16, dropout: 0.05, target_modules: auto}
+    task: TaskName  # what the model learns: a label per text, per image, or a tag per word
+    backbone: Backbone  # the pretrained model under the head
+    head: Head = field(default_factory=Head)  # the new layers on top, and the problem they solve
+    data: Data  # the training, validation and test data, and how to read them
+    augment: Augment = field(default_factory=Augment)  # image-classification only: train-time augmentation
+    train: Train = field(default_factory=Train)  # the optimisation: epochs, lrs, schedule, precision, freezing
+    lora: Optional[Lora] = None  # low-rank adapters instead of training every weight: {r: 8} (peft); null: off
     contrastive: Optional[Contrastive] = None  # {pairs: 20, epochs: 1, lr: 2.0e-5, loss: cosine}: text only
-    eval: Eval = field(default_factory=Eval)
-    output: Output = field(default_factory=Output)
-    hub: Hub = field(default_factory=Hub)
+    eval: Eval = field(default_factory=Eval)  # the metrics, and the one that picks the kept model
+    output: Output = field(default_factory=Output)  # where the run folder goes
+    hub: Hub = field(default_factory=Hub)  # pushing the model to the Hugging Face hub
     sweep: Optional[Sweep] = None  # read by `finetune sweep` only; `finetune run` ignores it
     distill: Optional[Distill] = None  # {teacher: runs/big, temperature: 2.0, alpha: 0.5, unlabeled: null}

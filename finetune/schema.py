@@ -98,3 +98,78 @@ def field_comments(cls: type) -> dict[str, str]:
         if help_lines:
             found[name] = " ".join(help_lines)
     return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe reference page (docs/reference.md), written from the same JSON Schema: keys, types, defaults and help.
+
+REFERENCE_HEAD = """# Recipe reference
+
+<!-- Made by `python scripts/make_reference.py` from finetune/recipe_schema.py's comments; do not edit by hand. -->
+
+Every key of a recipe, by section: its type, its default (a key without one is required) and what it does. The
+same text is the help an editor shows from `finetune schema`. Dotted keys are what overrides take
+(`finetune run my.yaml train.lr=3e-5`).
+"""
+
+
+def reference_markdown() -> str:
+    """docs/reference.md: one list per section of the recipe, made from `recipe_schema()`."""
+    schema = recipe_schema()
+    lines = [REFERENCE_HEAD]
+    top = []
+    for key, entry in schema["properties"].items():
+        section = _section_of(entry)
+        top.append(_key_line(key, entry, schema.get("required", ())))
+        if section is not None:
+            lines += _section_lines(key, section, entry)
+    return "\n".join(["\n".join(lines[:1]), "## Sections\n", *top, "", *lines[1:]]).rstrip() + "\n"
+
+
+def _section_lines(path: str, section: dict, entry: dict) -> list[str]:
+    """A section's heading, its help, its keys, then its own sub-sections under dotted headings."""
+    lines = [f"## `{path}`\n"]
+    if entry.get("description") or section.get("description"):
+        lines.append((entry.get("description") or section["description"]) + "\n")
+    nested = []
+    for key, sub in section["properties"].items():
+        lines.append(_key_line(f"{path}.{key}", sub, section.get("required", ())))
+        if _section_of(sub) is not None:
+            nested.append((f"{path}.{key}", _section_of(sub), sub))
+    lines.append("")
+    for sub_path, sub_section, sub in nested:
+        lines += _section_lines(sub_path, sub_section, sub)
+    return lines
+
+
+def _section_of(entry: dict) -> dict | None:
+    """The section schema inside a key's entry (a section, or a section or null), else None."""
+    for option in [entry, *entry.get("anyOf", [])]:
+        if option.get("type") == "object" and "properties" in option:
+            return option
+    return None
+
+
+def _key_line(path: str, entry: dict, required) -> str:
+    """One key: its dotted name, type, default (a section's defaults are its keys') and help."""
+    name = path.rsplit(".", 1)[-1]
+    default = "required" if name in required else f"default `{json.dumps(entry.get('default'))}`"
+    if entry.get("type") == "object" and "properties" in entry and name not in required:
+        default = "defaults below"  # a section's defaults are its keys' own
+    # the help is plain text: < > and * would be read as HTML or emphasis
+    help_text = entry.get("description", "").replace("<", "&lt;").replace(">", "&gt;").replace("*", "\\*")
+    return f"- **`{path}`** ({_type_words(entry)}; {default}): {help_text}".rstrip(": ")
+
+
+def _type_words(entry: dict) -> str:
+    """A key's JSON Schema type in a few words: `a | b` for choices, `list of number`, `section`, `any`."""
+    if "enum" in entry:
+        return " | ".join(f"`{json.dumps(value)}`" for value in entry["enum"])
+    if "anyOf" in entry:
+        return " or ".join(_type_words(option) for option in entry["anyOf"])
+    kind = entry.get("type")
+    if kind == "object":
+        return "section" if "properties" in entry else "mapping"
+    if kind == "array":
+        return f"list of {_type_words(entry['items'])}" if entry.get("items") else "list"
+    return kind or "any"

@@ -113,6 +113,7 @@ def test_ls_json_lists_the_recipes_with_what_they_need(capfd):
     assert rows[BUILTIN]["needs"] == []  # zoo backbone and zoo data: offline on a plain install
     assert rows["vision/efficientnet-lite0-fashion-mnist"]["needs"] == ["apt:dataset-fashion-mnist"]
     assert rows["text/minilm-go-emotions-multilabel"]["needs"] == ["network"]  # a hub: data set
+    assert rows["text/minilm-conll-ner"]["needs"] == ["files"]  # its data keys name your CoNLL files
     table = call_main(capfd, "ls").stdout.splitlines()
     assert table[0].split()[-1] == "needs"
     assert next(line for line in table if line.startswith("vision/efficientnet-lite0-fashion-mnist ")).endswith(

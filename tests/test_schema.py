@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 from conftest import call_main
@@ -12,7 +13,7 @@ from jsonschema import Draft202012Validator
 
 from finetune.errors import FinetuneError
 from finetune.recipe import RECIPES_DIR, from_dict, list_recipes, parse_yaml
-from finetune.schema import MODELINE, SCHEMA_FILE, field_comments, recipe_schema
+from finetune.schema import MODELINE, SCHEMA_FILE, field_comments, recipe_schema, reference_markdown
 
 MINIMAL = {"task": "text-classification", "backbone": {"name": "minilm-l6"}, "data": {"train": "reviews.csv"}}
 
@@ -61,7 +62,7 @@ def test_the_keys_carry_their_types_defaults_and_help(validator):
     train = recipe_schema()["properties"]["train"]["properties"]
     assert train["lr"]["type"] == "number" and train["lr"]["default"] == 5e-5
     assert train["scheduler"]["enum"] and train["scheduler"]["default"] in train["scheduler"]["enum"]
-    assert "fraction of steps" in train["warmup"]["description"]  # the field's comment in finetune/recipe.py
+    assert "fraction of steps" in train["warmup"]["description"]  # the field's comment in finetune/recipe_schema.py
     assert recipe_schema()["properties"]["head"]["properties"]["problem"]["description"].startswith("tags:")
 
 
@@ -80,3 +81,34 @@ def test_finetune_schema_prints_it_or_writes_it(capfd, tmp_path):
     assert result.returncode == 0 and json.loads(result.stdout) == recipe_schema()
     assert call_main(capfd, "schema", "--output", tmp_path / "s.json").returncode == 0
     assert json.loads((tmp_path / "s.json").read_text()) == recipe_schema()
+
+
+def _keys(section: dict, prefix: str = ""):
+    """Every key of the schema, sections inside optional sections included: (dotted name, its entry)."""
+    for key, entry in section["properties"].items():
+        yield prefix + key, entry
+        for option in [entry, *entry.get("anyOf", [])]:
+            if option.get("type") == "object" and "properties" in option:
+                yield from _keys(option, f"{prefix}{key}.")
+
+
+def test_every_key_has_a_description():
+    """A new key needs its field comment in finetune/recipe_schema.py: its help in editors and the reference."""
+    keys = dict(_keys(recipe_schema()))
+    assert len(keys) > 100 and "train.freeze.head_warmup" in keys and "sweep.seed" in keys
+    assert [name for name, entry in keys.items() if not entry.get("description")] == []
+
+
+def test_the_reference_page_is_the_one_the_schema_makes():
+    """`python scripts/make_reference.py` after a change to a key, its default or its comment."""
+    page = Path(__file__).resolve().parents[1] / "docs" / "reference.md"
+    assert page.read_text() == reference_markdown()
+
+
+def test_the_reference_page_lists_every_key_with_its_default():
+    page = reference_markdown()
+    for name, entry in _keys(recipe_schema()):
+        assert f"- **`{name}`** (" in page
+    assert "- **`train.lr`** (number; default `5e-05`): peak learning rate" in page
+    assert "- **`backbone.name`** (string; required)" in page
+    assert "hub:&lt;id&gt;" in page  # help text is escaped, not read as HTML

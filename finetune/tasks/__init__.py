@@ -207,6 +207,11 @@ class Task:
         """True when the (unvalidated) backbone section builds its model with no download beyond the zoo."""
         return False
 
+    def zoo_data(self) -> tuple[str, ...]:
+        """The data set names this task reads from its offline zoo (a data key naming anything else is a file, a
+        folder or hub:<id>)."""
+        return ()
+
 
 def get_task(name: str) -> Task:
     return importlib.import_module(TASKS[name]).TASK

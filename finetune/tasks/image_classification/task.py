@@ -112,6 +112,11 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
     def backbone_offline(self, backbone: dict) -> bool:
         return backbone.get("pretrained") is False  # timm builds an architecture by name with no download
 
+    def zoo_data(self) -> tuple[str, ...]:
+        from finetune.tasks.image_classification.reading import IMAGE_ZOO
+
+        return tuple(IMAGE_ZOO)
+
     def check_eval_inputs(self, raw, recipe):
         raw, _ = check_images(raw, "--data", recipe.data.skip_bad_images, recipe.data.image_column)
         return raw

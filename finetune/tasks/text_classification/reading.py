@@ -48,6 +48,11 @@ def _bbc_news() -> dict[str, RawSplit]:
     rest_labels = [labels[i] for i in rest]
     train_pos, val_pos = stratified_split(rest_labels, 1 / 9, seed=0)
     parts = {"train": [rest[i] for i in train_pos], "validation": [rest[i] for i in val_pos], "test": test}
+    # one test article is a training one with other whitespace (sports/438 = 432): the leakage check would flag it;
+    # dropped after the split, so every other article stays where the published numbers put it
+    trained = {" ".join(texts[i].split()) for i in parts["train"]}
+    for name in ("validation", "test"):
+        parts[name] = [i for i in parts[name] if " ".join(texts[i].split()) not in trained]
     return {
         name: RawSplit([texts[i] for i in idx], [labels[i] for i in idx], [rows[i] for i in idx], f"bbc-news:{name}")
         for name, idx in parts.items()

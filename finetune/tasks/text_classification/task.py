@@ -10,7 +10,7 @@ from finetune.tasks import Job
 from finetune.tasks.batching import longest_first, train_sampler
 from finetune.tasks.rows import RowTask
 from finetune.tasks.text_classification.inputs import parse_text_input
-from finetune.tasks.text_classification.reading import load_text_splits, read_text_split
+from finetune.tasks.text_classification.reading import TEXT_ZOO, load_text_splits, read_text_split
 from finetune.tasks.text_classification.tokens import make_text_loader, tokenize_texts
 from finetune.tasks.text_inputs import onnx_text_usage, read_text_inputs, text_input_limits, text_logits
 
@@ -25,6 +25,9 @@ class TextClassification(RowTask):
 
     def check_recipe(self, recipe, need) -> None:
         pass  # every text key applies
+
+    def zoo_data(self) -> tuple[str, ...]:
+        return tuple(TEXT_ZOO)
 
     def read(self, spec: str, recipe, key: str) -> dict:
         return read_text_split(spec, recipe, key)
