@@ -364,6 +364,9 @@ def schema_keys(cls, prefix: str = "") -> list[str]:
     return keys
 
 
+REQUIRED_IN_OPTIONAL_SECTIONS = {"distill": {"distill.teacher": "runs/teacher"}}
+
+
 def test_a_wrong_value_for_any_recipe_key_is_reported_with_that_key():
     """[[]] (a list holding a list) is no valid value for any key: the one problem reported must name the key."""
     from conftest import set_dotted
@@ -375,8 +378,11 @@ def test_a_wrong_value_for_any_recipe_key_is_reported_with_that_key():
     assert {"train.lr", "data.train", "lora.r", "train.early_stopping.patience", "hub.private"} <= set(keys)
     for key in keys:
         raw = {"task": "text-classification", "backbone": {"name": "b"}, "data": {"train": "t.csv"}}
+        section = key.rsplit(".", 1)[0]
         if key.count(".") == 2:  # inside an optional section: the section is there, with one bad key
-            set_dotted(raw, key.rsplit(".", 1)[0], {})
+            set_dotted(raw, section, {})
+        for required in REQUIRED_IN_OPTIONAL_SECTIONS.get(section, {}).items():
+            set_dotted(raw, *required)  # a section with a required key of its own (distill.teacher) gets it
         set_dotted(raw, key, [[]])
         with pytest.raises(FinetuneError) as error:
             from_dict(raw, source="r.yaml")
