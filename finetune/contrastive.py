@@ -294,11 +294,11 @@ def tune(job, recipe, accelerator, say, resume: bool, save: bool = True, stop=No
         say(f"contrastive stage: resumed from {kept} at step {stage.step}")
     stop = stop if accelerator.num_processes == 1 else None
     with stop if stop is not None else contextlib.nullcontext():
-        return run(stage, say, root if save and accelerator.is_main_process else None,
+        return run_stage(stage, say, root if save and accelerator.is_main_process else None,
                    not accelerator.is_local_main_process, stop)
 
 
-def run(stage: Stage, say, root: Path | None, quiet: bool = False, stop=None) -> dict:
+def run_stage(stage: Stage, say, root: Path | None, quiet: bool = False, stop=None) -> dict:
     """The stage's steps from where it stands to its end; checkpoints (when `root`) every train.checkpoint_every
     steps, at a requested stop and at the end. Returns its record."""
     from finetune.progress import epoch_progress

@@ -173,7 +173,7 @@ class Contrastive:
     pooled with head.pooling=mean) of rows of one class are alike. The head then trains as train.freeze says."""
 
     pairs: int = 20  # pairs per labelled row: half with a row of its class (target 1), half another's (0); seeded
-    epochs: int = 1
+    epochs: int = 1  # passes over the drawn pairs (SetFit: num_epochs of its first stage)
     lr: float = 2.0e-5  # linear warm-up over 10% of the steps, then linear decay
     batch_size: int = 16  # pairs per step
     # cosine: MSE between cos(u, v) and the pair's target (CosineSimilarityLoss); supcon: each batch's rows contrasted
