@@ -17,7 +17,7 @@ from finetune.checkpoints import Progress, latest_checkpoint, save_best, save_ch
 from finetune.errors import FinetuneError
 from finetune.metrics import is_improvement
 from finetune.optim import METRIC_DRIVEN
-from finetune.progress import epoch_progress
+from finetune.progress import epoch_progress, pass_progress
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, problem: str, label_smoothing: float = 0.0,
@@ -37,7 +37,7 @@ def peak_memory_mb() -> float:
 
 @torch.no_grad()
 def evaluate_split(accelerator, model, loader, splits, recipe, details: dict | None = None,
-                   variety: dict | None = None) -> dict:
+                   variety: dict | None = None, name: str = "validation") -> dict:
     """Loss and metrics over a whole split, gathered from every process without the padding of uneven batches.
 
     details: a dict to fill with what the averages hide (the confusion matrix, per-label or per-entity F1).
@@ -46,7 +46,7 @@ def evaluate_split(accelerator, model, loader, splits, recipe, details: dict | N
     problem = problems.get(splits.problem)
     model.eval()
     batches = []
-    for batch in loader:
+    for batch in pass_progress(loader, name, len(loader), not accelerator.is_local_main_process):
         labels = batch.pop("labels")
         with accelerator.autocast():  # the prepared model is already wrapped in it; an EMA copy is not
             output = logits_of(model(**batch))
@@ -194,7 +194,8 @@ def validate_epoch(run: Training, epoch: int) -> bool:
     entry = {"epoch": epoch, "step": p.step, "loss": loss, "validation": validation}
     if run.ema is not None:
         entry["validation_ema"] = evaluate_split(run.accelerator, run.ema.module, run.loaders["validation"],
-                                                 run.job.splits, run.recipe, ema_details, ema_variety)
+                                                 run.job.splits, run.recipe, ema_details, ema_variety,
+                                                 "validation (EMA)")
     if variety.get("predicted") is not None:  # kept in the history, so a resumed run's health counts them all
         entry["distinct_predictions"] = max(variety["predicted"], ema_variety.get("predicted") or 0)
         entry["distinct_truths"] = variety["true"]

@@ -307,7 +307,7 @@ def _test_best(run: Training, metrics: dict) -> None:
     details: dict = {}
     best_details = metrics.pop("best_details")
     if "test" in loaders:
-        metrics["test"] = evaluate_split(accelerator, model, loaders["test"], splits, recipe, details)
+        metrics["test"] = evaluate_split(accelerator, model, loaders["test"], splits, recipe, details, name="test")
         run.say("test " + " ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items()))
     elif best_details.pop("evaluated", False):  # the best evaluation's own: the same weights on the same split
         details = best_details
@@ -354,6 +354,25 @@ def _save_run(final, run: Training, metrics: dict, plots: bool, timer) -> None:
     say(timer.line())
     if recipe.hub.repo_id:
         _push(out, recipe, say)
+    for line in where_to_look(out, recipe):
+        say(line)
+
+
+def where_to_look(out: Path, recipe) -> list[str]:
+    """The run's last lines: its pictures, its curves, and the command that tries the model."""
+    import shlex
+
+    from finetune.tasks import get_task
+
+    lines = []
+    if (out / "plots").is_dir():
+        lines.append(f"plots: {out / 'plots'}/ (also in the card, {out / 'model' / 'README.md'})")
+    if "tensorboard" in recipe.train.log_with:
+        lines.append(f"curves: tensorboard --logdir {shlex.quote(str(out / 'tensorboard'))}")
+    # a pair model reads a table with both columns; a single input is a string or a file
+    example = "pairs.csv" if recipe.data.text_pair_column else get_task(recipe.task).predict_example
+    lines.append(f"try it: finetune predict {shlex.quote(str(out))} {example}")
+    return lines
 
 
 def _push(out: Path, recipe, say) -> None:

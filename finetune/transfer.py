@@ -286,12 +286,14 @@ def dataset_fingerprint(dataset) -> str:
 
 
 @torch.no_grad()
-def compute_features(model, features_fn, loader, device) -> torch.Tensor:
+def compute_features(model, features_fn, loader, device, name: str = "features") -> torch.Tensor:
     """The frozen part in eval mode over a whole split, returned in row order whatever order the loader reads in."""
+    from finetune.progress import pass_progress
+
     was_training = model.training
     model.eval()
     chunks = []
-    for batch in loader:
+    for batch in pass_progress(loader, name, len(loader)):
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         chunks.append(features_fn(model, batch).float().cpu())
     model.train(was_training)
@@ -317,7 +319,7 @@ def cached_features(model, features_fn, dataset, make_loader, key_parts: dict, d
     say(f"computing {key_parts['split']} features of the frozen backbone ({len(dataset)} examples; "
         f"cached in {path.parent})")
     with torch.random.fork_rng(devices=[]):  # the uncached path draws nothing here: neither may this one
-        features = compute_features(model, features_fn, make_loader(dataset), device)
+        features = compute_features(model, features_fn, make_loader(dataset), device, f"{key_parts['split']} features")
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
     save_file({"features": features.contiguous()}, temporary)

@@ -209,6 +209,29 @@ def test_progress_in_a_log_is_plain_lines_not_carriage_returns():
     assert quiet.getvalue().startswith("e: 4/4 batches")  # counted on from a resumed batch
 
 
+def test_a_pass_that_is_not_an_epoch_speaks_in_a_log_only_when_it_runs_long():
+    import io
+
+    from finetune import progress
+
+    log = io.StringIO()
+    assert list(progress.pass_progress(range(4), "validation", 4, stream=log)) == [0, 1, 2, 3]
+    assert log.getvalue() == ""  # a short pass: nothing, where an epoch says its one line
+    bar = progress.pass_progress(range(4), "test", 4, stream=log)
+    bar.every = 0.0  # as a pass that runs past 30 seconds
+    assert list(bar) == [0, 1, 2, 3]
+    assert log.getvalue().splitlines()[-1].startswith("test: 4/4 batches")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    assert list(progress.pass_progress(range(3), "features", 3, stream=screen)) == [0, 1, 2]
+    assert "\r" in screen.getvalue() and "features" in screen.getvalue()  # a bar, cleared when done (leave=False)
+    assert list(progress.pass_progress(range(3), "x", 3, disable=True, stream=log)) == [0, 1, 2]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # a full run from a copied built-in recipe, with dotted overrides only
 

@@ -103,6 +103,34 @@ def test_overfit_sixteen_examples(overfit_run):
     assert metrics["best"]["accuracy"] == 1.0
 
 
+def test_the_run_ends_saying_where_to_look_and_its_predict_command_works(overfit_run, capfd):
+    import shlex
+
+    from conftest import call_main
+
+    out, _, _ = overfit_run
+    last = (out / "train.log").read_text().splitlines()[-3:]
+    assert last[0] == f"plots: {out / 'plots'}/ (also in the card, {out / 'model' / 'README.md'})"
+    assert last[1] == f"curves: tensorboard --logdir {out / 'tensorboard'}" and (out / "tensorboard").is_dir()
+    assert last[2].startswith(f"try it: finetune predict {out} ")
+    command = shlex.split(last[2].removeprefix("try it: finetune "))
+    result = call_main(capfd, *command)  # what the run suggests, run as written
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_validation_and_test_passes_say_their_progress_in_a_log_when_long(tiny_bert, tiny_data, tmp_path,
+                                                                         monkeypatch, capfd):
+    from finetune import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_SECONDS", 0.0)  # every pass as long as one past 30 s
+    raw = recipe_dict(tiny_bert, tiny_data, tmp_path / "run", **{"train.epochs": 1, "train.eval_batch_size": 4})
+    run(raw)
+    lines = capfd.readouterr().err.splitlines()  # stderr is no terminal here: plain lines
+    assert any(line.startswith("validation: 1/") for line in lines), lines
+    assert any(line.startswith("test: 1/") for line in lines), lines
+
+
 def test_metrics_json_has_the_documented_keys(overfit_run, tiny_data):
     out, metrics, raw = overfit_run
     assert read_metrics(out) == json.loads(json.dumps(metrics))  # what train() returns is what it wrote

@@ -54,6 +54,8 @@ class Task:
     column_key: str  # the data.* key that names a table's input column ("text_column", "image_column", ...)
     step_choice_applies: bool = False  # a CPU run measures its memory format and precision (`step_choice`)
     contrastive_applies: bool = False  # `contrastive:` tunes its backbone on pairs of labelled inputs first
+    # what `finetune predict RUN ...` takes, as the end of a run suggests it (shell-quoted)
+    predict_example: str = '"a text to classify"'
 
     # -- data ------------------------------------------------------------------------------------------------------
 

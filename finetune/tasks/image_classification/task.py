@@ -22,6 +22,7 @@ class ImageClassification(RowTask):
     library = "timm"
     column_key = "image_column"  # the data.* key naming the input column (predict --column's default)
     step_choice_applies = True
+    predict_example = "photo.jpg"
 
     def check_recipe(self, recipe, need) -> None:
         need(not recipe.train.group_by_length, "train.group_by_length: text only")

@@ -15,8 +15,9 @@ def tokenize_texts(table: dict, tokenizer, max_length: int):
     from datasets.fingerprint import Hasher
 
     from finetune.caches import token_cache_dir
+    from finetune.progress import datasets_bars
 
-    datasets.disable_progress_bars()
+    datasets_bars()
     pairs = table.get("text_pair")
     parts = [table["text"], table["label"], tokenizer_fingerprint(tokenizer), max_length]
     parts += [pairs] if pairs is not None else []
@@ -30,6 +31,7 @@ def tokenize_texts(table: dict, tokenizer, max_length: int):
         lambda batch: tokenizer(batch["text"], batch.get("text_pair"), truncation="longest_first",
                                 max_length=max_length),
         batched=True,
+        desc="tokenising",
         remove_columns=[name for name in columns if name != "label"],
         cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
         new_fingerprint=fingerprint,

@@ -66,7 +66,9 @@ def tokenize(table: dict, tokenizer, max_length: int, names: list[str], label_al
     import datasets
     from datasets.fingerprint import Hasher
 
-    datasets.disable_progress_bars()
+    from finetune.progress import datasets_bars
+
+    datasets_bars()
     from finetune.data import tokenizer_fingerprint
 
     fingerprint = Hasher.hash([table["tokens"], table["label"], tokenizer_fingerprint(tokenizer), max_length, names,
@@ -79,6 +81,7 @@ def tokenize(table: dict, tokenizer, max_length: int, names: list[str], label_al
     return dataset.map(
         aligner(tokenizer, max_length, names, label_all_tokens),
         batched=True,
+        desc="tokenising",
         remove_columns=["tokens", "label"],
         cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
         new_fingerprint=fingerprint,

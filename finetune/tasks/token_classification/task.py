@@ -26,6 +26,7 @@ class TokenClassification(Task):
     inputs = "text"
     library = "transformers"
     column_key = "tokens_column"  # the data.* key naming the input column (predict --column's default)
+    predict_example = '"Ada Lovelace met Charles Babbage in London"'
 
     def check_recipe(self, recipe, need) -> None:
         h = recipe.head
