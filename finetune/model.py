@@ -85,6 +85,15 @@ class ModelInterface:
         """The plain model the run exports (for a cached-feature head: the whole model it belongs to)."""
         return self
 
+    def gradcam_layer(self) -> nn.Module | None:
+        """Grad-CAM's layer: the last stage timm's `feature_info` names (a convolutional net's last stage, whose
+        output is a map of channels); None for models without one (text, and ViTs, whose stages give tokens)."""
+        inner = self.library_model()
+        info = getattr(inner, "feature_info", None)
+        if not info or getattr(inner, "num_prefix_tokens", None) is not None:
+            return None
+        return inner.get_submodule(info[-1]["module"])
+
 
 class TransformersModel(ModelInterface):
     """The interface over a bare transformers model (`*ForSequenceClassification`, `*ForTokenClassification`): a
