@@ -11,12 +11,15 @@ import pytest
 import torch
 from browser import needs_chromium, open_page, wait_for
 from conftest import LABELS, _rows, call_main, one_error_line, recipe_dict, to_recipe, write_csv
+import test_token_task
 
 import finetune
 from finetune.explain.api import explain_inputs, explain_subjects
 from finetune.tasks.explaining import TextExplainable
 from finetune.train import train
 
+# the tagger of test_token_task (its fixtures, shared here by name)
+tagger_backbone, conll, token_run = test_token_task.tagger_backbone, test_token_task.conll, test_token_task.token_run
 TEXTS = ["the bread today and", "a goal of news", "very robot story code"]
 
 
@@ -215,3 +218,25 @@ def test_the_page_shows_the_words_with_their_colours(text_run, capfd, tmp_path):
         sign = result["words"][top]["attribution"] > 0
         assert words[top][1] == ("rgb(220, 50, 47)" if sign else "rgb(38, 139, 210)")  # the strongest: full colour
         assert all(colour != "rgba(0, 0, 0, 0)" for _, colour in words)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token classification: a word list per predicted entity
+
+
+def test_each_predicted_entity_gets_its_own_explanation(token_run, capfd):
+    text = "Anna Berg went to Kilimanjaro"
+    done = call_main(capfd, "explain", token_run, text, "--json", "--steps", "32")
+    assert done.returncode == 0, done.stderr
+    entities = json.loads(done.stdout)["entities"]
+    assert [(e["label"], e["word"]) for e in entities] == [("PER", "Anna Berg"), ("LOC", "Kilimanjaro")]
+    for entity in entities:
+        assert [w["word"] for w in entity["words"]] == text.split()
+        assert all(text[w["start"]:w["end"]] == w["word"] for w in entity["words"])
+    # each entity's tag is carried by its own words more than by the other entity's
+    person, place = ({w["word"]: w["attribution"] for w in e["words"]} for e in entities)
+    assert person["Anna"] > abs(person["Kilimanjaro"]) and place["Kilimanjaro"] > abs(place["Anna"])
+    only = json.loads(call_main(capfd, "explain", token_run, text, "--json", "--label", "LOC", "--steps",
+                                "8").stdout)
+    assert [e["label"] for e in only["entities"]] == ["LOC"]
+    assert "--label CITY" in one_error_line(call_main(capfd, "explain", token_run, text, "--label", "CITY"))
