@@ -197,6 +197,29 @@ def test_gradcam_peaks_on_the_patch_the_model_keys_on(tmp_path):
     assert Image.open(tmp_path / "image-1.png").size == (16, 16)
 
 
+def test_gradcam_reads_a_vits_patch_tokens_as_a_grid_and_changes_nothing():
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    from finetune.model import TimmClassifier
+    from finetune.predictor import Predictor
+
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", pretrained=False, num_classes=2).eval()
+    pixels = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        before = vit(pixels)
+    transform = create_transform(**resolve_model_data_config(vit), is_training=False)
+    spec = {"task": "image-classification", "problem": "single_label", "labels": ["a", "b"]}
+    predictor = Predictor(TimmClassifier(vit), transform, spec, device="cpu")
+    [result] = explain_inputs(predictor, [patch_image()], method="gradcam")
+    heat = np.asarray(result["heatmap"])
+    assert heat.shape == (160, 160) and heat.max() > 0  # the class token reads the patches through the last block
+    with torch.no_grad():
+        assert torch.allclose(vit(pixels), before, atol=1e-6)
+    assert set(vit.state_dict()) == set(timm.create_model("test_vit", num_classes=2).state_dict())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The page
 
