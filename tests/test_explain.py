@@ -101,6 +101,24 @@ def test_bad_explain_input_is_one_line(text_run, capfd):
     assert "--steps" in one_error_line(call_main(capfd, "explain", text_run / "run", "a text", "--steps", "0"))
 
 
+def test_a_missing_extra_is_one_line_naming_the_pip_install(text_run, capfd, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "captum", None)  # as if captum were not installed
+    line = one_error_line(call_main(capfd, "explain", text_run / "run", "a text"))
+    assert 'pip install "finetune[trust]"' in line
+
+
+def test_words_are_tinted_at_a_terminal_and_plain_in_a_pipe():
+    from finetune.explain.render import terminal_words
+
+    words = [{"word": "good", "attribution": 0.5}, {"word": "bad", "attribution": -0.25}]
+    assert terminal_words(words, coloured=False) == "good(+0.500) bad(-0.250)"
+    tinted = terminal_words(words, coloured=True)
+    assert "\x1b[48;2;220;50;47m" in tinted  # the strongest word: full red
+    assert "\x1b[48;2;146;197;232m" in tinted  # half as strong against: half-way to blue
+
+
 def test_occlusion_is_the_score_drop_of_removing_each_word(text_run):
     predictor = finetune.load(text_run / "run")
     [result] = explain_inputs(predictor, ["the bread today and"], method="occlusion")
