@@ -10,7 +10,6 @@ from finetune.errors import FinetuneError
 METHODS = ("integrated-gradients", "occlusion", "gradcam")
 DEFAULT_STEPS = 64
 ROWS_PER_CALL = 16  # inputs whose integration steps share one captum call (sorted by length: little padding)
-FORWARD_ROWS = 128  # rows per forward pass inside a call (captum's internal_batch_size): steps x inputs split so
 OCCLUSION_ROWS = 16  # occluded copies per forward pass (captum's perturbations_per_eval)
 WINDOWS = 8  # occlusion of images: a window of 1/8 of the side, sliding by half a window
 
@@ -93,7 +92,7 @@ def integrated_gradients(explainable, rows: list, steps: int):
     else:
         method, x, baseline = IntegratedGradients(forward), x.float(), baseline.float()
     return method.attribute(x, baselines=baseline, additional_forward_args=extras, n_steps=steps,
-                            internal_batch_size=max(FORWARD_ROWS, len(rows)))
+                            internal_batch_size=max(forward_rows(explainable, x[0]), len(rows)))
 
 
 def gradcam(explainable, rows: list, steps: int):
@@ -130,6 +129,12 @@ def occlusion(explainable, rows: list, steps: int):
                                         perturbations_per_eval=OCCLUSION_ROWS)
 
 
+def forward_rows(explainable, row) -> int:
+    """Rows per forward and backward pass (captum's internal_batch_size, steps x inputs split so): as many as the
+    explainable's budget of input elements holds (128 texts of 64 tokens, 16 images of 224 px)."""
+    return max(1, explainable.forward_budget // max(1, row.numel()))
+
+
 RUNNERS = {"integrated-gradients": integrated_gradients, "gradcam": gradcam, "occlusion": occlusion}
 
 
@@ -161,8 +166,12 @@ def attribute(explainable, subjects: list, method: str, steps: int) -> list[list
     additive = method != "occlusion"  # gradients add up over a word's sub-tokens; occlusion repeats one value
     if explainable.model is not None:
         explainable.model.to(explainable.predictor.device).eval()
-    for start in range(0, len(order), ROWS_PER_CALL):
-        chunk = order[start:start + ROWS_PER_CALL]
+    start = 0
+    while start < len(order):
+        # fewer long inputs per call: a call's forward passes hold at least one step of every input in it
+        longest = rows[order[start]][0].row[explainable.key]
+        chunk = order[start:start + min(ROWS_PER_CALL, forward_rows(explainable, longest))]
+        start += len(chunk)
         with torch.enable_grad():
             attributions = RUNNERS[method](explainable, [rows[i] for i in chunk], steps)
         for i, values in zip(chunk, attributions):

@@ -63,6 +63,7 @@ class Explainable:
     key: the model input attributions are made on. ig_layer: where Integrated Gradients interpolates (the word
     embeddings; None: the input tensor itself). gradcam_layer: Grad-CAM's layer, or None where the model has none.
     pad_values: what pads each input key when rows of different lengths share a batch (0 where unnamed).
+    forward_budget: how many elements of the attributed input one forward and backward pass takes (memory).
     """
 
     key = "input_ids"
@@ -70,6 +71,7 @@ class Explainable:
     ig_layer = None
     gradcam_layer = None
     pad_values: dict = {}
+    forward_budget = 128 * 64  # input elements per forward and backward pass: 128 texts of 64 tokens
 
     def __init__(self, predictor):
         self.predictor = predictor

@@ -11,6 +11,7 @@ from finetune.tasks.explaining import Explainable, Subject, Target, row_target
 class ImageExplainable(Explainable):
     key = "pixel_values"
     kind = "image"
+    forward_budget = 16 * 3 * 224 * 224  # 16 images of 224 px per forward and backward pass
 
     def __init__(self, predictor):
         super().__init__(predictor)
