@@ -185,6 +185,12 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from finetune.explain.api import explain_command
+
+    return explain_command(args)
+
+
 def cmd_export(args) -> int:
     from finetune.onnx_runtime import EXPORT_FILE
 
@@ -498,6 +504,8 @@ def _add_model_verbs(verbs) -> None:
     predict.add_argument("--json", action="store_true", help="JSON Lines: one JSON object per input, in order")
     predict.set_defaults(func=cmd_predict)
 
+    _add_explain_verb(verbs)
+
     export = _verb(verbs, "export", "an ONNX folder (fp32 or int8) that onnxruntime serves alone",
                    "Export a trained model to one model.onnx with its tokenizer or preprocessing, labels, a card and "
                    "export.json (parity against the torch model, measured before it finishes).",
@@ -508,6 +516,21 @@ def _add_model_verbs(verbs) -> None:
     export.add_argument("--output", help="default: <run>/export/onnx[-int8]/ (for a model folder or hub id: "
                                          "<MODEL>/export/onnx[-int8]/)")
     export.set_defaults(func=cmd_export)
+
+
+def _add_explain_verb(verbs) -> None:
+    explain = _verb(verbs, "explain", "which words (or pixels) made a model's answer, and how faithfully",
+                    "Attributions through captum: Integrated Gradients on the word embeddings (text; per word), "
+                    "Grad-CAM or Integrated Gradients (images; a heatmap), occlusion for any model (an ONNX export "
+                    "takes occlusion only). --data FILE --faithfulness scores a method as ERASER does.",
+                    '  finetune explain runs/my "great phone, awful battery"\n'
+                    "  finetune explain runs/my reviews.txt --json --output explained/\n"
+                    "  finetune explain runs/digits photo.png --method gradcam --output explained/\n"
+                    "  finetune explain runs/my --data test.csv --faithfulness")
+    from finetune.explain.api import add_explain_arguments
+
+    add_explain_arguments(explain, MODEL_HELP)
+    explain.set_defaults(func=cmd_explain)
 
 
 def _add_sharing_verbs(verbs) -> None:
@@ -572,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     verbs = parser.add_subparsers(
         dest="verb", required=True, parser_class=_Parser,
-        metavar="{ls,report,cat,cp,schema,validate,run,sweep,eval,predict,export,serve,push,cache}",
+        metavar="{ls,report,cat,cp,schema,validate,run,sweep,eval,predict,explain,export,serve,push,cache}",
     )
 
     for add in (_add_recipe_verbs, _add_training_verbs, _add_model_verbs, _add_sharing_verbs):

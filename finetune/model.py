@@ -91,6 +91,18 @@ class ModelInterface:
         indices, layers before)."""
         raise FinetuneError(f"backbone.layers: {type(self).__name__} has no layers to trim; pick a smaller model")
 
+    def gradcam_layer(self) -> nn.Module | None:
+        """Grad-CAM's layer: the last stage timm's `feature_info` names (a convolutional net's last stage, whose
+        output is a map of channels; a ViT's last block, its patch tokens laid out as their grid: `token_grid`);
+        None for models without stages (text)."""
+        inner = self.library_model()
+        info = getattr(inner, "feature_info", None)
+        if not info:
+            return None
+        stage = inner.get_submodule(info[-1]["module"])
+        prefix = getattr(inner, "num_prefix_tokens", None)
+        return stage if prefix is None else token_grid(stage, prefix, getattr(inner.patch_embed, "grid_size", None))
+
 
 class TransformersModel(ModelInterface):
     """The interface over a bare transformers model (`*ForSequenceClassification`, `*ForTokenClassification`): a
@@ -269,6 +281,29 @@ class VisionClassifier(BackboneAndHead):
         from finetune.backbones import keep_timm_blocks
 
         return keep_timm_blocks(self.backbone, count)
+
+
+def token_grid(block: nn.Module, prefix: int, grid_size) -> nn.Module:
+    """An identity layer that the patch tokens entering a ViT's last block pass through as a map [batch, channels,
+    rows, columns] (the class and register tokens left aside), so that Grad-CAM reads them as a convolutional stage's
+    output. Its input, not its output: a class-token head reads nothing else of the last block's patch tokens.
+    Installed once, as a forward pre-hook on the block; values are unchanged."""
+    grid = block.__dict__.get("token_grid")  # kept outside the module tree: the state dict stays the model's own
+    if grid is not None:
+        return grid
+    grid = nn.Identity()
+
+    def through_grid(module, inputs):
+        tokens, *rest = inputs
+        patches = tokens[:, prefix:]
+        b, n, d = patches.shape
+        rows, columns = grid_size if grid_size and grid_size[0] * grid_size[1] == n else (round(n ** 0.5),) * 2
+        maps = grid(patches.transpose(1, 2).reshape(b, d, rows, columns))
+        return (torch.cat([tokens[:, :prefix], maps.flatten(2).transpose(1, 2)], 1), *rest)
+
+    block.register_forward_pre_hook(through_grid)
+    block.__dict__["token_grid"] = grid
+    return grid
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -150,6 +150,15 @@ class Task:
         """One request's slice of `batch_outputs` as `predict --json` prints it. Default: the problem decodes."""
         return predictor.decode(outputs, top_k)
 
+    # -- explanations ----------------------------------------------------------------------------------------------
+
+    def explainable(self, predictor):
+        """What `finetune explain` attributes through (`finetune.tasks.explaining.Explainable`): the inputs as rows
+        with baselines and targets, the layer gradients enter, and how attributions fold into words or pixels."""
+        from finetune.errors import FinetuneError
+
+        raise FinetuneError(f"explain: {self.name} models have no explanations yet")
+
     # -- the model card --------------------------------------------------------------------------------------------
 
     def card_usage(self, recipe, reference: str, native: bool) -> str:

@@ -79,6 +79,11 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
     def logits(self, predictor, inputs: list, batch_size: int, show: bool):
         return image_logits(predictor, inputs, batch_size, show)
 
+    def explainable(self, predictor):
+        from finetune.tasks.image_classification.explaining import ImageExplainable
+
+        return ImageExplainable(predictor)
+
     def card_usage(self, recipe, reference: str, native: bool) -> str:
         from finetune.model_folder import row_usage
 

@@ -64,6 +64,11 @@ class TextClassification(RowTask):
     def logits(self, predictor, inputs: list, batch_size: int, show: bool):
         return text_logits(predictor, inputs, batch_size, show)
 
+    def explainable(self, predictor):
+        from finetune.tasks.explaining import TextExplainable
+
+        return TextExplainable(predictor)
+
     def card_usage(self, recipe, reference: str, native: bool) -> str:
         from finetune.model_folder import row_usage
 

@@ -208,6 +208,11 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
     def decode_outputs(self, predictor, outputs, top_k: int | None) -> list[dict]:
         return list(outputs)
 
+    def explainable(self, predictor):
+        from finetune.tasks.token_classification.explaining import TokenExplainable
+
+        return TokenExplainable(predictor)
+
     def card_usage(self, recipe, reference: str, native: bool) -> str:
         # trained on first sub-tokens only, a word's later pieces carry no learnt tag: "first" reads the word's tag
         # where training put it ("simple" would split words into pieces of different entities)
