@@ -321,6 +321,23 @@ class Problem:
         """The card's line under the label counts, where they count something other than one label per row."""
         return None
 
+    # the label audit (finetune.audit): cleanlab's confident learning on out-of-sample outputs
+
+    audit_refusal: str | None = None  # why `finetune audit` cannot judge this problem's labels; None: it can
+
+    def label_issues(self, outputs: list, labels: list, threshold: float = 0.5) -> tuple[list[tuple], Any]:
+        """cleanlab on out-of-sample logits and encoded labels (one item per row): ([(row, word or None, given,
+        suggested, label quality)] for the flagged rows, cleanlab's per-class table of issues and noise)."""
+        from cleanlab.dataset import rank_classes_by_label_quality
+        from cleanlab.filter import find_label_issues
+        from cleanlab.rank import get_label_quality_scores
+
+        given, scores = np.asarray(labels, dtype=np.int64), self.probabilities(np.stack(outputs))
+        quality = get_label_quality_scores(given, scores)
+        flagged = find_label_issues(given, scores, return_indices_ranked_by="self_confidence")
+        issues = [(int(i), None, int(given[i]), int(scores[i].argmax()), float(quality[i])) for i in flagged]
+        return issues, rank_classes_by_label_quality(given, scores)
+
 
 class SingleLabel(Problem):
     name = "single_label"
@@ -452,6 +469,21 @@ class MultiLabel(Problem):
     def card_data_note(self):
         return "A row can carry several labels, so the label counts can add up to more than the rows."
 
+    def label_issues(self, outputs, labels, threshold: float = 0.5):
+        """cleanlab's multi-label module: a row is flagged when its label set looks wrong; the suggestion is the set
+        the held-out scores put over the threshold."""
+        from cleanlab.multilabel_classification.dataset import rank_classes_by_multilabel_quality
+        from cleanlab.multilabel_classification.filter import find_label_issues
+        from cleanlab.multilabel_classification.rank import get_label_quality_scores
+
+        hot, scores = np.asarray(labels) > 0.5, self.probabilities(np.stack(outputs))
+        given = [np.flatnonzero(row).tolist() for row in hot]
+        quality = get_label_quality_scores(given, scores)
+        flagged = find_label_issues(given, scores, return_indices_ranked_by="self_confidence")
+        issues = [(int(i), None, hot[i].astype(float), (scores[i] > threshold).astype(float), float(quality[i]))
+                  for i in flagged]
+        return issues, rank_classes_by_multilabel_quality(given, scores)
+
 
 class Regression(Problem):
     name = "regression"
@@ -558,6 +590,10 @@ class Regression(Problem):
     def card_output_note(self, head) -> str:
         return "\nThe output is the predicted value, in the training targets' own units.\n"
 
+    audit_refusal = ("audit: regression has no classes for confident learning to find flipped; cleanlab's regression "
+                     "module (cleanlab.regression.learn.CleanLearning) fits its own model on the inputs instead of "
+                     "reading held-out class scores, so it is not wired in; audit a classification recipe")
+
 
 class Tags(Problem):
     """A tag per word (token classification): logits are (batch, tokens, tags), labels IGNORE_INDEX where a token
@@ -632,6 +668,21 @@ class Tags(Problem):
 
     def card_data_note(self):
         return "Rows are sentences; the tag counts are words."
+
+    def label_issues(self, outputs, labels, threshold: float = 0.5):
+        """cleanlab's token-classification module on each sentence's words (their first sub-tokens): (sentence, word)
+        issues; the per-class table counts words."""
+        from cleanlab.dataset import rank_classes_by_label_quality
+        from cleanlab.token_classification.filter import find_label_issues
+
+        words = [np.asarray(row) != IGNORE_INDEX for row in labels]
+        rows = [i for i, mask in enumerate(words) if mask.any()]  # a sentence cut to nothing has no word to judge
+        given = [np.asarray(labels[i])[words[i]] for i in rows]
+        scores = [self.probabilities(np.asarray(outputs[i])[words[i]]) for i in rows]
+        flagged = find_label_issues([g.tolist() for g in given], scores, return_indices_ranked_by="self_confidence")
+        issues = [(rows[s], int(w), int(given[s][w]), int(scores[s][w].argmax()), float(scores[s][w][given[s][w]]))
+                  for s, w in flagged]
+        return issues, rank_classes_by_label_quality(np.concatenate(given), np.concatenate(scores))
 
 
 PROBLEMS: dict[str, Problem] = {p.name: p for p in (SingleLabel(), MultiLabel(), Regression(), Tags())}

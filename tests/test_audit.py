@@ -1,0 +1,136 @@
+"""`finetune audit`: planted label flips found on a separable toy set, label_issues.csv naming each row's file and line,
+--clean's copy (the input untouched), multi-label and tags, --finetune's fold runs, and the refusals."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from pathlib import Path
+
+import pytest
+from conftest import FILLERS, KEYWORDS, LABELS, VOCAB, call_main, one_error_line, recipe_dict, write_csv, write_recipe
+
+FLIPS = 12  # of 120 training rows: 10%
+UNSPLIT = {"data.validation": None, "data.test": None}  # validation held out of train (and audited with it)
+
+
+def only_train(path: Path) -> dict:
+    return {"train": path, "validation": path, "test": path}
+
+
+@pytest.fixture(scope="module")
+def probe_bert(tmp_path_factory) -> Path:
+    """conftest's tiny BERT made 64 wide with BERT's own 0.02 init: frozen and random, its mean-pooled features still
+    tell the keyword apart (the 32-wide one at 0.3 mixes the words beyond what a linear head separates)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    directory = tmp_path_factory.mktemp("probe-bert")
+    BertTokenizer(vocab={word: i for i, word in enumerate(VOCAB)}).save_pretrained(directory)
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=64, initializer_range=0.02)
+    torch.manual_seed(1234)
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory) -> dict:
+    """120 two-word rows (40 a class) whose keyword decides the class, 12 labels flipped (seeded): the file and the
+    flipped rows' lines."""
+    rng = random.Random(7)
+    rows = []
+    for label in LABELS:
+        for _ in range(40):
+            words = [rng.choice(FILLERS), rng.choice(KEYWORDS[label])]
+            rng.shuffle(words)
+            rows.append((" ".join(words), label))
+    rng.shuffle(rows)
+    flipped = sorted(rng.sample(range(len(rows)), FLIPS))
+    for i in flipped:
+        text, label = rows[i]
+        rows[i] = (text, rng.choice([other for other in LABELS if other != label]))
+    path = write_csv(tmp_path_factory.mktemp("noisy") / "train.csv", ["sentence", "topic"], rows)
+    return {"train": path, "lines": {i + 2 for i in flipped}}  # line 1 is the header
+
+
+def audit_recipe(probe_bert, noisy, tmp_path, **dotted) -> Path:
+    raw = recipe_dict(probe_bert, only_train(noisy["train"]), tmp_path / "run",
+                      **{"head.pooling": "mean", "train.lr": 1e-2, **UNSPLIT, **dotted})
+    return write_recipe(tmp_path / "audit.yaml", raw)
+
+
+def read_issues(path: Path) -> list[dict]:
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_audit_finds_most_planted_flips_and_clean_drops_them(probe_bert, noisy, tmp_path, capfd):
+    before = digest(noisy["train"])
+    recipe = audit_recipe(probe_bert, noisy, tmp_path)
+    clean = tmp_path / "clean.csv"
+    result = call_main(capfd, "audit", recipe, "--folds", "5", "--output", tmp_path / "audit", "--clean", clean)
+    assert result.returncode == 0, result.stderr
+    issues = read_issues(tmp_path / "audit" / "label_issues.csv")
+    assert list(issues[0]) == ["split", "file", "location", "input", "given_label", "suggested_label",
+                               "label_quality"]
+    flagged = {int(row["location"].removeprefix("line ")) for row in issues}
+    found = flagged & noisy["lines"]
+    precision, recall = len(found) / max(len(flagged), 1), len(found) / FLIPS
+    print(f"planted {FLIPS}, flagged {len(flagged)}, precision {precision:.2f}, recall {recall:.2f}")
+    assert precision > 0.5 and recall > 0.5, (precision, recall)
+    qualities = [float(row["label_quality"]) for row in issues]
+    assert qualities == sorted(qualities)  # most suspicious first
+    top = {int(row["location"].removeprefix("line ")) for row in issues[: FLIPS // 2]}
+    assert len(top & noisy["lines"]) >= FLIPS // 2 - 1  # the flips rank near the top
+    assert {row["split"] for row in issues} <= {"train", "validation"}
+    assert all(row["file"] == str(noisy["train"]) for row in issues)
+    # every flagged row's input and given label are those on its line of the file
+    lines = noisy["train"].read_text().splitlines()
+    for row in issues:
+        number = int(row["location"].removeprefix("line "))
+        assert lines[number - 1] == f"{row['input']},{row['given_label']}"
+    assert "estimated label noise per class" in result.stdout
+    # --clean: the flagged rows gone, every other line as it was; the input file unchanged
+    assert digest(noisy["train"]) == before
+    kept = clean.read_text().splitlines()
+    assert kept == [line for number, line in enumerate(lines, 1) if number not in flagged]
+
+
+def test_regression_is_refused_in_one_line(tiny_bert, regression_data, tmp_path, capfd):
+    raw = recipe_dict(tiny_bert, only_train(regression_data), tmp_path / "run",
+                      **{"head.problem": "regression", **UNSPLIT})
+    result = call_main(capfd, "audit", write_recipe(tmp_path / "r.yaml", raw))
+    line = one_error_line(result)
+    assert "regression" in line and "cleanlab" in line
+
+
+def test_too_many_folds_for_the_rows_is_one_line(tiny_bert, tiny_data, tmp_path, capfd):
+    raw = recipe_dict(tiny_bert, tiny_data, tmp_path / "run")
+    result = call_main(capfd, "audit", write_recipe(tmp_path / "r.yaml", raw), "--folds", "40")
+    assert "--folds" in one_error_line(result)
+
+
+def test_clean_refuses_to_overwrite_the_training_file(probe_bert, noisy, tmp_path, capfd):
+    recipe = audit_recipe(probe_bert, noisy, tmp_path)
+    result = call_main(capfd, "audit", recipe, "--clean", noisy["train"])
+    assert "never changed" in one_error_line(result)
+
+
+def test_multi_label_writes_label_issues(tiny_bert, multi_label_data, tmp_path, capfd):
+    raw = recipe_dict(tiny_bert, only_train(multi_label_data), tmp_path / "run",
+                      **{"head.problem": "multi_label", "head.pooling": "mean", **UNSPLIT})
+    result = call_main(capfd, "audit", write_recipe(tmp_path / "r.yaml", raw), "--folds", "3", "--output",
+                       tmp_path / "audit")
+    assert result.returncode == 0, result.stderr
+    with (tmp_path / "audit" / "label_issues.csv").open(newline="") as file:
+        reader = csv.DictReader(file)
+        assert reader.fieldnames == ["split", "file", "location", "input", "given_label", "suggested_label",
+                                     "label_quality"]
+        for row in reader:
+            assert set(row["given_label"].split("|")) <= set(LABELS) | {""}
