@@ -53,8 +53,6 @@ def audit(recipe, folds: int = 5, finetune: bool = False, output: str | Path | N
                             "another file")
     out.mkdir(parents=True, exist_ok=True)
     if finetune:
-        from finetune.audit_folds import fine_tuned_outputs
-
         rows = fine_tuned_outputs(recipe, folds, out, say)
     else:
         rows = probe_outputs(recipe, folds, say)
@@ -155,6 +153,8 @@ def probe_outputs(recipe, folds: int, say) -> Rows:
         say("the head cannot be separated from this backbone: each fold trains it through the frozen backbone")
         data = _joined(datasets)
     rows.labels = list(_labels(data))
+    # a head on fixed features costs little per epoch: fit it well; through the backbone, the recipe's epochs
+    epochs = max(probe.train.epochs, MIN_HEAD_EPOCHS) if features_fn is not None else probe.train.epochs
     start = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     rows.outputs = [None] * len(rows.labels)
     for number, (kept, held) in enumerate(fold_indices(rows, problem, folds, probe.train.seed), 1):
@@ -163,7 +163,7 @@ def probe_outputs(recipe, folds: int, say) -> Rows:
                 if name in start:
                     p.copy_(start[name])
         torch.manual_seed(probe.train.seed + number)
-        fit_head(model, _loader(job, data, kept, probe, True), problem, probe, accelerator.device)
+        fit_head(model, _loader(job, data, kept, probe, True), problem, probe, accelerator.device, epochs)
         for position, logits in held_out_logits(model, _loader(job, data, held, probe, False), accelerator.device):
             rows.outputs[position] = logits
         say(f"fold {number}/{folds}: head trained on {len(kept)} rows, {len(held)} rows scored")
@@ -226,7 +226,7 @@ def _loader(job, data, positions, recipe, training: bool):
     return loader, positions
 
 
-def fit_head(model, loader_and_rows, problem, recipe, device) -> None:
+def fit_head(model, loader_and_rows, problem, recipe, device, epochs: int) -> None:
     """The trainable part (the head) fitted with AdamW at the head's lr on the fold's rows."""
     import torch
 
@@ -237,7 +237,7 @@ def fit_head(model, loader_and_rows, problem, recipe, device) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=max(t.head_lr or t.lr, MIN_HEAD_LR), weight_decay=t.weight_decay)
     model.train()
-    for _ in range(max(t.epochs, MIN_HEAD_EPOCHS)):
+    for _ in range(epochs):
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
@@ -262,6 +262,64 @@ def held_out_logits(model, loader_and_rows, device):
             batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             outputs += list(logits_of(model(**batch)).float().cpu().numpy())
     return [(positions[i], logits) for i, logits in zip(order, outputs)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --finetune: an ordinary run per fold
+
+
+def fine_tuned_outputs(recipe, folds: int, out: Path, say) -> Rows:
+    """Each fold an ordinary run of the recipe (finetune.train) on the other folds' rows, written as copies of
+    data.train (and data.validation) without the held-out rows under OUT/folds/fold-N/; the held-out rows are then
+    scored by that run's exported model, through the task's own evaluation loader."""
+    import torch
+    from accelerate import Accelerator
+
+    from finetune.train import train
+
+    task, problem = get_task(recipe.task), problems.get(recipe.head.problem)
+    scoring = probe_recipe(recipe)  # its data and loaders only: evaluation preprocessing, a word on its first piece
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    job = task.job(scoring, Accelerator(cpu=device.type == "cpu", mixed_precision="no"))
+    rows = audited_rows(job.splits)
+    datasets = [job.datasets[key] for key in AUDITED if key in job.datasets]
+    if not all(hasattr(dataset, "select") for dataset in datasets):
+        raise FinetuneError(f"--finetune: not available for {task.name} yet; audit on the frozen backbone's features "
+                            "(without --finetune)")
+    data = _joined(datasets)
+    rows.labels, rows.outputs = list(_labels(data)), [None] * len(data)
+    for number, (_, held) in enumerate(fold_indices(rows, problem, folds, recipe.train.seed), 1):
+        folder = out / "folds" / f"fold-{number}"
+        say(f"fold {number}/{folds}: fine-tuning on the other folds' rows in {folder / 'run'}")
+        train(fold_recipe(recipe, rows, held, folder), overwrite=True, plots=False, checkpoints=False)
+        model, _, spec = task.load_model_folder(folder / "run" / "model")
+        if list(spec.get("labels") or []) != list(rows.label_names or []):
+            raise FinetuneError(f"--folds: fold {number}'s training rows lack a label the data has; use fewer folds")
+        model.to(device)
+        for position, logits in held_out_logits(model, _loader(job, data, held, scoring, False), device):
+            rows.outputs[position] = logits
+    return rows
+
+
+def fold_recipe(recipe, rows: Rows, held, folder: Path):
+    """The recipe on copies of its data files without the fold's held-out rows (no test split: nothing to test)."""
+    dropped: dict[str, set] = {"train": set(), "validation": set()}
+    for i in held:
+        key = "train" if rows.splits[i] == "train" or rows.held_out_from_train else "validation"
+        dropped[key].add(rows.parts[i].rows[rows.positions[i]])
+    raw = to_dict(recipe)
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, rows_out in dropped.items():
+        spec = getattr(recipe.data, key)
+        if spec is None:
+            continue
+        target = folder / f"{key}{Path(spec).suffix or '.csv'}"  # an image folder is copied as a csv list
+        get_task(recipe.task).write_without(spec, recipe, rows_out, target)
+        raw["data"][key] = str(target)
+    raw["data"]["test"] = None
+    raw["output"]["dir"] = str(folder / "run")
+    raw["hub"]["repo_id"] = None
+    return from_dict(raw)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -678,7 +678,7 @@ class Tags(Problem):
         words = [np.asarray(row) != IGNORE_INDEX for row in labels]
         rows = [i for i, mask in enumerate(words) if mask.any()]  # a sentence cut to nothing has no word to judge
         given = [np.asarray(labels[i])[words[i]] for i in rows]
-        scores = [self.probabilities(np.asarray(outputs[i])[words[i]]) for i in rows]
+        scores = [self.probabilities(np.asarray(outputs[i])[: len(words[i])][words[i]]) for i in rows]  # unpadded
         flagged = find_label_issues([g.tolist() for g in given], scores, return_indices_ranked_by="self_confidence")
         issues = [(rows[s], int(w), int(given[s][w]), int(scores[s][w].argmax()), float(scores[s][w][given[s][w]]))
                   for s, w in flagged]

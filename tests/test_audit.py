@@ -134,3 +134,61 @@ def test_multi_label_writes_label_issues(tiny_bert, multi_label_data, tmp_path, 
                                      "label_quality"]
         for row in reader:
             assert set(row["given_label"].split("|")) <= set(LABELS) | {""}
+
+
+def test_token_classification_flags_words_by_their_conll_line(tmp_path, capfd):
+    from test_token_classification import corpus, write
+    from test_token_task import token_raw
+
+    backbone = _tagger(tmp_path)
+    train = write(tmp_path / "train.conll", corpus(0, 40))
+    raw = token_raw(backbone, {"train": train, "validation": train, "test": train}, tmp_path / "run")
+    raw["data"].update(validation=None, test=None)
+    raw["train"]["epochs"] = 3
+    result = call_main(capfd, "audit", write_recipe(tmp_path / "r.yaml", raw), "--folds", "2", "--output",
+                       tmp_path / "audit", "--clean", tmp_path / "clean.conll")
+    assert result.returncode == 0, result.stderr
+    issues = read_issues(tmp_path / "audit" / "label_issues.csv")
+    print(f"{len(issues)} words flagged")
+    lines = train.read_text().splitlines()
+    for row in issues:  # "line N, word J": the sentence's first line, and the word J lines below it
+        first, word = row["location"].removeprefix("line ").split(", word ")
+        assert lines[int(first) + int(word) - 2].split() == [row["input"].split()[int(word) - 1].strip("[]"),
+                                                              row["given_label"]]
+    kept = (tmp_path / "clean.conll").read_text()
+    sentences = [block for block in train.read_text().split("\n\n") if block.strip()]
+    assert len([b for b in kept.split("\n\n") if b.strip()]) == len(sentences) - len(
+        {row["location"].split(",")[0] for row in issues})
+
+
+def _tagger(tmp_path: Path) -> Path:
+    import torch
+    from test_token_classification import PIECES, SPECIAL
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    directory = tmp_path / "tagger"
+    BertTokenizer(vocab={word: i for i, word in enumerate(SPECIAL + PIECES)}).save_pretrained(directory)
+    config = BertConfig(vocab_size=len(SPECIAL + PIECES), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, initializer_range=0.1)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+def test_finetune_runs_an_ordinary_run_per_fold_on_copies_without_the_held_out_rows(tiny_bert, tiny_data, tmp_path,
+                                                                                     capfd):
+    raw = recipe_dict(tiny_bert, tiny_data, tmp_path / "run", **{"data.test": None})
+    before = {key: digest(path) for key, path in tiny_data.items()}
+    result = call_main(capfd, "audit", write_recipe(tmp_path / "r.yaml", raw), "--finetune", "--folds", "2",
+                       "--output", tmp_path / "audit")
+    assert result.returncode == 0, result.stderr
+    assert read_issues(tmp_path / "audit" / "label_issues.csv") is not None
+    rows = {key: len(tiny_data[key].read_text().splitlines()) - 1 for key in ("train", "validation")}
+    held = 0
+    for fold in (1, 2):
+        folder = tmp_path / "audit" / "folds" / f"fold-{fold}"
+        assert (folder / "run" / "model").is_dir() and (folder / "run" / "metrics.json").is_file()
+        kept = {key: len((folder / f"{key}.csv").read_text().splitlines()) - 1 for key in ("train", "validation")}
+        held += sum(rows.values()) - sum(kept.values())
+    assert held == sum(rows.values())  # every row held out by exactly one fold
+    assert {key: digest(path) for key, path in tiny_data.items()} == before

@@ -16,14 +16,14 @@ def data_file(spec: str, key: str) -> Path:
     """The file (or folder) a data.* value names; a zoo or hub set has none to copy."""
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FinetuneError(f"--clean: {key} '{spec}' is a zoo or hub set, not a file; label_issues.csv lists the "
-                            "flagged rows to drop from your own copy")
+        raise FinetuneError(f"audit: {key} '{spec}' is a zoo or hub set, not a file, and --clean and --finetune copy "
+                            "files without some rows; save the set as a csv file and name it in data.train")
     return path
 
 
 def check_clean_suffix(output: Path, suffix: str) -> None:
     if output.suffix.lower() != suffix:
-        raise FinetuneError(f"--clean: {output} must end in {suffix}, the format it is written in")
+        raise FinetuneError(f"--clean: {output} must end in {suffix}, the format the copy is written in")
 
 
 def write_table_without(path: Path, dropped: set, output: Path) -> int:
