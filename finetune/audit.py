@@ -38,6 +38,10 @@ class Rows:
 def audit(recipe, folds: int = 5, finetune: bool = False, output: str | Path | None = None,
           clean: str | Path | None = None, say=print) -> dict:
     """Audit the recipe's training and validation labels; returns {"issues", "rows", "csv", "clean"}."""
+    try:
+        import cleanlab  # noqa: F401
+    except ImportError:
+        raise FinetuneError("audit: needs cleanlab, which is not installed; pip install 'finetune[trust]'") from None
     problem = problems.get(recipe.head.problem)
     if problem.audit_refusal is not None:
         raise FinetuneError(problem.audit_refusal)

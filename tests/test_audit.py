@@ -192,3 +192,33 @@ def test_finetune_runs_an_ordinary_run_per_fold_on_copies_without_the_held_out_r
         held += sum(rows.values()) - sum(kept.values())
     assert held == sum(rows.values())  # every row held out by exactly one fold
     assert {key: digest(path) for key, path in tiny_data.items()} == before
+
+
+def test_an_image_folder_is_audited_by_path_and_cleaned_into_a_csv_list(tmp_path, capfd):
+    import shutil
+
+    from test_vision_train import save_split, vision_raw
+
+    root = save_split(tmp_path / "images", 10, seed=0)
+    planted = {"red/003.png": "blue", "blue/004.png": "gray", "gray/005.png": "red"}
+    for path, wrong in planted.items():  # an image filed under another class's folder
+        shutil.move(root / path, root / wrong / f"moved-{Path(path).name}")
+    moved = {f"{wrong}/moved-{Path(path).name}" for path, wrong in planted.items()}
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    raw = vision_raw({"train": root, "validation": root, "test": root}, tmp_path / "run")
+    raw["data"].update(validation=None, test=None)
+    clean = tmp_path / "clean.csv"
+    result = call_main(capfd, "audit", write_recipe(tmp_path / "r.yaml", raw), "--folds", "3", "--output",
+                       tmp_path / "audit", "--clean", clean)
+    assert result.returncode == 0, result.stderr
+    issues = read_issues(tmp_path / "audit" / "label_issues.csv")
+    flagged = {row["location"] for row in issues}
+    print(f"images: planted {len(moved)}, flagged {len(flagged)}, found {len(flagged & moved)}")
+    assert flagged <= set(files) and flagged & moved
+    for row in issues:
+        assert row["given_label"] == row["location"].split("/")[0] and row["input"] == str(root / row["location"])
+    with clean.open(newline="") as file:
+        kept = [(Path(entry["image"]).relative_to(root.resolve()).as_posix(), entry["label"])
+                for entry in csv.DictReader(file)]
+    assert sorted(kept) == [(path, path.split("/")[0]) for path in files if path not in flagged]
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")) == files  # the folder unchanged
