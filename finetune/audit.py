@@ -151,12 +151,12 @@ def probe_outputs(recipe, folds: int, say) -> Rows:
     features_fn = transfer.feature_function(model)
     datasets = [job.datasets[key] for key in AUDITED if key in job.datasets]
     if features_fn is not None:
-        data = _features(model, features_fn, job, datasets, accelerator.device, say)
+        data = _features(model, features_fn, job, datasets, accelerator.device, say, probe.head.pooling)
         model = transfer.CachedHead(model)
     else:
         say("the head cannot be separated from this backbone: each fold trains it through the frozen backbone")
         data = _joined(datasets)
-    rows.labels = list(_labels(data))
+    rows.labels = transfer.labels_of(data)
     # a head on fixed features costs little per epoch: fit it well; through the backbone, the recipe's epochs
     epochs = max(probe.train.epochs, MIN_HEAD_EPOCHS) if features_fn is not None else probe.train.epochs
     start = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -174,8 +174,9 @@ def probe_outputs(recipe, folds: int, say) -> Rows:
     return rows
 
 
-def _features(model, features_fn, job, datasets, device, say):
-    """The frozen backbone's features of the audited splits, from the disk cache `finetune run` also fills."""
+def _features(model, features_fn, job, datasets, device, say, pooling: str):
+    """The frozen backbone's features of the audited splits, from the disk cache a probe run (`train.freeze:
+    backbone`, fp32) also fills: the same keys."""
     import torch
 
     from finetune import transfer
@@ -185,7 +186,7 @@ def _features(model, features_fn, job, datasets, device, say):
         transfer.cached_features(
             model, features_fn, dataset, lambda d: job.make_loader(d, 64, False),
             {"split": key, "model": model_key, "data": transfer.dataset_fingerprint(dataset),
-             "pooling": job_pooling(job), "kind": type(model).__name__},
+             "pooling": pooling, "kind": type(model).__name__},
             device, say,
         )
         for key, dataset in zip(AUDITED, datasets)
@@ -194,21 +195,11 @@ def _features(model, features_fn, job, datasets, device, say):
     return transfer.FeatureDataset(torch.cat(features), labels)
 
 
-def job_pooling(job) -> str | None:
-    return getattr(job.model, "pooling", None)
-
-
 def _joined(datasets):
     """The audited splits' tokenised rows as one data set (train's rows first)."""
     from datasets import concatenate_datasets
 
     return concatenate_datasets(list(datasets)) if len(datasets) > 1 else datasets[0]
-
-
-def _labels(data) -> list:
-    from finetune import transfer
-
-    return transfer.labels_of(data)
 
 
 def _loader(job, data, positions, recipe, training: bool):
@@ -279,6 +270,7 @@ def fine_tuned_outputs(recipe, folds: int, out: Path, say) -> Rows:
     import torch
     from accelerate import Accelerator
 
+    from finetune import transfer
     from finetune.train import train
 
     task, problem = get_task(recipe.task), problems.get(recipe.head.problem)
@@ -291,7 +283,7 @@ def fine_tuned_outputs(recipe, folds: int, out: Path, say) -> Rows:
         raise FinetuneError(f"--finetune: not available for {task.name} yet; audit on the frozen backbone's features "
                             "(without --finetune)")
     data = _joined(datasets)
-    rows.labels, rows.outputs = list(_labels(data)), [None] * len(data)
+    rows.labels, rows.outputs = transfer.labels_of(data), [None] * len(data)
     for number, (_, held) in enumerate(fold_indices(rows, problem, folds, recipe.train.seed), 1):
         folder = out / "folds" / f"fold-{number}"
         say(f"fold {number}/{folds}: fine-tuning on the other folds' rows in {folder / 'run'}")
@@ -332,15 +324,19 @@ def fold_recipe(recipe, rows: Rows, held, folder: Path):
 
 def issue_table(rows: Rows, issues: list, problem, names: list[str]) -> list[dict]:
     """label_issues.csv's rows, most suspicious (lowest label quality) first, each named by its file and line (or
-    path, or zoo name) as the data holds it."""
-    table = []
+    row, path or zoo name) as the data layer names it."""
+    wanted: dict[int, tuple] = {}
+    for row, *_ in issues:
+        part = rows.parts[row]
+        wanted.setdefault(id(part), (part, set()))[1].add(rows.positions[row])
     wheres = {}
+    for part, positions in wanted.values():  # a line-based file is read once per split
+        ordered = sorted(positions)
+        wheres.update({(id(part), p): where for p, where in zip(ordered, where_rows(part, ordered))})
+    table = []
     for row, word, given, suggested, quality in sorted(issues, key=lambda issue: issue[4]):
         part, position = rows.parts[row], rows.positions[row]
-        if (id(part), position) not in wheres:
-            wheres[(id(part), position)] = where_rows(part, [position])[0]
-        where = wheres[(id(part), position)]
-        source = part.source
+        where, source = wheres[(id(part), position)], part.source
         location = where[len(source):].strip().strip("()") if where.startswith(source) else where
         if word is not None:
             location = f"{location}, word {word + 1}"
@@ -375,7 +371,7 @@ def noise_lines(classes, names: list[str], count: int) -> str:
 
 
 def top_lines(table: list[dict], count: int, path: Path, shown: int = 10) -> str:
-    lines = [f"{len(table)} of {count} rows flagged as likely label issues; all in {path}"]
+    lines = [f"{len(table)} likely label issues among {count} rows (most suspicious first); all in {path}"]
     if table:
         lines.append(f"  {'quality':>7}  {'where':32} {'given':14} {'suggested':14} input")
     for entry in table[:shown]:

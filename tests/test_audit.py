@@ -222,3 +222,19 @@ def test_an_image_folder_is_audited_by_path_and_cleaned_into_a_csv_list(tmp_path
                 for entry in csv.DictReader(file)]
     assert sorted(kept) == [(path, path.split("/")[0]) for path in files if path not in flagged]
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")) == files  # the folder unchanged
+
+
+def test_clean_copies_keep_every_other_record_as_written(tmp_path):
+    """Rows are counted as the data layer reads them: a quoted field spanning lines is one record, blank lines are
+    none; the kept records are copied byte for byte."""
+    from finetune.data import load_table
+    from finetune.tasks.row_files import write_table_without
+
+    text = 'text,label\n"two\nlines",a\n\nplain,b\n"say ""hi""",a\nlast,b\n'
+    (tmp_path / "in.csv").write_text(text)
+    assert list(load_table(tmp_path / "in.csv", "in.csv")["text"]) == ["two\nlines", "plain", 'say "hi"', "last"]
+    assert write_table_without(tmp_path / "in.csv", {0, 2}, tmp_path / "out.csv") == 2
+    assert (tmp_path / "out.csv").read_text() == "text,label\n\nplain,b\nlast,b\n"
+    (tmp_path / "in.jsonl").write_text('{"text": "x", "label": "a"}\n\n{"text": "y", "label": "b"}\n')
+    assert write_table_without(tmp_path / "in.jsonl", {1}, tmp_path / "out.jsonl") == 1
+    assert (tmp_path / "out.jsonl").read_text() == '{"text": "x", "label": "a"}\n'

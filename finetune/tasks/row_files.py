@@ -56,13 +56,13 @@ def write_table_without(path: Path, dropped: set, output: Path) -> int:
 
 
 def _csv_record_spans(lines: list[str], suffix: str) -> list[tuple[int, int]]:
-    """(first line, line after the last) of every non-blank record, the header first; quoted fields span lines."""
+    """(first line, line after the last) of every record, the header first; quoted fields span lines."""
     reader = csv.reader(iter(lines), delimiter="\t" if suffix == ".tsv" else ",")
     spans, previous = [], 0
     for record in reader:
-        if record:
+        if record:  # a blank line goes with the record after it
             spans.append((previous, reader.line_num))
-        previous = reader.line_num
+            previous = reader.line_num
     return spans
 
 
