@@ -132,14 +132,13 @@ def probe_outputs(recipe, folds: int, say) -> Rows:
     features (computed once, through the kit's feature cache); where the head cannot be separated from the backbone
     (a token-classification model), each fold's head trains through the frozen backbone instead."""
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from finetune import transfer
 
     probe = probe_recipe(recipe)
     problem = problems.get(probe.head.problem)
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision="no")
+    accelerator = fp32_accelerator()
     set_seed(probe.train.seed)
     job = get_task(probe.task).job(probe, accelerator)
     for warning in job.warnings:
@@ -172,6 +171,18 @@ def probe_outputs(recipe, folds: int, say) -> Rows:
             rows.outputs[position] = logits
         say(f"fold {number}/{folds}: head trained on {len(kept)} rows, {len(held)} rows scored")
     return rows
+
+
+def fp32_accelerator():
+    """An Accelerator for the task's job (its loaders and device), at fp32 whatever an earlier run in this process
+    asked (accelerate keeps one state per process)."""
+    import torch
+    from accelerate import Accelerator
+
+    from finetune.precision import allow_accelerator_at
+
+    allow_accelerator_at("no")
+    return Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision="no")
 
 
 def _features(model, features_fn, job, datasets, device, say, pooling: str):
@@ -267,16 +278,15 @@ def fine_tuned_outputs(recipe, folds: int, out: Path, say) -> Rows:
     """Each fold an ordinary run of the recipe (finetune.train) on the other folds' rows, written as copies of
     data.train (and data.validation) without the held-out rows under OUT/folds/fold-N/; the held-out rows are then
     scored by that run's exported model, through the task's own evaluation loader."""
-    import torch
-    from accelerate import Accelerator
 
     from finetune import transfer
     from finetune.train import train
 
     task, problem = get_task(recipe.task), problems.get(recipe.head.problem)
     scoring = probe_recipe(recipe)  # its data and loaders only: evaluation preprocessing, a word on its first piece
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    job = task.job(scoring, Accelerator(cpu=device.type == "cpu", mixed_precision="no"))
+    accelerator = fp32_accelerator()
+    device = accelerator.device
+    job = task.job(scoring, accelerator)
     rows = audited_rows(job.splits)
     datasets = [job.datasets[key] for key in AUDITED if key in job.datasets]
     if not all(hasattr(dataset, "select") for dataset in datasets):
