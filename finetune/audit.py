@@ -14,6 +14,7 @@ from finetune.data import where_rows
 from finetune.errors import FinetuneError
 from finetune.recipe import from_dict, to_dict
 from finetune.tasks import get_task
+from finetune.tasks.row_files import check_clean_suffix, data_file
 
 COLUMNS = ("split", "file", "location", "input", "given_label", "suggested_label", "label_quality")
 AUDITED = ("train", "validation")  # the rows a user labelled for training; the test split stays unseen
@@ -55,6 +56,10 @@ def audit(recipe, folds: int = 5, finetune: bool = False, output: str | Path | N
     if clean_path is not None and _same_file(clean_path, recipe.data.train):
         raise FinetuneError(f"--clean: {clean_path} is data.train itself; the input files are never changed, name "
                             "another file")
+    if clean_path is not None or finetune:  # refused before the folds run, not after
+        source = data_file(recipe.data.train, "data.train")
+        if clean_path is not None:
+            check_clean_suffix(clean_path, source.suffix.lower() if source.is_file() else ".csv")
     out.mkdir(parents=True, exist_ok=True)
     if finetune:
         rows = fine_tuned_outputs(recipe, folds, out, say)

@@ -238,3 +238,10 @@ def test_clean_copies_keep_every_other_record_as_written(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"text": "x", "label": "a"}\n\n{"text": "y", "label": "b"}\n')
     assert write_table_without(tmp_path / "in.jsonl", {1}, tmp_path / "out.jsonl") == 1
     assert (tmp_path / "out.jsonl").read_text() == '{"text": "x", "label": "a"}\n'
+
+
+def test_clean_in_another_format_and_a_zoo_set_are_refused_before_the_folds(probe_bert, noisy, tmp_path, capfd):
+    recipe = audit_recipe(probe_bert, noisy, tmp_path)
+    assert ".csv" in one_error_line(call_main(capfd, "audit", recipe, "--clean", tmp_path / "clean.jsonl"))
+    line = one_error_line(call_main(capfd, "audit", recipe, "data.train=bbc-news", "--finetune"))
+    assert "bbc-news" in line and "zoo" in line
