@@ -328,15 +328,9 @@ class Problem:
     def label_issues(self, outputs: list, labels: list, threshold: float = 0.5) -> tuple[list[tuple], Any]:
         """cleanlab on out-of-sample logits and encoded labels (one item per row): ([(row, word or None, given,
         suggested, label quality)] for the flagged rows, cleanlab's per-class table of issues and noise)."""
-        from cleanlab.dataset import rank_classes_by_label_quality
-        from cleanlab.filter import find_label_issues
-        from cleanlab.rank import get_label_quality_scores
+        from finetune.confident_learning import single_label_issues
 
-        given, scores = np.asarray(labels, dtype=np.int64), self.probabilities(np.stack(outputs))
-        quality = get_label_quality_scores(given, scores)
-        flagged = find_label_issues(given, scores, return_indices_ranked_by="self_confidence")
-        issues = [(int(i), None, int(given[i]), int(scores[i].argmax()), float(quality[i])) for i in flagged]
-        return issues, rank_classes_by_label_quality(given, scores)
+        return single_label_issues(self.probabilities(np.stack(outputs)), np.asarray(labels, dtype=np.int64))
 
 
 class SingleLabel(Problem):
@@ -470,19 +464,9 @@ class MultiLabel(Problem):
         return "A row can carry several labels, so the label counts can add up to more than the rows."
 
     def label_issues(self, outputs, labels, threshold: float = 0.5):
-        """cleanlab's multi-label module: a row is flagged when its label set looks wrong; the suggestion is the set
-        the held-out scores put over the threshold."""
-        from cleanlab.multilabel_classification.dataset import rank_classes_by_multilabel_quality
-        from cleanlab.multilabel_classification.filter import find_label_issues
-        from cleanlab.multilabel_classification.rank import get_label_quality_scores
+        from finetune.confident_learning import multi_label_issues
 
-        hot, scores = np.asarray(labels) > 0.5, self.probabilities(np.stack(outputs))
-        given = [np.flatnonzero(row).tolist() for row in hot]
-        quality = get_label_quality_scores(given, scores)
-        flagged = find_label_issues(given, scores, return_indices_ranked_by="self_confidence")
-        issues = [(int(i), None, hot[i].astype(float), (scores[i] > threshold).astype(float), float(quality[i]))
-                  for i in flagged]
-        return issues, rank_classes_by_multilabel_quality(given, scores)
+        return multi_label_issues(self.probabilities(np.stack(outputs)), np.asarray(labels) > 0.5, threshold)
 
 
 class Regression(Problem):
@@ -670,19 +654,12 @@ class Tags(Problem):
         return "Rows are sentences; the tag counts are words."
 
     def label_issues(self, outputs, labels, threshold: float = 0.5):
-        """cleanlab's token-classification module on each sentence's words (their first sub-tokens): (sentence, word)
-        issues; the per-class table counts words."""
-        from cleanlab.dataset import rank_classes_by_label_quality
-        from cleanlab.token_classification.filter import find_label_issues
+        """Each sentence's words, scored on their first sub-token (padding and continuations carry IGNORE_INDEX)."""
+        from finetune.confident_learning import tag_issues
 
         words = [np.asarray(row) != IGNORE_INDEX for row in labels]
-        rows = [i for i, mask in enumerate(words) if mask.any()]  # a sentence cut to nothing has no word to judge
-        given = [np.asarray(labels[i])[words[i]] for i in rows]
-        scores = [self.probabilities(np.asarray(outputs[i])[: len(words[i])][words[i]]) for i in rows]  # unpadded
-        flagged = find_label_issues([g.tolist() for g in given], scores, return_indices_ranked_by="self_confidence")
-        issues = [(rows[s], int(w), int(given[s][w]), int(scores[s][w].argmax()), float(scores[s][w][given[s][w]]))
-                  for s, w in flagged]
-        return issues, rank_classes_by_label_quality(np.concatenate(given), np.concatenate(scores))
+        return tag_issues([self.probabilities(np.asarray(out)[: len(m)][m]) for out, m in zip(outputs, words)],
+                          [np.asarray(row)[m] for row, m in zip(labels, words)])
 
 
 PROBLEMS: dict[str, Problem] = {p.name: p for p in (SingleLabel(), MultiLabel(), Regression(), Tags())}

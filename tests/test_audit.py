@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import FILLERS, KEYWORDS, LABELS, VOCAB, call_main, one_error_line, recipe_dict, write_csv, write_recipe
 
+COLUMNS = ("split", "file", "location", "input", "given_label", "suggested_label", "label_quality")
 FLIPS = 12  # of 120 training rows: 10%
 UNSPLIT = {"data.validation": None, "data.test": None}  # validation held out of train (and audited with it)
 
@@ -77,8 +78,7 @@ def test_the_audit_finds_most_planted_flips_and_clean_drops_them(probe_bert, noi
     result = call_main(capfd, "audit", recipe, "--folds", "5", "--output", tmp_path / "audit", "--clean", clean)
     assert result.returncode == 0, result.stderr
     issues = read_issues(tmp_path / "audit" / "label_issues.csv")
-    assert list(issues[0]) == ["split", "file", "location", "input", "given_label", "suggested_label",
-                               "label_quality"]
+    assert list(issues[0]) == list(COLUMNS)
     flagged = {int(row["location"].removeprefix("line ")) for row in issues}
     found = flagged & noisy["lines"]
     precision, recall = len(found) / max(len(flagged), 1), len(found) / FLIPS
@@ -130,8 +130,7 @@ def test_multi_label_writes_label_issues(tiny_bert, multi_label_data, tmp_path, 
     assert result.returncode == 0, result.stderr
     with (tmp_path / "audit" / "label_issues.csv").open(newline="") as file:
         reader = csv.DictReader(file)
-        assert reader.fieldnames == ["split", "file", "location", "input", "given_label", "suggested_label",
-                                     "label_quality"]
+        assert reader.fieldnames == list(COLUMNS)
         for row in reader:
             assert set(row["given_label"].split("|")) <= set(LABELS) | {""}
 
@@ -149,7 +148,7 @@ def test_token_classification_flags_words_by_their_conll_line(tmp_path, capfd):
                        tmp_path / "audit", "--clean", tmp_path / "clean.conll")
     assert result.returncode == 0, result.stderr
     issues = read_issues(tmp_path / "audit" / "label_issues.csv")
-    print(f"{len(issues)} words flagged")
+    assert issues and list(issues[0]) == list(COLUMNS)
     lines = train.read_text().splitlines()
     for row in issues:  # "line N, word J": the sentence's first line, and the word J lines below it
         first, word = row["location"].removeprefix("line ").split(", word ")
