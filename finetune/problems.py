@@ -283,6 +283,17 @@ class Problem:
         """The card's line under the label counts, where they count something other than one label per row."""
         return None
 
+    # the label audit (finetune.audit): cleanlab's confident learning on out-of-sample outputs
+
+    audit_refusal: str | None = None  # why `finetune audit` cannot judge this problem's labels; None: it can
+
+    def label_issues(self, outputs: list, labels: list, threshold: float = 0.5) -> tuple[list[tuple], Any]:
+        """cleanlab on out-of-sample logits and encoded labels (one item per row): ([(row, word or None, given,
+        suggested, label quality)] for the flagged rows, cleanlab's per-class table of issues and noise)."""
+        from finetune.confident_learning import single_label_issues
+
+        return single_label_issues(self.probabilities(np.stack(outputs)), np.asarray(labels, dtype=np.int64))
+
 
 class SingleLabel(Problem):
     name = "single_label"
@@ -437,6 +448,11 @@ class MultiLabel(Problem):
         union = a.sum(1)[:, None] + b.sum(1)[None, :] - shared
         return (shared / union.clamp(min=1)).masked_fill(union == 0, 1.0)
 
+    def label_issues(self, outputs, labels, threshold: float = 0.5):
+        from finetune.confident_learning import multi_label_issues
+
+        return multi_label_issues(self.probabilities(np.stack(outputs)), np.asarray(labels) > 0.5, threshold)
+
 
 class Regression(Problem):
     name = "regression"
@@ -560,6 +576,10 @@ class Regression(Problem):
     def row_classes(self, value):
         raise FinetuneError(f"data.train_per_class: {self.few_label_refusal()}")
 
+    audit_refusal = ("audit: regression has no classes for confident learning to find flipped; cleanlab's regression "
+                     "module (cleanlab.regression.learn.CleanLearning) fits its own model on the inputs instead of "
+                     "reading held-out class scores, so it is not wired in; audit a classification recipe")
+
 
 class Tags(Problem):
     """A tag per word (token classification): logits are (batch, tokens, tags), labels IGNORE_INDEX where a token
@@ -651,6 +671,14 @@ class Tags(Problem):
         from finetune.tasks.token_classification.tags import entity_types
 
         return entity_types(list(value)) or [NO_LABEL]
+
+    def label_issues(self, outputs, labels, threshold: float = 0.5):
+        """Each sentence's words, scored on their first sub-token (padding and continuations carry IGNORE_INDEX)."""
+        from finetune.confident_learning import tag_issues
+
+        words = [np.asarray(row) != IGNORE_INDEX for row in labels]
+        return tag_issues([self.probabilities(np.asarray(out)[: len(m)][m]) for out, m in zip(outputs, words)],
+                          [np.asarray(row)[m] for row, m in zip(labels, words)])
 
 
 PROBLEMS: dict[str, Problem] = {p.name: p for p in (SingleLabel(), MultiLabel(), Regression(), Tags())}

@@ -223,6 +223,15 @@ class Task:
         folder or hub:<id>)."""
         return ()
 
+    # -- the label audit -------------------------------------------------------------------------------------------
+
+    def write_without(self, spec: str, recipe, dropped: set, output: Path) -> tuple[int, str]:
+        """`audit --clean`: a copy of the data file `spec` (data.train's value) without the rows whose RawSplit.rows
+        value is in `dropped`, in the file's own format; (rows kept, what was written). Default: a table file."""
+        from finetune.tasks.row_files import data_file, write_table_without
+
+        return write_table_without(data_file(spec, "data.train"), dropped, output), str(output)
+
 
 def get_task(name: str) -> Task:
     return importlib.import_module(TASKS[name]).TASK

@@ -213,6 +213,21 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
                "freeze": str(t.freeze), "drop_path": recipe.backbone.drop_path}
         return step_choice.choose(recipe, model, (t.batch_size, *data_config["input_size"]), key, native_bf16)
 
+    def write_without(self, spec, recipe, dropped, output):
+        """An image folder (its rows are paths under it) becomes a csv of the kept images' paths and labels, which
+        data.train reads as it is; a table file stays a table."""
+        from finetune.tasks.row_files import data_file, write_image_list
+
+        path = data_file(spec, "data.train")
+        if not path.is_dir():
+            return super().write_without(spec, recipe, dropped, output)
+        found = self.read(spec, recipe, "data.train")
+        split = found.get("train") or found.get("file")
+        kept = [i for i, row in enumerate(split.rows) if row not in dropped]
+        columns = (recipe.data.image_column, recipe.data.label_column)
+        count = write_image_list([split.texts[i] for i in kept], [split.labels[i] for i in kept], columns, output)
+        return count, str(output)
+
 
 def with_unlabeled_images(rows, inputs: list, label):
     """distill.unlabeled: the training images followed by the unlabelled ones with the placeholder label, decoded
@@ -259,6 +274,7 @@ def _use_channels_last(recipe, model, accelerator) -> bool:
         return recipe.train.channels_last
     has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     return has_conv and accelerator.device.type == "cuda"
+
 
 
 TASK = ImageClassification()

@@ -238,5 +238,14 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
         logits.mask = batch["attention_mask"].numpy().astype(bool)
         return logits
 
+    def write_without(self, spec, recipe, dropped, output):
+        """A CoNLL file stays CoNLL (its rows are the sentences' first lines); a table of word lists stays a table."""
+        from finetune.tasks.row_files import TABLE_SUFFIXES, data_file, write_conll_without
+
+        path = data_file(spec, "data.train")
+        if path.suffix.lower() in TABLE_SUFFIXES:
+            return super().write_without(spec, recipe, dropped, output)
+        return write_conll_without(path, dropped, output), str(output)
+
 
 TASK = TokenClassification()
