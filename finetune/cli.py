@@ -183,7 +183,12 @@ def cmd_predict(args) -> int:
     inputs = expand_inputs(args.inputs, predictor.task, args.column or default_column(predictor), pair_column)
     if not inputs:
         raise FinetuneError("predict: the inputs hold nothing to predict on (empty files?)")
-    results = predictor.predict([entry for _, entry in inputs], top_k=args.top_k, batch_size=args.batch_size)
+    level = args.confidence_set  # every label's score decoded, the set taken, then the scores cut to --top-k
+    cutoff = None if level is None else predictor.confidence_cutoff(level, "--confidence-set")
+    results = predictor.predict([entry for _, entry in inputs], top_k=args.top_k if cutoff is None else None,
+                                batch_size=args.batch_size)
+    if cutoff is not None:
+        results = predictor.with_confidence_sets(results, cutoff, args.top_k)
     if args.json:
         for (shown, _), result in zip(inputs, results):  # JSON Lines: one object per input, in order
             print(json.dumps({"input": shown, **result}))
@@ -222,6 +227,9 @@ def _describe_prediction(result: dict, top_k: int | None) -> str:
         return found or "(no entities)"
     if "value" in result:
         return f"{result['value']:.6g}"
+    if "confidence_set" in result:
+        return _describe_prediction({k: v for k, v in result.items() if k != "confidence_set"}, top_k) + \
+            f"  set {{{', '.join(result['confidence_set'])}}}"
     if "label" in result:
         ranked = result["scores"][: top_k or 1]
     elif top_k is not None:
@@ -478,6 +486,9 @@ def _add_model_verbs(verbs) -> None:
                                                "(default: the run's data.text_pair_column)")
     predict.add_argument("--batch-size", type=int, default=32, help=BATCH_HELP)
     predict.add_argument("--json", action="store_true", help="JSON Lines: one JSON object per input, in order")
+    predict.add_argument("--confidence-set", type=float, metavar="LEVEL",
+                         help="add each input's confidence set: the labels that hold the true one at this coverage "
+                              "(such as 0.9; split conformal on the validation rows in the model's calibration.json)")
     predict.set_defaults(func=cmd_predict)
 
     export = _verb(verbs, "export", "an ONNX folder (fp32 or int8) that onnxruntime serves alone",

@@ -106,6 +106,8 @@ class Problem:
     empty_rows: bool = False  # a row may hold no label at all (the data report counts those rows)
     answer: str = "class"  # what one prediction is, in words (finetune.health's "a single class")
     baseline_guess: str = "the training label frequencies"  # what baseline_loss predicts for every row, in words
+    # why a confidence set (split conformal over one label per input) does not apply; None: it does
+    confidence_set_refusal: str | None = "its model does not choose one label per input"
     # the export card's last line: numpy that prints what `finetune predict` names, from `logits` and export.json
     onnx_decode: str = 'print([info["labels"][i] for i in logits.argmax(-1)])'
     # the timm card's last lines, after `logits = model(...)[0]`: what the model says about one image
@@ -285,6 +287,32 @@ class Problem:
         answer is a number (there the loss alone says whether the run learned)."""
         return int(len(np.unique(np.asarray(values))))
 
+    # calibration (finetune.calibration asks these)
+
+    def calibrates(self) -> bool:
+        """True when one temperature dividing the logits can calibrate the scores (eval.calibrate)."""
+        return True
+
+    def calibration_rows(self, logits, labels):
+        """(rows of logits, their labels) a temperature is fitted and scored on (torch; `loss` reads them)."""
+        return logits, labels
+
+    def reliability(self, probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(confidence, correct) per decision ECE bins: the top label's score and whether it is the truth."""
+        return probabilities.max(axis=-1), probabilities.argmax(axis=-1) == labels
+
+    def moved_threshold(self, threshold: float, temperature: float) -> float:
+        """The threshold on the scores of logits / temperature that decides as `threshold` did on the raw ones."""
+        return threshold
+
+    def conformal_scores(self, probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Validation rows' nonconformity scores (split conformal): 1 - the true label's score."""
+        return 1.0 - probabilities[np.arange(len(labels)), labels.astype(np.int64)]
+
+    def confidence_set(self, result: dict, cutoff: float) -> list[str]:
+        """The labels of a decoded row whose score reaches `cutoff` (1 - the conformal quantile), best first."""
+        return [item["label"] for item in result["scores"] if item["score"] >= cutoff]
+
     # exports and the model card
 
     def native_config(self, labels: list[str] | None) -> dict:
@@ -327,6 +355,7 @@ class SingleLabel(Problem):
     native_type = "single_label_classification"
     default_metrics = ("accuracy", "f1_macro")
     single_class = True
+    confidence_set_refusal = None
 
     def check_labels(self, values, where, key) -> None:
         _one_spelling(values, _present(values, where, key, "label", blank_is_missing=True), where, key)
@@ -363,6 +392,7 @@ class MultiLabel(Problem):
     default_metrics = ("f1_micro", "f1_macro", "accuracy")
     empty_rows = True
     answer = "label set"
+    confidence_set_refusal = "a multi-label model decides each label on its own (its threshold does)"
     onnx_decode = ('print([[name for name, x in zip(info["labels"], row) if 1 / (1 + np.exp(-x)) > info["threshold"]]'
                    ' for row in logits])')
     timm_decode = ('labels = model.pretrained_cfg["label_names"]\n'
@@ -393,6 +423,15 @@ class MultiLabel(Problem):
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+    def reliability(self, probabilities, labels):
+        """Each label's own yes/no decision at 0.5: its binary confidence, and whether it is right."""
+        flat, truth = probabilities.reshape(-1), labels.reshape(-1) > 0.5
+        return np.maximum(flat, 1.0 - flat), (flat > 0.5) == truth
+
+    def moved_threshold(self, threshold, temperature):
+        """sigmoid(z) > t  <=>  sigmoid(z / T) > sigmoid(logit(t) / T)."""
+        return float(1.0 / (1.0 + math.exp(-math.log(threshold / (1.0 - threshold)) / temperature)))
 
     def decode_row(self, row, order, ranked, labels, threshold) -> dict:
         """{"labels": those over the threshold, best first, "scores": [...]}."""
@@ -459,11 +498,15 @@ class Regression(Problem):
     default_metrics = ("rmse", "mae", "r2", "pearson", "spearman")
     has_labels = False
     baseline_guess = "the training targets' mean"
+    confidence_set_refusal = "a regression model predicts a number, not a label"
     onnx_decode = "print(logits[:, 0].tolist())"  # the value in the targets' units, as predict prints it
     timm_decode = "print(logits.item())\n"
 
     def num_outputs(self, label_names) -> int:
         return 1
+
+    def calibrates(self):
+        return False  # a number has no temperature
 
     def check_labels(self, values, where, key) -> None:
         # encode names any target that is not a finite number
@@ -566,6 +609,7 @@ class Tags(Problem):
     name = "tags"
     native_type = None
     answer = "tag"
+    confidence_set_refusal = "a token-classification model tags each word; its sets would be per word"
     default_metrics = ("f1", "precision", "recall", "token_accuracy")
 
     def loss(self, logits, labels, label_smoothing: float = 0.0, class_weights=None):
@@ -576,6 +620,11 @@ class Tags(Problem):
 
     def predict(self, logits: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         return logits.argmax(axis=-1)
+
+    def calibration_rows(self, logits, labels):
+        """One row per tagged token (the ignored positions left out)."""
+        kept = labels != IGNORE_INDEX
+        return logits[kept], labels[kept]
 
     def label_counts(self, encoded: list, count: int) -> list[int]:
         """Words per tag."""

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from finetune import allocator, export, health, recipe as recipe_module
+from finetune import allocator, calibration, export, health, recipe as recipe_module
 from finetune import phases, precision, problems, step_choice, tracking, transfer
 from finetune.checkpoints import (
     Progress,
@@ -105,6 +105,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         metrics["train"]["step_choice"] = choice.record()
     timer.mark("training")
     _test_best(run, metrics)
+    calibration.calibrate(run, metrics)  # eval.calibrate: the temperature export folds in, on the kept model
     timer.mark("test")
     if (line := health.warning(metrics["health"])) is not None:
         say(line)  # after the test line, as the run's last words before the saving and timing lines
