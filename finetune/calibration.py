@@ -1,5 +1,5 @@
-"""Calibrated scores: one temperature fitted on the kept model's validation logits (folded into the exported output
-layer by finetune.export), ECE and NLL before and after, and the split-conformal confidence sets of calibration.json."""
+"""Calibrated scores: one temperature fitted on the kept model's validation logits and folded into the exported output
+layer, ECE and NLL before and after, and the split-conformal confidence sets of calibration.json."""
 
 from __future__ import annotations
 
@@ -97,9 +97,9 @@ def conformal_cutoff(scores, level: float) -> float:
 
 
 def calibrate(run, metrics: dict) -> None:
-    """eval.calibrate on the kept model: metrics.json's `calibration` and the run folder's calibration.json; the
-    temperature is folded into the exported model by finetune.export (`fold_for_export`). Every process takes part
-    (the logits are gathered); the main one writes."""
+    """eval.calibrate on the kept model: metrics.json's `calibration` and the run folder's calibration.json (the
+    temperature is folded into the model to export by `fold_into`). Every process takes part (the logits are
+    gathered); the main one writes."""
     problem = problems.get(run.recipe.head.problem)
     if not problem.calibrates():
         return
@@ -194,13 +194,15 @@ def temperature_of(metrics: dict) -> float | None:
     return record.get("temperature") if record.get("method") is not None else None
 
 
-def fold_for_export(model, metrics: dict) -> None:
-    """The fitted temperature divided into the output layer of the model about to be saved (merged, whole)."""
+def fold_into(final, metrics: dict) -> None:
+    """The fitted temperature divided into the output layer of the model the run exports (whole; still LoRA-wrapped,
+    so the adapter's head holds it too, as the merged weights do); `final` None: a process that exports nothing."""
+    from finetune import transfer
     from finetune.model import fold_temperature
 
     temperature = temperature_of(metrics)
-    if temperature is not None and temperature != 1.0:
-        fold_temperature(model, temperature)
+    if final is not None and temperature is not None and temperature != 1.0:
+        fold_temperature(transfer.unwrap_lora(final), temperature)
 
 
 @contextlib.contextmanager

@@ -33,8 +33,7 @@ def export_model(save, model, directory: Path, recipe, splits, metrics: dict, pl
     from finetune.model import is_kit_model  # here: pushing a card must not import torch
 
     directory = Path(directory)
-    calibration.fold_for_export(model, metrics)  # every loader of the folder computes the calibrated scores
-    with calibration.exported_threshold(recipe, metrics):
+    with calibration.exported_threshold(recipe, metrics):  # a label set's threshold, moved with the folded logits
         save(model, directory)
         _keep_threshold(directory, recipe)
     calibration.copy_into(directory, recipe.output.dir)

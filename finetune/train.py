@@ -110,6 +110,7 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
     if (line := health.warning(metrics["health"])) is not None:
         say(line)  # after the test line, as the run's last words before the saving and timing lines
     final = _model_to_export(run, template)
+    calibration.fold_into(final, metrics)  # before the LoRA adapter is saved and merged: both hold the temperature
     if accelerator.is_main_process:
         _save_run(final, run, metrics, plots, timer)
     accelerator.wait_for_everyone()
