@@ -48,17 +48,17 @@ def noisy_data(tmp_path_factory) -> dict[str, Path]:
             for split, n, seed in (("train", 40, 0), ("validation", 30, 1), ("test", 30, 2))}
 
 
-SETTINGS = {"train.epochs": 8, "train.lr": 3e-3, "train.checkpoint_every": 30, "train.keep_checkpoints": 10}
+SETTINGS = {"train.epochs": 8, "train.lr": 3e-3}
+CHECKPOINTS = {"train.checkpoint_every": 30, "train.keep_checkpoints": 10}  # for the resume test
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_bert, noisy_data, tmp_path_factory) -> dict[str, Path]:
     """The same run (same seed) calibrated, and with eval.calibrate: null."""
     root = tmp_path_factory.mktemp("calibration-runs")
-    out = {}
-    for name, calibrate in (("calibrated", "temperature"), ("raw", None)):
-        out[name] = root / name
-        train(to_recipe(recipe_dict(tiny_bert, noisy_data, out[name], **SETTINGS, **{"eval.calibrate": calibrate})))
+    out = {"calibrated": root / "calibrated", "raw": root / "raw"}
+    train(to_recipe(recipe_dict(tiny_bert, noisy_data, out["calibrated"], **SETTINGS | CHECKPOINTS)))
+    train(to_recipe(recipe_dict(tiny_bert, noisy_data, out["raw"], **SETTINGS | {"eval.calibrate": None})))
     return out
 
 
@@ -161,7 +161,7 @@ def test_a_calibrated_run_says_so_in_its_log_card_plot_and_model_folder(runs):
 
 def test_a_resumed_run_calibrates_as_the_uninterrupted_one(runs, tiny_bert, noisy_data, tmp_path):
     out = tmp_path / "run"
-    raw = recipe_dict(tiny_bert, noisy_data, out, **SETTINGS)
+    raw = recipe_dict(tiny_bert, noisy_data, out, **SETTINGS | CHECKPOINTS)
     shutil.copytree(runs["calibrated"], out)
     for later in sorted((out / "checkpoints").glob("step-*"))[1:]:  # what a kill after the first checkpoint leaves
         shutil.rmtree(later)
@@ -183,7 +183,7 @@ def test_lora_and_cached_features_fold_the_temperature_into_the_exported_head(ti
     weights, records = {}, {}
     for name, calibrate in (("calibrated", "temperature"), ("raw", None)):
         out = tmp_path / name
-        base = {"train.epochs": 2, "train.lr": 2e-3, "eval.calibrate": calibrate}
+        base = {"train.epochs": 1, "train.lr": 3e-3, "eval.calibrate": calibrate}
         train(to_recipe(recipe_dict(tiny_bert, noisy_data, out, **base | settings)))
         weights[name] = load_file(out / "model" / "model.safetensors")
         records[name] = read_metrics(out)["calibration"]
