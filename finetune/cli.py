@@ -1,101 +1,20 @@
-"""The command line: `finetune ls | cat | cp | validate | run | sweep | eval | predict | export | serve | push |
-cache`; bad input is one line on stderr and exit 2."""
+"""The command line: `finetune ls | report | cat | cp | schema | validate | run | sweep | audit | eval | predict |
+explain | export | serve | push | cache`; bad input is one line on stderr and exit 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
 from finetune import __version__, api
+from finetune.cli_recipes import cmd_cat, cmd_cp, cmd_ls, cmd_report, cmd_schema
 from finetune.errors import FinetuneError
-from finetune.recipe import find_recipe, list_recipes, to_yaml
+from finetune.recipe import to_yaml
 
 EXIT_BAD_INPUT = 2
-
-
-def _recipe_row(name: str, path: Path) -> dict:
-    """One built-in recipe: task, backbone, data and what it needs beyond pip (read from the file, not validated)."""
-    import yaml
-
-    from finetune.needs import recipe_needs
-
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-        backbone, data = raw.get("backbone") or {}, raw.get("data") or {}
-        return {
-            "name": name, "path": str(path), "task": raw.get("task", "?"), "backbone": backbone.get("name", "?"),
-            "data": data.get("train", "?"), "needs": recipe_needs(raw),
-        }
-    except (yaml.YAMLError, AttributeError, OSError):
-        return {"name": name, "path": str(path), "task": "(unreadable)", "backbone": "", "data": "", "needs": []}
-
-
-def cmd_ls(args) -> int:
-    if args.folder is not None:
-        return _list_runs(Path(args.folder), args.json)
-    rows = [_recipe_row(name, path) for name, path in list_recipes()]
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return 0
-    width = max((len(row["name"]) for row in rows), default=10)
-    print(f"{'recipe':{width}}  {'task':22} {'backbone':20} {'data':45} needs")
-    for row in rows:
-        needs = ", ".join(row["needs"]) or "-"
-        print(f"{row['name']:{width}}  {row['task']:22} {row['backbone']:20} {row['data']:45} {needs}")
-    return 0
-
-
-def cmd_report(args) -> int:
-    from finetune.report import write_runs_page
-
-    print(write_runs_page(Path(args.folder), args.output))
-    return 0
-
-
-def cmd_cat(args) -> int:
-    sys.stdout.write(find_recipe(args.recipe).read_text(encoding="utf-8"))
-    return 0
-
-
-def _list_runs(folder: Path, as_json: bool) -> int:
-    from finetune.runs import find_runs, format_runs, run_summary
-
-    rows = [run_summary(run, folder) for run in find_runs(folder)]
-    if as_json:
-        print(json.dumps(rows, indent=1))
-    elif rows:
-        print(format_runs(rows))
-    else:
-        print(f"{folder}: no runs (folders with a config.yaml) in it", file=sys.stderr)
-    return 0
-
-
-def cmd_cp(args) -> int:
-    source = find_recipe(args.recipe)
-    target = Path(args.dest)
-    if target.is_dir():
-        target = target / source.name
-    if target.exists() and not args.force:
-        raise FinetuneError(f"{target}: already exists; pass --force to replace it or pick another name")
-    shutil.copyfile(source, target)
-    print(f"copied {source} to {target}")
-    return 0
-
-
-def cmd_schema(args) -> int:
-    from finetune.schema import recipe_schema
-
-    text = json.dumps(recipe_schema(), indent=1) + "\n"
-    if args.output is None:
-        sys.stdout.write(text)
-        return 0
-    Path(args.output).write_text(text, encoding="utf-8")
-    print(f"recipe schema written to {args.output}")
-    return 0
 
 
 def _need_recipe(args) -> None:
@@ -185,7 +104,12 @@ def cmd_predict(args) -> int:
     inputs = expand_inputs(args.inputs, predictor.task, args.column or default_column(predictor), pair_column)
     if not inputs:
         raise FinetuneError("predict: the inputs hold nothing to predict on (empty files?)")
-    results = predictor.predict([entry for _, entry in inputs], top_k=args.top_k, batch_size=args.batch_size)
+    level = args.confidence_set  # every label's score decoded, the set taken, then the scores cut to --top-k
+    cutoff = None if level is None else predictor.confidence_cutoff(level, "--confidence-set")
+    results = predictor.predict([entry for _, entry in inputs], top_k=args.top_k if cutoff is None else None,
+                                batch_size=args.batch_size)
+    if cutoff is not None:
+        results = predictor.with_confidence_sets(results, cutoff, args.top_k)
     if args.json:
         for (shown, _), result in zip(inputs, results):  # JSON Lines: one object per input, in order
             print(json.dumps({"input": shown, **result}))
@@ -244,6 +168,9 @@ def _describe_prediction(result: dict, top_k: int | None) -> str:
         return found or "(no entities)"
     if "value" in result:
         return f"{result['value']:.6g}"
+    if "confidence_set" in result:
+        return _describe_prediction({k: v for k, v in result.items() if k != "confidence_set"}, top_k) + \
+            f"  set {{{', '.join(result['confidence_set'])}}}"
     if "label" in result:
         ranked = result["scores"][: top_k or 1]
     elif top_k is not None:
@@ -529,6 +456,9 @@ def _add_model_verbs(verbs) -> None:
                                                "(default: the run's data.text_pair_column)")
     predict.add_argument("--batch-size", type=int, default=32, help=BATCH_HELP)
     predict.add_argument("--json", action="store_true", help="JSON Lines: one JSON object per input, in order")
+    predict.add_argument("--confidence-set", type=float, metavar="LEVEL",
+                         help="add each input's confidence set: the labels that hold the true one at this coverage "
+                              "(such as 0.9; split conformal on the validation rows in the model's calibration.json)")
     predict.set_defaults(func=cmd_predict)
 
     _add_explain_verb(verbs)

@@ -68,4 +68,5 @@ def load_predictor(source: str | Path, device: str | None = None) -> Predictor:
     except (OSError, ValueError, KeyError) as error:
         first = (str(error).strip().splitlines() or [""])[0]
         raise FinetuneError(f"{model_dir}: cannot load the model ({error.__class__.__name__}: {first})") from None
-    return Predictor(model, preprocess, spec, recipe=recipe, source=str(source), run_dir=run_dir, device=device)
+    return Predictor(model, preprocess, spec, recipe=recipe, source=str(source), run_dir=run_dir, device=device,
+                     model_dir=model_dir)

@@ -417,6 +417,16 @@ def fold_target_scaling(model: nn.Module, mean: float, std: float) -> None:
         layer.bias.mul_(std).add_(mean)
 
 
+@torch.no_grad()
+def fold_temperature(model: nn.Module, temperature: float) -> None:
+    """Divide the output layer's weight and bias by `temperature`: the model's logits become logits / temperature,
+    so any loader of its folder computes the calibrated scores (finetune.calibration)."""
+    layer = output_layer(model)
+    layer.weight.div_(temperature)
+    if layer.bias is not None:
+        layer.bias.div_(temperature)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What the tasks' model folders share: finetune's own format (weights + finetune.json) and reading a folder's files
 

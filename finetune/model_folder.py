@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune import __version__, contrastive
+from finetune import __version__, calibration, contrastive
 from finetune import recipe as recipe_module
 from finetune.distill import card_lines
 from finetune.data import per_class_note
@@ -35,8 +35,10 @@ def export_model(save, model, directory: Path, recipe, splits, metrics: dict, pl
     from finetune.model import is_kit_model  # here: pushing a card must not import torch
 
     directory = Path(directory)
-    save(model, directory)
-    _keep_threshold(directory, recipe)
+    with calibration.exported_threshold(recipe, metrics):  # a label set's threshold, moved with the folded logits
+        save(model, directory)
+        _keep_threshold(directory, recipe)
+    calibration.copy_into(directory, recipe.output.dir)
     _keep_max_length(directory, recipe.data.max_length)  # a tokenizer's folder (text tasks)
     write_card(directory, recipe, splits, metrics, native=not is_kit_model(model), plots=plots)
 
@@ -426,6 +428,16 @@ def _health_section(metrics: dict) -> list[str]:
             ""]
 
 
+def _calibration_section(metrics: dict, plots: dict) -> list[str]:
+    line = calibration.card_line(metrics)
+    if line is None:
+        return []
+    lines = [line, ""]
+    if "Reliability" in plots:
+        lines += [f"![Reliability before and after calibration]({PLOTS_DIR}/{plots['Reliability']})", ""]
+    return lines
+
+
 def _plots_section(plots: dict) -> list[str]:
     shown = [(title, name) for title, name in plots.items() if title in ("Loss", "Validation metrics", "Learning rate")]
     if not shown:
@@ -451,9 +463,11 @@ def model_card(recipe, splits, metrics: dict, native: bool, plots: list | None =
         "",
     ]
     if labels:
-        note = _problem(recipe).card_labels_note(recipe.head)
+        note = _problem(recipe).card_labels_note(calibration.exported_head(recipe.head, metrics))
         sections += [f"Labels ({len(labels)}){note}: " + ", ".join(f"`{label}`" for label in labels) + ".", ""]
-    sections += ["## Use", "", _usage(recipe, native), "## Training data", ""]
+    with calibration.exported_threshold(recipe, metrics):  # the usage's threshold is the folder's
+        usage = _usage(recipe, native)
+    sections += ["## Use", "", usage, "## Training data", ""]
     sections += _data_section(recipe, splits)
     sections += ["## Results", ""]
     if best:
@@ -472,6 +486,7 @@ def model_card(recipe, splits, metrics: dict, native: bool, plots: list | None =
     if metrics.get("test"):
         sections += ["Test:", "", _table(metrics["test"]), ""]
     sections += card_lines(metrics)  # distill: the teacher's metrics beside these
+    sections += _calibration_section(metrics, plots)
     sections += _health_section(metrics)
     sections += _confusion_section(metrics, plots)
     sections += _per_label_section(metrics, plots)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune import calibration
 from finetune.errors import FinetuneError
 from finetune.onnx_runtime import EXPORT_FILE, ONNX_FILE, is_export_folder, require_onnx
 from finetune.problems import get
@@ -70,6 +71,7 @@ def export_onnx(source: str | Path, output: str | Path | None = None, quantize: 
         else:
             method = _quantize(predictor, graph, out / ONNX_FILE, scratch, sample, torch_logits)
     _write_preprocessing(predictor, out, names)
+    calibration.copy_into(out, predictor.model_dir)  # predict --confidence-set reads it in the export folder too
     info = {
         "format": "onnx", "quantize": quantize, "opset": OPSET, "bytes": (out / ONNX_FILE).stat().st_size,
         "source": str(source), "inputs": names, "fusion": fusion, "quantization": method,

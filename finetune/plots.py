@@ -1,4 +1,4 @@
-"""Plots of a run as PNG files: loss and metric curves, the normalised confusion matrix, per-label F1."""
+"""Plots of a run as PNG files: loss and metric curves, the normalised confusion matrix, per-label F1, reliability."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ METRICS = "metrics.png"
 LEARNING_RATE = "lr.png"
 CONFUSION = "confusion.png"
 PER_LABEL_F1 = "per_label_f1.png"
+RELIABILITY = "reliability.png"
 
 
 def _pyplot():
@@ -35,6 +36,7 @@ def write_plots(metrics: dict, directory: Path) -> dict[str, Path]:
         ("Learning rate", LEARNING_RATE, _learning_rate),
         ("Confusion matrix", CONFUSION, _confusion),
         ("F1 per label", PER_LABEL_F1, _per_label_f1),
+        ("Reliability", RELIABILITY, _reliability),
     ):
         figure = draw(metrics)
         if figure is not None:
@@ -180,4 +182,33 @@ def _per_label_f1(metrics: dict):
     axis.set_xlim(0, 1)
     axis.set_xlabel(f"F1 on {per_label.get('split', 'test')} (support in brackets)")
     axis.grid(axis="x", alpha=0.3)
+    return figure
+
+
+def _reliability(metrics: dict):
+    """Accuracy against confidence per bin (finetune.calibration), before and after the temperature: a calibrated
+    model's bars follow the diagonal."""
+    record = (metrics.get("calibration") or {}).get("reliability")
+    if not record:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    temperature = metrics["calibration"].get("temperature") or 1.0
+    panels = ((axes[0], "before", "before (T = 1)"), (axes[1], "after", f"after (T = {temperature:.3g})"))
+    for axis, key, title in panels:
+        bins = record[key]
+        width = 1.0 / len(bins["count"])
+        edges = np.arange(len(bins["count"])) * width
+        accuracy = [a if a is not None else 0.0 for a in bins["accuracy"]]
+        axis.bar(edges, accuracy, width=width, align="edge", color="tab:blue", edgecolor="white", label="accuracy")
+        confidence = [(x + width / 2, c) for x, c in zip(edges, bins["confidence"]) if c is not None]
+        if confidence:
+            axis.plot(*zip(*confidence), "o", color="tab:orange", markersize=4, label="mean confidence")
+        axis.plot([0, 1], [0, 1], "--", color="gray", linewidth=1)
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1)
+        axis.set_xlabel(f"confidence ({record.get('split', '')})")
+        axis.set_title(title)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
     return figure

@@ -32,8 +32,10 @@ class Predictor:
     transform, and the spec (problem, labels, threshold).
     """
 
+    model_dir: Path | None = None  # the model folder it was loaded from (its calibration.json)
+
     def __init__(self, model, preprocess, spec: dict, recipe=None, source: str = "", run_dir: Path | None = None,
-                 device: str | None = None):
+                 device: str | None = None, model_dir: Path | None = None):
         import torch
 
         # nothing process-wide here (a notebook's kernel is the user's): the CLI's verbs set the allocator themselves
@@ -44,6 +46,7 @@ class Predictor:
         self.recipe = recipe
         self.source = source
         self.run_dir = run_dir
+        self.model_dir = model_dir
         from finetune.precision import for_inference
 
         self.precision = for_inference(run_dir, self.device)  # a bf16 run predicts under bf16 autocast where native
@@ -130,3 +133,20 @@ class Predictor:
         from finetune.problems import get
 
         return get(self.problem).decode(logits, self.labels, self.threshold, top_k)
+
+    def confidence_cutoff(self, level, field: str = "confidence_set") -> float:
+        """The score a label needs to join a confidence set at coverage `level` (split conformal on the validation
+        rows kept in the model folder's calibration.json); one FinetuneError line naming `field` where it cannot."""
+        from finetune.calibration import set_cutoff
+
+        folder = self.model_dir if self.model_dir is not None else Path(self.source)  # an ONNX export: its folder
+        return set_cutoff(folder, self.problem, level, field)
+
+    def with_confidence_sets(self, results: list[dict], cutoff: float, top_k: int | None = None) -> list[dict]:
+        """Decoded rows (with every label's score) given their "confidence_set" (labels, best first; empty where no
+        label is plausible enough), their scores cut to top_k afterwards."""
+        from finetune.problems import get
+
+        problem = get(self.problem)
+        return [{**r, "scores": r["scores"][:top_k], "confidence_set": problem.confidence_set(r, cutoff)}
+                for r in results]

@@ -192,6 +192,10 @@ class Eval:
     trust_metric_code: bool = False
     metric_args: dict[str, Any] = field(default_factory=dict)  # 'evaluate:...' entry -> compute() args, config_name
     lower_is_better: list[str] = field(default_factory=list)  # 'evaluate:...' entries where a smaller value wins
+    # temperature: one temperature fitted on the kept model's validation logits (minimising NLL) and folded into
+    # the exported output layer, so every loader returns calibrated scores; labels never change. null: raw scores.
+    # A regression head has none
+    calibrate: Optional[Literal["temperature"]] = "temperature"
 
 
 @dataclass

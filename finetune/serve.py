@@ -28,17 +28,17 @@ class BadRequest(Exception):
         self.status = status
 
 
-def parse_request(body: bytes, task: str, max_inputs: int) -> tuple[list, list, int | None]:
-    """(shown, model inputs, top_k) from a /predict body, or BadRequest naming the field."""
+def parse_request(body: bytes, task: str, max_inputs: int) -> tuple[list, list, int | None, float | None]:
+    """(shown, model inputs, top_k, confidence_set) from a /predict body, or BadRequest naming the field."""
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadRequest("body: not valid JSON") from None
     if not isinstance(payload, dict):
         raise BadRequest("body: must be a JSON object with an 'inputs' list")
-    unknown = set(payload) - {"inputs", "top_k"}
+    unknown = set(payload) - {"inputs", "top_k", "confidence_set"}
     if unknown:
-        raise BadRequest(f"{min(unknown)}: unknown field (fields: inputs, top_k)")
+        raise BadRequest(f"{min(unknown)}: unknown field (fields: inputs, top_k, confidence_set)")
     if "inputs" not in payload:
         raise BadRequest("inputs: missing; send {\"inputs\": [...]}")
     inputs = payload["inputs"]
@@ -57,7 +57,7 @@ def parse_request(body: bytes, task: str, max_inputs: int) -> tuple[list, list, 
         parsed = [get_task(task).parse_input(value, i) for i, value in enumerate(inputs)]
     except FinetuneError as error:
         raise BadRequest(str(error)) from None
-    return [shown for shown, _ in parsed], [entry for _, entry in parsed], top_k
+    return [shown for shown, _ in parsed], [entry for _, entry in parsed], top_k, payload.get("confidence_set")
 
 
 class Batcher:
@@ -379,8 +379,11 @@ def _add_routes(app, predictor, models: SimpleNamespace, batcher: Batcher, max_i
         if body is None:
             return error(f"body: larger than --max-body-mb {max_body_mb:g}", 413)
         try:
-            shown, inputs, top_k = parse_request(body, predictor.task, max_inputs)
-            results, batch = await batcher.submit(inputs, top_k)
+            shown, inputs, top_k, level = parse_request(body, predictor.task, max_inputs)
+            cutoff = None if level is None else predictor.confidence_cutoff(level)  # a bad one answers 400
+            results, batch = await batcher.submit(inputs, top_k if cutoff is None else None)
+            if cutoff is not None:
+                results = predictor.with_confidence_sets(results, cutoff, top_k)
         except BadRequest as bad:
             return error(str(bad), bad.status)
         except FinetuneError as bad:

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from finetune import allocator, contrastive, health, recipe as recipe_module
+from finetune import allocator, calibration, contrastive, health, recipe as recipe_module
 from finetune import phases, precision, problems, step_choice, tracking, transfer
 from finetune.checkpoints import (
     Progress,
@@ -116,10 +116,12 @@ def train(recipe, overwrite: bool = False, resume: bool = False,
         metrics["train"]["contrastive"] = stage
     timer.mark("training")
     _test_best(run, metrics)
+    calibration.calibrate(run, metrics)  # eval.calibrate: the temperature export folds in, on the kept model
     timer.mark("test")
     if (line := health.warning(metrics["health"])) is not None:
         say(line)  # after the test line, as the run's last words before the saving and timing lines
     final = _model_to_export(run, template)
+    calibration.fold_into(final, metrics)  # before the LoRA adapter is saved and merged: both hold the temperature
     if accelerator.is_main_process:
         _save_run(final, run, metrics, plots, timer)
     accelerator.wait_for_everyone()

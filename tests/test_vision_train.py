@@ -141,7 +141,9 @@ def cli_run(image_data, tmp_path_factory):
         # batches of 12 (5 per epoch, no runt batch): with 8 a batch missing a class, under BatchNorm's batch
         # statistics, can throw a random-init net's loss back up in a late epoch, and whether it does hangs on
         # float rounding, which differs between CPUs (AVX-512 vs AVX2 kernels) and thread counts
-        "data.num_workers=null", "train.epochs=4", "train.batch_size=12", f"output.dir={out}", timeout=300,
+        "data.num_workers=null", "train.epochs=4", "train.batch_size=12", f"output.dir={out}",
+        "eval.calibrate=null",  # the export is compared with the best checkpoint's own logits
+        timeout=300,
     )
     return out, result
 
@@ -425,7 +427,8 @@ def ema_run(image_data, tmp_path_factory):
     with AVX-512 kernels and with AVX2 ones; a high lr made the winner a coin toss)."""
     root = tmp_path_factory.mktemp("ema")
     out = root / "run"
-    dotted = {"train.ema": {"decay": 0.9}, "train.epochs": 5, "eval.select_best": "loss"}
+    dotted = {"train.ema": {"decay": 0.9}, "train.epochs": 5, "eval.select_best": "loss",
+              "eval.calibrate": None}  # the export is compared with the kept checkpoint's weights
     data = with_mislabelled_validation(image_data, root)
     return out, train(to_recipe(vision_raw(data, out, **dotted)))
 
@@ -523,7 +526,7 @@ def test_mlp_head_exports_the_kit_format_and_load_reproduces_the_test_metrics(im
     metrics = train(to_recipe(vision_raw(image_data, out, **{"head.type": "mlp", "head.hidden": [16]})))
     model_dir = out / "model"
     assert {p.name for p in model_dir.iterdir()} == {
-        "config.json", "model.safetensors", "finetune.json", "README.md", "plots"
+        "config.json", "model.safetensors", "finetune.json", "README.md", "plots", "calibration.json"
     }
     spec = read_json(model_dir / "finetune.json")
     assert spec["task"] == "image-classification" and spec["labels"] == CLASSES
@@ -559,8 +562,9 @@ def test_validate_checks_an_image_recipe_and_its_folder(image_data, tmp_path):
 def test_a_channels_last_run_trains_the_same_and_exports(image_data, tmp_path):
     """train.channels_last (the default for convolutions on a GPU) on this CPU: the same numbers as the default
     layout to float rounding, and an export in the default layout (safetensors refuses non-contiguous weights)."""
-    plain = train(to_recipe(vision_raw(image_data, tmp_path / "plain", **{"train.epochs": 1})))
-    last = train(to_recipe(vision_raw(image_data, tmp_path / "last", **{"train.epochs": 1,
+    # eval.calibrate null: the export is compared with the kept checkpoint's weights
+    plain = train(to_recipe(vision_raw(image_data, tmp_path / "plain", **{"train.epochs": 1, "eval.calibrate": None})))
+    last = train(to_recipe(vision_raw(image_data, tmp_path / "last", **{"train.epochs": 1, "eval.calibrate": None,
                                                                         "train.channels_last": True})))
     assert last["test"]["loss"] == pytest.approx(plain["test"]["loss"], abs=2e-3)  # other kernels, 7 Adam steps
     exported = load_file(tmp_path / "last" / "model" / "model.safetensors")
