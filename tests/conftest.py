@@ -282,3 +282,15 @@ def run_export_card(folder, *files) -> tuple[object, list]:
     line = next((line for line in code.splitlines() if line.startswith("inputs = ")), None)
     inputs = None if line is None else ast.literal_eval(line.split("=", 1)[1].split("  #")[0].strip())
     return inputs, [ast.literal_eval(printed) for printed in done.stdout.strip().splitlines()]
+
+
+WHERE_TO_LOOK = ("plots: ", "curves: ", "try it: ")  # the run's closing lines (finetune.train.where_to_look)
+
+
+def before_where_to_look(log: str) -> list[str]:
+    """A run log's lines up to its closing "where to look" lines, which must all come last."""
+    lines = log.rstrip().splitlines()
+    while lines and lines[-1].startswith(WHERE_TO_LOOK):
+        lines.pop()
+    assert not any(line.startswith(WHERE_TO_LOOK) for line in lines), "where-to-look lines before the end"
+    return lines

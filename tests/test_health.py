@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LABELS, _rows, recipe_dict, to_recipe, write_csv
+from conftest import LABELS, _rows, before_where_to_look, recipe_dict, to_recipe, write_csv
 from test_token_task import conll, tagger_backbone, token_raw  # noqa: F401 (fixtures)
 
 from finetune import health, problems
@@ -69,7 +69,7 @@ def test_unlearnable_labels_say_so(runs):
     assert written["health"] == json.loads(json.dumps(found))
     assert log_of(raw).count(WARNING) == 1
     # the run ends with it, before the lines saying where the model is and how long each phase took
-    last = log_of(raw).rstrip().splitlines()[-3:]
+    last = before_where_to_look(log_of(raw))[-3:]
     assert last[0].startswith(WARNING) and last[1].startswith("model saved to") and last[2].startswith("time: ")
     assert "train.lr" in log_of(raw) and "finetune validate" in log_of(raw)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import recipe_dict, to_recipe
+from conftest import before_where_to_look, recipe_dict, to_recipe
 
 from finetune import transfer
 from finetune.train import train
@@ -64,5 +64,5 @@ def test_phases_add_up_to_the_run_and_the_log_says_them(make_recipe):
     start_up = sum(phases[k] for k in ("imports and checks", "data and model", "feature pass", "preparing"))
     assert info["start_up_seconds"] == pytest.approx(start_up)
     assert phases["training"] >= info["seconds"]  # the loop's own training time is inside it
-    last = (out / "train.log").read_text().strip().splitlines()[-1]
+    last = before_where_to_look((out / "train.log").read_text())[-1]
     assert last.startswith(f"time: {info['wall_seconds']:.1f} s from process start: start-up ")
