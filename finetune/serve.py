@@ -28,17 +28,22 @@ class BadRequest(Exception):
         self.status = status
 
 
-def parse_request(body: bytes, task: str, max_inputs: int) -> tuple[list, list, int | None, float | None]:
-    """(shown, model inputs, top_k, confidence_set) from a /predict body, or BadRequest naming the field."""
+def read_payload(body: bytes, fields: tuple[str, ...]) -> dict:
+    """A request body as a JSON object holding only `fields`, or BadRequest naming what is wrong."""
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadRequest("body: not valid JSON") from None
     if not isinstance(payload, dict):
         raise BadRequest("body: must be a JSON object with an 'inputs' list")
-    unknown = set(payload) - {"inputs", "top_k", "confidence_set"}
+    unknown = set(payload) - set(fields)
     if unknown:
-        raise BadRequest(f"{min(unknown)}: unknown field (fields: inputs, top_k, confidence_set)")
+        raise BadRequest(f"{min(unknown)}: unknown field (fields: {', '.join(fields)})")
+    return payload
+
+
+def parse_inputs(payload: dict, task: str, max_inputs: int) -> tuple[list, list]:
+    """(shown, model inputs) from a request's "inputs", each read by the task, or BadRequest naming the field."""
     if "inputs" not in payload:
         raise BadRequest("inputs: missing; send {\"inputs\": [...]}")
     inputs = payload["inputs"]
@@ -46,9 +51,6 @@ def parse_request(body: bytes, task: str, max_inputs: int) -> tuple[list, list, 
         raise BadRequest("inputs: must be a non-empty list")
     if len(inputs) > max_inputs:
         raise BadRequest(f"inputs: {len(inputs)} inputs, at most {max_inputs} per request", status=413)
-    top_k = payload.get("top_k")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise BadRequest("top_k: must be a positive integer")
     from finetune.tasks import TASKS, get_task
 
     if task not in TASKS:
@@ -57,7 +59,38 @@ def parse_request(body: bytes, task: str, max_inputs: int) -> tuple[list, list, 
         parsed = [get_task(task).parse_input(value, i) for i, value in enumerate(inputs)]
     except FinetuneError as error:
         raise BadRequest(str(error)) from None
-    return [shown for shown, _ in parsed], [entry for _, entry in parsed], top_k, payload.get("confidence_set")
+    return [shown for shown, _ in parsed], [entry for _, entry in parsed]
+
+
+def positive_int(payload: dict, name: str, most: int | None = None) -> int | None:
+    value = payload.get(name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1
+                              or (most is not None and value > most)):
+        raise BadRequest(f"{name}: must be a positive integer" + (f" up to {most}" if most is not None else ""))
+    return value
+
+
+def parse_request(body: bytes, task: str, max_inputs: int) -> tuple[list, list, int | None, float | None]:
+    """(shown, model inputs, top_k, confidence_set) from a /predict body, or BadRequest naming the field."""
+    payload = read_payload(body, ("inputs", "top_k", "confidence_set"))
+    shown, inputs = parse_inputs(payload, task, max_inputs)
+    return shown, inputs, positive_int(payload, "top_k"), payload.get("confidence_set")
+
+
+EXPLAIN_METHODS = ("integrated-gradients", "occlusion", "gradcam")
+MAX_EXPLAIN_STEPS = 512  # Integrated Gradients' steps a request may ask for: each costs about a training step
+
+
+def parse_explain(body: bytes, task: str, max_inputs: int) -> tuple[list, list, str | None, str | None, int]:
+    """(shown, model inputs, method, label, steps) from a /explain body, or BadRequest naming the field."""
+    payload = read_payload(body, ("inputs", "method", "label", "steps"))
+    shown, inputs = parse_inputs(payload, task, max_inputs)
+    method, label = payload.get("method"), payload.get("label")
+    if method is not None and method not in EXPLAIN_METHODS:
+        raise BadRequest(f"method: {method!r} is not one of {', '.join(EXPLAIN_METHODS)}")
+    if label is not None and not isinstance(label, str):
+        raise BadRequest("label: must be a label name (a string)")
+    return shown, inputs, method, label, positive_int(payload, "steps", MAX_EXPLAIN_STEPS) or 64
 
 
 class Batcher:
@@ -165,7 +198,7 @@ async def read_body(request, limit: int) -> bytes | None:
 def api_models(max_inputs: int) -> SimpleNamespace:
     """The pydantic models of the requests and answers, for the OpenAPI schema at /openapi.json and /docs. Requests
     are read by parse_request, which names the field of a malformed one in one line, as pydantic's errors do not."""
-    from typing import Annotated, Any, Union
+    from typing import Annotated, Any, Literal, Union
 
     from pydantic import BaseModel, ConfigDict, Field
 
@@ -220,8 +253,27 @@ def api_models(max_inputs: int) -> SimpleNamespace:
     class Error(BaseModel):
         error: str = Field(description="one line: the field at fault and what to send instead")
 
+    class ExplainRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        inputs: list[Union[Text, TextPair, list[Text]]] = Field(min_length=1, max_length=max_inputs,
+                                                               description="as /predict takes them")
+        method: Literal[EXPLAIN_METHODS] | None = Field(None, description="default: integrated-gradients "
+                                                                          "(an ONNX export: occlusion)")
+        label: str | None = Field(None, description="explain this label (default: the predicted one)")
+        steps: int | None = Field(None, ge=1, le=MAX_EXPLAIN_STEPS, description="Integrated Gradients' steps (64)")
+
+    class Explanation(BaseModel):
+        """As `finetune explain --json` prints it: words with attributions, per entity, or an image's heatmap."""
+
+        model_config = ConfigDict(extra="allow")
+        input: str
+
+    class ExplainResponse(BaseModel):
+        explanations: list[Explanation]
+
     return SimpleNamespace(TextPair=TextPair, PredictRequest=PredictRequest, PredictResponse=PredictResponse,
-                           Info=Info, Health=Health, Error=Error)
+                           Info=Info, Health=Health, Error=Error, ExplainRequest=ExplainRequest,
+                           ExplainResponse=ExplainResponse)
 
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>finetune serve</title>
@@ -237,7 +289,9 @@ PAGE = """<!doctype html><meta charset="utf-8"><title>finetune serve</title>
 <textarea id="text" rows="4" placeholder="a text to label"></textarea>
 <textarea id="text-pair" rows="4" placeholder="the second text of the pair" hidden></textarea>
 <input type="file" id="image" accept="image/*" hidden> <button id="go">predict</button>
+<button id="why-go">explain</button>
 <p>label: <b id="label"></b></p><table id="top"></table>
+<div id="why" aria-label="the words, tinted by how much each pushed the label (green: for, red: against)"></div>
 <details><summary>the answer</summary><pre id="out"></pre></details></div>
 <script>
 const $ = id => document.getElementById(id);
@@ -260,7 +314,7 @@ async function start() {
   $("key-form").hidden = true; $("main").hidden = false; $("message").textContent = "";
   $("info").textContent = info.task + ": " + (info.labels || []).join(", ");
   $("image").hidden = info.inputs !== "image"; $("text").hidden = info.inputs === "image";
-  $("text-pair").hidden = !info.pairs;
+  $("text-pair").hidden = !info.pairs; $("why-go").hidden = info.inputs === "image";
 }
 $("key-form").onsubmit = event => {
   event.preventDefault();
@@ -294,6 +348,28 @@ $("go").onclick = async () => {
     const row = $("top").insertRow(), name = row.insertCell(), score = row.insertCell();
     name.textContent = s.label; score.textContent = s.score.toFixed(3);
   }
+};
+function tint(title, words) {  // one line of words, each tinted by its attribution (its strength: the colour's)
+  const line = document.createElement("p"), most = Math.max(1e-12, ...words.map(w => Math.abs(w.attribution)));
+  if (title) line.append(title + ": ");
+  for (const w of words) {
+    const span = document.createElement("span"), share = Math.abs(w.attribution) / most;
+    span.textContent = w.word; span.title = w.attribution.toFixed(4);
+    span.style.background = w.attribution >= 0 ? `rgba(0,150,0,${share})` : `rgba(200,0,0,${share})`;
+    line.append(span, " ");
+  }
+  $("why").append(line);
+}
+$("why-go").onclick = async () => {
+  $("why").replaceChildren(); $("message").textContent = "";
+  const [status, answer] = await call("explain", {method: "POST", headers: {"Content-Type": "application/json"},
+    body: JSON.stringify({inputs: [await input()]})});
+  $("out").textContent = JSON.stringify(answer, null, 1);
+  if (status !== 200) { $("message").textContent = "error: " + answer.error; return; }
+  const e = answer.explanations[0];
+  if (e.words) tint("why " + e.label, e.words);
+  if (e.pair_words) tint("second text", e.pair_words);
+  for (const entity of e.entities || []) tint(entity.word + " (" + entity.label + ")", entity.words);
 };
 start().catch(() => {});
 </script>
@@ -391,26 +467,58 @@ def _add_routes(app, predictor, models: SimpleNamespace, batcher: Batcher, max_i
         predictions = [{"input": s, **r} for s, r in zip(shown, results)]
         return JSONResponse({"predictions": predictions}, headers={"X-Batch-Size": str(batch)})
 
+    _add_explain_route(app, predictor, models, max_inputs, max_bytes, max_body_mb, error)
     schema = app.openapi
     app.openapi = lambda: _with_models(schema(), models)
 
     @app.exception_handler(404)
     async def not_found(request, exc):
         return error(f"{request.url.path}: no such endpoint (GET /health, /info, /, /docs, /openapi.json; "
-                     "POST /predict)", 404)
+                     "POST /predict, /explain)", 404)
 
     @app.exception_handler(405)
     async def wrong_method(request, exc):
         return error(f"{request.url.path}: method {request.method} not allowed", 405)
 
 
+def _add_explain_route(app, predictor, models, max_inputs: int, max_bytes: int, max_body_mb: float, error):
+    """POST /explain: `finetune explain --json`'s objects for the inputs, one request at a time (Integrated
+    Gradients takes gradients through the model), in a thread so /predict keeps answering."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    one_at_a_time = asyncio.Lock()
+    body_schema = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ExplainRequest"}}},
+                   "required": True}
+
+    @app.post("/explain", response_model=models.ExplainResponse, summary="why the model decided, word by word",
+              responses={status: {"model": models.Error} for status in (400, 401, 413, 501)},
+              openapi_extra={"requestBody": body_schema})
+    async def explain(request: Request):
+        body = await read_body(request, max_bytes)
+        if body is None:
+            return error(f"body: larger than --max-body-mb {max_body_mb:g}", 413)
+        try:
+            shown, inputs, method, label, steps = parse_explain(body, predictor.task, max_inputs)
+            from finetune.explain.api import explain_inputs
+
+            async with one_at_a_time:
+                found = await asyncio.to_thread(explain_inputs, predictor, inputs, method, label, steps)
+        except BadRequest as bad:
+            return error(str(bad), bad.status)
+        except FinetuneError as bad:
+            return error(" ".join(str(bad).split()), 400)
+        return JSONResponse({"explanations": [{"input": s, **e} for s, e in zip(shown, found)]})
+
+
 def _with_models(schema: dict, models: SimpleNamespace) -> dict:
-    """The OpenAPI schema with the request models /predict's hand-read body refers to, and the bearer key."""
+    """The OpenAPI schema with the request models the hand-read bodies refer to, and the bearer key."""
     components = schema.setdefault("components", {})
     found = components.setdefault("schemas", {})
-    request = models.PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    found.update(request.pop("$defs", {}))
-    found["PredictRequest"] = request
+    for name in ("PredictRequest", "ExplainRequest"):
+        request = getattr(models, name).model_json_schema(ref_template="#/components/schemas/{model}")
+        found.update(request.pop("$defs", {}))
+        found[name] = request
     components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     schema["security"] = [{"bearer": []}]
     return schema

@@ -104,6 +104,36 @@ def test_every_malformed_request_is_a_4xx_naming_the_field(server):
     assert post(url, {"inputs": TEXTS}).status_code == 200  # still answering
 
 
+def test_explain_answers_what_explain_json_computes(server):
+    import finetune
+    from finetune.explain.api import explain_inputs
+
+    url, run, _ = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    answer = httpx.post(url + "/explain", json={"inputs": TEXTS[:2], "steps": 16}, headers=headers, timeout=60)
+    assert answer.status_code == 200, answer.text
+    served = answer.json()["explanations"]
+    expected = explain_inputs(finetune.load(run), TEXTS[:2], steps=16)
+    for text, got, want in zip(TEXTS, served, expected):
+        assert got["input"] == text and got["label"] == want["label"]
+        assert [w["word"] for w in got["words"]] == [w["word"] for w in want["words"]] == text.split()
+        assert all(text[w["start"]:w["end"]] == w["word"] for w in got["words"])
+        assert got["words"] and all(abs(a["attribution"] - b["attribution"]) < 1e-4
+                                    for a, b in zip(got["words"], want["words"]))
+    other = next(label for label in finetune.load(run).labels if label != served[0]["label"])
+    asked = httpx.post(url + "/explain", json={"inputs": TEXTS[:1], "label": other, "steps": 8}, headers=headers,
+                       timeout=60).json()["explanations"][0]
+    assert asked["label"] == other  # the label asked for, not the predicted one
+    for body in ({"inputs": TEXTS[:1], "method": "bogus"}, {"inputs": TEXTS[:1], "steps": 0},
+                 {"inputs": TEXTS[:1], "steps": 100000}, {"inputs": TEXTS[:1], "label": 3},
+                 {"inputs": TEXTS[:1], "label": "no-such-label"}, {"inputs": TEXTS[:1], "top_k": 2}, {"inputs": []},
+                 {"inputs": TEXTS[:1], "method": "gradcam"}):
+        refused = httpx.post(url + "/explain", json=body, headers=headers, timeout=60)
+        assert refused.status_code == 400, (body, refused.status_code, refused.text)
+        assert set(refused.json()) == {"error"} and "\n" not in refused.json()["error"]
+    assert httpx.post(url + "/explain", json={"inputs": TEXTS[:1]}, timeout=30).status_code == 401
+
+
 def test_a_request_without_the_key_is_401(server):
     url, _, _ = server
     assert post(url, {"inputs": TEXTS}, key=None).status_code == 401

@@ -104,6 +104,13 @@ def test_a_text_typed_into_the_page_returns_the_models_label(served, tmp_path):
         top = page.top_labels()  # the three labels, best first, with their scores
         assert [label for label, _ in top] == [s["label"] for s in expected["scores"]]
         assert all(abs(score - s["score"]) < 1e-3 for (_, score), s in zip(top, expected["scores"]))
+        page.click("why-go")  # the words, tinted by their Integrated Gradients attributions
+        words = wait_for(lambda: page.js("[...document.querySelectorAll('#why span')].map(s => "
+                                         "[s.textContent, s.style.backgroundColor, Number(s.title)])"), 60, "the words")
+        assert [word for word, _, _ in words] == text.split()
+        strongest = max(words, key=lambda w: abs(w[2]))
+        assert strongest[1].startswith("rgb(") and strongest[1] != "rgba(0, 0, 0, 0)"  # full colour for the strongest
+        assert all(colour.startswith("rgb") for _, colour, _ in words)
 
 
 def test_with_a_key_the_page_asks_for_it_once_and_a_pair_model_gets_both_texts(pair_served, tmp_path):
