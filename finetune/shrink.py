@@ -79,9 +79,8 @@ def shrink(run, layers: list[int], int8: bool = False, data=None, output=None, c
     task = get_task(teacher_recipe.task)
     for recipe in students.values():  # a backbone that cannot be trimmed, or too few layers: before any training
         check_backbone_layers(recipe, task.library)
-    runs = {n: _train(recipe) for n, recipe in students.items()}
-    exports = {n: _exports(path, int8) for n, path in runs.items()}
-    report = measure_all(run_dir, runs, exports, calls)
+    runs = {n: train_student(recipe) for n, recipe in students.items()}
+    report = measure_all(run_dir, [(f"{n} layers", n, run, exports_of(run, int8)) for n, run in runs.items()], calls)
     out.mkdir(parents=True, exist_ok=True)
     (out / "shrink.json").write_text(json.dumps(report, indent=1))
     report["plot"] = str(write_plot(report, out / "shrink.png"))
@@ -103,14 +102,14 @@ def _student_recipe(run_dir: Path, layers: int, data, out: Path):
     return resolve_recipe(str(run_dir), overrides, output_dir=out / f"{run_dir.name}-{layers}layers")
 
 
-def _train(recipe) -> Path:
+def train_student(recipe) -> Path:
     from finetune.train import train
 
     train(recipe, overwrite=True)
     return Path(recipe.output.dir)
 
 
-def _exports(run: Path, int8: bool) -> dict[str, Path]:
+def exports_of(run: Path, int8: bool) -> dict[str, Path]:
     from finetune.api import export
 
     return {kind: export(run, quantize=None if kind == "fp32" else kind) for kind in (["fp32", "int8"] if int8
@@ -137,9 +136,10 @@ def scoring_split(recipe):
                         "set data.test in the run's config.yaml")
 
 
-def measure_all(run_dir: Path, runs: dict, exports: dict, calls: int) -> dict:
+def measure_all(run_dir: Path, students: list[tuple], calls: int) -> dict:
     """Every model scored (its metric on the test split) and timed on the same inputs: the teacher and each student
-    through their native library, each export through onnxruntime as finetune.load runs it."""
+    (name, layers or None, run folder, {"fp32": export folder, ...}) through their native library, each export
+    through onnxruntime as finetune.load runs it."""
     import finetune
     from finetune.tasks import get_task
 
@@ -149,9 +149,9 @@ def measure_all(run_dir: Path, runs: dict, exports: dict, calls: int) -> dict:
     inputs = task.timing_inputs(raw)
     metric = recipe.eval.select_best if recipe.eval.select_best != "loss" else (recipe.eval.metrics or ["loss"])[0]
     models = [("teacher", run_dir, run_dir / "model", None)]
-    for n in runs:
-        models.append((f"{n} layers", runs[n], runs[n] / "model", n))
-        models += [(f"{n} layers onnx {kind}", path, path, n) for kind, path in exports[n].items()]
+    for name, layers, run, exports in students:
+        models.append((name, run, run / "model", layers))
+        models += [(f"{name} onnx {kind}", path, path, layers) for kind, path in exports.items()]
     rows = []
     for name, source, folder, layers in models:
         native = not (folder / "model.onnx").is_file()
@@ -237,7 +237,8 @@ def table(report: dict) -> str:
     t = report["threads"]
     text.append(f"{report['split']} split of {report['data']}: {report['rows_timed']} inputs; {report['calls']} "
                 f"timed batch-1 calls after {report['warmup']} warm-up calls; torch {t['torch']} threads, "
-                f"onnxruntime {t['onnxruntime']}; CPU flags: {' '.join(report['cpu_flags']) or 'no avx512'}")
+                f"onnxruntime {t['onnxruntime']}")
+    text.append(f"CPU flags: {' '.join(report['cpu_flags']) or 'no avx512'}")
     return "\n".join(text)
 
 
@@ -250,7 +251,7 @@ def write_plot(report: dict, path: Path) -> Path:
 
     figure, axes = plt.subplots(figsize=(6.4, 4.4))
     for row in report["models"]:
-        axes.scatter(row["p50_ms"], row["metric"], marker="*" if row["layers"] is None else "o")
+        axes.scatter(row["p50_ms"], row["metric"], marker="*" if row["model"] == "teacher" else "o")
         axes.annotate(row["model"], (row["p50_ms"], row["metric"]), fontsize=7, xytext=(4, 3),
                       textcoords="offset points")
     axes.set_xlabel("batch-1 latency, p50 (ms)")
