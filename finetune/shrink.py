@@ -98,7 +98,8 @@ def _student_recipe(run_dir: Path, layers: int, data, out: Path):
     from finetune.api import resolve_recipe
 
     overrides = {"backbone.layers": layers, "distill.teacher": str(run_dir),
-                 "distill.unlabeled": None if data is None else str(Path(data).resolve())}
+                 "distill.unlabeled": None if data is None else str(Path(data).resolve()),
+                 "hub.repo_id": None}  # the teacher's hub repo is the teacher's: a student is not pushed over it
     return resolve_recipe(str(run_dir), overrides, output_dir=out / f"{run_dir.name}-{layers}layers")
 
 

@@ -118,3 +118,21 @@ def test_bad_layer_lists_and_depths_are_one_line(teacher, tmp_path, capfd):
     line = one_error_line(call_main(capfd, "shrink", teacher, "--output", teacher / "inside"))
     assert "inside the run folder" in line
     assert not (tmp_path / "s").exists()
+
+
+def test_an_image_run_is_timed_through_plain_timm_and_its_blocks_trimmed(tmp_path, capfd):
+    from test_vision_train import save_split, vision_raw
+
+    data = {split: save_split(tmp_path / split, count, seed)
+            for seed, (split, count) in enumerate((("train", 4), ("validation", 2), ("test", 2)))}
+    vit = tmp_path / "vit"
+    train(to_recipe(vision_raw(data, vit, **{"backbone.name": "test_vit", "train.epochs": 1})))
+    before = hashes(vit)
+    result = call_main(capfd, "shrink", vit, "--layers", "1", "--calls", "2", "--output", tmp_path / "small")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert hashes(vit) == before
+    report = json.loads((tmp_path / "small" / "shrink.json").read_text())
+    assert [(row["model"], row["runtime"]) for row in report["models"]] == [
+        ("teacher", "timm"), ("1 layers", "timm"), ("1 layers onnx fp32", "onnxruntime")]
+    config = json.loads((tmp_path / "small" / "vit-1layers" / "model" / "config.json").read_text())
+    assert config["model_args"]["depth"] == 1
