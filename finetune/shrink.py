@@ -79,12 +79,24 @@ def shrink(run, layers: list[int], int8: bool = False, data=None, output=None, c
     task = get_task(teacher_recipe.task)
     for recipe in students.values():  # a backbone that cannot be trimmed, or too few layers: before any training
         check_backbone_layers(recipe, task.library)
+    if data is not None:
+        _check_unlabeled(data, students[layers[0]])
     runs = {n: train_student(recipe) for n, recipe in students.items()}
     report = measure_all(run_dir, [(f"{n} layers", n, run, exports_of(run, int8)) for n, run in runs.items()], calls)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "shrink.json").write_text(json.dumps(report, indent=1))
     report["plot"] = str(write_plot(report, out / "shrink.png"))
+    (out / "shrink.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def _check_unlabeled(data, recipe) -> None:
+    """--data exists and reads as the task's inputs (a missing path would be read as one text of its name)."""
+    from finetune.distill import read_unlabeled
+
+    if not Path(data).exists():
+        raise FinetuneError(f"--data: '{data}' does not exist; give a .txt file (a text per line), a table with the "
+                            "input column, or a folder of images")
+    read_unlabeled(recipe)
 
 
 def _teacher_recipe(run_dir: Path):

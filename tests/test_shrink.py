@@ -115,6 +115,14 @@ def test_bad_layer_lists_and_depths_are_one_line(teacher, tmp_path, capfd):
     assert line.startswith("finetune: error: --layers: 'three'")
     line = one_error_line(call_main(capfd, "shrink", teacher, "--layers", "9", "--output", tmp_path / "s"))
     assert "backbone.layers: 9 is not between 1 and the 4 layers" in line
+    line = one_error_line(call_main(capfd, "shrink", teacher, "--layers", "2", "--data", tmp_path / "no.txt",
+                                    "--output", tmp_path / "s"))
+    assert line.startswith("finetune: error: --data: '") and "does not exist" in line
+    table = tmp_path / "texts.csv"
+    table.write_text("body\nthe bread\n")
+    line = one_error_line(call_main(capfd, "shrink", teacher, "--layers", "2", "--data", table, "--output",
+                                    tmp_path / "s"))
+    assert line.startswith("finetune: error: distill.unlabeled:") and "sentence" in line
     line = one_error_line(call_main(capfd, "shrink", teacher, "--output", teacher / "inside"))
     assert "inside the run folder" in line
     assert not (tmp_path / "s").exists()
