@@ -23,7 +23,7 @@ SHRINK_HELP = (
     "--output runs/my-small",
 )
 WARMUP = 3  # untimed calls per model and batch size: the first ones allocate, plan and fill caches
-COLUMNS = ("model", "metric", "p50_ms", "p99_ms", "per_s_batch32", "bytes")
+ROUNDS = 2  # the models take turns this many times; throughput is each model's best round
 
 
 def shrink_verb(parser) -> None:
@@ -165,16 +165,18 @@ def measure_all(run_dir: Path, students: list[tuple], calls: int) -> dict:
     for name, layers, run, exports in students:
         models.append((name, run, run / "model", layers))
         models += [(f"{name} onnx {kind}", path, path, layers) for kind, path in exports.items()]
-    rows = []
+    runners, rows = {}, []
     for name, source, folder, layers in models:
         native = not (folder / "model.onnx").is_file()
-        runner = _native(task, folder, recipe) if native else _onnx(finetune.load(folder))
+        runners[name] = _native(task, folder, recipe) if native else _onnx(finetune.load(folder))
         score = finetune.evaluate(source, spec, split=split)
         rows.append({"model": name, "layers": layers, "runtime": task.library if native else "onnxruntime",
-                     "metric": float(score[metric]), **time_runner(runner, inputs, calls),
-                     "bytes": folder_bytes(folder), "path": str(folder)})
+                     "metric": float(score[metric]), "bytes": folder_bytes(folder), "path": str(folder)})
+    for row, timing in zip(rows, time_runners(runners, inputs, calls).values()):
+        row.update(timing)
     return {"teacher": str(run_dir), "metric_name": metric, "data": spec, "split": split, "rows_timed": len(inputs),
-            "calls": calls, "warmup": WARMUP, "threads": _threads(), "cpu_flags": avx512_flags(), "models": rows}
+            "calls": calls, "warmup": WARMUP, "rounds": ROUNDS, "threads": _threads(), "cpu_flags": avx512_flags(),
+            "models": rows}
 
 
 def _native(task, folder: Path, recipe):
@@ -185,27 +187,31 @@ def _onnx(predictor):
     return lambda batch, size: predictor.predict(batch, batch_size=size)
 
 
-def time_runner(run, inputs: list, calls: int) -> dict:
-    """Batch-1 p50/p99 over `calls` timed calls (cycling through the inputs) and batch-32 inputs/s over the inputs
-    (the best of two passes), after WARMUP untimed calls of each size."""
+def time_runners(runners: dict, inputs: list, calls: int) -> dict[str, dict]:
+    """Per runner, batch-1 p50/p99 over `calls` timed calls (cycling through the inputs) and batch-32 inputs/s over
+    the inputs (the best round), after WARMUP untimed calls of each size. The runners take turns within each of
+    ROUNDS rounds, so a change in the machine's load falls on every model alike."""
     import numpy as np
 
-    for _ in range(WARMUP):
-        run(inputs[:32], 32)
-        run(inputs[:1], 1)
-    latency = []
-    for i in range(calls):
-        start = time.perf_counter()
-        run([inputs[i % len(inputs)]], 1)
-        latency.append((time.perf_counter() - start) * 1000)
-    speeds = []
-    for _ in range(2):
-        start = time.perf_counter()
-        for i in range(0, len(inputs), 32):
-            run(inputs[i:i + 32], 32)
-        speeds.append(len(inputs) / (time.perf_counter() - start))
-    return {"p50_ms": float(np.percentile(latency, 50)), "p99_ms": float(np.percentile(latency, 99)),
-            "per_s_batch32": max(speeds)}
+    for run in runners.values():
+        for _ in range(WARMUP):
+            run(inputs[:32], 32)
+            run(inputs[:1], 1)
+    latency = {name: [] for name in runners}
+    speeds = {name: [] for name in runners}
+    per_round = -(-calls // ROUNDS)
+    for turn in range(ROUNDS):
+        for name, run in runners.items():
+            for i in range(turn * per_round, min(calls, (turn + 1) * per_round)):
+                start = time.perf_counter()
+                run([inputs[i % len(inputs)]], 1)
+                latency[name].append((time.perf_counter() - start) * 1000)
+            start = time.perf_counter()
+            for i in range(0, len(inputs), 32):
+                run(inputs[i:i + 32], 32)
+            speeds[name].append(len(inputs) / (time.perf_counter() - start))
+    return {name: {"p50_ms": float(np.percentile(latency[name], 50)), "p99_ms": float(np.percentile(latency[name], 99)),
+                   "per_s_batch32": max(speeds[name])} for name in runners}
 
 
 def folder_bytes(folder: Path) -> int:
@@ -249,7 +255,8 @@ def table(report: dict) -> str:
             for row in [head, *lines]]
     t = report["threads"]
     text.append(f"{report['split']} split of {report['data']}: {report['rows_timed']} inputs; {report['calls']} "
-                f"timed batch-1 calls after {report['warmup']} warm-up calls; torch {t['torch']} threads, "
+                f"timed batch-1 calls after {report['warmup']} warm-up calls, {report['rounds']} rounds taking turns; "
+                f"torch {t['torch']} threads, "
                 f"onnxruntime {t['onnxruntime']}")
     text.append(f"CPU flags: {' '.join(report['cpu_flags']) or 'no avx512'}")
     return "\n".join(text)
