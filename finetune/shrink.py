@@ -44,6 +44,8 @@ def run_shrink(args) -> int:
     from finetune import allocator
 
     layers = _layer_list(args.layers)
+    if args.calls < 1:
+        raise FinetuneError(f"--calls: {args.calls} timed calls measure nothing; give 1 or more (default 50)")
     allocator.keep_freed_memory()  # as every CLI verb that runs models on the CPU (cli._keep_freed_memory)
     report = shrink(args.run, layers, int8=args.int8, data=args.data, output=args.output, calls=args.calls)
     print(json.dumps(report, indent=1) if args.json else table(report))

@@ -113,6 +113,8 @@ def test_a_cnn_that_cannot_be_trimmed_is_refused_in_one_line_before_any_training
 def test_bad_layer_lists_and_depths_are_one_line(teacher, tmp_path, capfd):
     line = one_error_line(call_main(capfd, "shrink", teacher, "--layers", "three", "--output", tmp_path / "s"))
     assert line.startswith("finetune: error: --layers: 'three'")
+    line = one_error_line(call_main(capfd, "shrink", teacher, "--calls", "0", "--output", tmp_path / "s"))
+    assert line.startswith("finetune: error: --calls: 0")
     line = one_error_line(call_main(capfd, "shrink", teacher, "--layers", "9", "--output", tmp_path / "s"))
     assert "backbone.layers: 9 is not between 1 and the 4 layers" in line
     line = one_error_line(call_main(capfd, "shrink", teacher, "--layers", "2", "--data", tmp_path / "no.txt",
