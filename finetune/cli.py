@@ -1,5 +1,5 @@
 """The command line: `finetune ls | report | cat | cp | schema | validate | run | sweep | audit | eval | predict |
-explain | export | serve | push | cache`; bad input is one line on stderr and exit 2."""
+explain | export | shrink | serve | push | cache`; bad input is one line on stderr and exit 2."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from finetune import __version__, api
 from finetune.cli_recipes import cmd_cat, cmd_cp, cmd_ls, cmd_report, cmd_schema
 from finetune.errors import FinetuneError
 from finetune.recipe import to_yaml
+from finetune.shrink import SHRINK_HELP, shrink_verb
 
 EXIT_BAD_INPUT = 2
 
@@ -473,6 +474,7 @@ def _add_model_verbs(verbs) -> None:
     export.add_argument("--output", help="default: <run>/export/onnx[-int8]/ (for a model folder or hub id: "
                                          "<MODEL>/export/onnx[-int8]/)")
     export.set_defaults(func=cmd_export)
+    shrink_verb(_verb(verbs, "shrink", *SHRINK_HELP))
 
 
 def _add_explain_verb(verbs) -> None:
@@ -552,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     verbs = parser.add_subparsers(
         dest="verb", required=True, parser_class=_Parser,
-        metavar="{ls,report,cat,cp,schema,validate,run,sweep,audit,eval,predict,explain,export,serve,push,cache}",
+        metavar="{ls,report,cat,cp,schema,validate,run,sweep,audit,eval,predict,explain,export,shrink,serve,push,"
+        "cache}",
     )
 
     for add in (_add_recipe_verbs, _add_training_verbs, _add_model_verbs, _add_sharing_verbs):

@@ -134,7 +134,7 @@ def test_debug_is_accepted_after_every_verb(capfd, tmp_path):
         "ls": [], "cat": [BUILTIN], "cp": [BUILTIN, "x.yaml"], "validate": [BUILTIN], "run": [BUILTIN],
         "eval": ["runs/x", "--data", "t.csv"], "predict": ["runs/x", "hello"], "push": ["runs/x"],
         "cache": ["ls"], "sweep": [BUILTIN], "export": ["runs/x"], "serve": ["runs/x"], "explain": ["runs/x"],
-        "report": ["runs"],
+        "report": ["runs"], "shrink": ["runs/x"],
     }
     parser = build_parser()
     verbs = next(a for a in parser._actions if a.dest == "verb").choices

@@ -150,6 +150,19 @@ class Task:
         """One request's slice of `batch_outputs` as `predict --json` prints it. Default: the problem decodes."""
         return predictor.decode(outputs, top_k)
 
+    # -- timing against the native library (finetune shrink) --------------------------------------------------------
+
+    def timing_inputs(self, raw) -> list:
+        """A checked split's inputs as predict takes them (and `native_runner`'s runner), to time models alike."""
+        return list(raw.texts)
+
+    def native_runner(self, folder: Path, max_length: int | None):
+        """run(inputs, batch_size) calling a `model/` folder as its own library serves it, with no finetune code
+        (transformers.pipeline, timm): the baseline the kit's exports are timed against."""
+        from finetune.errors import FinetuneError
+
+        raise FinetuneError(f"{self.name}: no native runner to time its models with")
+
     # -- explanations ----------------------------------------------------------------------------------------------
 
     def explainable(self, predictor):

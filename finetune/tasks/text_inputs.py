@@ -111,3 +111,16 @@ feeds = {{"input_ids": [e.ids for e in batch], "attention_mask": [e.attention_ma
 logits = session.run(None, {{k: np.array(feeds[k], dtype=np.int64) for k in info["inputs"]}})[0]
 {decode.strip()}
 """
+
+
+def pipeline_runner(pipeline_task: str, folder: Path, words: bool = False, **options):
+    """run(inputs, batch_size) through transformers.pipeline on a native model folder, as a user serves it without
+    finetune; `words`: inputs are word lists, given to the pipeline as the sentence they spell."""
+    from transformers import pipeline
+
+    pipe = pipeline(pipeline_task, model=str(folder), device="cpu")
+
+    def run(inputs: list, batch_size: int):
+        return pipe([" ".join(item) for item in inputs] if words else list(inputs), batch_size=batch_size, **options)
+
+    return run

@@ -76,6 +76,16 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
     def parse_input(self, value, position: int):
         return parse_image_input(value, position)
 
+    def timing_inputs(self, raw) -> list:
+        from finetune.tasks.image_classification.files import load_image
+
+        return [load_image(entry) for entry in raw.texts]
+
+    def native_runner(self, folder, max_length: int | None):
+        from finetune.tasks.image_classification.timm_folder import timm_runner
+
+        return timm_runner(folder)
+
     def logits(self, predictor, inputs: list, batch_size: int, show: bool):
         return image_logits(predictor, inputs, batch_size, show)
 

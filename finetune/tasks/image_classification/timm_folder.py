@@ -33,3 +33,23 @@ def export_transform(folder: Path):
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     return create_transform(**{key: tuple(v) if isinstance(v, list) else v
                                for key, v in config.items() if key in keys}, is_training=False)
+
+
+def timm_runner(folder: Path):
+    """run(images, batch_size) through the plain timm model a user loads from the folder (`local-dir:`, its own eval
+    transform, torch.inference_mode), with no finetune code."""
+    import timm
+    import torch
+    from timm.data import create_transform, resolve_model_data_config
+
+    model = timm.create_model(f"local-dir:{Path(folder).resolve()}", pretrained=True).eval()
+    transform = create_transform(**resolve_model_data_config(model), is_training=False)
+
+    def run(images: list, batch_size: int):
+        outputs = []
+        for i in range(0, len(images), batch_size):
+            with torch.inference_mode():
+                outputs.append(model(torch.stack([transform(image) for image in images[i:i + batch_size]])))
+        return outputs
+
+    return run

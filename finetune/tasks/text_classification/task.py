@@ -64,6 +64,16 @@ class TextClassification(RowTask):
     def logits(self, predictor, inputs: list, batch_size: int, show: bool):
         return text_logits(predictor, inputs, batch_size, show)
 
+    def timing_inputs(self, raw) -> list:
+        if raw.pairs is None:
+            return list(raw.texts)
+        return [{"text": a, "text_pair": b} for a, b in zip(raw.texts, raw.pairs)]  # predict's and pipeline's pairs
+
+    def native_runner(self, folder, max_length: int | None):
+        from finetune.tasks.text_inputs import pipeline_runner
+
+        return pipeline_runner("text-classification", folder, truncation=True, max_length=max_length)
+
     def explainable(self, predictor):
         from finetune.tasks.explaining import TextExplainable
 

@@ -149,6 +149,11 @@ for words, encoding, row in zip(inputs, batch, logits):  # a word's tag is its f
     def parse_input(self, value, position: int):
         return parse_words_input(value, position)
 
+    def native_runner(self, folder, max_length: int | None):
+        from finetune.tasks.text_inputs import pipeline_runner
+
+        return pipeline_runner("token-classification", folder, words=True)
+
     def logits(self, predictor, inputs: list, batch_size: int, show: bool):
         return text_logits(predictor, inputs, batch_size, show)
 
