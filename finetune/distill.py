@@ -5,6 +5,7 @@ and the loss that mixes its soft targets with the labels' (each problem's `soft_
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from finetune.errors import FinetuneError
 
@@ -47,6 +48,9 @@ def read_unlabeled(recipe) -> list:
     from finetune.tasks import get_task
 
     task, path = get_task(recipe.task), recipe.distill.unlabeled
+    if not Path(path).exists():  # predict's readers take any other string as an input itself: here it is a typo
+        raise FinetuneError(f"distill.unlabeled: '{path}' does not exist; give a file or folder of unlabelled inputs, "
+                            "or null")
     column = getattr(recipe.data, task.column_key)
     try:
         inputs = [item for _, item in task.read_inputs([path], column, recipe.data.text_pair_column)]

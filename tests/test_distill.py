@@ -240,6 +240,8 @@ def test_bad_teachers_layers_and_unlabeled_files_are_one_line_at_validate(runs, 
         ({"backbone.layers": 0}, r"backbone.layers: must be at least 1"),
         ({"distill": {"teacher": str(runs["teacher"]), "unlabeled": str(tmp_path / "no-column.csv")}},
          r"^finetune: error: distill.unlabeled: .*sentence"),
+        ({"distill": {"teacher": str(runs["teacher"]), "unlabeled": str(tmp_path / "no-such.txt")}},
+         r"^finetune: error: distill.unlabeled: '.*no-such.txt' does not exist"),
     ]
     for dotted, message in cases:
         path = write_recipe(tmp_path / "recipe.yaml", recipe_dict(bert4, tiny_data, tmp_path / "out", **dotted))
