@@ -208,6 +208,9 @@ def draw(rows: list[dict], metric: str, classes: int, path: Path) -> None:
         axis.plot(x, [r["mean"] for r in mine], marker="o", label=method)
         axis.fill_between(x, [r["min"] for r in mine], [r["max"] for r in mine], alpha=0.2)
     axis.set_xscale("log", base=2)
+    sizes = sorted({per_class_x(r, classes) for r in rows})
+    axis.set_xticks(sizes, [f"{x:.0f}" for x in sizes])  # the sizes asked for, not powers of two
+    axis.minorticks_off()
     axis.set_xlabel("labelled training rows per class")
     axis.set_ylabel(f"test {metric} (mean; band: min-max over seeds)")
     axis.grid(True, alpha=0.3)
