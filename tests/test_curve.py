@@ -85,3 +85,17 @@ def test_methods_a_task_does_not_take_are_refused(tiny_bert, tmp_path, capfd):
     line = one_error_line(call_main(capfd, "curve", recipe, "--per-class", "2", "--methods", "baseline"))
     assert "curve: method 'baseline' does not apply: token-classification has no classical baseline" in line
     assert not (tmp_path / "r-curve").exists()
+
+
+def test_the_few_label_recipe_trains_on_a_file_that_holds_every_label_there_is(tiny_bert, curve_data, tmp_path):
+    import finetune
+
+    few = write_csv(tmp_path / "few.csv", HEADER, _rows({k: 4 for k in LABELS}, seed=7))  # 12 rows, no validation
+    run = finetune.run("text/minilm-few-labels", {
+        "backbone.name": str(tiny_bert), "data.train": str(few), "data.test": str(curve_data["test"]),
+        "data.text_column": "sentence", "data.label_column": "topic", "data.max_length": 16, "train.epochs": 4,
+        "contrastive.pairs": 4}, output_dir=tmp_path / "run")
+    split = json.loads((run.dir / "split.json").read_text())
+    assert split["splits"]["validation"]["count"] == 1 and split["splits"]["train"]["count"] == 11
+    assert [entry["epoch"] for entry in run.metrics["epochs"]] == [4]  # one evaluation, after the last epoch
+    assert run.metrics["train"]["contrastive"]["pairs"] > 0
