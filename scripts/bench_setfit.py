@@ -40,7 +40,9 @@ def read(path):
 train, test = read(train_csv), read(test_csv)
 model = SetFitModel.from_pretrained(model_dir)
 model.model_body.max_seq_length = int(max_length)
-args = TrainingArguments(batch_size=16, num_iterations=20, num_epochs=1, seed=int(seed))  # SetFit's defaults
+# SetFit's defaults; its default also writes a checkpoint into the working directory, which a benchmark does not want
+args = TrainingArguments(batch_size=16, num_iterations=20, num_epochs=1, seed=int(seed),
+                         output_dir=out + ".checkpoints", save_strategy="no", report_to="none")
 Trainer(model=model, args=args, train_dataset=train).train()
 predicted = model.predict(test["text"], as_numpy=True)
 accuracy = sum(str(p) == t for p, t in zip(predicted, test["label"])) / len(test)
