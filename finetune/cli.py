@@ -1,5 +1,5 @@
-"""The command line: `finetune ls | report | cat | cp | schema | validate | run | sweep | audit | eval | predict |
-explain | export | shrink | serve | push | cache`; bad input is one line on stderr and exit 2."""
+"""The command line: `finetune ls | report | cat | cp | schema | validate | run | sweep | audit | curve | eval |
+predict | explain | export | shrink | serve | push | cache`; bad input is one line on stderr and exit 2."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from finetune import __version__, api
 from finetune.cli_recipes import cmd_cat, cmd_cp, cmd_ls, cmd_report, cmd_schema
+from finetune.curve import add_curve_verb
 from finetune.errors import FinetuneError
 from finetune.recipe import to_yaml
 from finetune.shrink import SHRINK_HELP, shrink_verb
@@ -554,11 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     verbs = parser.add_subparsers(
         dest="verb", required=True, parser_class=_Parser,
-        metavar="{ls,report,cat,cp,schema,validate,run,sweep,audit,eval,predict,explain,export,shrink,serve,push,"
-        "cache}",
+        metavar="{ls,report,cat,cp,schema,validate,run,sweep,audit,curve,eval,predict,explain,export,shrink,serve,"
+        "push,cache}",
     )
 
-    for add in (_add_recipe_verbs, _add_training_verbs, _add_model_verbs, _add_sharing_verbs):
+    for add in (_add_recipe_verbs, _add_training_verbs, add_curve_verb, _add_model_verbs, _add_sharing_verbs):
         add(verbs)
     for verb in verbs.choices.values():  # `finetune VERB ... --debug` as well as `finetune --debug VERB ...`
         verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -580,7 +581,7 @@ def _silence_stdout() -> None:
         pass
 
 
-OVERRIDE_VERBS = ("validate", "run", "sweep", "audit")  # the verbs whose positional key=value items change the recipe
+OVERRIDE_VERBS = ("validate", "run", "sweep", "audit", "curve")  # the verbs whose key=value items change the recipe
 DASHED = re.compile(r"--([A-Za-z_][\w.-]*)=(.*)", re.S)
 
 

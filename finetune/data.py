@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from finetune.errors import FinetuneError
-from finetune.problems import get
+from finetune.problems import NO_LABEL, get
 
 SPLITS = ("train", "validation", "test")
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -371,7 +371,8 @@ def per_class_positions(classes: list[list[str]], n: int, seed: int) -> tuple[li
 def keep_per_class(parts: dict, recipe) -> list[str]:
     """data.train_per_class / data.validation_per_class: those splits cut to N rows per class (the problem says what
     a row's classes are), seeded by train.seed. Validation is held out before, so no row is in both. A class with
-    fewer rows keeps them all, as SetFit's sample_dataset does; returns the warnings that name them."""
+    fewer than N rows is an error (a curve's point at N would silently not be N per class); rows without a label
+    or entity keep all they have, and the returned warning says so."""
     d, warnings = recipe.data, []
     for key, n in (("train", d.train_per_class), ("validation", d.validation_per_class)):
         split = parts.get(key)
@@ -379,12 +380,16 @@ def keep_per_class(parts: dict, recipe) -> list[str]:
             continue
         classes = [get(recipe.head.problem).row_classes(value) for value in split.labels]
         kept, short = per_class_positions(classes, n, recipe.train.seed)
-        parts[key] = subset_rows(split, kept)
+        unlabelled = short.pop(NO_LABEL, None)
         if short:
-            named = ", ".join(f"'{name}' {count}" for name, count in sorted(short.items())[:5])
-            more = f" and {len(short) - 5} more" if len(short) > 5 else ""
-            warnings.append(f"data.{key}_per_class: {n} rows per class asked, but {len(short)} class(es) of "
-                            f"{split.source} have fewer ({named}{more}); all their rows are kept")
+            name, count = min(short.items(), key=lambda item: (item[1], item[0]))
+            more = f" ({len(short) - 1} other class(es) too)" if len(short) > 1 else ""
+            raise FinetuneError(f"data.{key}_per_class: {n} rows per class asked, but class '{name}' of "
+                                f"{split.source} has only {count}{more}; use data.{key}_per_class: {count} or less")
+        parts[key] = subset_rows(split, kept)
+        if unlabelled is not None:
+            warnings.append(f"data.{key}_per_class: {n} rows per class asked, but {split.source} has only "
+                            f"{unlabelled} rows without a label; all of them are kept")
     return warnings
 
 

@@ -59,7 +59,7 @@ class Data:
     # memory), else up to 4 (tasks.image_classification)
     num_workers: Optional[int] = None
     # few labels: N training rows per class (seeded by train.seed, listed in split.json), cut after validation is
-    # held out; a smaller class keeps all its rows (a warning says so). multi_label: greedy, rarest label first,
+    # held out; a class with fewer rows is an error (label-free rows keep all). multi_label: greedy, rarest label first,
     # until each label is on N rows; tags: sentences holding each entity type; label-free rows: one more class
     train_per_class: Optional[int] = None
     validation_per_class: Optional[int] = None  # the same for validation (its file, or the part held out of train)

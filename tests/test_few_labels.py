@@ -98,18 +98,29 @@ def test_per_class_rows_are_exact_seeded_and_never_in_validation(tiny_bert, tmp_
     assert Counter(other.train["label"]) == {0: 5, 1: 5, 2: 5}
 
 
-def test_a_small_class_keeps_its_rows_with_one_warning_and_validation_takes_n_per_class(tiny_bert, tmp_path):
+def test_a_class_short_of_n_rows_is_one_line_and_validation_takes_n_per_class(tiny_bert, tmp_path, capfd):
     data = {"train": write_csv(tmp_path / "train.csv", HEADER, _rows({"food": 10, "sports": 10, "tech": 3}, seed=5)),
             "validation": write_csv(tmp_path / "val.csv", HEADER, _rows({k: 6 for k in LABELS}, seed=6))}
     raw = recipe_dict(tiny_bert, data | {"test": data["validation"]}, tmp_path / "run",
                       **{"data.train_per_class": 5, "data.validation_per_class": 2})
-    splits = splits_of(raw)
-    assert Counter(splits.train["label"]) == {0: 5, 1: 5, 2: 3}  # as SetFit's sample_dataset: all of a small class
+    with pytest.raises(FinetuneError) as caught:
+        splits_of(raw)
+    assert str(caught.value) == (f"data.train_per_class: 5 rows per class asked, but class 'tech' of "
+                                 f"'{data['train']}' has only 3; use data.train_per_class: 3 or less")
+    line = one_error_line(call_main(capfd, "validate", write_recipe(tmp_path / "r.yaml", raw)))
+    assert line.endswith(str(caught.value))
+    splits = splits_of(raw | {"data": raw["data"] | {"train_per_class": 3}})
+    assert Counter(splits.train["label"]) == {0: 3, 1: 3, 2: 3}
     assert Counter(splits.validation["label"]) == {0: 2, 1: 2, 2: 2}
-    assert splits.warnings == [f"data.train_per_class: 5 rows per class asked, but 1 class(es) of '{data['train']}' "
-                               "have fewer ('tech' 3); all their rows are kept"]
-    report = get_task("text-classification").check_data(to_recipe(raw))
-    assert splits.warnings[0] in report.warnings
+    assert splits.warnings == []
+
+
+def test_a_label_short_of_n_rows_is_an_error_for_label_sets_too(tiny_bert, multi_label_data, tmp_path):
+    raw = train_only(tiny_bert, multi_label_data, tmp_path / "run", **{"head.problem": "multi_label",
+                                                                      "data.train_per_class": 1000})
+    with pytest.raises(FinetuneError, match=r"data.train_per_class: 1000 rows per class asked, but class '\w+' of "
+                                            r".* has only \d+.*; use data.train_per_class: \d+ or less$"):
+        splits_of(raw)
 
 
 def test_multi_label_rows_cover_every_label_n_times_greedily(tiny_bert, multi_label_data, tmp_path):

@@ -236,6 +236,14 @@ class Task:
         folder or hub:<id>)."""
         return ()
 
+    # -- the learning curve ----------------------------------------------------------------------------------------
+
+    def baseline_features(self, recipe):
+        """`finetune curve`'s classical baseline: a scikit-learn transformer from a split's table (its dict of
+        columns, as load_splits gives it) to a feature matrix for a logistic regression; None: this task has no
+        classical baseline (curve refuses the `baseline` method)."""
+        return None
+
     # -- the label audit -------------------------------------------------------------------------------------------
 
     def write_without(self, spec: str, recipe, dropped: set, output: Path) -> tuple[int, str]:

@@ -15,3 +15,19 @@ class RowTask(Task):
         from finetune.evaluation import evaluate_rows
 
         return evaluate_rows(predictor, raw, recipe, split, batch_size, progress, records)
+
+
+class TableFeatures:
+    """A classical baseline's features (`Task.baseline_features`): `read` takes a split's table (its dict of columns)
+    to inputs, then `step` (a scikit-learn transformer, fitted on the training table) to a feature matrix."""
+
+    def __init__(self, read, step=None):
+        self.read, self.step = read, step
+
+    def fit_transform(self, table: dict):
+        inputs = self.read(table)
+        return inputs if self.step is None else self.step.fit_transform(inputs)
+
+    def transform(self, table: dict):
+        inputs = self.read(table)
+        return inputs if self.step is None else self.step.transform(inputs)

@@ -12,7 +12,7 @@ from finetune.tasks.batching import train_sampler
 from finetune.tasks.image_classification.inputs import image_logits, parse_image_input, read_image_inputs
 from finetune.tasks.image_classification.reading import check_images, load_image_splits, read_image_split
 from finetune.tasks.image_classification.transforms import build_mixup, build_transforms, draft_side
-from finetune.tasks.rows import RowTask
+from finetune.tasks.rows import RowTask, TableFeatures
 
 
 class ImageClassification(RowTask):
@@ -136,6 +136,9 @@ logits = session.run(None, {{"pixel_values": pixels.transpose(2, 0, 1)[None].ast
     def check_eval_inputs(self, raw, recipe):
         raw, _ = check_images(raw, "--data", recipe.data.skip_bad_images, recipe.data.image_column)
         return raw
+
+    def baseline_features(self, recipe):
+        return TableFeatures(table_pixels)  # logistic regression on raw pixels: the curve's classical floor
 
     def load_splits(self, recipe):
         with warnings.catch_warnings():  # skipped images are one of the report's warnings
@@ -288,3 +291,13 @@ def _use_channels_last(recipe, model, accelerator) -> bool:
 
 
 TASK = ImageClassification()
+
+
+def table_pixels(table: dict, side: int = 32):
+    """A split table's images as rows of RGB pixels in [0, 1], each image resized to side x side."""
+    import numpy as np
+
+    from finetune.tasks.image_classification.files import load_image
+
+    return np.stack([np.asarray(load_image(entry).resize((side, side)), dtype=np.float32).ravel() / 255
+                     for entry in table["image"]])

@@ -8,7 +8,7 @@ from finetune.data import where_row
 from finetune.errors import FinetuneError
 from finetune.tasks import Job
 from finetune.tasks.batching import longest_first, train_sampler
-from finetune.tasks.rows import RowTask
+from finetune.tasks.rows import RowTask, TableFeatures
 from finetune.tasks.text_classification.inputs import parse_text_input
 from finetune.tasks.text_classification.reading import TEXT_ZOO, load_text_splits, read_text_split
 from finetune.tasks.text_classification.tokens import make_text_loader, tokenize_texts
@@ -28,6 +28,12 @@ class TextClassification(RowTask):
 
     def zoo_data(self) -> tuple[str, ...]:
         return tuple(TEXT_ZOO)
+
+    def baseline_features(self, recipe):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        # word unigrams and bigrams with sublinear counts: the classical text classifier a network has to beat
+        return TableFeatures(table_texts, TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True))
 
     def read(self, spec: str, recipe, key: str) -> dict:
         return read_text_split(spec, recipe, key)
@@ -151,3 +157,9 @@ def with_unlabeled(rows, inputs: list, label, tokenizer, max_length: int):
 
 
 TASK = TextClassification()
+
+
+def table_texts(table: dict) -> list[str]:
+    """A split table's texts for a bag of words: a sentence pair as its two texts joined."""
+    pairs = table.get("text_pair") or [None] * len(table["text"])
+    return [text if pair is None else f"{text} {pair}" for text, pair in zip(table["text"], pairs)]
