@@ -121,7 +121,9 @@ class Curve:
                 else metrics["train"]["rows"])
         point = {"method": method, "per_class": n, "seed": seed, "rows": rows,
                  "metric": self.metric, "test": metrics["test"][self.metric],
-                 "seconds": round(time.perf_counter() - start, 2)}
+                 "seconds": round(time.perf_counter() - start, 2),
+                 # finetune.health: a run that learned nothing is a point to mark, not a result to average quietly
+                 "learned": (metrics.get("health") or {}).get("learned", True)}
         (out / POINT).write_text(json.dumps(point) + "\n")
         return point
 
@@ -135,7 +137,8 @@ class Curve:
                 say(f"{where}: {self.metric} {point['test']:.4f}, done before")
             else:
                 point = self.run_point(method, n, seed)
-                say(f"{where}: {self.metric} {point['test']:.4f}, {point['seconds']:.0f} s")
+                nothing = "" if point.get("learned", True) else " (learned nothing)"
+                say(f"{where}: {self.metric} {point['test']:.4f}{nothing}, {point['seconds']:.0f} s")
             done.append(point)
         return done
 
@@ -180,7 +183,8 @@ def summary(points: list[dict]) -> list[dict]:
         rows.append({"method": method, "per_class": n, "seeds": len(values), "mean": statistics.fmean(values),
                      "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values),
                      "max": max(values), "seconds": statistics.fmean(p["seconds"] for p in group),
-                     "rows": group[0]["rows"]})
+                     "rows": group[0]["rows"],
+                     "learned_nothing": [p["test"] for p in group if not p.get("learned", True)]})
     return rows
 
 
@@ -189,8 +193,9 @@ def table(rows: list[dict], metric: str) -> str:
              f"{'seconds':>8}"]
     for r in rows:
         n = "all" if r["per_class"] is None else str(r["per_class"])
+        nothing = len(r.get("learned_nothing") or [])
         lines.append(f"{r['method']:<12} {n:>9} {r['seeds']:>5} {r['mean']:>14.4f} {r['std']:>7.4f} {r['min']:>7.4f} "
-                     f"{r['max']:>7.4f} {r['seconds']:>8.1f}")
+                     f"{r['max']:>7.4f} {r['seconds']:>8.1f}" + (f"  {nothing} learned nothing" if nothing else ""))
     return "\n".join(lines)
 
 
@@ -207,6 +212,9 @@ def draw(rows: list[dict], metric: str, classes: int, path: Path) -> None:
         x = [per_class_x(r, classes) for r in mine]
         axis.plot(x, [r["mean"] for r in mine], marker="o", label=method)
         axis.fill_between(x, [r["min"] for r in mine], [r["max"] for r in mine], alpha=0.2)
+    failed = [(per_class_x(r, classes), value) for r in rows for value in r.get("learned_nothing") or []]
+    if failed:  # seeds whose run learned nothing (finetune.health): marked, so a low mean explains itself
+        axis.scatter(*zip(*failed), marker="x", color="black", zorder=3, label="learned nothing")
     axis.set_xscale("log", base=2)
     sizes = sorted({per_class_x(r, classes) for r in rows})
     axis.set_xticks(sizes, [f"{x:.0f}" for x in sizes])  # the sizes asked for, not powers of two
