@@ -188,7 +188,7 @@ def summary(points: list[dict]) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], metric: str) -> str:
+def curve_table(rows: list[dict], metric: str) -> str:
     lines = [f"{'method':<12} {'per class':>9} {'seeds':>5} {metric + ' mean':>14} {'std':>7} {'min':>7} {'max':>7} "
              f"{'seconds':>8}"]
     for r in rows:
@@ -248,7 +248,7 @@ def curve(recipe, overrides=None, per_class=(8, 16, 32, 64), every_row: bool = F
     (plan.dir / "curve.json").write_text(json.dumps({"metric": plan.metric, "points": points, "summary": rows},
                                                     indent=1) + "\n")
     draw(rows, plan.metric, classes, plan.dir / "curve.png")
-    say(table(rows, plan.metric))
+    say(curve_table(rows, plan.metric))
     say(f"curve: {len(points)} points in {plan.dir / 'curve.json'}; the picture: {plan.dir / 'curve.png'}")
     return plan.dir
 

@@ -57,6 +57,8 @@ def test_the_trim_threshold_fits_the_machine():
     assert 128 << 20 <= allocator.trim_threshold() <= 1 << 30
 
 
+# slow (the default suite's time): a benchmark script, run by hand and in benchmarks
+@pytest.mark.slow
 def test_the_allocator_benchmark_runs_both_sides_in_fresh_processes(tmp_path):
     from conftest import REPO, subprocess_env
 

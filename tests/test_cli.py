@@ -78,6 +78,8 @@ def test_validate_prints_the_resolved_recipe(tiny_bert, tiny_data, tmp_path):
     assert not (tmp_path / "out").exists()  # validate trains nothing and writes nothing
 
 
+# slow (the default suite's time): reads and tokenises the whole zoo set; validate itself is tested on tiny recipes
+@pytest.mark.slow
 def test_validate_builtin_recipe_by_name():
     result = run_cli("validate", BUILTIN)
     assert result.returncode == 0, result.stderr

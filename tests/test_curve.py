@@ -102,14 +102,14 @@ def test_the_few_label_recipe_trains_on_a_file_that_holds_every_label_there_is(t
 
 
 def test_a_point_that_learned_nothing_is_marked_in_the_table_and_the_picture(tmp_path):
-    from finetune.curve import draw, summary, table
+    from finetune.curve import curve_table, draw, summary
 
     points = [{"method": "full", "per_class": 8, "seed": seed, "rows": 24, "metric": "accuracy", "test": value,
                "seconds": 1.0, "learned": learned}
               for seed, (value, learned) in enumerate([(0.9, True), (0.34, False), (0.88, True)])]
     rows = summary(points)
     assert rows[0]["learned_nothing"] == [0.34] and rows[0]["seeds"] == 3
-    assert table(rows, "accuracy").splitlines()[1].endswith("1 learned nothing")
-    assert "learned nothing" not in table(summary([p for p in points if p["learned"]]), "accuracy")
+    assert curve_table(rows, "accuracy").splitlines()[1].endswith("1 learned nothing")
+    assert "learned nothing" not in curve_table(summary([p for p in points if p["learned"]]), "accuracy")
     draw(rows, "accuracy", 3, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 1000

@@ -37,7 +37,9 @@ def runs(tiny_bert, tiny_data, multi_label_data, regression_data, tmp_path_facto
     return {name: root / name for name in recipes}
 
 
-@pytest.mark.parametrize("name", ["single", "multi", "regression"])
+# multi-label and regression exports: slow (the default suite's time); single-label runs by default
+@pytest.mark.parametrize("name", ["single", pytest.param("multi", marks=pytest.mark.slow),
+                                  pytest.param("regression", marks=pytest.mark.slow)])
 def test_fp32_export_gives_the_torch_logits(runs, name):
     info = export_onnx(runs[name])
     folder = runs[name] / "export" / "onnx"
@@ -184,7 +186,9 @@ def test_text_exports_run_fused_attention_that_masks_the_padding(runs):
     assert info["quantization"]["quantized_ops"]["QAttention"] == 2
 
 
-@pytest.mark.parametrize("name", ["single", "multi", "regression"])
+# multi-label and regression exports: slow (the default suite's time); single-label runs by default
+@pytest.mark.parametrize("name", ["single", pytest.param("multi", marks=pytest.mark.slow),
+                                  pytest.param("regression", marks=pytest.mark.slow)])
 def test_the_cards_lines_run_with_onnxruntime_alone_and_print_what_predict_gives(runs, name):
     export_onnx(runs[name])
     inputs, printed = run_export_card(runs[name] / "export" / "onnx")

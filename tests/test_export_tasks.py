@@ -56,6 +56,8 @@ def test_a_pair_export_takes_token_type_ids_and_gives_the_torch_logits(pair_run,
     assert [r["label"] for r in ours] == [r["label"] for r in theirs]
 
 
+# slow (the default suite's time): int8 is tested on single-label texts by default
+@pytest.mark.slow
 def test_a_pair_int8_export_agrees_on_the_separable_pairs(pair_run, pair_data, capfd):  # noqa: F811
     result = call_main(capfd, "export", pair_run, "--quantize", "int8")
     assert result.returncode == 0, result.stderr
@@ -104,6 +106,8 @@ def test_a_token_export_gives_the_torch_logits_per_token_and_the_same_entities(t
             [(e["label"], e["start"], e["end"]) for e in b["entities"]]
 
 
+# slow (the default suite's time): int8 is tested on single-label texts by default
+@pytest.mark.slow
 def test_a_token_int8_export_keeps_the_tags(token_run):
     info = export_onnx(token_run, quantize="int8")
     assert info["quantization"]["method"] == "dynamic"

@@ -580,6 +580,8 @@ def test_predict_and_the_card_snippet_read_the_pushed_repo(pushed, run_dir, tmp_
 # hub.repo_id in the recipe: `finetune run` pushes at the end, and a failed push leaves the finished run as it is
 
 
+# slow (the default suite's time): a whole CLI run; the push itself is tested by default
+@pytest.mark.slow
 def test_run_pushes_at_the_end_when_the_recipe_names_a_repo(tiny_bert, tiny_data, tmp_path):
     home = tmp_path / "hf-home"
     with FakeHub(TOKEN) as hub:

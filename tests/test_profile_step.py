@@ -26,6 +26,8 @@ def colours(tmp_path_factory):
     return root
 
 
+# slow (the default suite's time): a profiling script, run by hand
+@pytest.mark.slow
 def test_an_image_recipe_is_profiled_by_phase_with_its_variants(colours, tmp_path):
     recipe = write_recipe(tmp_path / "vision.yaml", {
         "task": "image-classification",

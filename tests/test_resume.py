@@ -259,6 +259,8 @@ def test_two_process_resume_equals_the_uninterrupted_two_process_run(tiny_bert, 
     assert_identical(out, whole)
 
 
+# slow (the default suite's time): resume is tested exactly by default (kills, Ctrl-C, damaged checkpoints)
+@pytest.mark.slow
 def test_cli_resume_of_a_run_folder(uninterrupted, tiny_bert, tiny_data, tmp_path):
     from conftest import run_cli
 

@@ -71,6 +71,8 @@ def test_a_torchrun_worker_runs_each_trial_as_one_two_process_run(tiny_bert, tin
     assert done.stdout.count("sweep: study") == 1  # rank 0 alone speaks
 
 
+# slow (the default suite's time): two processes for one error line
+@pytest.mark.slow
 def test_a_torchrun_worker_reports_bad_storage_once_on_every_rank(tiny_bert, tiny_data, tmp_path):
     """Rank 0 checks the storage; the other ranks get its error instead of waiting for a trial forever."""
     recipe = sweep_recipe(tiny_bert, tiny_data, tmp_path / "r.yaml", tmp_path / "sw",
