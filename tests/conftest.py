@@ -103,6 +103,21 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bert4(tmp_path_factory) -> Path:
+    """tiny_bert's vocabulary and width with 4 layers: a teacher's depth, from which students keep some."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    directory = tmp_path_factory.mktemp("bert4")
+    BertTokenizer(vocab={word: i for i, word in enumerate(VOCAB)}).save_pretrained(directory)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, initializer_range=0.3)
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, Path]:
     """train (16 rows, a multiple of 8), validation and test CSVs with columns `sentence` and `topic`."""
     root = tmp_path_factory.mktemp("tiny-data")
@@ -294,3 +309,17 @@ def before_where_to_look(log: str) -> list[str]:
         lines.pop()
     assert not any(line.startswith(WHERE_TO_LOOK) for line in lines), "where-to-look lines before the end"
     return lines
+
+
+# The files that take longest, first: each worker takes whole files (--dist loadfile), so a long file started last
+# runs alone at the end while the other worker idles (6:28 on 2 cores with the long image file last).
+LONGEST_FIRST = (
+    "test_export_onnx.py", "test_vision_train.py", "test_resume.py", "test_cli.py", "test_export_tasks.py",
+    "test_api.py", "test_token_task.py", "test_train.py", "test_hub.py", "test_serve_page.py", "test_shrink.py",
+    "test_sweep.py", "test_checkpoint_faults.py", "test_distill.py", "test_tasks.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept

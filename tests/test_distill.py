@@ -24,20 +24,6 @@ STUDENT = {"backbone.layers": 2, "train.epochs": 4}
 
 
 @pytest.fixture(scope="module")
-def bert4(tmp_path_factory) -> Path:
-    """conftest's tiny BERT with 4 layers: a teacher's depth, from which a student keeps some."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    directory = tmp_path_factory.mktemp("bert4")
-    BertTokenizer(vocab={word: i for i, word in enumerate(VOCAB)}).save_pretrained(directory)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, initializer_range=0.3)
-    BertModel(config).save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def runs(bert4, tiny_data, tmp_path_factory):
     """Runs on the tiny topic texts: a 4-layer teacher, then 2-layer students (labels alone / distilled / alpha 0)."""
     root = tmp_path_factory.mktemp("distill-runs")

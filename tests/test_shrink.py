@@ -8,30 +8,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import VOCAB, call_main, one_error_line, recipe_dict, to_recipe
+from conftest import call_main, one_error_line, recipe_dict, to_recipe
 
 from finetune.train import train
 
 
 @pytest.fixture(scope="module")
-def deep_bert(tmp_path_factory) -> Path:
-    """conftest's tiny BERT with 4 layers, so that students can keep 3 and 2."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    directory = tmp_path_factory.mktemp("bert4-shrink")
-    BertTokenizer(vocab={word: i for i, word in enumerate(VOCAB)}).save_pretrained(directory)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, initializer_range=0.3)
-    BertModel(config).save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def teacher(deep_bert, tiny_data, tmp_path_factory) -> Path:
+def teacher(bert4, tiny_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("shrink") / "teacher"
-    train(to_recipe(recipe_dict(deep_bert, tiny_data, run, **{"train.epochs": 8})))
+    train(to_recipe(recipe_dict(bert4, tiny_data, run, **{"train.epochs": 8})))
     return run
 
 
