@@ -310,6 +310,8 @@ def test_second_run_to_the_same_folder_is_refused_and_changes_nothing(cli_run, t
     assert snapshot(out) == before
 
 
+# slow (the default suite's time): a second whole CLI run; refusing to overwrite is tested by default
+@pytest.mark.slow
 def test_overwrite_replaces_the_run(cli_run, tiny_bert, tiny_data, tmp_path):
     recipe, out, result = cli_run
     assert result.returncode == 0, result.stderr[-3000:]

@@ -151,6 +151,8 @@ def test_lora_with_a_mid_run_resume_equals_the_uninterrupted_token_run(tagger_ba
     assert config["architectures"] == ["BertForTokenClassification"]  # merged back into the native class
 
 
+# slow (the default suite's time): two processes; test_train holds 2 == 1 by default
+@pytest.mark.slow
 def test_two_processes_gather_every_sentence_of_uneven_lengths(tagger_backbone, conll, tmp_path, capfd):
     """torchrun x 2: sentences of different lengths on each process are padded before gathering, so the run's test
     metrics are those of the same model evaluated in one process."""

@@ -499,6 +499,8 @@ def skip_run(image_data, tmp_path_factory):
     return train, out, run_cli("run", recipe, "data.skip_bad_images=true")
 
 
+# slow (the default suite's time): a whole image CLI run for its fixture
+@pytest.mark.slow
 def test_skip_bad_images_runs_and_lists_the_skipped_file(skip_run):
     train, out, result = skip_run
     assert result.returncode == 0, result.stderr[-3000:]
@@ -511,6 +513,8 @@ def test_skip_bad_images_runs_and_lists_the_skipped_file(skip_run):
     assert (out / "model" / "model.safetensors").is_file()
 
 
+# slow (the default suite's time): shares that run
+@pytest.mark.slow
 def test_skip_bad_images_tells_the_cli_user_how_many_were_skipped(skip_run):
     _, out, result = skip_run
     assert result.returncode == 0, result.stderr[-3000:]
