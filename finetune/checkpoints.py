@@ -296,15 +296,20 @@ def load_checkpoint(accelerator, folder: Path, strict: bool = True) -> Progress:
     return Progress(**json.loads((folder / PROGRESS_FILE).read_text()))
 
 
-def flat_config(tree: dict, prefix: str = "") -> dict:
-    """TensorBoard's hparams want flat scalars."""
+def flatten(tree, prefix: str = "") -> dict:
+    """{"train.lr": 1e-4, ...}: a nested config as dotted keys, the values as they are (lists stay lists)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree} if prefix else {}
     flat = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
+
+
+def flat_config(tree: dict) -> dict:
+    """TensorBoard's hparams want flat scalars."""
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in flatten(tree).items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -46,13 +46,14 @@ def write_plots(metrics: dict, directory: Path) -> dict[str, Path]:
     return written
 
 
-def _epochs(metrics: dict) -> list[dict]:
+def evaluations(metrics: dict) -> list[dict]:
+    """metrics.json's evaluations (its "epochs" entries), skipping anything malformed."""
     return [e for e in metrics.get("epochs") or [] if isinstance(e, dict) and "epoch" in e]
 
 
 def _loss(metrics: dict):
     """Training loss per logged step (when metrics.json has steps) beside train and validation loss per epoch."""
-    epochs, steps = _epochs(metrics), [s for s in metrics.get("steps") or [] if "loss" in s]
+    epochs, steps = evaluations(metrics), [s for s in metrics.get("steps") or [] if "loss" in s]
     if not epochs and not steps:
         return None
     plt = _pyplot()
@@ -67,7 +68,7 @@ def _loss(metrics: dict):
         axis.grid(alpha=0.3)
     if epochs:
         axis = axes.pop(0)
-        x, unit = _evaluated_at(epochs, metrics.get("best") or {})
+        x, unit = evaluated_at(epochs, metrics.get("best") or {})
         axis.plot(x, [e["loss"] for e in epochs], "o-", color="tab:blue", label="train (epoch mean so far)"
                   if unit == "step" else "train (epoch mean)")
         validation = [(at, e["validation"]["loss"]) for at, e in zip(x, epochs) if "loss" in e.get("validation", {})]
@@ -83,13 +84,13 @@ def _loss(metrics: dict):
 
 
 def _metric_curves(metrics: dict):
-    epochs = _epochs(metrics)
+    epochs = evaluations(metrics)
     names = [k for k in (epochs[0].get("validation", {}) if epochs else {}) if k != "loss"]
     if not names:
         return None
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 4))
-    x, unit = _evaluated_at(epochs, metrics.get("best") or {})
+    x, unit = evaluated_at(epochs, metrics.get("best") or {})
     for name in names:
         axis.plot(x, [e["validation"].get(name, np.nan) for e in epochs], "o-", label=name)
         if any("validation_ema" in e for e in epochs):
@@ -108,7 +109,7 @@ def _metric_curves(metrics: dict):
 _AXIS = {"epoch": "epoch", "step": "optimizer step"}
 
 
-def _evaluated_at(epochs: list[dict], best: dict) -> tuple[list[int], str]:
+def evaluated_at(epochs: list[dict], best: dict) -> tuple[list[int], str]:
     """Where each evaluation was: its epoch, or its optimizer step for a run that validated every
     train.eval_every steps (its best names a step; several evaluations may share an epoch)."""
     by_step = "step" in best or len({e["epoch"] for e in epochs}) < len(epochs)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import yaml
 
+from finetune.checkpoints import flatten
 from finetune.errors import FinetuneError
+from finetune.plots import evaluated_at, evaluations
 from finetune.runs import find_runs, read_mapping, run_summary
 
 # The pictures each run already drew (finetune.plots and the calibration's reliability plot): embedded, not linked,
@@ -18,16 +20,6 @@ from finetune.runs import find_runs, read_mapping, run_summary
 RUN_PICTURES = (("Confusion matrix", "confusion.png"), ("Reliability", "reliability.png"))
 MAX_SETTING_COLUMNS = 8  # the table's settings, the recipe's main sections first; all differences are further down
 SECTION_ORDER = ("train", "backbone", "head", "lora", "data", "augment", "eval", "task")
-
-
-def flatten(tree, prefix: str = "") -> dict[str, object]:
-    """{"train.lr": 1e-4, ...}: a nested config as dotted keys; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix: tree} if prefix else {}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 def differing_keys(configs: list[dict[str, object]]) -> list[str]:
@@ -50,13 +42,12 @@ class RunView:
     def name(self) -> str:
         return self.summary["run"]
 
-    def evaluations(self) -> tuple[list[int], list[dict], str]:
+    def validation_points(self) -> tuple[list[int], list[dict], str]:
         """(x, validation dicts, unit): one point per evaluation, at its epoch or, when the run validated every
         train.eval_every steps, at its optimizer step."""
-        epochs = [e for e in self.metrics.get("epochs") or [] if isinstance(e, dict) and "validation" in e]
-        by_step = len({e.get("epoch") for e in epochs}) < len(epochs) and all("step" in e for e in epochs)
-        unit = "step" if by_step else "epoch"
-        return [e.get(unit) for e in epochs], [e["validation"] for e in epochs], unit
+        epochs = [e for e in evaluations(self.metrics) if "validation" in e]
+        x, unit = evaluated_at(epochs, self.metrics.get("best") or {})
+        return x, [e["validation"] for e in epochs], unit
 
 
 def _png(figure) -> str:
@@ -79,7 +70,7 @@ def curves_figure(runs: list[RunView], metric: str):
 
     lines = []
     for run in runs:
-        x, validations, unit = run.evaluations()
+        x, validations, unit = run.validation_points()
         points = [(at, v[metric]) for at, v in zip(x, validations) if isinstance(v.get(metric), (int, float))]
         if points:
             lines.append((run.name, points, unit))

@@ -21,7 +21,7 @@ from test_train import (
     weights,
 )
 
-from finetune.plots import _evaluated_at
+from finetune.plots import evaluated_at
 from finetune.runs import format_runs, run_summary
 from finetune.train import train
 
@@ -40,7 +40,7 @@ def test_eval_every_validates_every_n_steps_and_after_the_last(make_recipe):
     assert "step" in metrics["best"]
     log = (Path(raw["output"]["dir"]) / "train.log").read_text()
     assert "step 5 (epoch 2/3): train loss" in log
-    assert _evaluated_at(metrics["epochs"], metrics["best"]) == ([5, 10, 12], "step")
+    assert evaluated_at(metrics["epochs"], metrics["best"]) == ([5, 10, 12], "step")
 
 
 def test_eval_every_an_epoch_equals_validating_after_each_epoch(tiny_bert, tiny_data, tmp_path):
